@@ -1,0 +1,248 @@
+"""Command line: ``granite-stream serve | transcribe | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .engines import ENGINE_NAMES, load_engine
+from .engines.base import SAMPLE_RATE
+from .protocol import ProtocolLimits, StreamConfig
+from .session import Close, Send, Session, SessionSettings
+from .driver import SessionDriver
+from .worker import BatchScheduler, InferenceWorker
+
+log = logging.getLogger("granite_stream")
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
+                       help="auto: Granite on a CUDA GPU when its weights load locally, else bundled Whisper tiny.en")
+    group.add_argument("--model", default=None,
+                       help="model id or directory (whisper: tiny.en, base or a CTranslate2 dir; granite: HF id or dir)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    group.add_argument("--cpu-threads", type=int, default=0, help="engine CPU threads (0: library default)")
+    group.add_argument("--max-batch", type=int, default=8, help="largest inference batch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="granite-stream", description="Real-time streaming speech recognition server")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the WebSocket server (protocol v1 on /v1/listen, demo on /)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8765)
+    _engine_args(serve)
+    limits = serve.add_argument_group("limits")
+    limits.add_argument("--max-sessions", type=int, default=256, help="concurrent sessions; more get HTTP 503")
+    limits.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch may wait to fill")
+    limits.add_argument("--max-queue", type=int, default=512, help="queued inference requests before 'overloaded'")
+    limits.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest audio frame")
+    limits.add_argument("--max-utterance-s", type=float, default=30.0, help="longest utterance a client may ask for")
+
+    tr = sub.add_parser("transcribe", help="stream audio files through the same session path and print finals")
+    tr.add_argument("files", nargs="+", type=Path, help="audio files (anything ffmpeg/PyAV decodes: wav, mp3, flac…)")
+    _engine_args(tr)
+    tr.add_argument("--language", default="en", help="spoken language, or 'auto' where the engine detects it")
+    tr.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
+    tr.add_argument("--target-language", default=None)
+    tr.add_argument("--keywords", default="", help="comma-separated terms to bias towards")
+    tr.add_argument("--speed", type=float, default=0.0,
+                    help="feed audio at this multiple of real time (0: as fast as the engine goes)")
+    tr.add_argument("--partials", action="store_true", help="also compute and print partial hypotheses")
+    tr.add_argument("--silence-ms", type=int, default=500, help="silence that ends an utterance")
+    tr.add_argument("--output-dir", type=Path, default=None, help="where to write captions (default: next to each file)")
+    tr.add_argument("--formats", default="txt,srt,vtt", help="caption files to write: any of txt,srt,vtt; '' for none")
+    tr.add_argument("--json", action="store_true", help="print every event as a JSON line instead of text")
+
+    bench = sub.add_parser("bench", help="benchmarks: see `granite-stream bench --help`", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from benchmarks.cli import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "serve":
+            return asyncio.run(_serve(args))
+        if args.command == "transcribe":
+            return asyncio.run(_transcribe(args))
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+async def _serve(args) -> int:
+    from .server import ServerSettings, StreamServer
+
+    engine, reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
+    log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
+    await asyncio.get_running_loop().run_in_executor(None, engine.warmup)
+    session = SessionSettings(
+        limits=ProtocolLimits(max_utterance_s=args.max_utterance_s), max_frame_bytes=args.max_frame_bytes
+    )
+    settings = ServerSettings(
+        host=args.host, port=args.port, session=session, max_sessions=args.max_sessions,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+    )
+    server = StreamServer(engine, settings, reason)
+    await server.start()
+    print(f"granite-stream: serving {engine.capabilities.name} ({engine.capabilities.model}) on {server.url} "
+          f"and http://{args.host}:{server.port}/", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.close()
+    return 0
+
+
+def load_audio(path: Path) -> np.ndarray:
+    """Decode any audio file to mono float32 at 16 kHz (PyAV, shipped with faster-whisper).
+
+    Raises:
+        FileNotFoundError, ValueError: unreadable file.
+    """
+    from faster_whisper.audio import decode_audio
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return decode_audio(str(path), sampling_rate=SAMPLE_RATE).astype(np.float32)
+    except Exception as exc:  # PyAV raises many types for undecodable input
+        raise ValueError(f"cannot decode {path}: {exc}") from exc
+
+
+async def stream_audio(
+    worker: InferenceWorker,
+    session: Session,
+    audio: np.ndarray,
+    start: dict,
+    speed: float = 0.0,
+    chunk_s: float = 0.1,
+    on_event=None,
+) -> list[dict]:
+    """Stream 16 kHz float audio through a session as a client would, and collect its events.
+
+    Args:
+        worker: a started inference worker.
+        session: a fresh session.
+        audio: mono float32 at 16 kHz.
+        start: the ``start`` message (its ``audio`` field is set here).
+        speed: multiple of real time to feed at; 0 feeds as fast as the engine keeps up.
+        chunk_s: seconds of audio per frame.
+        on_event: called with each event as it is produced.
+
+    Returns:
+        Every event the session sent, in order.
+    """
+    events: list[dict] = []
+
+    def emit(action) -> None:
+        if isinstance(action, Send):
+            events.append(action.event)
+            if on_event is not None:
+                on_event(action.event)
+
+    driver = SessionDriver(session, worker, emit)
+    driver.text(json.dumps({**start, "audio": {"encoding": "pcm_f32le", "sample_rate": SAMPLE_RATE, "channels": 1}}))
+    step = int(chunk_s * SAMPLE_RATE)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for offset in range(0, len(audio), step):
+        driver.audio(audio[offset : offset + step].astype("<f4").tobytes())
+        if speed > 0:
+            due = began + (offset + step) / SAMPLE_RATE / speed
+            await asyncio.sleep(max(0.0, due - loop.time()))
+        else:
+            # Let results flow back; pace to the worker so partials are not starved.
+            await asyncio.sleep(0)
+            while worker.queue_depth > 2 * worker.scheduler.max_batch:
+                await asyncio.sleep(0.01)
+    driver.text(json.dumps({"type": "stop"}))
+    await driver.closed.wait()
+    return events
+
+
+async def _transcribe(args) -> int:
+    from tqdm import tqdm
+
+    from . import captions
+
+    engine, reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
+    log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=args.max_batch))
+    worker.start(asyncio.get_running_loop())
+    keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
+    start = {
+        "type": "start", "task": args.task, "language": None if args.language == "auto" else args.language,
+        "target_language": args.target_language, "keywords": keywords, "partials": bool(args.partials),
+        "vad": {"silence_ms": args.silence_ms},
+    }
+    settings = SessionSettings(default_config=StreamConfig(), limits=ProtocolLimits())
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = set(formats) - {"txt", "srt", "vtt"}
+    if unknown:
+        print(f"granite-stream: unknown caption format(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    status = 0
+    try:
+        for path in args.files:
+            try:
+                audio = load_audio(path)
+            except (FileNotFoundError, ValueError) as exc:
+                print(f"granite-stream: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            bar = tqdm(total=round(len(audio) / SAMPLE_RATE, 1), unit="s", desc=path.name, disable=None, leave=False)
+
+            def show(event: dict) -> None:
+                if event["type"] in ("partial", "final") and not bar.disable:
+                    bar.update(max(0.0, round(event["end"] - bar.n, 1)))
+                if args.json:
+                    print(json.dumps(event, ensure_ascii=False), flush=True)
+                elif event["type"] == "final" and event["text"]:
+                    tqdm.write(f"[{event['start']:7.2f} → {event['end']:7.2f}] {event['text']}")
+                elif event["type"] == "partial":
+                    tqdm.write(f"  … {event['text']}", file=sys.stderr)
+                elif event["type"] == "error":
+                    tqdm.write(f"error ({event['code']}): {event['message']}", file=sys.stderr)
+
+            session = Session(uuid.uuid4().hex[:12], engine.capabilities, settings)
+            events = await stream_audio(worker, session, audio, start, speed=args.speed, on_event=show)
+            bar.close()
+            if any(e["type"] == "error" and e.get("fatal") or e.get("code") == "bad_config" for e in events):
+                status = 1
+                continue
+            finals = [e for e in events if e["type"] == "final"]
+            out_dir = args.output_dir or path.parent
+            out_dir.mkdir(parents=True, exist_ok=True)
+            writers = {"txt": captions.to_text, "srt": captions.to_srt, "vtt": captions.to_vtt}
+            for fmt in formats:
+                (out_dir / f"{path.stem}.{fmt}").write_text(writers[fmt](finals), encoding="utf-8")
+    finally:
+        worker.stop()
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

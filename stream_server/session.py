@@ -1,0 +1,432 @@
+"""The per-connection session: a pure, synchronous state machine (sans-I/O).
+
+A :class:`Session` is fed what arrived on the connection (text frames, binary frames) and what the
+inference worker finished, and answers with :class:`Action` objects: events to send, inference
+requests to submit, a close to perform. It never touches a socket, a thread or a clock; the asyncio
+server and the ``transcribe`` command are thin shells that carry out the actions. Every behaviour of
+the protocol is therefore testable by calling these methods directly.
+
+Time is the stream's audio clock: seconds of audio received since the first sample. Partials are
+scheduled every ``partial_interval`` seconds of audio while an utterance is open, which makes the
+schedule independent of how fast the client sends.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from vad import SpeechEnded, SpeechStarted, VadSegmenter
+
+from .audio import AudioDecoder
+from .engines.base import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult
+from .protocol import (
+    ALREADY_STARTED,
+    BAD_AUDIO,
+    BAD_CONFIG,
+    BAD_MESSAGE,
+    INTERNAL,
+    NOT_STARTED,
+    OVERLOADED,
+    TOO_LARGE,
+    AudioFormat,
+    ProtocolError,
+    ProtocolLimits,
+    StreamConfig,
+    apply_config,
+    error_event,
+    parse_audio_format,
+    parse_message,
+    ready_event,
+    round_time,
+)
+from .stabilizer import PartialStabilizer
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``event`` to the client as a JSON text frame."""
+
+    event: dict
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Hand ``request`` to the inference worker; report the outcome with :meth:`Session.inference_done`."""
+
+    request: InferenceRequest
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection with a WebSocket close code and reason, after sending what precedes it."""
+
+    code: int
+    reason: str
+
+
+Action = Send | Submit | Close
+
+
+class State(enum.Enum):
+    AWAITING_START = "awaiting_start"
+    STREAMING = "streaming"
+    STOPPING = "stopping"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Server-side bounds and defaults for sessions.
+
+    Attributes:
+        default_config: what a ``start`` without fields gets.
+        limits: bounds on control messages.
+        max_frame_bytes: largest binary frame accepted; larger frames are rejected with ``too_large``.
+        min_partial_audio_s: no partial is requested for less utterance audio than this.
+    """
+
+    default_config: StreamConfig = field(default_factory=StreamConfig)
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+    max_frame_bytes: int = 1 << 20
+    min_partial_audio_s: float = 0.5
+
+
+@dataclass
+class _Utterance:
+    utterance_id: int
+    start: int  # sample index on the 16 kHz clock
+    config: StreamConfig
+    stabilizer: PartialStabilizer = field(default_factory=PartialStabilizer)
+    end: int | None = None
+    last_partial_at: int = 0  # sample position of the last partial request
+    partial_in_flight: bool = False
+    final_request: InferenceRequest | None = None  # kept until answered, for the prefix-forced retry
+    final_text: str | None = None
+    final_error: dict | None = None
+    language: str | None = None
+
+
+class Session:
+    """One client stream.
+
+    Args:
+        session_id: identifier echoed in ``ready`` and used to key inference requests.
+        capabilities: what the serving engine can do; requests outside it get ``bad_config``.
+        settings: server bounds and defaults.
+    """
+
+    def __init__(self, session_id: str, capabilities: EngineCapabilities, settings: SessionSettings = SessionSettings()):
+        self.session_id = session_id
+        self.capabilities = capabilities
+        self.settings = settings
+        self.state = State.AWAITING_START
+        self.config = settings.default_config
+        self.audio_format: AudioFormat | None = None
+        self._decoder: AudioDecoder | None = None
+        self._segmenter: VadSegmenter | None = None
+        self._buffer = np.zeros(0, np.float32)
+        self._buffer_origin = 0  # sample index of self._buffer[0]
+        self._position = 0  # 16 kHz samples received (after decoding/resampling)
+        self._open: _Utterance | None = None
+        self._finishing: list[_Utterance] = []  # ended utterances awaiting their final, in order
+        self._next_utterance_id = 0
+        self._next_request_id = 0
+        self._nonfinite_reported = 0
+        self.utterances_finalized = 0
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    @property
+    def audio_seconds(self) -> float:
+        return self._position / SAMPLE_RATE
+
+    @property
+    def pending_requests(self) -> int:
+        """Finals not yet answered (partials are not counted: they may be dropped)."""
+        return len(self._finishing)
+
+    def receive_text(self, text: str) -> list[Action]:
+        """Handle one JSON control message.
+
+        Returns:
+            Actions to carry out, in order. Protocol violations become ``error`` events; only fatal
+            ones close the connection.
+        """
+        if self.state in (State.STOPPING, State.CLOSED):
+            return [Send(error_event(BAD_MESSAGE, "the stream is stopping; no more messages are accepted"))]
+        try:
+            message = parse_message(text, self.settings.limits)
+            handler = getattr(self, f"_on_{message['type']}")
+            return handler(message)
+        except ProtocolError as exc:
+            return self._protocol_error(exc)
+
+    def receive_bytes(self, data: bytes) -> list[Action]:
+        """Handle one binary frame of audio in the declared encoding."""
+        if self.state == State.AWAITING_START:
+            return [Send(error_event(NOT_STARTED, "audio arrived before \"start\"; the frame was discarded"))]
+        if self.state != State.STREAMING:
+            return [Send(error_event(BAD_MESSAGE, "audio arrived after \"stop\"; the frame was discarded"))]
+        if len(data) > self.settings.max_frame_bytes:
+            return [
+                Send(
+                    error_event(
+                        TOO_LARGE,
+                        f"audio frame of {len(data)} bytes exceeds the limit of {self.settings.max_frame_bytes}; "
+                        "the frame was discarded",
+                    )
+                )
+            ]
+        assert self._decoder is not None
+        samples = self._decoder.decode(data)
+        actions = self._ingest(samples)
+        if self._decoder.nonfinite_samples > self._nonfinite_reported:
+            count = self._decoder.nonfinite_samples - self._nonfinite_reported
+            self._nonfinite_reported = self._decoder.nonfinite_samples
+            actions.insert(0, Send(error_event(BAD_AUDIO, f"{count} non-finite float samples were replaced by silence")))
+        return actions
+
+    def inference_done(
+        self, request: InferenceRequest, result: InferenceResult | None, error: str | None = None, code: str = INTERNAL
+    ) -> list[Action]:
+        """Report the outcome of a submitted request.
+
+        Args:
+            request: the request from a :class:`Submit` action.
+            result: the engine's result, or ``None`` when it failed or was dropped.
+            error: why it failed (``None`` with ``result=None`` means dropped/superseded).
+            code: the error code to report for a failed final.
+
+        Returns:
+            Events to send: a ``partial`` for a partial still relevant; ``final`` events in utterance
+            order; ``end`` and a close once a stopping stream has nothing left.
+        """
+        if self.state == State.CLOSED:
+            return []
+        if request.kind == "partial":
+            return self._partial_done(request, result)
+        utterance = next((u for u in self._finishing if u.utterance_id == request.utterance_id), None)
+        if utterance is None:
+            return []
+        if request is not utterance.final_request:
+            return []  # an answer to a request this utterance no longer waits for
+        if result is not None and not request.prefix and not utterance.stabilizer.agrees(result.text):
+            # The free decode contradicts words already published as stable. Decode again with them
+            # forced as prefix so the promise "stable_text never changes" holds.
+            retry = replace(request, prefix=utterance.stabilizer.stable_text, request_id=self._next_id())
+            utterance.final_request = retry
+            return [Submit(retry)]
+        utterance.final_request = None
+        if result is not None:
+            utterance.final_text = utterance.stabilizer.finish(result.text)
+            utterance.language = result.language or utterance.config.language
+        else:
+            utterance.final_error = error_event(
+                code, f"utterance {utterance.utterance_id} could not be transcribed: {error or 'dropped'}",
+                utterance_id=utterance.utterance_id, start=round_time(utterance.start / SAMPLE_RATE),
+                end=round_time((utterance.end or 0) / SAMPLE_RATE),
+            )
+        return self._flush_finals()
+
+    def connection_lost(self) -> None:
+        """The client went away: drop everything; later worker results are ignored."""
+        self.state = State.CLOSED
+        self._buffer = np.zeros(0, np.float32)
+        self._open = None
+        self._finishing.clear()
+
+    # ---- control messages ---------------------------------------------------------------------
+
+    def _on_start(self, message: dict) -> list[Action]:
+        if self.state != State.AWAITING_START:
+            raise ProtocolError(ALREADY_STARTED, "\"start\" was already received; use \"configure\" to change settings")
+        audio = parse_audio_format(message.get("audio"))
+        config = apply_config(message, self.settings.default_config, self.settings.limits, allowed_extra={"audio"})
+        self._check_capability(config)
+        self.audio_format = audio
+        self.config = config
+        self._decoder = AudioDecoder(audio)
+        self._segmenter = VadSegmenter(config.vad)
+        self.state = State.STREAMING
+        return [Send(ready_event(self.session_id, self.capabilities.to_wire(), audio, config))]
+
+    def _on_configure(self, message: dict) -> list[Action]:
+        self._require_started()
+        config = apply_config(message, self.config, self.settings.limits)
+        self._check_capability(config)
+        self.config = config
+        assert self._segmenter is not None
+        self._segmenter.reconfigure(config.vad)
+        return [Send({"type": "configured", "config": {"audio": self.audio_format.to_wire(), **config.to_wire()}})]
+
+    def _on_finalize(self, message: dict) -> list[Action]:
+        self._require_started()
+        assert self._segmenter is not None
+        return self._handle_vad_events(self._segmenter.force_end())
+
+    def _on_stop(self, message: dict) -> list[Action]:
+        self._require_started()
+        assert self._decoder is not None and self._segmenter is not None
+        actions = self._ingest(self._decoder.flush())
+        actions += self._handle_vad_events(self._segmenter.force_end())
+        self.state = State.STOPPING
+        return actions + self._maybe_end()
+
+    def _require_started(self) -> None:
+        if self.state == State.AWAITING_START:
+            raise ProtocolError(NOT_STARTED, "send \"start\" first")
+
+    def _check_capability(self, config: StreamConfig) -> None:
+        partial_mode = config.partials if config.partials else None
+        problem = self.capabilities.check(
+            config.task, config.language, config.target_language, config.keywords, partial_mode
+        )
+        if problem:
+            raise ProtocolError(BAD_CONFIG, problem)
+        if config.vad.max_utterance_s > self.settings.limits.max_utterance_s:
+            raise ProtocolError(BAD_CONFIG, f"vad.max_utterance_s exceeds {self.settings.limits.max_utterance_s}")
+
+    def _protocol_error(self, exc: ProtocolError) -> list[Action]:
+        actions: list[Action] = [Send(exc.to_event())]
+        if exc.fatal:
+            self.state = State.CLOSED
+            actions.append(Close(1008, exc.code))
+        return actions
+
+    # ---- audio path ---------------------------------------------------------------------------
+
+    def _ingest(self, samples: np.ndarray) -> list[Action]:
+        if len(samples) == 0:
+            return []
+        assert self._segmenter is not None
+        self._buffer = np.concatenate([self._buffer, samples]) if len(self._buffer) else samples.copy()
+        self._position += len(samples)
+        actions = self._handle_vad_events(self._segmenter.feed(samples))
+        actions += self._maybe_partial()
+        self._trim_buffer()
+        return actions
+
+    def _handle_vad_events(self, events: list) -> list[Action]:
+        actions: list[Action] = []
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                utterance = _Utterance(self._next_utterance_id, event.start, self.config)
+                utterance.last_partial_at = event.start
+                self._next_utterance_id += 1
+                self._open = utterance
+                actions.append(
+                    Send({"type": "speech_started", "utterance_id": utterance.utterance_id,
+                          "start": round_time(event.start / SAMPLE_RATE)})
+                )
+            elif isinstance(event, SpeechEnded) and self._open is not None:
+                utterance = self._open
+                self._open = None
+                utterance.end = max(event.end, utterance.start)
+                self._finishing.append(utterance)
+                # The final is decoded freely first: forcing the stable prefix would also force any
+                # early mistake of the partials into the final. See inference_done for the retry.
+                utterance.final_request = self._request(utterance, "final", utterance.end, prefix="")
+                actions.append(Submit(utterance.final_request))
+        return actions
+
+    def _maybe_partial(self) -> list[Action]:
+        utterance = self._open
+        config = utterance.config if utterance else None
+        if utterance is None or not config.partials or utterance.partial_in_flight:
+            return []
+        interval = int(config.partial_interval * SAMPLE_RATE)
+        if self._position - utterance.last_partial_at < interval:
+            return []
+        if self._position - utterance.start < self.settings.min_partial_audio_s * SAMPLE_RATE:
+            return []
+        utterance.last_partial_at = self._position
+        utterance.partial_in_flight = True
+        return [Submit(self._request(utterance, "partial", self._position))]
+
+    def _request(self, utterance: _Utterance, kind: str, end: int, prefix: str | None = None) -> InferenceRequest:
+        config = utterance.config
+        audio = self._buffer[utterance.start - self._buffer_origin : end - self._buffer_origin].copy()
+        return InferenceRequest(
+            session_id=self.session_id,
+            utterance_id=utterance.utterance_id,
+            kind=kind,  # type: ignore[arg-type]
+            audio=audio,
+            task=config.task,
+            language=config.language,
+            target_language=config.target_language,
+            keywords=config.keywords,
+            prefix=utterance.stabilizer.stable_text if prefix is None else prefix,
+            partial_mode=config.partials or "llm",
+            request_id=self._next_id(),
+        )
+
+    def _next_id(self) -> int:
+        self._next_request_id += 1
+        return self._next_request_id
+
+    def _trim_buffer(self) -> None:
+        # Keep the open utterance's audio, plus enough history for the VAD's pre-roll of the next one.
+        assert self._segmenter is not None
+        keep_from = self._position - self._segmenter.lookback_samples - SAMPLE_RATE
+        if self._open is not None:
+            keep_from = min(keep_from, self._open.start)
+        drop = keep_from - self._buffer_origin
+        if drop > SAMPLE_RATE:  # trim in chunks to avoid copying on every frame
+            self._buffer = self._buffer[drop:].copy()
+            self._buffer_origin += drop
+
+    # ---- results ------------------------------------------------------------------------------
+
+    def _partial_done(self, request: InferenceRequest, result: InferenceResult | None) -> list[Action]:
+        utterance = self._open
+        if utterance is None or utterance.utterance_id != request.utterance_id:
+            return []  # the utterance ended meanwhile; its final supersedes this partial
+        utterance.partial_in_flight = False
+        actions: list[Action] = []
+        if result is not None:
+            text, stable = utterance.stabilizer.update(result.text)
+            actions.append(
+                Send({"type": "partial", "utterance_id": utterance.utterance_id, "text": text, "stable_text": stable,
+                      "start": round_time(utterance.start / SAMPLE_RATE),
+                      "end": round_time((utterance.start + len(request.audio)) / SAMPLE_RATE)})
+            )
+        return actions + self._maybe_partial()
+
+    def _flush_finals(self) -> list[Action]:
+        # Finals go out in utterance order even if a later one finished first.
+        actions: list[Action] = []
+        while self._finishing and (self._finishing[0].final_text is not None or self._finishing[0].final_error):
+            utterance = self._finishing.pop(0)
+            if utterance.final_error is not None:
+                actions.append(Send(utterance.final_error))
+            else:
+                config = utterance.config
+                event = {
+                    "type": "final",
+                    "utterance_id": utterance.utterance_id,
+                    "text": utterance.final_text,
+                    "start": round_time(utterance.start / SAMPLE_RATE),
+                    "end": round_time((utterance.end or utterance.start) / SAMPLE_RATE),
+                    "language": utterance.language,
+                    "task": config.task,
+                }
+                if config.task == "translate":
+                    event["target_language"] = config.target_language or "en"
+                actions.append(Send(event))
+            self.utterances_finalized += 1
+        return actions + self._maybe_end()
+
+    def _maybe_end(self) -> list[Action]:
+        if self.state != State.STOPPING or self._finishing:
+            return []
+        self.state = State.CLOSED
+        return [
+            Send({"type": "end", "utterances": self.utterances_finalized, "audio_seconds": round_time(self.audio_seconds)}),
+            Close(1000, "end of stream"),
+        ]
+
+
+__all__ = ["Action", "Close", "Send", "Session", "SessionSettings", "State", "Submit", "OVERLOADED"]

@@ -1,0 +1,293 @@
+"""The inference worker: one per device, shared by every session.
+
+:class:`BatchScheduler` is the pure queueing policy (testable without threads): finals before
+partials, a newer partial for an utterance replaces a queued older one, bounded depth, and dynamic
+batching (up to ``max_batch`` requests, waiting at most ``max_wait`` for a batch to fill).
+
+:class:`InferenceWorker` is the thin shell: a thread that takes batches from the scheduler, runs
+the blocking engine, and resolves asyncio futures on the event loop. Inference never runs on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .engines.base import Engine, InferenceRequest, InferenceResult
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The worker queue is at its bound; the request was not queued."""
+
+
+class Superseded(Exception):
+    """A newer partial for the same utterance replaced this one, or its session went away."""
+
+
+@dataclass
+class _Entry:
+    request: InferenceRequest
+    enqueued_at: float
+    token: object = None  # the shell's handle (a future); the scheduler never looks inside
+
+
+@dataclass
+class SchedulerStats:
+    submitted: int = 0
+    replaced: int = 0
+    rejected: int = 0
+    batches: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+
+class BatchScheduler:
+    """Queueing policy for one worker.
+
+    Args:
+        max_batch: most requests per engine call.
+        max_wait: seconds the oldest queued request may wait for a batch to fill.
+        max_queue: bound on queued requests; partials beyond it are refused, finals may use
+            ``final_reserve`` extra places so a flood of partials cannot starve endpoints.
+        final_reserve: extra places only finals may take.
+    """
+
+    def __init__(self, max_batch: int = 8, max_wait: float = 0.005, max_queue: int = 256, final_reserve: int = 64):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be positive")
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.max_queue = max_queue
+        self.final_reserve = final_reserve
+        self._finals: collections.deque[_Entry] = collections.deque()
+        self._partials: dict[tuple[str, int], _Entry] = {}
+        self.stats = SchedulerStats()
+
+    def __len__(self) -> int:
+        return len(self._finals) + len(self._partials)
+
+    @property
+    def queued_finals(self) -> int:
+        return len(self._finals)
+
+    def submit(self, request: InferenceRequest, now: float, token: object = None) -> list[object]:
+        """Queue a request.
+
+        Returns:
+            Tokens of queued requests this one replaced (they will never run).
+
+        Raises:
+            QueueFull: the queue is at its bound for this kind of request.
+        """
+        replaced: list[object] = []
+        if request.kind == "partial":
+            key = (request.session_id, request.utterance_id)
+            old = self._partials.pop(key, None)
+            if old is not None:
+                replaced.append(old.token)
+                self.stats.replaced += 1
+            elif len(self) >= self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(f"inference queue is full ({len(self)} requests)")
+            # A replacement keeps its predecessor's place in line so a busy stream's partials are not starved.
+            entry = _Entry(request, old.enqueued_at if old else now, token)
+            self._partials[key] = entry
+        else:
+            if len(self) >= self.max_queue + self.final_reserve:
+                self.stats.rejected += 1
+                raise QueueFull(f"inference queue is full ({len(self)} requests)")
+            self._finals.append(_Entry(request, now, token))
+            # The utterance ended: a queued partial for it is pointless now.
+            old = self._partials.pop((request.session_id, request.utterance_id), None)
+            if old is not None:
+                replaced.append(old.token)
+                self.stats.replaced += 1
+        self.stats.submitted += 1
+        return replaced
+
+    def drop_session(self, session_id: str) -> list[object]:
+        """Remove every queued request of a session; returns their tokens."""
+        tokens = [e.token for e in self._finals if e.request.session_id == session_id]
+        self._finals = collections.deque(e for e in self._finals if e.request.session_id != session_id)
+        for key in [k for k in self._partials if k[0] == session_id]:
+            tokens.append(self._partials.pop(key).token)
+        return tokens
+
+    def drop_all(self) -> list[object]:
+        """Empty the queue; returns the tokens of everything that was queued."""
+        tokens = [e.token for e in self._finals] + [e.token for e in self._partials.values()]
+        self._finals.clear()
+        self._partials.clear()
+        return tokens
+
+    def wait_time(self, now: float) -> float | None:
+        """Seconds until :meth:`take_batch` would return a batch: 0 when ready, ``None`` when empty."""
+        if not len(self):
+            return None
+        if len(self) >= self.max_batch:
+            return 0.0
+        oldest = min(
+            (self._finals[0].enqueued_at if self._finals else now),
+            min((e.enqueued_at for e in self._partials.values()), default=now),
+        )
+        return max(0.0, oldest + self.max_wait - now)
+
+    def take_batch(self, now: float, force: bool = False) -> list[tuple[InferenceRequest, object]]:
+        """Pop the next batch: finals first (oldest first), then partials (oldest first).
+
+        Args:
+            now: current time, for the max-wait rule.
+            force: take what is queued even if the batch is not full and ``max_wait`` has not passed.
+        """
+        wait = self.wait_time(now)
+        if wait is None or (wait > 0 and not force):
+            return []
+        batch: list[tuple[InferenceRequest, object]] = []
+        while self._finals and len(batch) < self.max_batch:
+            entry = self._finals.popleft()
+            batch.append((entry.request, entry.token))
+        room = self.max_batch - len(batch)
+        if room > 0 and self._partials:
+            oldest = sorted(self._partials.items(), key=lambda item: item[1].enqueued_at)[:room]
+            for key, entry in oldest:
+                del self._partials[key]
+                batch.append((entry.request, entry.token))
+        self.stats.batches += 1
+        self.stats.batch_sizes[len(batch)] += 1
+        return batch
+
+
+BatchObserver = Callable[[list[InferenceRequest], float], None]
+
+
+class InferenceWorker:
+    """Runs an engine on a dedicated thread, fed by :class:`BatchScheduler`.
+
+    ``submit`` must be called on the event loop's thread; results come back as asyncio futures.
+
+    Args:
+        engine: the engine this worker owns (only this worker's thread calls it).
+        scheduler: queueing policy; ``max_batch`` is capped by the engine's capability.
+        on_batch: optional callback ``(requests, seconds)`` after every engine call (metrics).
+    """
+
+    def __init__(self, engine: Engine, scheduler: BatchScheduler | None = None, on_batch: BatchObserver | None = None):
+        self.engine = engine
+        self.scheduler = scheduler or BatchScheduler()
+        self.scheduler.max_batch = min(self.scheduler.max_batch, engine.capabilities.max_batch)
+        self.on_batch = on_batch
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.busy_seconds = 0.0
+        self.last_batch_at = 0.0
+        self.failures = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the thread; results are delivered on ``loop`` (default: the running loop)."""
+        self._loop = loop or asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"inference-{self.engine.capabilities.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the batch in progress; queued requests fail with :class:`Superseded`."""
+        with self._cond:
+            self._stopping = True
+            tokens = self.scheduler.drop_all()
+            self._cond.notify_all()
+        for fut in tokens:
+            self._resolve(fut, exc=Superseded("worker stopped"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.scheduler)
+
+    def submit(self, request: InferenceRequest) -> asyncio.Future:
+        """Queue a request.
+
+        Returns:
+            A future resolving to an :class:`InferenceResult`, or failing with :class:`Superseded`
+            (replaced or cancelled) or the engine's exception.
+
+        Raises:
+            QueueFull: the queue is at its bound.
+        """
+        assert self._loop is not None, "worker not started"
+        future: asyncio.Future = self._loop.create_future()
+        with self._cond:
+            replaced = self.scheduler.submit(request, time.monotonic(), future)
+            self._cond.notify()
+        for old in replaced:
+            self._resolve(old, exc=Superseded("replaced by a newer request"))
+        return future
+
+    def cancel_session(self, session_id: str) -> None:
+        """Forget every queued request of a session (its client went away)."""
+        with self._cond:
+            tokens = self.scheduler.drop_session(session_id)
+        for fut in tokens:
+            self._resolve(fut, exc=Superseded("session closed"))
+
+    def _resolve(self, future: asyncio.Future, result: InferenceResult | None = None, exc: BaseException | None = None) -> None:
+        def settle() -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        assert self._loop is not None
+        if self._loop.is_closed():
+            return
+        try:
+            self._loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    wait = self.scheduler.wait_time(time.monotonic())
+                    if wait == 0.0:
+                        break
+                    self._cond.wait(timeout=wait)
+                batch = self.scheduler.take_batch(time.monotonic())
+            if not batch:
+                continue
+            requests = [r for r, _ in batch]
+            started = time.monotonic()
+            try:
+                results = self.engine.transcribe_batch(requests)
+                if len(results) != len(requests):
+                    raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
+                self.failures += 1
+                log.exception("engine failed on a batch of %d", len(requests))
+                for _, fut in batch:
+                    self._resolve(fut, exc=exc)
+            else:
+                for (_, fut), result in zip(batch, results):
+                    self._resolve(fut, result=result)
+            elapsed = time.monotonic() - started
+            self.busy_seconds += elapsed
+            self.last_batch_at = time.monotonic()
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(requests, elapsed)
+                except Exception:  # noqa: BLE001
+                    log.exception("batch observer failed")

@@ -1,0 +1,52 @@
+"""Shared pytest fixtures.
+
+Real-speech data fixtures (session-scoped) use ``benchmarks.datasets``: the data is
+fetched into the cache (``$GRANITE_STREAM_DATA`` or ``~/.cache/granite-stream/data``)
+on first use; CI runs ``scripts/fetch_data`` up front.  If fetching is impossible
+(no apt-get/pip, no network) the tests using these fixtures are skipped, unless
+``GRANITE_STREAM_REQUIRE_DATA=1`` is set, in which case they fail.  A checksum
+mismatch always fails.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks import datasets
+from benchmarks.datasets import Clip
+
+
+def _load(name: str, split: str = "dev") -> list[Clip]:
+    try:
+        return datasets.load_set(name, split)
+    except datasets.FetchError as e:
+        if os.environ.get("GRANITE_STREAM_REQUIRE_DATA", "") not in ("", "0"):
+            raise
+        pytest.skip(f"real speech data {name!r} unavailable (run scripts/fetch_data): {e}")
+
+
+@pytest.fixture(scope="session")
+def librivox_clips() -> list[Clip]:
+    """The 5 LibriVox clips from the pocketsphinx 5.1.1 sdist (16 kHz WAV, English)."""
+    return _load("librivox")
+
+
+@pytest.fixture(scope="session")
+def librivox_wav_paths(librivox_clips: list[Clip]) -> list[Path]:
+    """Absolute paths of the 5 LibriVox WAVs (16 kHz mono 16-bit)."""
+    return [c.audio_path for c in librivox_clips]
+
+
+@pytest.fixture(scope="session")
+def asterisk_en_dev() -> list[Clip]:
+    """English Asterisk prompts, dev split only (8 kHz WAV; eval is held out)."""
+    return _load("asterisk-en", "dev")
+
+
+@pytest.fixture(scope="session")
+def goforward() -> Clip:
+    """pocketsphinx goforward.raw (16 kHz s16le raw): "go forward ten meters"."""
+    return _load("goforward")[0]

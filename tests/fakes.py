@@ -1,0 +1,48 @@
+"""A deterministic test double for the engine interface (for session/worker/server logic tests).
+
+It "recognises" one word per 0.4 s of audio, named by the audio's position, so hypotheses of a
+growing utterance extend each other like a real recogniser's do. Real engines are tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from stream_server.engines.base import Engine, EngineCapabilities, InferenceResult
+
+
+class CountingEngine(Engine):
+    def __init__(self, delay: float = 0.0, max_batch: int = 8, fail_on: set[int] | None = None, **caps):
+        self.capabilities = EngineCapabilities(
+            name="fake", model="counting", languages=caps.pop("languages", ("en", "fr")),
+            tasks=caps.pop("tasks", ("transcribe", "translate")),
+            translation_pairs=caps.pop("translation_pairs", (("fr", "en"),)), keywords=True,
+            max_batch=max_batch, **caps,
+        )
+        self.delay = delay
+        self.batches: list[list] = []
+        self.fail_on = fail_on or set()
+        self.lock = threading.Lock()
+
+    def text_for(self, request) -> str:
+        words = [f"w{i}" for i in range(int(request.duration / 0.4))]
+        if request.task == "translate":
+            words = [w.upper() for w in words]
+        return " ".join(words)
+
+    def transcribe_batch(self, requests):
+        with self.lock:
+            self.batches.append(list(requests))
+        if self.delay:
+            time.sleep(self.delay)
+        for r in requests:
+            if r.utterance_id in self.fail_on and r.kind == "final":
+                raise RuntimeError("injected engine failure")
+        out = []
+        for r in requests:
+            text = self.text_for(r)
+            if r.prefix and not text.startswith(r.prefix):
+                text = (r.prefix + " " + " ".join(text.split()[len(r.prefix.split()):])).strip()
+            out.append(InferenceResult(text=text, language=r.language))
+        return out

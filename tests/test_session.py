@@ -1,0 +1,292 @@
+"""The session core, fed audio and commands directly: no socket, no thread, no model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.datasets import read_audio
+from stream_server.engines.base import EngineCapabilities, InferenceResult
+from stream_server.session import Close, Send, Session, SessionSettings, State, Submit
+from tests.fakes import CountingEngine
+
+RATE = 16000
+
+
+def start(session, **fields):
+    msg = {"type": "start", "audio": {"encoding": "pcm_s16le", "sample_rate": RATE}, **fields}
+    return session.receive_text(json.dumps(msg))
+
+
+def pcm(samples):
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+class Harness:
+    """Executes Submit actions on the fake engine immediately (or holds them) and records events."""
+
+    def __init__(self, session, engine, hold=False):
+        self.session, self.engine, self.hold = session, engine, hold
+        self.events, self.closed, self.held = [], None, []
+
+    def run(self, actions):
+        for action in actions:
+            if isinstance(action, Send):
+                self.events.append(action.event)
+            elif isinstance(action, Close):
+                self.closed = action
+            elif isinstance(action, Submit):
+                if self.hold:
+                    self.held.append(action.request)
+                else:
+                    result = self.engine.transcribe_batch([action.request])[0]
+                    self.run(self.session.inference_done(action.request, result))
+
+    def release(self):
+        held, self.held = self.held, []
+        for request in held:
+            self.run(self.session.inference_done(request, self.engine.transcribe_batch([request])[0]))
+
+    def feed(self, samples, chunk=1600):
+        data = pcm(samples)
+        for i in range(0, len(data), chunk * 2):
+            self.run(self.session.receive_bytes(data[i : i + chunk * 2]))
+
+    def of(self, kind):
+        return [e for e in self.events if e["type"] == kind]
+
+
+@pytest.fixture
+def engine():
+    return CountingEngine()
+
+
+@pytest.fixture
+def speech(librivox_clips):
+    """Two real utterances separated by 1.5 s of silence, with silence around them."""
+    a, rate_a = read_audio(librivox_clips[0])
+    b, rate_b = read_audio(librivox_clips[1])
+    assert rate_a == rate_b == RATE
+    gap = np.zeros(int(1.5 * RATE), np.float32)
+    return np.concatenate([gap[: RATE // 2], a, gap, b, gap])
+
+
+def new_session(engine, **settings):
+    return Session("s1", engine.capabilities, SessionSettings(**settings))
+
+
+def test_start_returns_ready_with_engine_and_effective_config(engine):
+    session = new_session(engine)
+    [action] = start(session, language="fr", keywords=["Granite"])
+    ready = action.event
+    assert ready["type"] == "ready" and ready["protocol"] == 1 and ready["session_id"] == "s1"
+    assert ready["engine"]["name"] == "fake" and "transcribe" in ready["engine"]["tasks"]
+    assert ready["config"]["language"] == "fr" and ready["config"]["keywords"] == ["Granite"]
+    assert ready["config"]["audio"] == {"encoding": "pcm_s16le", "sample_rate": RATE, "channels": 1}
+    assert session.state == State.STREAMING
+
+
+def test_audio_before_start_is_an_error_and_start_still_works(engine):
+    session = new_session(engine)
+    [action] = session.receive_bytes(b"\x00\x01" * 100)
+    assert action.event["code"] == "not_started" and not action.event["fatal"]
+    assert start(session)[0].event["type"] == "ready"
+
+
+@pytest.mark.parametrize(
+    "message, code",
+    [("{oops", "bad_json"), ('{"type":"jump"}', "unknown_type"), ('{"type":"start","language":3}', "bad_config"),
+     ('{"type":"configure"}', "not_started"), ('{"type":"finalize"}', "not_started")],
+)
+def test_bad_messages_before_start_leave_session_usable(engine, message, code):
+    session = new_session(engine)
+    [action] = session.receive_text(message)
+    assert action.event["type"] == "error" and action.event["code"] == code
+    assert start(session)[0].event["type"] == "ready"
+
+
+def test_second_start_and_bad_configure_are_non_fatal(engine):
+    session = new_session(engine)
+    start(session)
+    [action] = start(session)
+    assert action.event["code"] == "already_started"
+    [action] = session.receive_text('{"type":"configure","task":1}')
+    assert action.event["code"] == "bad_config"
+    assert session.state == State.STREAMING
+
+
+def test_missing_capability_is_bad_config_naming_it():
+    caps = EngineCapabilities(name="whisper", model="tiny.en", languages=("en",), tasks=("transcribe",))
+    session = Session("s", caps)
+    [action] = start(session, task="translate", language="en", target_language="de")
+    assert action.event["code"] == "bad_config" and "translate" in action.event["message"]
+    assert session.state == State.AWAITING_START
+    [action] = start(session, language="de")
+    assert "'de'" in action.event["message"]
+    assert start(session)[0].event["type"] == "ready"
+    [action] = session.receive_text('{"type":"configure","task":"translate"}')
+    assert action.event["code"] == "bad_config" and not action.event["fatal"]
+    assert session.state == State.STREAMING
+
+
+@pytest.mark.slow
+def test_real_speech_gives_partials_finals_and_end(engine, speech):
+    session = new_session(engine)
+    h = Harness(session, engine)
+    h.run(start(session))
+    h.feed(speech)
+    h.run(session.receive_text('{"type":"stop"}'))
+    kinds = [e["type"] for e in h.events]
+    assert kinds[0] == "ready" and kinds[-1] == "end"
+    assert h.closed == Close(1000, "end of stream")
+    started, finals = h.of("speech_started"), h.of("final")
+    assert len(started) == len(finals) == 2
+    assert [f["utterance_id"] for f in finals] == [s["utterance_id"] for s in started] == [0, 1]
+    assert all(f["text"] for f in finals)
+    assert h.of("partial"), "partials are produced while speech is open"
+    end = h.events[-1]
+    assert end["utterances"] == 2 and abs(end["audio_seconds"] - len(speech) / RATE) < 0.05
+    # Each partial's stable_text is a prefix of its text, and within an utterance stable text only grows
+    # and is a prefix of the final.
+    for final in finals:
+        partials = [p for p in h.of("partial") if p["utterance_id"] == final["utterance_id"]]
+        previous = ""
+        for p in partials:
+            assert p["text"].startswith(p["stable_text"])
+            assert p["stable_text"].startswith(previous)
+            # A partial covers audio up to when it was asked, which can run into the closing silence.
+            assert p["start"] == final["start"] and p["end"] <= final["end"] + 0.5 + 0.1
+            previous = p["stable_text"]
+        assert final["text"].startswith(previous)
+
+
+@pytest.mark.slow
+def test_every_voiced_second_lands_in_a_final(engine, speech, librivox_clips):
+    session = new_session(engine)
+    h = Harness(session, engine)
+    h.run(start(session))
+    h.feed(speech, chunk=777)  # odd-sized frames
+    h.run(session.receive_text('{"type":"stop"}'))
+    finals = h.of("final")
+    a_len = len(read_audio(librivox_clips[0])[0]) / RATE
+    b_start = 0.5 + a_len + 1.5
+    b_len = len(read_audio(librivox_clips[1])[0]) / RATE
+    # The voiced regions lie inside the clips; each clip's speech must be inside one final.
+    first, second = finals
+    assert first["start"] <= 0.5 + 0.3 and first["end"] >= 0.5 + a_len - 0.3
+    assert second["start"] <= b_start + 0.3 and second["end"] >= b_start + b_len - 0.3
+    assert first["end"] <= second["start"]
+
+
+def test_finalize_ends_the_utterance_now_and_stop_flushes(engine):
+    session = new_session(engine)
+    h = Harness(session, engine)
+    h.run(start(session, partials=False))
+    voiced = _buzz(2.0)
+    h.feed(np.concatenate([np.zeros(RATE // 2, np.float32), voiced]))
+    assert len(h.of("speech_started")) == 1 and not h.of("final")
+    h.run(session.receive_text('{"type":"finalize"}'))
+    [final] = h.of("final")
+    assert final["end"] == pytest.approx(2.5, abs=0.02)
+    assert not h.of("partial")
+    h.feed(voiced)
+    h.run(session.receive_text('{"type":"stop"}'))
+    assert len(h.of("final")) == 2 and h.events[-1]["type"] == "end"
+
+
+def test_finals_are_sent_in_utterance_order_even_if_answered_out_of_order(engine):
+    session = new_session(engine)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session, partials=False))
+    for _ in range(2):
+        h.feed(_buzz(1.0))
+        h.run(session.receive_text('{"type":"finalize"}'))
+        h.feed(np.zeros(RATE, np.float32))
+    first, second = h.held
+    h.held = [second, first]
+    h.release()
+    assert [f["utterance_id"] for f in h.of("final")] == [0, 1]
+
+
+def test_configure_applies_from_the_next_utterance(engine):
+    session = new_session(engine)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session, language="fr", partials=False))
+    h.feed(_buzz(1.2))
+    h.run(session.receive_text('{"type":"configure","task":"translate","target_language":"en"}'))
+    assert h.events[-1]["type"] == "configured"
+    h.run(session.receive_text('{"type":"finalize"}'))
+    h.feed(np.zeros(RATE, np.float32))
+    h.feed(_buzz(1.2))
+    h.run(session.receive_text('{"type":"finalize"}'))
+    assert [r.task for r in h.held] == ["transcribe", "translate"]
+    h.release()
+    first, second = h.of("final")
+    assert first["task"] == "transcribe" and second["task"] == "translate" and second["text"].isupper()
+
+
+def test_failed_final_becomes_an_error_naming_the_utterance():
+    engine = CountingEngine(fail_on={0})
+    session = new_session(engine)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session, partials=False))
+    h.feed(_buzz(1.0))
+    h.run(session.receive_text('{"type":"stop"}'))
+    [request] = h.held
+    h.run(session.inference_done(request, None, "RuntimeError: boom"))
+    error = h.of("error")[0]
+    assert error["utterance_id"] == 0 and "boom" in error["message"] and not error["fatal"]
+    assert h.events[-1]["type"] == "end"
+
+
+def test_final_contradicting_stable_text_is_redecoded_with_the_prefix(engine):
+    session = new_session(engine)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session))
+    h.feed(_buzz(2.0))
+    # Answer the partials by hand so "w0 w1" becomes stable.
+    for text in ("w0 w1 w2", "w0 w1 w2 w3"):
+        [request] = [r for r in h.held if r.kind == "partial"]
+        h.held.remove(request)
+        h.run(session.inference_done(request, InferenceResult(text)))
+        h.feed(_buzz(0.5))
+    assert h.of("partial")[-1]["stable_text"] == "w0 w1 w2"
+    h.held.clear()
+    h.run(session.receive_text('{"type":"finalize"}'))
+    [final_request] = h.held
+    assert final_request.prefix == ""
+    h.held.clear()
+    h.run(session.inference_done(final_request, InferenceResult("v0 w1 w2 w3 w4")))
+    [retry] = h.held
+    assert retry.kind == "final" and retry.prefix == "w0 w1 w2"
+    h.run(session.inference_done(retry, InferenceResult("w0 w1 w2 w3 w4")))
+    assert h.of("final")[0]["text"] == "w0 w1 w2 w3 w4"
+
+
+def test_too_large_frame_and_nonfinite_audio_are_reported(engine):
+    session = Session("s", engine.capabilities, SessionSettings(max_frame_bytes=1000))
+    start(session)
+    [action] = session.receive_bytes(b"\0" * 1002)
+    assert action.event["code"] == "too_large"
+    session2 = new_session(engine)
+    session2.receive_text(json.dumps({"type": "start", "audio": {"encoding": "pcm_f32le"}}))
+    actions = session2.receive_bytes(np.array([np.nan, 0.0], "<f4").tobytes())
+    assert actions[0].event["code"] == "bad_audio" and not actions[0].event["fatal"]
+
+
+def test_connection_lost_ignores_late_results(engine):
+    session = new_session(engine)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session, partials=False))
+    h.feed(_buzz(1.0))
+    h.run(session.receive_text('{"type":"finalize"}'))
+    session.connection_lost()
+    [request] = h.held
+    assert session.inference_done(request, InferenceResult("late")) == []
+
+
+def _buzz(seconds):
+    """A harmonic-rich, amplitude-modulated pulse train that webrtcvad reliably calls speech."""
+    from tests.test_vad import voiced  # the VAD tests own the synthetic speech-like signal
+
+    return voiced(seconds).astype(np.float32)

@@ -1,0 +1,8 @@
+"""Voice activity detection and utterance segmentation (pure, no I/O, no model).
+
+See :mod:`vad.segmenter` for the event contract.
+"""
+
+from .segmenter import SpeechEnded, SpeechStarted, VadConfig, VadEvent, VadSegmenter
+
+__all__ = ["SpeechEnded", "SpeechStarted", "VadConfig", "VadEvent", "VadSegmenter"]
