@@ -50,3 +50,11 @@ def asterisk_en_dev() -> list[Clip]:
 def goforward() -> Clip:
     """pocketsphinx goforward.raw (16 kHz s16le raw): "go forward ten meters"."""
     return _load("goforward")[0]
+
+
+@pytest.fixture(scope="session")
+def whisper_engine():
+    """The real offline default engine: bundled Whisper tiny.en (int8, CPU), loaded once per run."""
+    from stream_server.engines.whisper import WhisperEngine
+
+    return WhisperEngine(cpu_threads=2)

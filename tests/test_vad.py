@@ -200,6 +200,28 @@ def test_two_hundred_ms_of_voicing_starts_speech(background_dbfs):
         assert start <= at and end >= at + len(word)
 
 
+@pytest.mark.parametrize("aggressiveness", [0, 1, 2, 3])
+@pytest.mark.parametrize("frame_ms", [10, 20, 30])
+def test_start_threshold_in_digital_silence(aggressiveness, frame_ms):
+    # Noise-suppressed input: the energy gate removes webrtcvad's hangover, so
+    # the threshold falls back to start_ms (90 ms) plus one frame of slack
+    # instead of also waiting out the hangover discount.
+    config = VadConfig(aggressiveness=aggressiveness, frame_ms=frame_ms)
+    post_roll = samples(config.post_roll_ms / 1000)
+    frame = samples(frame_ms / 1000)
+    for offset in range(0, 480, 67):
+        at = samples(1.0) + offset
+        for seconds, expected in ((0.06, 0), (0.13, 1)):
+            audio = silence(2.0)
+            word = voiced(seconds)
+            audio[at : at + len(word)] += word
+            utterances = spans(run(audio, config)[0])
+            assert len(utterances) == expected, (seconds, offset, utterances)
+            for start, end, _ in utterances:
+                assert start <= at
+                assert at + len(word) + post_roll <= end <= at + len(word) + post_roll + frame
+
+
 def test_pause_shorter_than_silence_ms_does_not_split():
     audio = cat(silence(1.0), voiced(1.0), silence(0.3), voiced(1.0), silence(1.0))
     events, _ = run(audio)
@@ -248,6 +270,39 @@ def test_chunking_does_not_change_events(seed):
     rng = np.random.default_rng(seed)
     chunked = feed_in_chunks(VadSegmenter(config), audio, random_chunks(rng, len(audio)))
     assert chunked == whole
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_calls_keep_the_event_contract(seed):
+    # force_end and reconfigure at arbitrary points (mid-frame, mid-utterance,
+    # changing frame size) must never break pairing, ordering or bounds.
+    rng = np.random.default_rng(100 + seed)
+    audio = np.tile(_busy_signal(), 2)
+    configs = [
+        VadConfig(),
+        VadConfig(frame_ms=10, aggressiveness=3, max_utterance_s=1.0, pre_roll_ms=2000),
+        VadConfig(frame_ms=20, aggressiveness=0, silence_ms=100, post_roll_ms=2000, start_ms=0),
+    ]
+    seg = VadSegmenter(configs[seed % 3])
+    events: list = []
+    pos = 0
+    for size in random_chunks(rng, len(audio)):
+        new = seg.feed(audio[pos : pos + size])
+        pos += len(audio[pos : pos + size])
+        for event in new:
+            assert getattr(event, "end", 0) <= seg.position
+        events += new
+        roll = rng.random()
+        if roll < 0.05:
+            events += seg.force_end()
+        elif roll < 0.15:
+            seg.reconfigure(configs[int(rng.integers(3))])
+        assert seg.in_speech == (seg.utterance_start is not None)
+        if pos >= len(audio):
+            break
+    events += seg.force_end()
+    utterances = spans(events)
+    assert utterances and all(end <= len(audio) for _, end, _ in utterances)
 
 
 def test_max_length_cut_is_contiguous_and_lands_in_a_pause():

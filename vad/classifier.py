@@ -1,7 +1,8 @@
 """Per-frame speech classification: webrtcvad behind an energy gate.
 
 This module knows about webrtcvad's input format and quirks; the segmenter
-(:mod:`vad.segmenter`) only sees one boolean and one RMS value per frame.
+(:mod:`vad.segmenter`) only sees a decision, a "gated" flag and the RMS of
+each frame.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ _INT16_SCALE = 32767.0
 
 # webrtcvad's own hangover ("over_hang" in vad_core.c, kOverHangMax1*): after a
 # short detection it keeps reporting speech for this many extra frames, per
-# mode and frame size (10, 20, 30 ms). Measured with 5 ms clicks through
-# webrtcvad-wheels 2.0.14 it matches the upstream table exactly.
+# mode and frame size (10, 20, 30 ms). Same values as upstream; 5 ms clicks
+# through webrtcvad-wheels 2.0.14 show exactly this many trailing frames.
 _OVERHANG_FRAMES: dict[int, tuple[int, int, int]] = {
     0: (8, 4, 3),
     1: (8, 4, 3),

@@ -335,7 +335,8 @@ class VadSegmenter:
         # Window entries are frame-sized; entries of another size would
         # miscount the voiced time, so they are dropped (costs at most one
         # window of start latency, once).
-        kept = list(self._window)[-params.window_frames :] if params.frame_len == self._params.frame_len else []
+        same_frames = params.frame_len == self._params.frame_len
+        kept = list(self._window)[-params.window_frames :] if same_frames else []
         self._window = deque(kept, maxlen=params.window_frames)
         self._window_voiced = sum(1 for _, voiced, _ in kept if voiced)
         self._classifier.set_mode(config.aggressiveness, config.min_energy_dbfs)
@@ -374,7 +375,9 @@ class VadSegmenter:
         if voiced:
             self._window_voiced += 1
             needed = p.start_frames
-        elif gated:
+        elif gated and len(window) >= 2 and window[-2][1]:
+            # Only right after the run: a run that ended in webrtcvad's own
+            # "no" (then went quiet) did carry its hangover.
             needed = p.start_frames_gated
         else:
             return

@@ -576,19 +576,20 @@ class GraniteEngine(Engine):
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         return embeds, mask, positions
 
+    def _draft_tokens(self, w: _Work) -> list[int]:
+        """Token ids of the CTC draft's part after the request prefix; sets ``info["draft"]`` (the full text)."""
+        draft = w.ctc_text or ""
+        prefix = w.req.prefix
+        if prefix:
+            rest = draft[len(prefix) :] if draft.startswith(prefix) else _force_prefix(prefix, draft)[len(prefix) :]
+            w.info["draft"] = prefix + rest
+            return self._encode(rest) if rest.strip() else []
+        w.info["draft"] = draft.strip()
+        return self._encode(draft.strip()) if draft.strip() else []
+
     def _verify(self, works: list[_Work]) -> list[bool]:
         """Teacher-forced scoring of each CTC draft: accept when every draft token is likely enough."""
-        drafts: list[list[int]] = []
-        for w in works:
-            draft = w.ctc_text or ""
-            prefix = w.req.prefix
-            if prefix:
-                rest = draft[len(prefix) :] if draft.startswith(prefix) else _force_prefix(prefix, draft)[len(prefix) :]
-                w.info["draft"] = prefix + rest
-                drafts.append(self._encode(rest) if rest.strip() else [])
-            else:
-                w.info["draft"] = draft
-                drafts.append(self._encode(draft.strip()) if draft.strip() else [])
+        drafts = [self._draft_tokens(w) for w in works]
         accepted = [False] * len(works)
         rows = [i for i, d in enumerate(drafts) if d]
         if not rows:
@@ -610,13 +611,18 @@ class GraniteEngine(Engine):
         gathered = hidden[torch.tensor(b_idx, device=self.device), torch.tensor(p_idx, device=self.device)]
         logits = self.model.lm_head(gathered).float() / self.logits_scaling
         probs = torch.softmax(logits, dim=-1)
-        token_probs = probs[torch.arange(len(tok), device=self.device), torch.tensor(tok, device=self.device)]
+        tok_t = torch.tensor(tok, device=self.device)
+        token_probs = probs[torch.arange(len(tok), device=self.device), tok_t]
+        is_argmax = probs.argmax(-1) == tok_t
         start = 0
         for i in rows:
             n = len(drafts[i])
             p = token_probs[start : start + n]
-            start += n
             works[i].info["verify_min_prob"] = float(p.min())
+            if self.debug_token_ids:
+                works[i].info["verify_token_probs"] = p.tolist()
+                works[i].info["verify_is_argmax"] = is_argmax[start : start + n].tolist()
+            start += n
             if bool((p >= self.verify_threshold).all()):
                 accepted[i] = True
                 works[i].text = works[i].info["draft"]

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +35,46 @@ WHISPER_LANGUAGES = (
 
 MAX_WINDOW_S = 30.0
 """Whisper's encoder has positions for 30 s of audio; longer requests are truncated to their end."""
+
+
+def looks_repetitive(text: str) -> bool:
+    """Whether a hypothesis shows Whisper's looping failure.
+
+    True when a phrase of 3+ words repeats back to back, a word or word pair repeats 4+ times in a
+    row, or the text compresses better than faster-whisper's hallucination threshold (2.4).
+    """
+    words = re.findall(r"\w+", text.lower())
+    for n in range(1, min(8, len(words) // 2) + 1):
+        needed = 4 if n <= 2 else 2
+        for i in range(len(words) - n * needed + 1):
+            gram = words[i : i + n]
+            if all(words[i + k * n : i + (k + 1) * n] == gram for k in range(1, needed)):
+                return True
+    encoded = text.encode("utf-8")
+    return len(encoded) > 40 and len(encoded) / len(zlib.compress(encoded)) > 2.4
+
+
+def collapse_repeats(text: str) -> str:
+    """Keep the first occurrence of a back-to-back repeated phrase (3+ words, or 1-2 words 4+ times)."""
+    words = text.split()
+    changed = True
+    while changed:
+        changed = False
+        keys = [re.sub(r"\W", "", w.lower()) for w in words]
+        for n in range(1, min(8, len(words) // 2) + 1):
+            needed = 4 if n <= 2 else 2
+            for i in range(len(words) - n * needed + 1):
+                gram = keys[i : i + n]
+                k = 1
+                while keys[i + k * n : i + (k + 1) * n] == gram:
+                    k += 1
+                if k >= needed:
+                    words = words[: i + n] + words[i + k * n :]
+                    changed = True
+                    break
+            if changed:
+                break
+    return " ".join(words)
 
 
 def default_tiny_en_path() -> Path:
@@ -144,6 +187,7 @@ class WhisperEngine(Engine):
         self.final_window_s = final_window_s
         self.partial_window_s = partial_window_s
         self.beam_size = beam_size
+        self.repetition_retries = 0
         self._lock = threading.Lock()  # CTranslate2 models are thread-safe, but we keep one caller for fairness
         name = model or "tiny.en"
         if self.multilingual:
@@ -210,19 +254,47 @@ class WhisperEngine(Engine):
                 suppress_tokens=self._suppress,
                 return_scores=False,
             )
-        out = []
-        for request, language, result in zip(requests, languages, results):
-            tokenizer = self._tokenizer(request.task, language)
-            ids = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
-            prefix = request.prefix.strip()
-            prefix_ids = tokenizer.encode(" " + prefix)[:200] if prefix else []
-            if ids[: len(prefix_ids)] == prefix_ids:
-                # CTranslate2 returns the forced prefix as part of the sequence.
-                ids = ids[len(prefix_ids) :]
-            continuation = tokenizer.decode(ids).strip()
-            text = f"{prefix} {continuation}".strip() if prefix else continuation
-            out.append(InferenceResult(text=" ".join(text.split()), language=language))
-        return out
+        texts = [self._text(r, lang, res) for r, lang, res in zip(requests, languages, results)]
+        for i, (request, language) in enumerate(zip(requests, languages)):
+            if looks_repetitive(texts[i]):
+                texts[i] = self._retry_repetitive(request, language)
+        return [InferenceResult(text=t, language=lang) for t, lang in zip(texts, languages)]
+
+    def _retry_repetitive(self, request: InferenceRequest, language: str) -> str:
+        """Decode one request again without the keyword prompt, in the full window, greedy.
+
+        Whisper falls into loops ("Go forward. Go forward. Go forward.") mostly when prompted with
+        keywords or given a short window; this retry removes both causes. If it still loops, the
+        repeats are collapsed rather than published.
+        """
+        self.repetition_retries += 1
+        plain = replace(request, keywords=())
+        audio = plain.audio[-int((MAX_WINDOW_S - 0.2) * SAMPLE_RATE) :]
+        features = self._features(audio, int(MAX_WINDOW_S * SAMPLE_RATE))[None]
+        with self._lock:
+            encoded = self.model.encode(self._ct2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=False)
+            prompt = self._prompt(plain, language)
+            [result] = self.model.generate(
+                encoded, [prompt], beam_size=self.beam_size,
+                max_length=len(prompt) + int(min(224, 16 + 8 * plain.duration)),
+                suppress_blank=True, suppress_tokens=self._suppress,
+            )
+        return collapse_repeats(self._text(plain, language, result))
+
+    def stats(self) -> dict:
+        return {"repetition_retries": self.repetition_retries}
+
+    def _text(self, request: InferenceRequest, language: str, result) -> str:
+        tokenizer = self._tokenizer(request.task, language)
+        ids = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+        prefix = request.prefix.strip()
+        prefix_ids = tokenizer.encode(" " + prefix)[:200] if prefix else []
+        if ids[: len(prefix_ids)] == prefix_ids:
+            # CTranslate2 returns the forced prefix as part of the sequence.
+            ids = ids[len(prefix_ids) :]
+        continuation = tokenizer.decode(ids).strip()
+        text = f"{prefix} {continuation}".strip() if prefix else continuation
+        return " ".join(text.split())
 
     def _languages(self, requests: Sequence[InferenceRequest], encoded) -> list[str]:
         languages = [r.language for r in requests]

@@ -1,0 +1,430 @@
+"""GraniteEngine and the torch-only Granite features, on a tiny random Granite Speech model.
+
+Nothing is downloaded: the model and tokenizer come from
+:func:`stream_server.engines.granite_tiny.build_tiny_granite`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stream_server.engines.base import InferenceRequest
+from stream_server.engines.granite import (
+    GraniteEngine,
+    GraniteModelNotFoundError,
+    _force_prefix,
+)
+from stream_server.engines.granite_features import (
+    GraniteFeatureExtractor,
+    melscale_fbanks,
+    num_audio_tokens,
+)
+from stream_server.engines.granite_tiny import build_tiny_granite
+
+hf_fe = pytest.importorskip("transformers.models.granite_speech.feature_extraction_granite_speech")
+
+LENGTHS = [257, 400, 1599, 1600, 4799, 16000, 16161, 24000, 47999, 80321]
+
+
+def tone(seconds: float, freq: float, seed: int = 0) -> np.ndarray:
+    """A chirp plus a little noise: different clips give clearly different features."""
+    rng = np.random.default_rng(seed)
+    n = int(round(16000 * seconds))
+    t = np.arange(n) / 16000
+    return (0.3 * np.sin(2 * np.pi * freq * t * (1 + t)) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_granite(seed=0)
+
+
+def make_engine(tiny, **kw) -> GraniteEngine:
+    model, tokenizer = tiny
+    kw.setdefault("debug_token_ids", True)
+    return GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", **kw)
+
+
+def req(audio, kind="final", i=0, **kw) -> InferenceRequest:
+    return InferenceRequest("s", i, kind, audio, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# (1) features
+
+
+def _hf_extractor_without_torchaudio(ours: GraniteFeatureExtractor, monkeypatch):
+    """transformers' own extractor object, with our mel spectrogram standing in for torchaudio's.
+
+    transformers' ``GraniteSpeechFeatureExtractor`` cannot be constructed without torchaudio
+    (``requires_backends`` in ``__init__``), so this builds it without ``__init__`` and runs HF's
+    real ``__call__`` / ``_extract_mel_spectrograms`` / ``_get_num_audio_features`` code: the
+    log/clamp/normalisation, frame stacking, audio-token counts and mask are HF's, only the
+    torchaudio ``MelSpectrogram`` module is replaced (it is checked separately against numpy).
+    """
+
+    class Mel(torch.nn.Module):
+        def forward(self, audio):  # torchaudio layout: (batch, n_mels, frames)
+            return ours.mel_spectrogram(audio).transpose(-1, -2)
+
+    monkeypatch.setattr(hf_fe, "requires_backends", lambda *a, **k: None)
+    ext = hf_fe.GraniteSpeechFeatureExtractor.__new__(hf_fe.GraniteSpeechFeatureExtractor)
+    ext.melspec_kwargs = {"sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 160, "n_mels": 80}
+    ext.mel_filters = Mel()
+    ext.projector_window_size = 15
+    ext.projector_downsample_rate = 5
+    ext.sampling_rate = 16000
+    return ext
+
+
+def test_torchaudio_is_absent_and_hf_extractor_needs_it():
+    from transformers.utils import is_torchaudio_available
+
+    if is_torchaudio_available():
+        pytest.skip("torchaudio is installed here; benchmarks/granite_features_check.py compares values")
+    with pytest.raises(ImportError):
+        hf_fe.GraniteSpeechFeatureExtractor()
+
+
+def test_audio_token_counts_match_hf_formula():
+    ours = GraniteFeatureExtractor()
+    ns = type("NS", (), {})()
+    ns.melspec_kwargs = {"hop_length": 160}
+    ns.projector_window_size = 15
+    ns.projector_downsample_rate = 5
+    lengths = LENGTHS + list(range(0, 5000, 37))
+    expected = hf_fe.GraniteSpeechFeatureExtractor._get_num_audio_features(ns, lengths)
+    assert [ours.num_audio_tokens(n) for n in lengths] == list(expected)
+    assert [num_audio_tokens(n) for n in lengths] == list(expected)
+    # 10 tokens per second of audio (3 per 15 encoder frames of 20 ms)
+    assert ours.num_audio_tokens(16000 * 30 - 160) == 300
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_single_clip_matches_hf_code(n, monkeypatch):
+    ours = GraniteFeatureExtractor()
+    hf = _hf_extractor_without_torchaudio(ours, monkeypatch)
+    audio = tone(n / 16000, 330.0, seed=n)
+    expected = hf(audio)
+    got = ours(audio)
+    assert got.input_features.shape == expected["input_features"].shape
+    assert got.input_features.shape == (1, (n // 160 + 1) // 2, 160)
+    assert torch.equal(got.input_features, expected["input_features"])
+    assert got.audio_embed_sizes == list(expected["audio_embed_sizes"])
+    assert torch.equal(got.input_features_mask, expected["input_features_mask"])
+    assert got.feature_lengths == [(n // 160 + 1) // 2]
+    assert math.ceil(got.feature_lengths[0] / 15) * 3 == got.audio_embed_sizes[0]
+
+
+def test_padded_batch_matches_hf_code(monkeypatch):
+    ours = GraniteFeatureExtractor()
+    hf = _hf_extractor_without_torchaudio(ours, monkeypatch)
+    clips = [tone(n / 16000, 200.0 + n % 1000, seed=n) for n in (16000, 4799, 24000, 1599)]
+    expected = hf([torch.from_numpy(c) for c in clips])
+    got = ours(clips)
+    assert torch.equal(got.input_features, expected["input_features"])
+    assert got.audio_embed_sizes == list(expected["audio_embed_sizes"])
+    assert torch.equal(got.input_features_mask, expected["input_features_mask"])
+    assert got.input_features_mask.shape == (4, max(got.audio_embed_sizes))
+    assert got.input_features_mask.sum(1).tolist() == got.audio_embed_sizes
+
+
+def _numpy_reference_mel(audio: np.ndarray) -> np.ndarray:
+    """float64 reference of torchaudio's MelSpectrogram (Hann 400 in 512, hop 160, reflect, HTK, power 2)."""
+    n_fft, win, hop, n_mels, sr = 512, 400, 160, 80, 16000
+    x = np.pad(audio.astype(np.float64), n_fft // 2, mode="reflect")
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)  # periodic Hann
+    w = np.pad(w, ((n_fft - win) // 2, n_fft - win - (n_fft - win) // 2))
+    frames = 1 + (len(x) - n_fft) // hop
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
+    power = np.abs(np.fft.rfft(x[idx] * w, axis=-1)) ** 2  # (frames, 257)
+    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
+    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
+    pts = 700.0 * (10 ** (np.linspace(mel(0.0), mel(sr / 2), n_mels + 2) / 2595.0) - 1.0)
+    fb = np.zeros((len(freqs), n_mels))
+    for m in range(n_mels):
+        lo, c, hi = pts[m], pts[m + 1], pts[m + 2]
+        fb[:, m] = np.maximum(0, np.minimum((freqs - lo) / (c - lo), (hi - freqs) / (hi - c)))
+    return power @ fb
+
+
+def test_mel_spectrogram_matches_numpy_reference():
+    ours = GraniteFeatureExtractor()
+    fb = melscale_fbanks(257, 0.0, 8000.0, 80, 16000)
+    assert fb.shape == (257, 80) and fb.dtype == torch.float32
+    assert (fb.sum(0) > 0).all()  # no empty filter
+    audio = tone(1.3, 500.0, seed=3)
+    got = ours.mel_spectrogram(torch.from_numpy(audio)[None])[0].double().numpy()
+    ref = _numpy_reference_mel(audio)
+    assert got.shape == ref.shape == (len(audio) // 160 + 1, 80)
+    scale = ref.max()
+    assert np.abs(got - ref).max() / scale < 1e-5
+    # and through the log: the normalised features agree to float32 precision
+    lg = np.log10(np.maximum(ref, 1e-10))
+    lg = np.maximum(lg, lg.max() - 8.0) / 4 + 1
+    lg = lg[: (len(lg) // 2) * 2].reshape(-1, 160)
+    feats = ours(audio).input_features[0].double().numpy()
+    assert np.abs(feats - lg).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) generation
+
+
+def test_generate_returns_strings(tiny):
+    eng = make_engine(tiny)
+    reqs = [
+        req(tone(0.6, 300.0), "final", 0),
+        req(tone(1.4, 900.0, 1), "partial", 1),
+        req(tone(1.0, 600.0, 2), "final", 2, task="translate", language="fr", target_language="en"),
+        req(tone(0.8, 450.0, 3), "final", 3, keywords=("Granite", "IBM")),
+        req(np.zeros(100, np.float32), "final", 4),  # shorter than one STFT window: padded
+        req(tone(0.9, 700.0, 4), "final", 5, language="ja"),
+    ]
+    results = eng.transcribe_batch(reqs)
+    assert len(results) == len(reqs)
+    for r in results:
+        assert isinstance(r.text, str)
+        assert r.info["path"] in ("ctc_accept", "verify_accept", "autoregressive", "partial_llm")
+    assert results[2].language == "en"
+    assert results[5].language == "ja" and results[5].info["path"] == "autoregressive"  # no CTC for ja
+    # the budget: ceil(seconds * 8) + 20 new tokens at most
+    assert results[1].info["new_tokens"] <= math.ceil(1.4 * 8) + 20
+    eng.warmup()
+
+
+def test_prompts(tiny):
+    eng = make_engine(tiny)
+    assert eng.instruction(req(tone(0.5, 1))) == "can you transcribe the speech into a written format?"
+    assert (
+        eng.instruction(req(tone(0.5, 1), task="translate", language="en", target_language="de"))
+        == "Translate the speech to German."
+    )
+    assert eng.instruction(req(tone(0.5, 1), keywords=("IBM", " Granite  Speech ", "IBM"))) == (
+        "can you transcribe the speech into a written format? Keywords: IBM, Granite Speech"
+    )
+    assert eng.prompt_text("hello") == "USER: <|audio|>hello\n ASSISTANT:"
+
+
+def test_forced_token_count(tiny):
+    eng = make_engine(tiny, force_new_tokens=7)
+    results = eng.transcribe_batch([req(tone(0.5, 300.0)), req(tone(2.0, 800.0, 1), "partial", 1)])
+    assert [len(r.info["token_ids"]) for r in results] == [7, 7]
+    assert all(r.info["path"] in ("autoregressive", "partial_llm") for r in results)
+
+
+# ---------------------------------------------------------------------------------------------
+# (3) batching
+
+
+def test_batch_equals_one_by_one(tiny):
+    eng = make_engine(tiny, speculative=False)
+    clips = [tone(s, f, i) for i, (s, f) in enumerate([(0.7, 200.0), (1.9, 800.0), (1.2, 3000.0), (0.7, 210.0)])]
+    reqs = [req(c, "final", i) for i, c in enumerate(clips)]
+    batched = eng.transcribe_batch(reqs)
+    single = [eng.transcribe_batch([r])[0] for r in reqs]
+    assert [r.info["token_ids"] for r in batched] == [r.info["token_ids"] for r in single]
+    assert [r.text for r in batched] == [r.text for r in single]
+    # the audio matters: different clips give different decodes
+    assert len({tuple(r.info["token_ids"]) for r in batched}) > 1
+
+
+def test_padded_mode_matches_transformers_generate(tiny):
+    """encoder_batching="padded" reproduces processor + model.generate of transformers token for token."""
+    model, tokenizer = tiny
+    n_new = 8
+    eng = make_engine(tiny, encoder_batching="padded", force_new_tokens=n_new)
+    clips = [tone(0.7, 200.0, 0), tone(1.9, 800.0, 1), tone(1.2, 3000.0, 2)]
+    mine = [r.info["token_ids"] for r in eng.transcribe_batch([req(c, "final", i) for i, c in enumerate(clips)])]
+
+    feats = GraniteFeatureExtractor.from_config(model.config)(clips)
+    prompt = eng.prompt_text(eng.instruction(req(clips[0])))
+    texts = [prompt.replace("<|audio|>", "<|audio|>" * n) for n in feats.audio_embed_sizes]
+    enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            input_features=feats.input_features,
+            input_features_mask=feats.input_features_mask,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    assert out[:, enc.input_ids.shape[1] :].tolist() == mine
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) prefix
+
+
+@pytest.mark.parametrize("kind,mode", [("final", "llm"), ("partial", "llm"), ("partial", "ctc")])
+def test_prefix_is_honoured(tiny, kind, mode):
+    eng = make_engine(tiny)
+    prefix = "hello wor"
+    results = eng.transcribe_batch(
+        [req(tone(1.5, 500.0, 7), kind, 0, prefix=prefix, partial_mode=mode), req(tone(1.0, 900.0, 8), kind, 1)]
+    )
+    assert results[0].text.startswith(prefix)
+    assert results[0].text != results[1].text
+
+
+def test_prefix_tokens_are_forced(tiny):
+    """With a prefix the decode continues it: the prefix's tokens follow the assistant tag.
+
+    Reference: transformers' own generate on ``prompt + prefix`` token ids.
+    """
+    model, tokenizer = tiny
+    n_new = 6
+    eng = make_engine(tiny, force_new_tokens=n_new)
+    audio = tone(1.2, 640.0, 9)
+    prefix = "so the "
+    r = eng.transcribe_batch([req(audio, prefix=prefix)])[0]
+    assert r.text.startswith(prefix)
+
+    feats = GraniteFeatureExtractor.from_config(model.config)(audio)
+    prompt = eng.prompt_text(eng.instruction(req(audio)))
+    ids = tokenizer.encode(prompt.replace("<|audio|>", "<|audio|>" * feats.audio_embed_sizes[0]), add_special_tokens=False)
+    ids += tokenizer.encode(prefix, add_special_tokens=False)
+    input_ids = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            input_features=feats.input_features,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    assert out[0, len(ids) :].tolist() == r.info["token_ids"]
+
+
+def test_force_prefix_heuristic():
+    assert _force_prefix("", "abc") == "abc"
+    assert _force_prefix("hello wor", "hello world how") == "hello world how"
+    assert _force_prefix("hello wor", "helo world how") == "hello world how"
+    assert _force_prefix("hello ", "helo world") == "hello world"
+    assert _force_prefix("a b c", "x") == "a b c"
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) capabilities
+
+
+def test_capabilities(tiny):
+    caps = make_engine(tiny).capabilities
+    assert caps.name == "granite" and caps.model == "tiny"
+    assert caps.languages == ("en", "fr", "de", "es", "pt", "ja")
+    assert caps.partial_modes == ("llm", "ctc")
+    assert caps.keywords and caps.prefix
+    assert caps.check("transcribe", "en", None) is None
+    assert caps.check("transcribe", "ja", None, keywords=("x",), partial_mode="ctc") is None
+    assert caps.check("translate", "fr", "en") is None
+    assert caps.check("translate", "ja", None) is None  # target defaults to English
+    assert caps.check("translate", "en", "zh") is None
+    assert caps.check("translate", "en", "it") is None
+    assert caps.check("translate", "fr", "de") is not None
+    assert caps.check("translate", "it", "en") is not None
+    assert caps.check("translate", "en", "ko") is not None
+    assert caps.check("transcribe", "it", None) is not None
+    assert caps.check("transcribe", None, None) is not None
+    assert caps.check("transcribe", "en", None, partial_mode="beam") is not None
+    assert caps.to_wire()["translation_pairs"][0] == ["fr", "en"]
+
+
+def test_missing_model_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(GraniteModelNotFoundError, match="local"):
+        GraniteEngine("ibm-granite/granite-4.0-1b-speech-does-not-exist")
+    with pytest.raises(GraniteModelNotFoundError, match="does not exist"):
+        GraniteEngine(str(tmp_path / "nowhere"))
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) CTC and self-speculative decoding
+
+
+def test_ctc_partial_and_ctc_greedy(tiny):
+    eng = make_engine(tiny)
+    audio = tone(1.6, 400.0, 11)
+    r = eng.transcribe_batch([req(audio, "partial", partial_mode="ctc")])[0]
+    assert r.info["path"] == "partial_ctc" and "new_tokens" not in r.info
+    assert r.text == eng.ctc_greedy(audio)
+    feats = eng.features(audio).input_features[0]
+    assert eng.ctc_greedy(feats) == r.text
+    assert r.text and all(1 <= ord(c) < 128 for c in r.text)  # chr(class) vocabulary, blank 0
+    assert eng.stats()["partial_ctc"] == 1
+    # a custom vocabulary
+    vocab = ["<b>"] + [chr(ord("a") + i % 26) for i in range(127)]
+    eng2 = make_engine(tiny, ctc_vocab=vocab)
+    assert set(eng2.ctc_greedy(audio)) <= set("abcdefghijklmnopqrstuvwxyz ")
+
+
+def test_speculative_paths_are_counted(tiny):
+    audio = [tone(1.1, 350.0, 20), tone(0.9, 1200.0, 21)]
+    reqs = [req(a, "final", i) for i, a in enumerate(audio)]
+
+    eng = make_engine(tiny, ctc_entropy_threshold=math.inf)
+    res = eng.transcribe_batch(reqs)
+    assert [r.info["path"] for r in res] == ["ctc_accept", "ctc_accept"]
+    assert [r.text for r in res] == [eng.ctc_greedy(a) for a in audio]
+
+    eng.ctc_entropy_threshold = -1.0
+    eng.verify_threshold = 0.0
+    res = eng.transcribe_batch(reqs)
+    assert [r.info["path"] for r in res] == ["verify_accept", "verify_accept"]
+    assert [r.text for r in res] == [eng.ctc_greedy(a) for a in audio]
+    assert all(len(r.info["verify_token_probs"]) > 0 for r in res)
+
+    eng.verify_threshold = 1.01
+    res = eng.transcribe_batch(reqs + [req(audio[0], "partial", 5, partial_mode="ctc"), req(audio[1], "partial", 6)])
+    assert [r.info["path"] for r in res] == ["autoregressive", "autoregressive", "partial_ctc", "partial_llm"]
+    assert res[0].info["new_tokens"] > 0
+
+    # translation finals never speculate
+    res = eng.transcribe_batch([req(audio[0], task="translate", language="en", target_language="fr")])
+    assert res[0].info["path"] == "autoregressive"
+
+    assert eng.stats() == {
+        "ctc_accept": 2,
+        "verify_accept": 2,
+        "autoregressive": 3,
+        "partial_llm": 1,
+        "partial_ctc": 1,
+    }
+
+
+def test_verification_scores_the_right_positions(tiny, monkeypatch):
+    """Teacher forcing the greedy decode: every draft token is the argmax at its position."""
+    eng = make_engine(tiny, speculative=False)
+    audio = tone(1.3, 520.0, 30)
+    greedy = eng.transcribe_batch([req(audio)])[0].info["token_ids"]
+    assert greedy
+
+    spec = make_engine(tiny, ctc_entropy_threshold=-1.0, verify_threshold=0.0)
+    monkeypatch.setattr(spec, "_draft_tokens", lambda w: (w.info.__setitem__("draft", "x"), list(greedy))[1])
+    r = spec.transcribe_batch([req(audio)])[0]
+    assert r.info["path"] == "verify_accept"
+    assert r.info["verify_is_argmax"] == [True] * len(greedy)
+
+
+def test_speculation_with_prefix_keeps_prefix(tiny):
+    eng = make_engine(tiny, ctc_entropy_threshold=math.inf, verify_threshold=0.0)
+    audio = tone(1.2, 610.0, 40)
+    ctc = eng.ctc_greedy(audio)
+    # a prefix the draft already starts with: accepted as is
+    r = eng.transcribe_batch([req(audio, prefix=ctc[:3])])[0]
+    assert r.info["path"] == "ctc_accept" and r.text == ctc
+    # a prefix the draft does not start with: verified (here accepted) with the prefix kept
+    r = eng.transcribe_batch([req(audio, prefix="zz top ")])[0]
+    assert r.info["path"] in ("verify_accept", "autoregressive")
+    assert r.text.startswith("zz top ")

@@ -1,0 +1,58 @@
+"""The Whisper engine on real weights (bundled tiny.en) and real speech."""
+
+import numpy as np
+import pytest
+
+from benchmarks.datasets import read_audio
+from stream_server.engines.base import InferenceRequest
+from stream_server.engines.whisper import collapse_repeats, looks_repetitive
+
+
+@pytest.mark.parametrize(
+    "text, looping",
+    [
+        ("Go forward 10 meters. Go forward 10 meters. Go forward", True),
+        ("Go forward. Go forward. Go forward. Go forward. Go", True),
+        ("I think, I think we should go.", False),
+        ("And Mr. John Dashwood had then leisure to consider how much there might be.", False),
+    ],
+)
+def test_loop_detection(text, looping):
+    assert looks_repetitive(text) is looping
+
+
+def test_collapse_keeps_one_copy_of_a_loop():
+    assert collapse_repeats("Go forward 10 meters. Go forward 10 meters. Go forward") == "Go forward 10 meters. Go forward"
+    assert collapse_repeats("please hold please hold please hold please hold") == "please hold"
+    assert collapse_repeats("please hold please hold") == "please hold please hold"
+
+
+@pytest.mark.slow
+def test_batch_matches_one_by_one_and_prefix_is_kept(whisper_engine, librivox_clips):
+    requests = [InferenceRequest("s", i, "final", read_audio(c)[0]) for i, c in enumerate(librivox_clips[:3])]
+    one_by_one = [whisper_engine.transcribe_batch([r])[0].text for r in requests]
+    batched = [r.text for r in whisper_engine.transcribe_batch(requests)]
+    assert batched == one_by_one
+    assert "dashwood" in one_by_one[0].lower()
+    forced = InferenceRequest("s", 0, "final", requests[0].audio, prefix="And Mister John")
+    text = whisper_engine.transcribe_batch([forced])[0].text
+    assert text.startswith("And Mister John") and "dashwood" in text.lower()
+
+
+@pytest.mark.slow
+def test_keywords_do_not_make_whisper_loop(whisper_engine, goforward):
+    audio, _ = read_audio(goforward)
+    audio = np.concatenate([np.zeros(8000, np.float32), audio])
+    for seconds in (1.5, 2.5, 3.3):
+        request = InferenceRequest("s", 0, "partial", audio[: int(seconds * 16000)], keywords=("forward",))
+        text = whisper_engine.transcribe_batch([request])[0].text
+        assert not looks_repetitive(text), text
+    final = InferenceRequest("s", 0, "final", audio, keywords=("forward",))
+    assert whisper_engine.transcribe_batch([final])[0].text.lower().startswith("go forward")
+
+
+def test_capabilities_of_tiny_en_are_declared(whisper_engine):
+    caps = whisper_engine.capabilities
+    assert caps.languages == ("en",) and caps.tasks == ("transcribe",)
+    assert "translate" in caps.check("translate", "en", "de")
+    assert caps.check("transcribe", "en", None, ("IBM",)) is None

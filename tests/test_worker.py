@@ -1,0 +1,114 @@
+"""The batching worker: queueing policy without threads, then the threaded shell with a fake engine."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from stream_server.engines.base import InferenceRequest
+from stream_server.worker import BatchScheduler, InferenceWorker, QueueFull, Superseded
+from tests.fakes import CountingEngine
+
+
+def req(session="s", utterance=0, kind="partial", seconds=1.0):
+    return InferenceRequest(session, utterance, kind, np.zeros(int(seconds * 16000), np.float32))
+
+
+def test_finals_go_before_partials_and_oldest_first():
+    s = BatchScheduler(max_batch=3, max_wait=0.0)
+    s.submit(req("a", 0, "partial"), now=0.0, token="pa")
+    s.submit(req("b", 0, "partial"), now=0.1, token="pb")
+    s.submit(req("c", 0, "final"), now=0.2, token="fc")
+    s.submit(req("d", 0, "final"), now=0.3, token="fd")
+    assert [t for _, t in s.take_batch(now=1.0)] == ["fc", "fd", "pa"]
+    assert [t for _, t in s.take_batch(now=1.0)] == ["pb"]
+    assert s.take_batch(now=1.0) == []
+
+
+def test_newer_partial_replaces_queued_one_and_final_drops_it():
+    s = BatchScheduler(max_batch=8, max_wait=0.0)
+    assert s.submit(req("a", 0), 0.0, "old") == []
+    assert s.submit(req("a", 0), 0.1, "new") == ["old"]
+    assert len(s) == 1
+    assert s.submit(req("a", 0, "final"), 0.2, "final") == ["new"]
+    assert [t for _, t in s.take_batch(1.0)] == ["final"]
+
+
+def test_queue_bound_refuses_partials_but_reserves_room_for_finals():
+    s = BatchScheduler(max_batch=8, max_wait=0.0, max_queue=2, final_reserve=1)
+    s.submit(req("a", 0), 0.0)
+    s.submit(req("b", 0), 0.0)
+    with pytest.raises(QueueFull):
+        s.submit(req("c", 0), 0.0)
+    s.submit(req("c", 0, "final"), 0.0)
+    with pytest.raises(QueueFull):
+        s.submit(req("d", 0, "final"), 0.0)
+    assert s.stats.rejected == 2
+
+
+def test_batch_waits_for_max_wait_unless_full():
+    s = BatchScheduler(max_batch=2, max_wait=0.010)
+    s.submit(req("a", 0), now=100.0)
+    assert s.wait_time(100.0) == pytest.approx(0.010)
+    assert s.take_batch(100.005) == []
+    s.submit(req("b", 0), now=100.006)
+    assert s.wait_time(100.006) == 0.0
+    assert len(s.take_batch(100.006)) == 2
+
+
+def test_drop_session_removes_only_that_session():
+    s = BatchScheduler()
+    s.submit(req("a", 0), 0.0, "a0")
+    s.submit(req("a", 1, "final"), 0.0, "a1")
+    s.submit(req("b", 0), 0.0, "b0")
+    assert sorted(s.drop_session("a")) == ["a0", "a1"]
+    assert len(s) == 1
+
+
+async def test_worker_batches_across_sessions_and_resolves_futures():
+    engine = CountingEngine(delay=0.05)
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=4, max_wait=0.02))
+    worker.start()
+    try:
+        futures = [worker.submit(req(f"s{i}", 0, "final", seconds=0.45 * (i + 1))) for i in range(4)]
+        results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        assert [r.text for r in results] == ["w0", "w0 w1", "w0 w1 w2", "w0 w1 w2 w3"]
+        assert max(len(b) for b in engine.batches) > 1
+    finally:
+        worker.stop()
+
+
+async def test_engine_failure_fails_only_its_batch_and_worker_continues():
+    engine = CountingEngine(fail_on={7})
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=1, max_wait=0.0))
+    worker.start()
+    try:
+        bad = worker.submit(req("s", 7, "final"))
+        with pytest.raises(RuntimeError, match="injected"):
+            await asyncio.wait_for(bad, 5)
+        good = await asyncio.wait_for(worker.submit(req("s", 8, "final")), 5)
+        assert good.text == "w0 w1"
+        assert worker.failures == 1
+    finally:
+        worker.stop()
+
+
+async def test_replaced_and_cancelled_requests_fail_with_superseded():
+    engine = CountingEngine(delay=0.2)
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=1, max_wait=0.0))
+    worker.start()
+    try:
+        blocker = worker.submit(req("x", 0, "final"))
+        await asyncio.sleep(0.05)  # the worker is now busy with the blocker
+        first = worker.submit(req("s", 0))
+        second = worker.submit(req("s", 0))
+        other = worker.submit(req("t", 0))
+        worker.cancel_session("t")
+        with pytest.raises(Superseded):
+            await asyncio.wait_for(first, 5)
+        with pytest.raises(Superseded):
+            await asyncio.wait_for(other, 5)
+        assert (await asyncio.wait_for(second, 5)).text == "w0 w1"
+        await blocker
+    finally:
+        worker.stop()
