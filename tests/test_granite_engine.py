@@ -341,6 +341,20 @@ def test_capabilities(tiny):
     assert caps.to_wire()["translation_pairs"][0] == ["fr", "en"]
 
 
+def test_load_from_directory(tiny, tmp_path):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    eng = GraniteEngine(str(tmp_path / "ckpt"), debug_token_ids=True, speculative=False)
+    assert eng.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert eng.capabilities.model == str(tmp_path / "ckpt")
+    if eng.device.type == "cpu":
+        assert eng.dtype == torch.float32
+        audio = tone(0.8, 700.0, 12)
+        ref = make_engine(tiny, speculative=False).transcribe_batch([req(audio)])[0]
+        assert eng.transcribe_batch([req(audio)])[0].info["token_ids"] == ref.info["token_ids"]
+
+
 def test_missing_model_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(GraniteModelNotFoundError, match="local"):

@@ -145,12 +145,15 @@ def load_granite(
             source, dtype=dtype, local_files_only=local_files_only
         )
     except (OSError, ValueError) as exc:
-        where = "directory" if looks_like_path else "local Hugging Face cache (the hub is not contacted)"
-        raise GraniteModelNotFoundError(
-            f"Granite model {source!r} could not be loaded from the {where}: {exc}. "
-            f"Download it on a host with network access (e.g. `huggingface-cli download {DEFAULT_MODEL_ID}`) "
-            "and copy the cache, or pass the checkpoint directory."
-        ) from exc
+        if looks_like_path:
+            msg = f"Granite model directory {source!r} does not hold a loadable checkpoint"
+        else:
+            msg = (
+                f"Granite model {source!r} is not in the local Hugging Face cache "
+                "(loading is local-only; the hub is never contacted). Download it where the hub is "
+                f"reachable (`hf download {source}`) and copy the cache (HF_HOME), or pass the checkpoint directory"
+            )
+        raise GraniteModelNotFoundError(f"{msg}. [transformers: {str(exc).splitlines()[0]}]") from exc
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -213,7 +216,11 @@ class GraniteEngine(Engine):
         encoder_batching: ``"exact"`` (batched = one-by-one) or ``"padded"`` (HF processor behaviour).
         prompts: instruction strings.
         min_audio_samples: shorter clips are zero-padded to this many samples (the STFT needs > 256).
-        debug_token_ids: put the generated token ids in ``InferenceResult.info["token_ids"]``.
+        debug_token_ids: put the generated token ids in ``InferenceResult.info["token_ids"]`` (and, for
+            verified drafts, ``verify_token_probs`` / ``verify_is_argmax``).
+        generate_kwargs: extra ``GenerationConfig`` fields for the autoregressive decode (default:
+            plain greedy — ``num_beams=1``, ``repetition_penalty=1.0``; the token budget, EOS and
+            padding ids are always the engine's).
     """
 
     def __init__(
@@ -241,6 +248,7 @@ class GraniteEngine(Engine):
         prompts: GranitePrompts | None = None,
         min_audio_samples: int = 512,
         debug_token_ids: bool = False,
+        generate_kwargs: dict | None = None,
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -283,6 +291,7 @@ class GraniteEngine(Engine):
         self.prompts = prompts or GranitePrompts()
         self.min_audio_samples = max(int(min_audio_samples), self.features.min_samples)
         self.debug_token_ids = debug_token_ids
+        self.generate_kwargs = dict(generate_kwargs or {})
 
         encoder = model.model.encoder
         self.has_ctc = isinstance(getattr(encoder, "out", None), torch.nn.Linear)
@@ -636,16 +645,25 @@ class GraniteEngine(Engine):
         embeds, mask, _ = self._embed_batch(seqs, [w.audio_embeds for w in works])
         max_new = max(w.budget for w in works)
         forced = self.force_new_tokens is not None
-        gen_config = GenerationConfig(
-            max_new_tokens=max_new,
-            min_new_tokens=max_new if forced else 0,
+        # Everything that shapes the search is set explicitly: transformers fills unset (None)
+        # fields from the checkpoint's generation_config.json.
+        settings = dict(
             do_sample=False,
             num_beams=1,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_length=0,
+            use_cache=True,
+        )
+        settings.update(self.generate_kwargs)
+        settings.update(
+            max_new_tokens=max_new,
+            min_new_tokens=max_new if forced else 0,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
             bos_token_id=self.tokenizer.bos_token_id,
-            use_cache=True,
         )
+        gen_config = GenerationConfig(**settings)
         if getattr(self.model, "_hf_peft_config_loaded", False):
             self.model.enable_adapters()  # the LoRA is meant to be on whenever audio is in the prompt
         # GenerationMixin.generate directly: the model's own override would switch a LoRA adapter

@@ -32,7 +32,10 @@ The formula (transformers 5.23, ``feature_extraction_granite_speech.py``), for 1
    selects the real projector outputs of each row.
 
 Only ``torch`` ops are used; the filterbank is built on the CPU in float32 exactly as torchaudio
-builds it and then moved to the compute device.
+builds it and then moved to the compute device. ``benchmarks/granite_features_check.py`` compares
+against the HF extractor where torchaudio exists: with transformers 5.23 and torchaudio 2.11 the
+filterbank and the features were identical (max abs diff 0.0) on CPU and on CUDA, single clips and
+padded batches.
 """
 
 from __future__ import annotations

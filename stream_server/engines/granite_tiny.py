@@ -10,6 +10,11 @@ same family as Granite's real tokenizer) plus the special tokens ``<|end_of_text
 ``<|pad|>`` and ``<|audio|>`` (whose id is ``config.audio_token_id``), with a chat template that
 renders ``USER: {content}\\n ASSISTANT:`` like granite-4.0-1b-speech's.
 
+To make the random model's output depend on the audio (so batching and prefix tests mean
+something), the tiny config departs from Granite's µP settings: initialiser range 0.2 for the LLM
+and projector, ``embedding_multiplier = residual_multiplier = 1``, attention multiplier 0.35,
+untied LM head, and a CTC head scaled ×30 (sharper CTC posteriors).
+
 The encoder's CTC head has :data:`TINY_CTC_CLASSES` classes so that the engine's default
 CTC vocabulary (class ``i`` → ``chr(i)``, blank ``0``, IBM's convention) covers ``a``–``z``.
 """
