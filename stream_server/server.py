@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import prometheus_client
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -30,6 +31,8 @@ from .session import Close, Send, Session, SessionSettings
 from .worker import BatchScheduler, InferenceWorker
 
 log = logging.getLogger(__name__)
+
+RouteHandler = Callable[["StreamServer", ServerConnection], Awaitable[None]]
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web_demo"
 LISTEN_PATH = "/v1/listen"
@@ -112,6 +115,7 @@ class StreamServer:
         )
         self._server: Server | None = None
         self._sessions: dict[str, Session] = {}
+        self.routes: dict[str, RouteHandler] = {LISTEN_PATH: StreamServer._handle_native}
         self.port: int | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -162,12 +166,14 @@ class StreamServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path == LISTEN_PATH:
+        if path in self.routes:
             if len(self._sessions) >= self.settings.max_sessions:
                 return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded: too many sessions\n")
             return None
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return _text_response(HTTPStatus.NOT_FOUND, f"no WebSocket endpoint at {path}; use {LISTEN_PATH}\n")
+            return _text_response(
+                HTTPStatus.NOT_FOUND, f"no WebSocket endpoint at {path}; endpoints: {', '.join(sorted(self.routes))}\n"
+            )
         if path == "/healthz":
             return _text_response(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -207,25 +213,49 @@ class StreamServer:
 
     # ---- WebSocket sessions -------------------------------------------------------------------
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    def add_route(self, path: str, handler: RouteHandler) -> None:
+        """Serve another WebSocket protocol at ``path`` (protocol adapters use this).
+
+        ``handler(server, ws)`` runs for each connection; it drives sessions through
+        :meth:`open_session` and :meth:`release_session` like the native handler does.
+        """
+        self.routes[path] = handler
+
+    def open_session(self, emit, session_settings: SessionSettings | None = None) -> SessionDriver:
+        """Create a registered session and its driver; ``emit`` receives its Send/Close actions."""
         session_id = uuid.uuid4().hex[:12]
-        session = Session(session_id, self.engine.capabilities, self.settings.session)
+        session = Session(session_id, self.engine.capabilities, session_settings or self.settings.session)
         self._sessions[session_id] = session
         self.metrics.sessions_active.inc()
         self.metrics.sessions_total.inc()
+        return SessionDriver(session, self.worker, emit, self._observe_inference)
+
+    def release_session(self, driver: SessionDriver) -> None:
+        """Forget a session opened with :meth:`open_session` (idempotent)."""
+        driver.abandon()
+        if self._sessions.pop(driver.session.session_id, None) is not None:
+            self.metrics.sessions_active.dec()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        path = ws.request.path.split("?", 1)[0]
+        await self.routes[path](self, ws)
+
+    async def _handle_native(self, ws: ServerConnection) -> None:
+        """Protocol v1: text frames are control messages, binary frames audio, events go out as JSON."""
         outbox: asyncio.Queue = asyncio.Queue()
         writer = asyncio.create_task(self._writer(ws, outbox))
 
         def emit(action) -> None:
             if outbox.qsize() >= self.settings.outbox_limit:
                 if not driver.closed.is_set():
-                    log.warning("session %s: client is not reading; closing", session_id)
+                    log.warning("session %s: client is not reading; closing", driver.session.session_id)
                     outbox.put_nowait(Close(1008, "client too slow: outgoing queue full"))
                     driver.abandon()
                 return
             outbox.put_nowait(action)
 
-        driver = SessionDriver(session, self.worker, emit, self._observe_inference)
+        driver = self.open_session(emit)
+        session = driver.session
         received_seconds = 0.0
         try:
             async for message in ws:
@@ -240,12 +270,10 @@ class StreamServer:
         except ConnectionClosed:
             pass
         finally:
-            driver.abandon()
+            self.release_session(driver)
             outbox.put_nowait(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer, timeout=5)
-            self._sessions.pop(session_id, None)
-            self.metrics.sessions_active.dec()
 
     def _observe_inference(self, request: InferenceRequest, seconds: float) -> None:
         self.metrics.inference_seconds.labels(request.kind).observe(seconds)
