@@ -50,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-queue", type=int, default=512, help="queued inference requests before 'overloaded'")
     limits.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest audio frame")
     limits.add_argument("--max-utterance-s", type=float, default=30.0, help="longest utterance a client may ask for")
+    limits.add_argument("--max-sessions-per-ip", type=int, default=32, help="concurrent sessions per client address (429 beyond)")
+    limits.add_argument("--max-session-s", type=float, default=4 * 3600.0, help="seconds of audio per session (0: no limit)")
+    limits.add_argument("--idle-timeout-s", type=float, default=60.0, help="end sessions that send nothing this long (0: never)")
+    limits.add_argument("--realtime-factor", type=float, default=4.0,
+                        help="throttle clients sending audio faster than this multiple of real time (0: never)")
+    limits.add_argument("--drain-deadline-s", type=float, default=10.0,
+                        help="on SIGTERM/SIGINT, how long open sessions get to receive their finals")
+    security = serve.add_argument_group("security")
+    security.add_argument("--api-keys-file", type=Path, default=None,
+                          help="file of accepted API keys, one per line (also: $GRANITE_STREAM_API_KEYS, comma-separated)")
+    security.add_argument("--allowed-origins", default="",
+                          help="comma-separated Origin values browsers may connect from (default: any)")
+    security.add_argument("--certfile", type=Path, default=None, help="TLS certificate chain (PEM): serve wss:// and https://")
+    security.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
+    security.add_argument("--log-transcripts", action="store_true", help="log final transcripts (off: they are personal data)")
 
     tr = sub.add_parser("transcribe", help="stream audio files through the same session path and print finals")
     tr.add_argument("files", nargs="+", type=Path, help="audio files (anything ffmpeg/PyAV decodes: wav, mp3, flac…)")
@@ -90,29 +105,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(args) -> int:
+    from .auth import AccessPolicy, load_api_keys
     from .server import ServerSettings, StreamServer
 
+    try:
+        access = AccessPolicy(
+            api_keys=load_api_keys(key_file=args.api_keys_file),
+            allowed_origins=frozenset(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+        )
+    except (OSError, ValueError) as exc:
+        print(f"granite-stream: {exc}", file=sys.stderr)
+        return 2
     engine, reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
     log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
     await asyncio.get_running_loop().run_in_executor(None, engine.warmup)
     session = SessionSettings(
-        limits=ProtocolLimits(max_utterance_s=args.max_utterance_s), max_frame_bytes=args.max_frame_bytes
+        limits=ProtocolLimits(max_utterance_s=args.max_utterance_s), max_frame_bytes=args.max_frame_bytes,
+        max_session_s=args.max_session_s,
     )
     settings = ServerSettings(
         host=args.host, port=args.port, session=session, max_sessions=args.max_sessions,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_sessions_per_ip=args.max_sessions_per_ip, idle_timeout_s=args.idle_timeout_s,
+        realtime_factor=args.realtime_factor, drain_deadline_s=args.drain_deadline_s, access=access,
+        certfile=args.certfile, keyfile=args.keyfile or args.certfile, log_transcripts=args.log_transcripts,
     )
     server = StreamServer(engine, settings, reason)
     await server.start()
+    web = "https" if args.certfile else "http"
     print(f"granite-stream: serving {engine.capabilities.name} ({engine.capabilities.model}) on {server.url} "
-          f"and http://{args.host}:{server.port}/", file=sys.stderr, flush=True)
+          f"and {web}://{args.host}:{server.port}/", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down")
-    await server.close()
+    log.info("shutting down: finishing open sessions (deadline %.1f s)", args.drain_deadline_s)
+    left = await server.drain(args.drain_deadline_s)
+    log.info("stopped (%d session(s) cut off at the deadline)", left)
     return 0
 
 

@@ -39,6 +39,8 @@ class SessionDriver:
         self.on_inference = on_inference
         self._inflight: set[asyncio.Task] = set()
         self.closed = asyncio.Event()
+        self.abandoned = False
+        self.client_ip = ""
 
     def text(self, message: str) -> None:
         self.dispatch(self.session.receive_text(message))
@@ -59,9 +61,12 @@ class SessionDriver:
 
     def abandon(self) -> None:
         """The client is gone: forget the session, its queued requests and pending results."""
+        self.abandoned = True
         if self.session.state != State.CLOSED:
             self.session.connection_lost()
-        self.worker.cancel_session(self.session.session_id)
+        # A multichannel session submits under one id per channel (see multichannel.py).
+        for session_id in getattr(self.session, "session_ids", (self.session.session_id,)):
+            self.worker.cancel_session(session_id)
         for task in self._inflight:
             task.cancel()
         self.closed.set()

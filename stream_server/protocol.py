@@ -34,6 +34,9 @@ TOO_LARGE = "too_large"
 OVERLOADED = "overloaded"
 INTERNAL = "internal"
 UNAUTHORIZED = "unauthorized"
+SESSION_LIMIT = "session_limit"
+IDLE_TIMEOUT = "idle_timeout"
+SHUTTING_DOWN = "shutting_down"
 
 
 class ProtocolError(Exception):

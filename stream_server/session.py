@@ -30,6 +30,7 @@ from .protocol import (
     INTERNAL,
     NOT_STARTED,
     OVERLOADED,
+    SESSION_LIMIT,
     TOO_LARGE,
     AudioFormat,
     ProtocolError,
@@ -86,12 +87,15 @@ class SessionSettings:
         limits: bounds on control messages.
         max_frame_bytes: largest binary frame accepted; larger frames are rejected with ``too_large``.
         min_partial_audio_s: no partial is requested for less utterance audio than this.
+        max_session_s: seconds of audio after which the session is ended (finals, ``end``, close
+            1008) with a fatal ``session_limit`` error; 0 for no limit.
     """
 
     default_config: StreamConfig = field(default_factory=StreamConfig)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
     max_frame_bytes: int = 1 << 20
     min_partial_audio_s: float = 0.5
+    max_session_s: float = 4 * 3600.0
 
 
 @dataclass
@@ -136,6 +140,8 @@ class Session:
         self._next_request_id = 0
         self._nonfinite_reported = 0
         self.utterances_finalized = 0
+        self._close = Close(1000, "end of stream")
+        self._overload_reported_at: float | None = None  # audio time of the last partial-shedding notice
 
     # ---- inputs -------------------------------------------------------------------------------
 
@@ -155,7 +161,9 @@ class Session:
             Actions to carry out, in order. Protocol violations become ``error`` events; only fatal
             ones close the connection.
         """
-        if self.state in (State.STOPPING, State.CLOSED):
+        if self.state == State.CLOSED:
+            return []  # `end` was the last event; the connection is closing
+        if self.state == State.STOPPING:
             return [Send(error_event(BAD_MESSAGE, "the stream is stopping; no more messages are accepted"))]
         try:
             message = parse_message(text, self.settings.limits)
@@ -168,6 +176,8 @@ class Session:
         """Handle one binary frame of audio in the declared encoding."""
         if self.state == State.AWAITING_START:
             return [Send(error_event(NOT_STARTED, "audio arrived before \"start\"; the frame was discarded"))]
+        if self.state == State.CLOSED:
+            return []
         if self.state != State.STREAMING:
             return [Send(error_event(BAD_MESSAGE, "audio arrived after \"stop\"; the frame was discarded"))]
         if len(data) > self.settings.max_frame_bytes:
@@ -183,6 +193,12 @@ class Session:
         assert self._decoder is not None
         samples = self._decoder.decode(data)
         actions = self._ingest(samples)
+        limit = self.settings.max_session_s
+        if limit and self.audio_seconds >= limit:
+            notice = error_event(
+                SESSION_LIMIT, f"the session reached its limit of {limit:g} s of audio; reconnect to continue", True
+            )
+            return actions + self.end_stream(notice, 1008, "session length limit")
         if self._decoder.nonfinite_samples > self._nonfinite_reported:
             count = self._decoder.nonfinite_samples - self._nonfinite_reported
             self._nonfinite_reported = self._decoder.nonfinite_samples
@@ -207,7 +223,7 @@ class Session:
         if self.state == State.CLOSED:
             return []
         if request.kind == "partial":
-            return self._partial_done(request, result)
+            return self._partial_done(request, result, error, code)
         utterance = next((u for u in self._finishing if u.utterance_id == request.utterance_id), None)
         if utterance is None:
             return []
@@ -269,10 +285,29 @@ class Session:
 
     def _on_stop(self, message: dict) -> list[Action]:
         self._require_started()
+        return self.end_stream()
+
+    def end_stream(self, notice: dict | None = None, close_code: int = 1000, close_reason: str = "end of stream") -> list[Action]:
+        """Finish the stream as ``stop`` does: finalize open audio, send finals, then ``end`` and close.
+
+        Used for the client's ``stop`` and by the server for a drain (close 1001), an idle timeout or
+        a session-length limit; nothing already received is dropped.
+
+        Args:
+            notice: an event (e.g. an ``error`` saying why) sent before the finals.
+            close_code, close_reason: the WebSocket close to perform after ``end``.
+        """
+        actions: list[Action] = [Send(notice)] if notice else []
+        if self.state == State.AWAITING_START:
+            self.state = State.CLOSED
+            return actions + [Close(close_code, close_reason)]
+        if self.state != State.STREAMING:
+            return actions
         assert self._decoder is not None and self._segmenter is not None
-        actions = self._ingest(self._decoder.flush())
+        actions += self._ingest(self._decoder.flush())
         actions += self._handle_vad_events(self._segmenter.force_end())
         self.state = State.STOPPING
+        self._close = Close(close_code, close_reason)
         return actions + self._maybe_end()
 
     def _require_started(self) -> None:
@@ -380,12 +415,20 @@ class Session:
 
     # ---- results ------------------------------------------------------------------------------
 
-    def _partial_done(self, request: InferenceRequest, result: InferenceResult | None) -> list[Action]:
+    def _partial_done(
+        self, request: InferenceRequest, result: InferenceResult | None, error: str | None, code: str
+    ) -> list[Action]:
+        actions: list[Action] = []
+        if result is None and code == OVERLOADED and (
+            self._overload_reported_at is None or self.audio_seconds - self._overload_reported_at >= 10.0
+        ):
+            # Shedding partials is the first step of backpressure; say so (at most every 10 s of audio).
+            self._overload_reported_at = self.audio_seconds
+            actions.append(Send(error_event(OVERLOADED, f"server busy: partial results are being skipped ({error})")))
         utterance = self._open
         if utterance is None or utterance.utterance_id != request.utterance_id:
-            return []  # the utterance ended meanwhile; its final supersedes this partial
+            return actions  # the utterance ended meanwhile; its final supersedes this partial
         utterance.partial_in_flight = False
-        actions: list[Action] = []
         if result is not None:
             text, stable = utterance.stabilizer.update(result.text)
             actions.append(
@@ -425,7 +468,7 @@ class Session:
         self.state = State.CLOSED
         return [
             Send({"type": "end", "utterances": self.utterances_finalized, "audio_seconds": round_time(self.audio_seconds)}),
-            Close(1000, "end of stream"),
+            self._close,
         ]
 
 

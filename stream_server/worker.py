@@ -180,7 +180,8 @@ class InferenceWorker:
 
     def __init__(self, engine: Engine, scheduler: BatchScheduler | None = None, on_batch: BatchObserver | None = None):
         self.engine = engine
-        self.scheduler = scheduler or BatchScheduler()
+        # Not `scheduler or ...`: an empty scheduler has len() 0 and is falsy.
+        self.scheduler = scheduler if scheduler is not None else BatchScheduler()
         self.scheduler.max_batch = min(self.scheduler.max_batch, engine.capabilities.max_batch)
         self.on_batch = on_batch
         self._cond = threading.Condition()
@@ -190,6 +191,7 @@ class InferenceWorker:
         self.busy_seconds = 0.0
         self.last_batch_at = 0.0
         self.failures = 0
+        self.restarts = 0
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start the thread; results are delivered on ``loop`` (default: the running loop)."""
@@ -224,6 +226,7 @@ class InferenceWorker:
             QueueFull: the queue is at its bound.
         """
         assert self._loop is not None, "worker not started"
+        self.ensure_alive()
         future: asyncio.Future = self._loop.create_future()
         with self._cond:
             replaced = self.scheduler.submit(request, time.monotonic(), future)
@@ -256,38 +259,80 @@ class InferenceWorker:
         except RuntimeError:  # loop closed during shutdown
             pass
 
+    def ensure_alive(self) -> bool:
+        """Restart the worker thread if it died (a crash outside the per-batch error handling).
+
+        Returns:
+            True if a restart happened. Requests of the batch in flight when it died were re-queued.
+        """
+        if self._stopping or self._thread is None or self._thread.is_alive():
+            return False
+        log.error("inference worker thread died; restarting it (restart #%d)", self.restarts + 1)
+        self.restarts += 1
+        self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
+        self._thread.start()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
-        while True:
+        batch: list[tuple[InferenceRequest, object]] = []
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        if self._stopping:
+                            return
+                        wait = self.scheduler.wait_time(time.monotonic())
+                        if wait == 0.0:
+                            break
+                        self._cond.wait(timeout=wait)
+                    batch = self.scheduler.take_batch(time.monotonic())
+                if batch:
+                    self._run_batch(batch)
+                    batch = []
+        except BaseException:
+            # Something killed the thread itself (not an engine error, those are handled per batch).
+            # Put the batch back so its utterances are not lost when ensure_alive() restarts us.
+            log.exception("inference worker thread crashed")
             with self._cond:
-                while True:
-                    if self._stopping:
-                        return
-                    wait = self.scheduler.wait_time(time.monotonic())
-                    if wait == 0.0:
-                        break
-                    self._cond.wait(timeout=wait)
-                batch = self.scheduler.take_batch(time.monotonic())
-            if not batch:
-                continue
-            requests = [r for r, _ in batch]
-            started = time.monotonic()
-            try:
-                results = self.engine.transcribe_batch(requests)
-                if len(results) != len(requests):
-                    raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
-            except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
-                self.failures += 1
-                log.exception("engine failed on a batch of %d", len(requests))
-                for _, fut in batch:
-                    self._resolve(fut, exc=exc)
+                for request, token in batch:
+                    if not token.done():
+                        self.scheduler.submit(request, time.monotonic(), token)
+            raise
+
+    def _run_batch(self, batch: list[tuple[InferenceRequest, object]]) -> None:
+        requests = [r for r, _ in batch]
+        started = time.monotonic()
+        try:
+            results = self.engine.transcribe_batch(requests)
+            if len(results) != len(requests):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
+            self.failures += 1
+            log.warning("engine failed on a batch of %d (%s: %s)", len(requests), type(exc).__name__, exc)
+            if len(batch) == 1:
+                self._resolve(batch[0][1], exc=exc)
             else:
-                for (_, fut), result in zip(batch, results):
-                    self._resolve(fut, result=result)
-            elapsed = time.monotonic() - started
-            self.busy_seconds += elapsed
-            self.last_batch_at = time.monotonic()
-            if self.on_batch is not None:
-                try:
-                    self.on_batch(requests, elapsed)
-                except Exception:  # noqa: BLE001
-                    log.exception("batch observer failed")
+                # Isolate the failure (a bad input, or memory pressure such as CUDA OOM that a smaller
+                # batch avoids): retry one by one, so only the requests that fail alone fail.
+                for request, future in batch:
+                    try:
+                        [result] = self.engine.transcribe_batch([request])
+                    except Exception as single_exc:  # noqa: BLE001
+                        self._resolve(future, exc=single_exc)
+                    else:
+                        self._resolve(future, result=result)
+        else:
+            for (_, fut), result in zip(batch, results):
+                self._resolve(fut, result=result)
+        elapsed = time.monotonic() - started
+        self.busy_seconds += elapsed
+        self.last_batch_at = time.monotonic()
+        if self.on_batch is not None:
+            try:
+                self.on_batch(requests, elapsed)
+            except Exception:  # noqa: BLE001
+                log.exception("batch observer failed")

@@ -46,3 +46,31 @@ class CountingEngine(Engine):
                 text = (r.prefix + " " + " ".join(text.split()[len(r.prefix.split()):])).strip()
             out.append(InferenceResult(text=text, language=r.language))
         return out
+
+
+class WorkerCrash(BaseException):
+    """Kills the worker thread itself (not an engine error that the worker handles per batch)."""
+
+
+class CrashOnceEngine(CountingEngine):
+    """Kills the worker thread on its first batch, then behaves."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.crashed = False
+
+    def transcribe_batch(self, requests):
+        if not self.crashed:
+            self.crashed = True
+            raise WorkerCrash("simulated thread death")
+        return super().transcribe_batch(requests)
+
+
+class PoisonEngine(CountingEngine):
+    """Fails any batch that contains a request of utterance 13 (like a bad input or an OOM on big batches)."""
+
+    def transcribe_batch(self, requests):
+        if any(r.utterance_id == 13 for r in requests):
+            self.batches.append(list(requests))
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().transcribe_batch(requests)

@@ -112,3 +112,39 @@ async def test_replaced_and_cancelled_requests_fail_with_superseded():
         await blocker
     finally:
         worker.stop()
+
+
+async def test_a_failing_request_in_a_batch_fails_alone():
+    from tests.fakes import PoisonEngine
+
+    engine = PoisonEngine(delay=0.0)
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=4, max_wait=0.05))
+    worker.start()
+    try:
+        futures = [worker.submit(req(f"s{i}", u, "final")) for i, u in enumerate([1, 13, 2])]
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
+        assert isinstance(outcomes[1], RuntimeError) and "out of memory" in str(outcomes[1])
+        assert outcomes[0].text == outcomes[2].text == "w0 w1"
+    finally:
+        worker.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_dead_worker_thread_is_restarted_and_its_batch_requeued():
+    from tests.fakes import CrashOnceEngine
+
+    engine = CrashOnceEngine()
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=4, max_wait=0.0))
+    worker.start()
+    try:
+        future = worker.submit(req("s", 0, "final"))
+        for _ in range(100):
+            if not worker.alive:
+                break
+            await asyncio.sleep(0.01)
+        assert not worker.alive
+        assert worker.ensure_alive() and worker.restarts == 1
+        result = await asyncio.wait_for(future, 5)
+        assert result.text == "w0 w1"
+    finally:
+        worker.stop()

@@ -1,0 +1,207 @@
+"""Property-based fuzzing of the session core (≥ 1,000 cases) and of the server over a real socket (≥ 200).
+
+Invariants, whatever the client sends:
+- nothing raises; every `error` event has a known code and a message;
+- `stable_text` is a prefix of `text` and never retracts within an utterance;
+- nothing is lost: once the stream ends, every `speech_started` has exactly one `final` or one
+  `error` naming its utterance, and `end` comes last.
+"""
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from stream_server.engines.base import InferenceResult
+from stream_server.session import Close, Send, Session, SessionSettings, State, Submit
+from tests.fakes import CountingEngine
+from tests.test_vad import voiced
+
+ERROR_CODES = {
+    "bad_json", "bad_message", "unknown_type", "bad_config", "bad_audio", "not_started", "already_started",
+    "too_large", "overloaded", "internal", "session_limit", "idle_timeout", "shutting_down",
+}
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.text(max_size=10), inner, max_size=4), max_leaves=12)
+
+config_fields = st.fixed_dictionaries({}, optional={
+    "task": st.sampled_from(["transcribe", "translate", "dance", 3]),
+    "language": st.sampled_from(["en", "fr", "de", "EN", "english", None, 7]),
+    "target_language": st.sampled_from(["en", "fr", None, "xx"]),
+    "keywords": st.one_of(st.lists(st.text(max_size=70), max_size=5), st.text(max_size=5), st.none()),
+    "partials": st.sampled_from([True, False, "llm", "ctc", "maybe", 1]),
+    "partial_interval": st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.just("fast")),
+    "vad": st.one_of(st.fixed_dictionaries({}, optional={
+        "silence_ms": st.integers(-100, 10000), "aggressiveness": st.integers(-1, 5),
+        "max_utterance_s": st.floats(-5, 100, allow_nan=False)}), json_values),
+    "extra_field": json_values,
+})
+audio_fields = st.fixed_dictionaries({}, optional={
+    "encoding": st.sampled_from(["pcm_s16le", "pcm_f32le", "mulaw", "opus", None]),
+    "sample_rate": st.sampled_from([8000, 16000, 22050, 44100, 48000, 0, -1, 10**9, "16000", 16000.5]),
+    "channels": st.sampled_from([1, 2, 0, 9, "1"]),
+})
+
+
+@st.composite
+def text_messages(draw):
+    kind = draw(st.sampled_from(["start", "configure", "finalize", "stop", "unknown", "garbage", "value"]))
+    if kind == "garbage":
+        return draw(st.text(max_size=60))
+    if kind == "value":
+        return json.dumps(draw(json_values))
+    message = {"type": kind if kind != "unknown" else draw(st.text(max_size=12))}
+    if kind in ("start", "configure"):
+        message.update(draw(config_fields))
+        if kind == "start" and draw(st.booleans()):
+            message["audio"] = draw(st.one_of(audio_fields, json_values))
+    return json.dumps(message)
+
+
+@st.composite
+def binary_frames(draw):
+    choice = draw(st.sampled_from(["speech", "silence", "noise", "raw", "empty"]))
+    if choice == "empty":
+        return b""
+    if choice == "raw":
+        return draw(st.binary(max_size=301))
+    seconds = draw(st.sampled_from([0.05, 0.3, 0.7, 1.2]))
+    signal = {"speech": lambda: voiced(seconds), "silence": lambda: np.zeros(int(16000 * seconds), np.float32),
+              "noise": lambda: np.random.default_rng(0).normal(0, 0.3, int(16000 * seconds)).astype(np.float32)}[choice]()
+    data = (np.clip(signal, -1, 1) * 32767).astype("<i2").tobytes()
+    return data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data
+
+
+# Most cases open with a valid start (with random options), so the audio path is exercised too.
+operations = st.builds(
+    lambda lead, ops: ([("text", json.dumps({"type": "start", **lead}))] if lead is not None else []) + ops,
+    st.one_of(st.none(), st.just({}), config_fields.filter(lambda c: "extra_field" not in c)),
+    st.lists(
+        st.one_of(text_messages().map(lambda t: ("text", t)), binary_frames().map(lambda b: ("bytes", b)),
+                  binary_frames().map(lambda b: ("bytes", b)), st.just(("complete", None)), st.just(("fail", None))),
+        max_size=25,
+    ),
+)
+
+
+class Checker:
+    def __init__(self):
+        self.stable = {}
+        self.started, self.finished = [], []
+        self.events = []
+
+    def see(self, event):
+        self.events.append(event)
+        kind = event["type"]
+        if kind == "error":
+            assert event["code"] in ERROR_CODES and event["message"]
+            if "utterance_id" in event:
+                self.finished.append(event["utterance_id"])
+        elif kind == "speech_started":
+            self.started.append(event["utterance_id"])
+        elif kind == "partial":
+            uid = event["utterance_id"]
+            assert event["text"].startswith(event["stable_text"])
+            assert event["stable_text"].startswith(self.stable.get(uid, ""))
+            self.stable[uid] = event["stable_text"]
+        elif kind == "final":
+            uid = event["utterance_id"]
+            assert event["text"].startswith(self.stable.get(uid, ""))
+            self.finished.append(uid)
+        for key in ("start", "end", "audio_seconds"):
+            if key in event:
+                assert math.isfinite(event[key]) and event[key] >= 0
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(operations)
+def test_session_core_survives_any_input(ops):
+    engine = CountingEngine()
+    session = Session("fuzz", engine.capabilities, SessionSettings(max_frame_bytes=30000))
+    check, pending = Checker(), []
+
+    def run(actions):
+        for action in actions:
+            if isinstance(action, Send):
+                check.see(action.event)
+            elif isinstance(action, Submit):
+                pending.append(action.request)
+            else:
+                assert isinstance(action, Close)
+
+    for op, payload in ops:
+        if op == "text":
+            run(session.receive_text(payload))
+        elif op == "bytes":
+            run(session.receive_bytes(payload))
+        elif pending:
+            request = pending.pop(0)
+            if op == "complete":
+                run(session.inference_done(request, engine.transcribe_batch([request])[0]))
+            else:
+                run(session.inference_done(request, None, "injected failure"))
+    if session.state == State.STREAMING:
+        run(session.receive_text('{"type":"stop"}'))
+    while pending:
+        request = pending.pop(0)
+        run(session.inference_done(request, engine.transcribe_batch([request])[0]))
+    from hypothesis import event
+
+    event(f"utterances: {min(len(check.started), 3)}")
+    event(f"errors: {min(sum(e['type'] == 'error' for e in check.events), 3)}")
+    if session.state == State.CLOSED and check.events and check.events[-1]["type"] == "end":
+        assert sorted(check.finished) == sorted(check.started), (check.started, check.finished)
+        assert [e["type"] for e in check.events].count("end") == 1
+    else:
+        assert not check.started, ("a stream with speech must have ended with finals and `end`", session.state,
+                                   [(e["type"], e.get("code")) for e in check.events])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.one_of(text_messages().map(lambda t: ("text", t)), binary_frames().map(lambda b: ("bytes", b))),
+                    max_size=12))
+def test_server_survives_any_input_over_a_socket(socket_server, ops):
+    server, loop = socket_server
+
+    async def scenario():
+        check = Checker()
+        async with connect(server.url, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "partials": True}))
+            for op, payload in ops:
+                await ws.send(payload)
+            await ws.send(json.dumps({"type": "stop"}))
+            try:
+                async with asyncio.timeout(20):
+                    async for message in ws:
+                        check.see(json.loads(message))
+            except ConnectionClosed:
+                pass
+        assert check.events[0]["type"] == "ready"
+        assert check.events[-1]["type"] == "end"
+        assert sorted(check.finished) == sorted(check.started)
+
+    loop.run_until_complete(scenario())
+    assert server.worker.alive
+
+
+@pytest.fixture(scope="module")
+def socket_server():
+    from stream_server.server import ServerSettings, StreamServer
+
+    loop = asyncio.new_event_loop()
+    server = StreamServer(CountingEngine(), ServerSettings(port=0, realtime_factor=0))
+    loop.run_until_complete(server.start())
+    yield server, loop
+    loop.run_until_complete(server.close())
+    loop.close()

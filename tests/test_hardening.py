@@ -1,0 +1,261 @@
+"""Limits, backpressure, faults, drain and access control over a real socket (fast fake engine)."""
+
+import asyncio
+import json
+import socket
+import ssl
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from stream_server.auth import AccessPolicy
+from stream_server.server import ServerSettings, StreamServer
+from stream_server.session import SessionSettings
+from tests.fakes import CountingEngine
+from tests.test_vad import voiced
+
+KEY = "k" * 8 + "0123456789abcdef"
+
+
+def speech_pcm(seconds):
+    return (voiced(seconds) * 32767).astype("<i2").tobytes()
+
+
+async def collect(ws, timeout=10):
+    events = []
+    try:
+        async with asyncio.timeout(timeout):
+            async for message in ws:
+                events.append(json.loads(message))
+    except ConnectionClosed:
+        pass
+    return events
+
+
+async def test_drain_finishes_open_utterances_then_closes_1001():
+    engine = CountingEngine(delay=0.05)
+    async with StreamServer(engine, ServerSettings(port=0)) as server:
+        ws = await connect(server.url)
+        await ws.send(json.dumps({"type": "start", "partials": False}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await ws.send(speech_pcm(1.5))  # speech still open: no final yet
+        reading = asyncio.create_task(collect(ws))
+        await asyncio.sleep(0.2)
+        left = await server.drain(deadline_s=5)
+        events = await reading
+    assert left == 0
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "speech_started" and "final" in kinds and kinds[-1] == "end"
+    assert next(e for e in events if e["type"] == "error")["code"] == "shutting_down"
+    assert ws.close_code == 1001
+
+
+async def test_new_sessions_are_refused_while_draining():
+    engine = CountingEngine()
+    server = StreamServer(engine, ServerSettings(port=0))
+    await server.start()
+    server.draining = True
+    with pytest.raises((InvalidStatus, OSError)):
+        async with connect(server.url):
+            pass
+    await server.close()
+
+
+async def test_idle_session_is_finalized_and_closed():
+    engine = CountingEngine()
+    async with StreamServer(engine, ServerSettings(port=0, idle_timeout_s=0.5)) as server:
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"type": "start", "partials": False}))
+            await ws.send(speech_pcm(1.0))
+            events = await collect(ws)
+    kinds = [e["type"] for e in events]
+    assert "final" in kinds and kinds[-1] == "end"
+    assert any(e.get("code") == "idle_timeout" and e["fatal"] for e in events)
+    assert ws.close_code == 1001
+
+
+async def test_session_length_limit_ends_the_stream_with_its_finals():
+    engine = CountingEngine()
+    settings = ServerSettings(port=0, session=SessionSettings(max_session_s=2.0))
+    async with StreamServer(engine, settings) as server:
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"type": "start", "partials": False}))
+            for _ in range(10):
+                await ws.send(speech_pcm(0.5))
+            events = await collect(ws)
+    assert any(e.get("code") == "session_limit" for e in events)
+    assert [e["type"] for e in events if e["type"] in ("final", "end")] == ["final", "end"]
+    assert ws.close_code == 1008
+
+
+async def test_faster_than_real_time_audio_is_throttled_not_dropped():
+    engine = CountingEngine()
+    settings = ServerSettings(port=0, realtime_factor=10.0, burst_s=0.5)
+    async with StreamServer(engine, settings) as server:
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"type": "start", "partials": False}))
+            await ws.recv()
+            began = time.monotonic()
+            for _ in range(40):
+                await ws.send(speech_pcm(0.5))  # 20 s of audio as fast as the socket takes it
+            await ws.send(json.dumps({"type": "stop"}))
+            events = await collect(ws)
+            elapsed = time.monotonic() - began
+    # 20 s at 10x after a 0.5 s burst needs ≥ 1.5 s; unthrottled it takes a few hundredths.
+    assert elapsed >= 1.4
+    assert events[-1]["type"] == "end" and events[-1]["audio_seconds"] == pytest.approx(20.0, abs=0.01)
+
+
+async def test_slow_reader_is_disconnected_with_a_reason():
+    engine = CountingEngine()
+    async with StreamServer(engine, ServerSettings(port=0, outbox_limit=5)) as server:
+        # A client that stops reading: a tiny receive buffer, and websockets stops pulling from it
+        # once one message is queued (max_queue=1).
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        ws = await connect(server.url, sock=sock, max_queue=1)
+        for connection in server._server.connections:  # and a tiny send buffer on the server side
+            connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # Each bad message is answered with an error event that this client never reads; enough of
+        # them fill the socket buffers, then the server's bounded outbox.
+        for _ in range(20000):
+            await ws.send('{"type": "%s"}' % ("x" * 40))
+        for _ in range(200):
+            if not server._sessions:
+                break
+            await asyncio.sleep(0.05)
+        assert not server._sessions
+        # The server has started the closing handshake (1008); this client, not reading, cannot see it yet.
+        assert all(c.state.name in ("CLOSING", "CLOSED") for c in server._server.connections)
+        ws.transport.abort()
+
+
+async def test_partials_shed_under_overload_are_announced_once():
+    engine = CountingEngine(delay=0.3)
+    settings = ServerSettings(port=0, max_queue=1, realtime_factor=0)
+    async with StreamServer(engine, settings) as server:
+        clients = [await connect(server.url) for _ in range(4)]
+        for ws in clients:
+            await ws.send(json.dumps({"type": "start", "partial_interval": 0.2}))
+        for _ in range(6):
+            for ws in clients:
+                await ws.send(speech_pcm(0.25))
+        for ws in clients:
+            await ws.send(json.dumps({"type": "stop"}))
+        results = await asyncio.gather(*[collect(ws, timeout=20) for ws in clients])
+    overloaded = [e for events in results for e in events if e.get("code") == "overloaded"]
+    assert overloaded and all(not e["fatal"] for e in overloaded)
+    # Nothing lost: each utterance still ends in a final (finals have reserved queue room).
+    for events in results:
+        started = {e["utterance_id"] for e in events if e["type"] == "speech_started"}
+        finished = {e["utterance_id"] for e in events if e["type"] == "final"}
+        assert started == finished and events[-1]["type"] == "end"
+
+
+async def test_engine_failure_fails_only_that_utterance():
+    engine = CountingEngine(fail_on={0})
+    async with StreamServer(engine, ServerSettings(port=0)) as server:
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"type": "start", "partials": False}))
+            await ws.send(speech_pcm(1.0))
+            await ws.send(json.dumps({"type": "finalize"}))
+            await ws.send(bytes(32000))
+            await ws.send(speech_pcm(1.0))
+            await ws.send(json.dumps({"type": "stop"}))
+            events = await collect(ws)
+    error = next(e for e in events if e["type"] == "error")
+    assert error["utterance_id"] == 0 and error["code"] == "internal"
+    assert [e["utterance_id"] for e in events if e["type"] == "final"] == [1]
+    assert events[-1] == {"type": "end", "utterances": 2, "audio_seconds": 3.0}
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["header", "query", "subprotocol"],
+)
+async def test_api_key_accepted_three_ways(how):
+    settings = ServerSettings(port=0, access=AccessPolicy(api_keys=frozenset({KEY})))
+    async with StreamServer(CountingEngine(), settings) as server:
+        url, kwargs = server.url, {}
+        if how == "header":
+            kwargs["additional_headers"] = {"Authorization": f"Bearer {KEY}"}
+        elif how == "query":
+            url += f"?token={KEY}"
+        else:
+            kwargs["subprotocols"] = ["granite-stream", f"token.{KEY}"]
+        async with connect(url, **kwargs) as ws:
+            await ws.send(json.dumps({"type": "start"}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            if how == "subprotocol":
+                assert ws.subprotocol == "granite-stream"
+
+
+async def test_missing_or_wrong_key_and_foreign_origin_are_refused():
+    policy = AccessPolicy(api_keys=frozenset({KEY}), allowed_origins=frozenset({"https://captions.example"}))
+    async with StreamServer(CountingEngine(), ServerSettings(port=0, access=policy)) as server:
+        for kwargs, status, fragment in [
+            ({}, 401, b"API key is required"),
+            ({"additional_headers": {"Authorization": "Bearer wrong-key-0123456789"}}, 403, b"not valid"),
+            ({"additional_headers": {"Authorization": f"Bearer {KEY}"}, "origin": "https://evil.example"}, 403, b"origin"),
+        ]:
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(server.url, **kwargs):
+                    pass
+            assert info.value.response.status_code == status and fragment in info.value.response.body
+        async with connect(server.url, origin="https://captions.example",
+                           additional_headers={"Authorization": f"Bearer {KEY}"}):
+            pass
+
+
+async def test_per_ip_session_limit():
+    async with StreamServer(CountingEngine(), ServerSettings(port=0, max_sessions_per_ip=2)) as server:
+        first, second = await connect(server.url), await connect(server.url)
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(server.url):
+                pass
+        assert info.value.response.status_code == 429
+        await first.close()
+        for _ in range(50):
+            if len(server._sessions) < 2:
+                break
+            await asyncio.sleep(0.02)
+        async with connect(server.url):
+            pass
+        await second.close()
+
+
+async def test_tls_with_a_self_signed_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    settings = ServerSettings(port=0, certfile=cert, keyfile=key)
+    async with StreamServer(CountingEngine(), settings) as server:
+        assert server.url.startswith("wss://")
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        async with connect(server.url, ssl=client_ctx) as ws:
+            await ws.send(json.dumps({"type": "start"}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with connect(server.url, ssl=ssl.create_default_context()):
+                pass
+
+
+async def test_transcripts_are_not_logged_unless_enabled(caplog):
+    caplog.set_level("INFO")
+    for enabled in (False, True):
+        async with StreamServer(CountingEngine(), ServerSettings(port=0, log_transcripts=enabled)) as server:
+            async with connect(server.url) as ws:
+                await ws.send(json.dumps({"type": "start", "partials": False}))
+                await ws.send(speech_pcm(1.2))
+                await ws.send(json.dumps({"type": "stop"}))
+                await collect(ws)
+        logged = "w0 w1" in caplog.text
+        assert logged is enabled
