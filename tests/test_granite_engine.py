@@ -442,3 +442,54 @@ def test_speculation_with_prefix_keeps_prefix(tiny):
     r = eng.transcribe_batch([req(audio, prefix="zz top ")])[0]
     assert r.info["path"] in ("verify_accept", "autoregressive")
     assert r.text.startswith("zz top ")
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) fast greedy loop (StaticGreedyDecoder): the same tokens as transformers' generate.
+# The CUDA-graph capture runs only on CUDA (benchmarks/granite_gpu_bench.py); the loop logic
+# (prefill, step, EOS handling, bucketing by extra left padding, fused layers) is shared and runs here.
+
+
+@pytest.mark.parametrize("force", [None, 9])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"fused": True}, {"fused": True, "prompt_quantum": 32}, {"fused": False, "prompt_quantum": 64}],
+)
+def test_loop_backend_matches_generate(tiny, force, options):
+    clips = [tone(s, f, i) for i, (s, f) in enumerate([(0.7, 200.0), (1.9, 800.0), (1.2, 3000.0), (2.6, 450.0)])]
+    reqs = [req(c, "final", i) for i, c in enumerate(clips)]
+    ref_eng = make_engine(tiny, speculative=False, force_new_tokens=force, decode_backend="generate")
+    eng = make_engine(tiny, speculative=False, force_new_tokens=force, decode_backend="loop", decode_options=options)
+    ref = [r.info["token_ids"] for r in ref_eng.transcribe_batch(reqs)]
+    got = eng.transcribe_batch(reqs)
+    assert [r.info["token_ids"] for r in got] == ref
+    single = [eng.transcribe_batch([r])[0].info["token_ids"] for r in reqs]
+    assert single == ref  # variable-length batch (left padding) == one by one
+    if force:
+        assert all(len(t) == force for t in ref)
+    else:  # the budget stops some rows, EOS others: both must be handled like generate
+        assert len({len(t) for t in ref}) > 1
+    assert eng._decoder is not None and (eng._decoder._fused_weights is not None) == bool(options.get("fused"))
+
+
+def test_loop_backend_prefix_and_partials(tiny):
+    reqs = [
+        req(tone(1.1, 500.0, 3), "final", 0, prefix="ab"),
+        req(tone(0.9, 650.0, 4), "partial", 1),
+        req(tone(1.3, 350.0, 5), "final", 2, task="translate", language="fr", target_language="en"),
+    ]
+    ref = make_engine(tiny, decode_backend="generate").transcribe_batch(reqs)
+    got = make_engine(tiny, decode_backend="loop").transcribe_batch(reqs)
+    assert [r.text for r in got] == [r.text for r in ref]
+    assert [r.info.get("token_ids") for r in got] == [r.info.get("token_ids") for r in ref]
+
+
+def test_decode_backend_selection(tiny):
+    assert make_engine(tiny).decode_backend == "generate"  # auto on CPU
+    with pytest.raises(ValueError):
+        make_engine(tiny, decode_backend="graphs")  # CUDA only
+    with pytest.raises(ValueError):
+        make_engine(tiny, decode_backend="fast")
+    eng = make_engine(tiny, decode_backend="loop", speculative=False, generate_kwargs={"repetition_penalty": 1.3})
+    eng.transcribe_batch([req(tone(0.8, 300.0))])
+    assert eng._decoder is None  # non-greedy settings: transformers' generate is used

@@ -221,6 +221,14 @@ class GraniteEngine(Engine):
         generate_kwargs: extra ``GenerationConfig`` fields for the autoregressive decode (default:
             plain greedy — ``num_beams=1``, ``repetition_penalty=1.0``; the token budget, EOS and
             padding ids are always the engine's).
+        decode_backend: how the autoregressive decode runs — ``"generate"`` (transformers'
+            ``generate``), ``"loop"`` (the engine's greedy loop over a static KV cache,
+            :class:`~stream_server.engines.granite_decode.StaticGreedyDecoder`, eager), ``"graphs"``
+            (the same loop with each step replayed as a CUDA graph; CUDA only) or ``"auto"``
+            (``"graphs"`` on CUDA, ``"generate"`` elsewhere). The loop is plain greedy: when
+            ``generate_kwargs`` is non-empty, ``generate`` is used whatever the backend.
+        decode_options: extra keyword arguments for the ``StaticGreedyDecoder`` (e.g.
+            ``{"compile_step": True}``, ``{"fused": False}``).
     """
 
     def __init__(
@@ -249,6 +257,8 @@ class GraniteEngine(Engine):
         min_audio_samples: int = 512,
         debug_token_ids: bool = False,
         generate_kwargs: dict | None = None,
+        decode_backend: str = "auto",
+        decode_options: dict | None = None,
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -267,6 +277,8 @@ class GraniteEngine(Engine):
             raise ValueError("encoder_batching must be 'exact' or 'padded'")
         if force_new_tokens is not None and force_new_tokens < 1:
             raise ValueError("force_new_tokens must be >= 1")
+        if decode_backend not in ("auto", "generate", "loop", "graphs"):
+            raise ValueError("decode_backend must be 'auto', 'generate', 'loop' or 'graphs'")
 
         model.eval()
         self.model = model
@@ -292,6 +304,13 @@ class GraniteEngine(Engine):
         self.min_audio_samples = max(int(min_audio_samples), self.features.min_samples)
         self.debug_token_ids = debug_token_ids
         self.generate_kwargs = dict(generate_kwargs or {})
+        if decode_backend == "auto":
+            decode_backend = "graphs" if self.device.type == "cuda" else "generate"
+        if decode_backend == "graphs" and self.device.type != "cuda":
+            raise ValueError("decode_backend='graphs' needs the model on a CUDA device")
+        self.decode_backend = decode_backend
+        self.decode_options = dict(decode_options or {})
+        self._decoder = None
 
         encoder = model.model.encoder
         self.has_ctc = isinstance(getattr(encoder, "out", None), torch.nn.Linear)
@@ -637,14 +656,36 @@ class GraniteEngine(Engine):
                 works[i].text = works[i].info["draft"]
         return accepted
 
-    def _generate(self, works: list[_Work]) -> None:
-        from transformers import GenerationConfig
-        from transformers.generation import GenerationMixin
+    @property
+    def decoder(self):
+        """The :class:`~stream_server.engines.granite_decode.StaticGreedyDecoder` of the ``loop``/``graphs`` backends."""
+        if self._decoder is None:
+            from .granite_decode import StaticGreedyDecoder
 
+            self._decoder = StaticGreedyDecoder(
+                self.model, use_graphs=self.decode_backend == "graphs", **self.decode_options
+            )
+        return self._decoder
+
+    def _generate(self, works: list[_Work]) -> None:
         seqs = [self._sequence(w) for w in works]
         embeds, mask, _ = self._embed_batch(seqs, [w.audio_embeds for w in works])
         max_new = max(w.budget for w in works)
         forced = self.force_new_tokens is not None
+        if getattr(self.model, "_hf_peft_config_loaded", False):
+            self.model.enable_adapters()  # the LoRA is meant to be on whenever audio is in the prompt
+        if self.decode_backend in ("loop", "graphs") and not self.generate_kwargs:
+            out = self.decoder.generate(
+                embeds, mask, max_new, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, suppress_eos=forced
+            )
+        else:
+            out = self._hf_generate(embeds, mask, max_new, forced)
+        self._finish(works, out, forced)
+
+    def _hf_generate(self, embeds: torch.Tensor, mask: torch.Tensor, max_new: int, forced: bool) -> torch.Tensor:
+        from transformers import GenerationConfig
+        from transformers.generation import GenerationMixin
+
         # Everything that shapes the search is set explicitly: transformers fills unset (None)
         # fields from the checkpoint's generation_config.json.
         settings = dict(
@@ -664,8 +705,6 @@ class GraniteEngine(Engine):
             bos_token_id=self.tokenizer.bos_token_id,
         )
         gen_config = GenerationConfig(**settings)
-        if getattr(self.model, "_hf_peft_config_loaded", False):
-            self.model.enable_adapters()  # the LoRA is meant to be on whenever audio is in the prompt
         # GenerationMixin.generate directly: the model's own override would switch a LoRA adapter
         # off because the audio arrives as inputs_embeds rather than input_features.
         out = GenerationMixin.generate(
@@ -673,6 +712,9 @@ class GraniteEngine(Engine):
         )
         if out.shape[1] > max_new:  # some versions return the (empty) prompt ids in front
             out = out[:, -max_new:]
+        return out
+
+    def _finish(self, works: list[_Work], out: torch.Tensor, forced: bool) -> None:
         eos = set(self.eos_ids)
         for w, row in zip(works, out.tolist()):
             tokens = row[: w.budget]
