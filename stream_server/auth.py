@@ -3,7 +3,7 @@
 Pure functions over the HTTP request; the server turns a refusal into an HTTP 401/403 response.
 
 Clients present a key in one of three ways:
-- ``Authorization: Bearer KEY`` (servers, SDKs);
+- ``Authorization: Bearer KEY`` (servers, SDKs) or ``Authorization: Token KEY`` (Deepgram's SDKs);
 - ``?token=KEY`` in the URL (browsers cannot set headers on a WebSocket);
 - the subprotocol ``token.KEY`` next to ``granite-stream``:
   ``new WebSocket(url, ["granite-stream", "token." + KEY])``; the server answers ``granite-stream``.
@@ -59,9 +59,10 @@ def load_api_keys(env_value: str | None = None, key_file: Path | None = None) ->
 
 def presented_key(path: str, headers) -> str | None:
     """The key a request presents, from the header, the query string or the subprotocol list."""
-    authorization = headers.get("Authorization", "")
-    if authorization[:7].lower() == "bearer ":
-        return authorization[7:].strip()
+    scheme, _, credentials = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() in ("bearer", "token") and credentials.strip():
+        # "Token" is what Deepgram's SDKs send; "Bearer" everything else.
+        return credentials.strip()
     query = parse_qs(urlsplit(path).query)
     if query.get("token"):
         return query["token"][0]

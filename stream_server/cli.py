@@ -19,7 +19,9 @@ from .engines.base import SAMPLE_RATE
 from .protocol import ProtocolLimits, StreamConfig
 from .session import Close, Send, Session, SessionSettings
 from .driver import SessionDriver
-from .worker import BatchScheduler, InferenceWorker
+from .logs import configure_logging
+from .settings import ConfigError, ServeConfig, add_arguments, cli_values, load_config, render
+from .worker import BatchScheduler, InferenceWorker, WorkerPool
 
 log = logging.getLogger("granite_stream")
 
@@ -37,38 +39,18 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="granite-stream", description="Real-time streaming speech recognition server")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the WebSocket server (protocol v1 on /v1/listen, demo on /)")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
-    serve.add_argument("--port", type=int, default=8765)
-    _engine_args(serve)
-    limits = serve.add_argument_group("limits")
-    limits.add_argument("--max-sessions", type=int, default=256, help="concurrent sessions; more get HTTP 503")
-    limits.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch may wait to fill")
-    limits.add_argument("--max-queue", type=int, default=512, help="queued inference requests before 'overloaded'")
-    limits.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest audio frame")
-    limits.add_argument("--max-utterance-s", type=float, default=30.0, help="longest utterance a client may ask for")
-    limits.add_argument("--max-sessions-per-ip", type=int, default=32, help="concurrent sessions per client address (429 beyond)")
-    limits.add_argument("--max-session-s", type=float, default=4 * 3600.0, help="seconds of audio per session (0: no limit)")
-    limits.add_argument("--idle-timeout-s", type=float, default=60.0, help="end sessions that send nothing this long (0: never)")
-    limits.add_argument("--realtime-factor", type=float, default=4.0,
-                        help="throttle clients sending audio faster than this multiple of real time (0: never)")
-    limits.add_argument("--drain-deadline-s", type=float, default=10.0,
-                        help="on SIGTERM/SIGINT, how long open sessions get to receive their finals")
-    security = serve.add_argument_group("security")
-    security.add_argument("--api-keys-file", type=Path, default=None,
-                          help="file of accepted API keys, one per line (also: $GRANITE_STREAM_API_KEYS, comma-separated)")
-    security.add_argument("--allowed-origins", default="",
-                          help="comma-separated Origin values browsers may connect from (default: any)")
-    security.add_argument("--certfile", type=Path, default=None, help="TLS certificate chain (PEM): serve wss:// and https://")
-    security.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
-    security.add_argument("--log-transcripts", action="store_true", help="log final transcripts (off: they are personal data)")
+    serve = sub.add_parser(
+        "serve", help="run the WebSocket server (protocol v1 on /v1/listen, demo on /)",
+        description="Settings come from defaults < TOML (--config) < GRANITE_STREAM_* environment < flags.",
+    )
+    add_arguments(serve)
 
     tr = sub.add_parser("transcribe", help="stream audio files through the same session path and print finals")
     tr.add_argument("files", nargs="+", type=Path, help="audio files (anything ffmpeg/PyAV decodes: wav, mp3, flac…)")
     _engine_args(tr)
+    tr.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     tr.add_argument("--language", default="en", help="spoken language, or 'auto' where the engine detects it")
     tr.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
     tr.add_argument("--target-language", default=None)
@@ -93,55 +75,99 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if args.command == "serve":
-            return asyncio.run(_serve(args))
+            try:
+                config = load_config(cli_values(args), toml_path=args.config)
+            except ConfigError as exc:
+                print(f"granite-stream: {exc}", file=sys.stderr)
+                return 2
+            if args.print_config:
+                print(render(config, args.print_config_format))
+                return 0
+            configure_logging(config.log_level, config.log_format)
+            return asyncio.run(_serve(config))
         if args.command == "transcribe":
+            configure_logging(args.log_level)
             return asyncio.run(_transcribe(args))
     except KeyboardInterrupt:
         return 130
     return 2
 
 
-async def _serve(args) -> int:
+def server_settings(config: ServeConfig) -> "ServerSettings":
+    """The server's settings object built from the merged configuration.
+
+    Raises:
+        OSError, ValueError: an unreadable API key file or a malformed key.
+    """
     from .auth import AccessPolicy, load_api_keys
-    from .server import ServerSettings, StreamServer
+    from .server import ServerSettings
+
+    access = AccessPolicy(
+        api_keys=load_api_keys(key_file=Path(config.api_keys_file) if config.api_keys_file else None),
+        allowed_origins=frozenset(o.strip() for o in config.allowed_origins.split(",") if o.strip()),
+    )
+    session = SessionSettings(
+        limits=ProtocolLimits(max_utterance_s=config.max_utterance_s), max_frame_bytes=config.max_frame_bytes,
+        max_session_s=config.max_session_s,
+    )
+    certfile = Path(config.certfile) if config.certfile else None
+    return ServerSettings(
+        host=config.host, port=config.port, session=session, max_sessions=config.max_sessions,
+        max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
+        max_sessions_per_ip=config.max_sessions_per_ip, idle_timeout_s=config.idle_timeout_s,
+        realtime_factor=config.realtime_factor, drain_deadline_s=config.drain_deadline_s, access=access,
+        certfile=certfile, keyfile=Path(config.keyfile) if config.keyfile else certfile,
+        log_transcripts=config.log_transcripts,
+    )
+
+
+def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
+    """One worker per GPU when ``gpus`` > 0 (each with its own engine), else one worker.
+
+    Returns:
+        The workers and why their engine serves.
+    """
+    scheduler = lambda: BatchScheduler(config.max_batch, config.max_wait_ms / 1000.0, config.max_queue)  # noqa: E731
+    if config.gpus > 0:
+        workers, reason = [], ""
+        for index in range(config.gpus):
+            engine, reason = load_engine(config.engine, config.model or None, f"cuda:{index}",
+                                         config.cpu_threads, config.max_batch)
+            workers.append(InferenceWorker(engine, scheduler()))
+        return workers, f"{reason}; {config.gpus} GPU workers"
+    engine, reason = load_engine(config.engine, config.model or None, config.device, config.cpu_threads,
+                                 config.max_batch)
+    return [InferenceWorker(engine, scheduler())], reason
+
+
+async def _serve(config: ServeConfig) -> int:
+    from .server import StreamServer
 
     try:
-        access = AccessPolicy(
-            api_keys=load_api_keys(key_file=args.api_keys_file),
-            allowed_origins=frozenset(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
-        )
+        settings = server_settings(config)
     except (OSError, ValueError) as exc:
         print(f"granite-stream: {exc}", file=sys.stderr)
         return 2
-    engine, reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
+    workers, reason = build_workers(config)
+    engine = workers[0].engine
     log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
-    await asyncio.get_running_loop().run_in_executor(None, engine.warmup)
-    session = SessionSettings(
-        limits=ProtocolLimits(max_utterance_s=args.max_utterance_s), max_frame_bytes=args.max_frame_bytes,
-        max_session_s=args.max_session_s,
-    )
-    settings = ServerSettings(
-        host=args.host, port=args.port, session=session, max_sessions=args.max_sessions,
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        max_sessions_per_ip=args.max_sessions_per_ip, idle_timeout_s=args.idle_timeout_s,
-        realtime_factor=args.realtime_factor, drain_deadline_s=args.drain_deadline_s, access=access,
-        certfile=args.certfile, keyfile=args.keyfile or args.certfile, log_transcripts=args.log_transcripts,
-    )
-    server = StreamServer(engine, settings, reason)
+    for worker in workers:
+        await asyncio.get_running_loop().run_in_executor(None, worker.engine.warmup)
+    worker = workers[0] if len(workers) == 1 else WorkerPool(workers)
+    server = StreamServer(engine, settings, reason, worker=worker)
     await server.start()
-    web = "https" if args.certfile else "http"
+    web = "https" if settings.certfile else "http"
     print(f"granite-stream: serving {engine.capabilities.name} ({engine.capabilities.model}) on {server.url} "
-          f"and {web}://{args.host}:{server.port}/", file=sys.stderr, flush=True)
+          f"and {web}://{config.host}:{server.port}/", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: finishing open sessions (deadline %.1f s)", args.drain_deadline_s)
-    left = await server.drain(args.drain_deadline_s)
+    log.info("shutting down: finishing open sessions (deadline %.1f s)", config.drain_deadline_s)
+    left = await server.drain(config.drain_deadline_s)
     log.info("stopped (%d session(s) cut off at the deadline)", left)
     return 0
 

@@ -9,10 +9,14 @@ sessions are pure state machines and the engine runs on the worker's thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import hashlib
 import json
 import logging
 import mimetypes
+import ssl
+import time
 import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -26,9 +30,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .engines.base import Engine, InferenceRequest
+from .auth import AccessPolicy, check_access, select_subprotocol
 from .driver import SessionDriver
-from .session import Close, Send, Session, SessionSettings
-from .worker import BatchScheduler, InferenceWorker
+from .logs import current_session
+from .multichannel import MultichannelSession
+from .protocol import IDLE_TIMEOUT, SHUTTING_DOWN, error_event
+from .session import Close, Send, SessionSettings
+from .worker import BatchScheduler, InferenceWorker, WorkerPool
+from .adapters import install_adapters
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,42 @@ RouteHandler = Callable[["StreamServer", ServerConnection], Awaitable[None]]
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web_demo"
 LISTEN_PATH = "/v1/listen"
+STUCK_AFTER_S = 30.0
+"""/readyz fails when a worker has queued work but finished no batch for this long."""
+
+# Content types of the web demo's files, fixed here rather than taken from the platform's
+# mimetypes tables (Python 3.11 without /etc/mime.types says application/javascript, the Windows
+# registry can say text/plain for .js, which browsers refuse for ES modules).
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".webmanifest": "application/manifest+json",
+    ".txt": "text/plain; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".wasm": "application/wasm",
+    ".wav": "audio/wav",
+}
+# Same-origin everything; the demo's WebSocket may be ws: or wss: (behind a TLS proxy), downloads
+# are blob: URLs, the favicon is a data: URL. No inline scripts or styles are needed.
+_STATIC_CSP = (
+    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; media-src 'self' blob:; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _content_type(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    if suffix in _CONTENT_TYPES:
+        return _CONTENT_TYPES[suffix]
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if content_type.startswith("text/"):
+        content_type += "; charset=utf-8"
+    return content_type
 
 
 @dataclass
@@ -49,6 +94,17 @@ class ServerSettings:
         max_batch, max_wait_ms, max_queue: worker batching and queue bounds.
         outbox_limit: events queued for one slow client before it is disconnected (close 1008).
         web_root: directory served at ``/``.
+        max_sessions_per_ip: concurrent sessions from one client address; more get HTTP 429.
+        idle_timeout_s: a session that receives nothing for this long is ended (finals, ``end``,
+            close 1001) with an ``idle_timeout`` error; 0 disables.
+        realtime_factor: audio may arrive at most this many times faster than real time (after a
+            ``burst_s`` head start); faster senders are throttled by not reading from their socket,
+            so TCP backpressure slows them and nothing is dropped. 0 disables.
+        burst_s: seconds of audio a client may send ahead of the real-time-factor budget.
+        drain_deadline_s: on shutdown, how long open sessions get to receive their finals.
+        access: API keys and allowed origins.
+        certfile, keyfile: serve TLS (wss://, https://) with this certificate chain and key.
+        log_transcripts: log final texts at INFO (off by default: transcripts are personal data).
     """
 
     host: str = "127.0.0.1"
@@ -60,6 +116,15 @@ class ServerSettings:
     max_queue: int = 512
     outbox_limit: int = 1024
     web_root: Path = WEB_ROOT
+    max_sessions_per_ip: int = 32
+    idle_timeout_s: float = 60.0
+    realtime_factor: float = 4.0
+    burst_s: float = 10.0
+    drain_deadline_s: float = 10.0
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    log_transcripts: bool = False
 
 
 class _Metrics:
@@ -87,11 +152,55 @@ class _Metrics:
         )
         self.inference_seconds = prometheus_client.Histogram(
             "granite_stream_inference_seconds",
-            "Submit-to-result time per request, by kind",
+            "Inference latency per request, by kind: from the moment it was asked for (for a final: when the "
+            "endpoint was detected) to its result",
             ["kind"],
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
             registry=r,
         )
+
+
+class _EngineCollector:
+    """Engine counters (e.g. Granite's speculative-decoding paths) and GPU memory, read at scrape time."""
+
+    def __init__(self, server: "StreamServer"):
+        self.server = server
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        events = CounterMetricFamily(
+            "granite_stream_engine_events", "Engine counters by event (e.g. speculative decoding paths)",
+            labels=["event"],
+        )
+        workers = getattr(self.server.worker, "workers", [self.server.worker])
+        totals: collections.Counter = collections.Counter()
+        for worker in workers:
+            engine = getattr(worker, "engine", None)
+            for key, value in (engine.stats() if engine is not None else {}).items():
+                if isinstance(value, (int, float)):
+                    totals[key] += value
+        for key, value in sorted(totals.items()):
+            events.add_metric([key], value)
+        yield events
+        restarts = CounterMetricFamily("granite_stream_worker_restarts", "Worker threads restarted")
+        restarts.add_metric([], getattr(self.server.worker, "restarts", 0))
+        yield restarts
+        memory = _gpu_memory_bytes()
+        if memory is not None:
+            gauge = GaugeMetricFamily("granite_stream_gpu_memory_bytes", "GPU memory allocated by torch", labels=["device"])
+            for device, value in memory.items():
+                gauge.add_metric([device], value)
+            yield gauge
+
+
+def _gpu_memory_bytes() -> dict[str, float] | None:
+    import sys
+
+    torch = sys.modules.get("torch")  # only report if an engine already uses torch
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return {f"cuda:{i}": float(torch.cuda.memory_allocated(i)) for i in range(torch.cuda.device_count())}
 
 
 class StreamServer:
@@ -101,22 +210,35 @@ class StreamServer:
         engine: the speech engine (owned by the server's worker from :meth:`start` on).
         settings: server settings.
         engine_reason: why this engine serves (logged and shown on ``/readyz``).
+        worker: the inference worker; default: one :class:`InferenceWorker` on ``engine``. A
+            :class:`WorkerPool` (one worker per GPU) or a remote pool with the same interface also fits.
     """
 
-    def __init__(self, engine: Engine, settings: ServerSettings | None = None, engine_reason: str = ""):
+    def __init__(self, engine: Engine, settings: ServerSettings | None = None, engine_reason: str = "",
+                 worker: InferenceWorker | WorkerPool | None = None):
         self.engine = engine
         self.settings = settings or ServerSettings()
         self.engine_reason = engine_reason
         self.metrics = _Metrics()
-        self.worker = InferenceWorker(
-            engine,
-            BatchScheduler(self.settings.max_batch, self.settings.max_wait_ms / 1000.0, self.settings.max_queue),
-            on_batch=self._observe_batch,
-        )
+        if worker is None:
+            worker = InferenceWorker(
+                engine,
+                BatchScheduler(self.settings.max_batch, self.settings.max_wait_ms / 1000.0, self.settings.max_queue),
+            )
+        for local in getattr(worker, "workers", [worker]):
+            if isinstance(local, InferenceWorker):
+                local.on_batch = self._observe_batch
+        self.worker = worker
+        self.metrics.registry.register(_EngineCollector(self))
         self._server: Server | None = None
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, SessionDriver] = {}
+        self._per_ip: collections.Counter[str] = collections.Counter()
+        self._supervisor: asyncio.Task | None = None
+        self._started_at = time.monotonic()
+        self.draining = False
         self.routes: dict[str, RouteHandler] = {LISTEN_PATH: StreamServer._handle_native}
         self.port: int | None = None
+        install_adapters(self)  # OpenAI Realtime, Deepgram and Twilio routes (stream_server/adapters)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -128,10 +250,14 @@ class StreamServer:
             self.settings.host,
             self.settings.port,
             process_request=self._process_request,
+            select_subprotocol=lambda _connection, offered: select_subprotocol(offered),
+            ssl=self._ssl_context(),
             max_size=max(self.settings.session.max_frame_bytes, self.settings.session.limits.max_text_bytes) + 1024,
             ping_interval=20,
             ping_timeout=20,
         )
+        self._started_at = time.monotonic()
+        self._supervisor = asyncio.create_task(self._supervise())
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
         log.info(
@@ -145,11 +271,56 @@ class StreamServer:
         await self._server.serve_forever()
 
     async def close(self) -> None:
-        """Stop listening, close connections, stop the worker."""
+        """Stop at once: stop listening, close connections (1001), stop the worker. See :meth:`drain`."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+
+    async def drain(self, deadline_s: float | None = None) -> int:
+        """Graceful shutdown: refuse new sessions, finish open ones, then :meth:`close`.
+
+        Every open session is ended as if its client had sent ``stop``: open audio is finalized,
+        finals and ``end`` are sent, and the connection closes with 1001. Sessions still waiting
+        after ``deadline_s`` are closed anyway.
+
+        Returns:
+            How many sessions had not finished by the deadline.
+        """
+        deadline_s = self.settings.drain_deadline_s if deadline_s is None else deadline_s
+        self.draining = True
+        if self._server is not None:
+            # Stop accepting without touching established connections (close_connections=False).
+            self._server.close(close_connections=False)
+        notice = error_event(SHUTTING_DOWN, "the server is shutting down; open audio is being finalized")
+        for driver in list(self._sessions.values()):
+            driver.dispatch(driver.session.end_stream(notice, 1001, "server shutting down"))
+        loop = asyncio.get_running_loop()
+        until = loop.time() + deadline_s
+        while self._sessions and loop.time() < until:
+            await asyncio.sleep(0.05)
+        left = len(self._sessions)
+        if left:
+            log.warning("drain: %d session(s) did not finish within %.1f s", left, deadline_s)
+        await self.close()
+        return left
+
+    async def _supervise(self) -> None:
+        """Restart a dead worker thread (its in-flight batch is re-queued) and refresh gauges."""
+        while True:
+            await asyncio.sleep(0.5)
+            self.worker.ensure_alive()
+            self.metrics.queue_depth.set(self.worker.queue_depth)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.settings.certfile is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.settings.certfile, self.settings.keyfile)
+        return context
 
     async def __aenter__(self) -> "StreamServer":
         await self.start()
@@ -160,16 +331,15 @@ class StreamServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.settings.host}:{self.port}{LISTEN_PATH}"
+        scheme = "wss" if self.settings.certfile else "ws"
+        return f"{scheme}://{self.settings.host}:{self.port}{LISTEN_PATH}"
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path in self.routes:
-            if len(self._sessions) >= self.settings.max_sessions:
-                return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded: too many sessions\n")
-            return None
+            return self._admit(connection, request)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return _text_response(
                 HTTPStatus.NOT_FOUND, f"no WebSocket endpoint at {path}; endpoints: {', '.join(sorted(self.routes))}\n"
@@ -182,33 +352,79 @@ class StreamServer:
             self.metrics.queue_depth.set(self.worker.queue_depth)
             body = prometheus_client.generate_latest(self.metrics.registry)
             return _response(HTTPStatus.OK, body, prometheus_client.CONTENT_TYPE_LATEST)
-        return self._static(path)
+        return self._static(path, request)
+
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Decide on a WebSocket upgrade: auth, origin, then capacity (sessions, per-IP, queue)."""
+        refusal = check_access(self.settings.access, request.path, request.headers)
+        if refusal is not None:
+            status, reason = refusal
+            return _text_response(HTTPStatus(status), reason + "\n")
+        if self.draining:
+            return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down: not accepting new sessions\n")
+        if len(self._sessions) >= self.settings.max_sessions:
+            return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded: too many sessions\n")
+        if self.worker.queue_depth >= self.worker.scheduler.max_queue:
+            return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded: inference queue is full\n")
+        ip = _client_ip(connection)
+        if self.settings.max_sessions_per_ip and self._per_ip[ip] >= self.settings.max_sessions_per_ip:
+            return _text_response(HTTPStatus.TOO_MANY_REQUESTS, "too many sessions from this address\n")
+        return None
 
     def _readyz(self) -> Response:
-        thread_alive = self.worker._thread is not None and self.worker._thread.is_alive()
+        """Ready = every worker thread runs, none is stuck (work queued but no batch finished for
+        ``STUCK_AFTER_S``), and the server is not draining."""
+        workers = getattr(self.worker, "workers", [self.worker])
+        now = time.monotonic()
+        stuck = [
+            i for i, w in enumerate(workers)
+            if getattr(w, "queue_depth", 0) > 0 and now - max(getattr(w, "last_batch_at", 0.0), self._started_at)
+            > STUCK_AFTER_S
+        ]
+        ready = self.worker.alive and not self.draining and not stuck
         body = {
-            "ready": thread_alive,
+            "ready": ready,
             "engine": self.engine.capabilities.to_wire(),
             "reason": self.engine_reason,
             "queue_depth": self.worker.queue_depth,
             "sessions": len(self._sessions),
+            "worker_restarts": self.worker.restarts,
+            "stuck_workers": stuck,
+            "draining": self.draining,
         }
-        status = HTTPStatus.OK if thread_alive else HTTPStatus.SERVICE_UNAVAILABLE
+        if hasattr(self.worker, "load"):
+            body["workers"] = self.worker.load()
+        status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
         return _response(status, json.dumps(body).encode(), "application/json")
 
-    def _static(self, path: str) -> Response:
+    def _static(self, path: str, request: Request) -> Response:
         root = self.settings.web_root.resolve()
         relative = path.lstrip("/") or "index.html"
+        if relative.endswith("/"):
+            relative += "index.html"
         target = (root / relative).resolve()
         # Resolve first, then check containment: rejects ../ and symlinks out of the web root.
-        if not target.is_relative_to(root) or not target.is_file():
+        # Hidden files and folders (.git, .env, editor droppings) are never served.
+        if (
+            not target.is_relative_to(root)
+            or any(part.startswith(".") for part in target.relative_to(root).parts)
+            or not target.is_file()
+        ):
             return _text_response(HTTPStatus.NOT_FOUND, "not found\n")
-        content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-        if content_type.startswith("text/") or content_type in ("application/javascript", "application/json"):
-            content_type += "; charset=utf-8"
-        response = _response(HTTPStatus.OK, target.read_bytes(), content_type)
+        body = target.read_bytes()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        if etag in [tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")]:
+            headers = Headers()
+            headers["ETag"] = etag
+            headers["Cache-Control"] = "no-cache"
+            return Response(HTTPStatus.NOT_MODIFIED.value, HTTPStatus.NOT_MODIFIED.phrase, headers, b"")
+        response = _response(HTTPStatus.OK, body, _content_type(target.name))
+        # Revalidate on every load (a demo that is edited in place), cheaply thanks to the ETag.
         response.headers["Cache-Control"] = "no-cache"
+        response.headers["ETag"] = etag
         response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Content-Security-Policy"] = _STATIC_CSP
         return response
 
     # ---- WebSocket sessions -------------------------------------------------------------------
@@ -221,20 +437,38 @@ class StreamServer:
         """
         self.routes[path] = handler
 
-    def open_session(self, emit, session_settings: SessionSettings | None = None) -> SessionDriver:
+    def open_session(self, emit, session_settings: SessionSettings | None = None, client_ip: str = "") -> SessionDriver:
         """Create a registered session and its driver; ``emit`` receives its Send/Close actions."""
         session_id = uuid.uuid4().hex[:12]
-        session = Session(session_id, self.engine.capabilities, session_settings or self.settings.session)
-        self._sessions[session_id] = session
+        current_session.set(session_id)  # every log line of this connection's task carries it
+        session = MultichannelSession(session_id, self.engine.capabilities, session_settings or self.settings.session)
+        driver = SessionDriver(session, self.worker, self._logging_emit(session_id, emit), self._observe_inference)
+        driver.client_ip = client_ip
+        self._sessions[session_id] = driver
+        self._per_ip[client_ip] += 1
         self.metrics.sessions_active.inc()
         self.metrics.sessions_total.inc()
-        return SessionDriver(session, self.worker, emit, self._observe_inference)
+        return driver
 
     def release_session(self, driver: SessionDriver) -> None:
         """Forget a session opened with :meth:`open_session` (idempotent)."""
         driver.abandon()
         if self._sessions.pop(driver.session.session_id, None) is not None:
             self.metrics.sessions_active.dec()
+            self._per_ip[driver.client_ip] -= 1
+            if self._per_ip[driver.client_ip] <= 0:
+                del self._per_ip[driver.client_ip]
+
+    def _logging_emit(self, session_id: str, emit):
+        if not self.settings.log_transcripts:
+            return emit
+
+        def logged(action) -> None:
+            if isinstance(action, Send) and action.event.get("type") == "final":
+                log.info("session %s final %s: %s", session_id, action.event["utterance_id"], action.event["text"])
+            emit(action)
+
+        return logged
 
     async def _handle(self, ws: ServerConnection) -> None:
         path = ws.request.path.split("?", 1)[0]
@@ -244,36 +478,64 @@ class StreamServer:
         """Protocol v1: text frames are control messages, binary frames audio, events go out as JSON."""
         outbox: asyncio.Queue = asyncio.Queue()
         writer = asyncio.create_task(self._writer(ws, outbox))
+        closing: list[asyncio.Future] = []
 
         def emit(action) -> None:
             if outbox.qsize() >= self.settings.outbox_limit:
                 if not driver.closed.is_set():
                     log.warning("session %s: client is not reading; closing", driver.session.session_id)
-                    outbox.put_nowait(Close(1008, "client too slow: outgoing queue full"))
                     driver.abandon()
+                    # Not through the outbox: the writer is stuck behind the client's full buffers.
+                    closing.append(asyncio.ensure_future(ws.close(1008, "client too slow: outgoing queue full")))
                 return
             outbox.put_nowait(action)
 
-        driver = self.open_session(emit)
+        driver = self.open_session(emit, client_ip=_client_ip(ws))
         session = driver.session
-        received_seconds = 0.0
         try:
-            async for message in ws:
-                if isinstance(message, str):
-                    driver.text(message)
-                else:
-                    driver.audio(message)
-                    self.metrics.audio_seconds.inc(max(0.0, session.audio_seconds - received_seconds))
-                    received_seconds = session.audio_seconds
-                if writer.done():
-                    break
-        except ConnectionClosed:
-            pass
+            await self._read_loop(ws, driver, writer)
         finally:
             self.release_session(driver)
             outbox.put_nowait(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer, timeout=5)
+
+    async def _read_loop(self, ws: ServerConnection, driver: SessionDriver, writer: asyncio.Task) -> None:
+        """Feed one connection's frames to its session, with the idle timeout and the rate limit.
+
+        Returns when the client is gone, or once the session has closed and its last events are sent.
+        """
+        session = driver.session
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        received_seconds = 0.0
+        while not driver.closed.is_set():
+            try:
+                message = await asyncio.wait_for(ws.recv(), timeout=settings.idle_timeout_s or None)
+            except TimeoutError:
+                notice = error_event(
+                    IDLE_TIMEOUT, f"nothing received for {settings.idle_timeout_s:g} s; ending the session", True
+                )
+                driver.dispatch(session.end_stream(notice, 1001, "idle timeout"))
+                break
+            except ConnectionClosed:
+                return
+            if isinstance(message, str):
+                driver.text(message)
+                continue
+            driver.audio(message)
+            self.metrics.audio_seconds.inc(max(0.0, session.audio_seconds - received_seconds))
+            received_seconds = session.audio_seconds
+            if settings.realtime_factor:
+                ahead = received_seconds / settings.realtime_factor - settings.burst_s - (loop.time() - began)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        if driver.abandoned:
+            return  # dropped (e.g. a client that does not read): nothing more will be sent
+        # The session is ending on our side (stop, drain, limit): wait for its finals to go out.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(writer), timeout=max(settings.drain_deadline_s, 30.0))
 
     def _observe_inference(self, request: InferenceRequest, seconds: float) -> None:
         self.metrics.inference_seconds.labels(request.kind).observe(seconds)
@@ -316,3 +578,8 @@ def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
 
 def _text_response(status: HTTPStatus, text: str) -> Response:
     return _response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+def _client_ip(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else ""

@@ -336,3 +336,87 @@ class InferenceWorker:
                 self.on_batch(requests, elapsed)
             except Exception:  # noqa: BLE001
                 log.exception("batch observer failed")
+
+
+class WorkerPool:
+    """Several inference workers behind the single-worker interface (one per GPU of a host).
+
+    A session is pinned to one worker for its whole life (its requests share that worker's batches
+    and the engine's caches); a new session goes to the worker with the fewest sessions, ties broken
+    by queue depth. A worker whose thread dies is restarted without disturbing the others.
+
+    Args:
+        workers: the workers, typically one per device, each owning its own engine.
+    """
+
+    def __init__(self, workers: list[InferenceWorker]):
+        if not workers:
+            raise ValueError("a worker pool needs at least one worker")
+        self.workers = workers
+        self._assignment: dict[str, InferenceWorker] = {}
+        self._sessions_per_worker = collections.Counter({id(w): 0 for w in workers})
+
+    @property
+    def engine(self) -> Engine:
+        """The first worker's engine (all workers serve the same model and capabilities)."""
+        return self.workers[0].engine
+
+    @property
+    def scheduler(self) -> BatchScheduler:
+        """The first worker's scheduler, for its bounds (``max_queue``, ``max_batch``)."""
+        return self.workers[0].scheduler
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        loop = loop or asyncio.get_running_loop()
+        for worker in self.workers:
+            worker.start(loop)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for worker in self.workers:
+            worker.stop(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(w.queue_depth for w in self.workers)
+
+    @property
+    def alive(self) -> bool:
+        return all(w.alive for w in self.workers)
+
+    @property
+    def restarts(self) -> int:
+        return sum(w.restarts for w in self.workers)
+
+    @property
+    def failures(self) -> int:
+        return sum(w.failures for w in self.workers)
+
+    def ensure_alive(self) -> bool:
+        return any([w.ensure_alive() for w in self.workers])
+
+    def worker_for(self, session_id: str) -> InferenceWorker:
+        """The worker a session is pinned to, choosing the least-loaded one on first use."""
+        worker = self._assignment.get(session_id)
+        if worker is None:
+            worker = min(self.workers, key=lambda w: (self._sessions_per_worker[id(w)], w.queue_depth))
+            self._assignment[session_id] = worker
+            self._sessions_per_worker[id(worker)] += 1
+        return worker
+
+    def submit(self, request: InferenceRequest) -> asyncio.Future:
+        return self.worker_for(request.session_id).submit(request)
+
+    def cancel_session(self, session_id: str) -> None:
+        worker = self._assignment.pop(session_id, None)
+        if worker is not None:
+            self._sessions_per_worker[id(worker)] -= 1
+            worker.cancel_session(session_id)
+
+    def load(self) -> list[dict]:
+        """Per-worker sessions, queue depth and busy time (for /readyz and metrics)."""
+        return [
+            {"engine": w.engine.capabilities.model, "sessions": self._sessions_per_worker[id(w)],
+             "queue_depth": w.queue_depth, "busy_seconds": round(w.busy_seconds, 3), "alive": w.alive,
+             "restarts": w.restarts}
+            for w in self.workers
+        ]

@@ -174,16 +174,15 @@ async def test_engine_failure_fails_only_that_utterance():
     assert events[-1] == {"type": "end", "utterances": 2, "audio_seconds": 3.0}
 
 
-@pytest.mark.parametrize(
-    "how",
-    ["header", "query", "subprotocol"],
-)
+@pytest.mark.parametrize("how", ["header", "token-scheme", "query", "subprotocol"])
 async def test_api_key_accepted_three_ways(how):
     settings = ServerSettings(port=0, access=AccessPolicy(api_keys=frozenset({KEY})))
     async with StreamServer(CountingEngine(), settings) as server:
         url, kwargs = server.url, {}
         if how == "header":
             kwargs["additional_headers"] = {"Authorization": f"Bearer {KEY}"}
+        elif how == "token-scheme":
+            kwargs["additional_headers"] = {"Authorization": f"Token {KEY}"}
         elif how == "query":
             url += f"?token={KEY}"
         else:
@@ -259,3 +258,27 @@ async def test_transcripts_are_not_logged_unless_enabled(caplog):
                 await collect(ws)
         logged = "w0 w1" in caplog.text
         assert logged is enabled
+
+
+async def test_pool_of_two_workers_behind_one_server_and_readyz_reports_them():
+    from stream_server.worker import InferenceWorker, WorkerPool
+
+    engines = [CountingEngine(), CountingEngine()]
+    pool = WorkerPool([InferenceWorker(e) for e in engines])
+    async with StreamServer(engines[0], ServerSettings(port=0), worker=pool) as server:
+        async def one():
+            async with connect(server.url) as ws:
+                await ws.send(json.dumps({"type": "start", "partials": False}))
+                await ws.send(speech_pcm(1.0))
+                await ws.send(json.dumps({"type": "stop"}))
+                return await collect(ws)
+
+        results = await asyncio.gather(one(), one())
+        from tests.test_server import http_get
+
+        status, _, body = await http_get(server.port, "/readyz")
+        metrics = (await http_get(server.port, "/metrics"))[2].decode()
+    assert all(any(e["type"] == "final" for e in events) for events in results)
+    assert all(engine.batches for engine in engines), "both workers served a session"
+    assert status == 200 and len(json.loads(body)["workers"]) == 2
+    assert "granite_stream_worker_restarts_total 0.0" in metrics

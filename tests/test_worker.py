@@ -148,3 +148,31 @@ async def test_dead_worker_thread_is_restarted_and_its_batch_requeued():
         assert result.text == "w0 w1"
     finally:
         worker.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_pool_spreads_sessions_and_survives_one_worker_dying():
+    from stream_server.worker import WorkerPool
+    from tests.fakes import CrashOnceEngine
+
+    healthy, fragile = CountingEngine(), CrashOnceEngine()
+    pool = WorkerPool([InferenceWorker(healthy), InferenceWorker(fragile)])
+    pool.start()
+    try:
+        workers = {pool.worker_for(f"s{i}") for i in range(4)}
+        assert len(workers) == 2
+        assert [entry["sessions"] for entry in pool.load()] == [2, 2]
+        futures = [pool.submit(req(f"s{i}", 0, "final")) for i in range(4)]
+        for _ in range(100):  # the fragile worker's thread dies on its first batch
+            if not pool.workers[1].alive:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.workers[0].alive
+        pool.ensure_alive()
+        results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        assert all(r.text == "w0 w1" for r in results)
+        assert pool.restarts == 1 and len(healthy.batches) >= 1
+        pool.cancel_session("s0")
+        assert sum(entry["sessions"] for entry in pool.load()) == 3
+    finally:
+        pool.stop()

@@ -38,7 +38,7 @@ def load_engine(
     Args:
         name: ``auto``, ``whisper`` or ``granite``.
         model: model id or directory; engine-specific default when ``None``.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         cpu_threads: CPU threads for the engine (0: library default).
         max_batch: override the engine's batch bound.
 
@@ -55,9 +55,10 @@ def load_engine(
         return _granite(model, device, max_batch), "requested with --engine granite"
     if name == "whisper":
         return _whisper(model, device, cpu_threads, max_batch), "requested with --engine whisper"
-    if cuda_available() and device in ("auto", "cuda"):
+    if cuda_available() and (device == "auto" or device.startswith("cuda")):
         try:
-            return _granite(model, "cuda", max_batch), "auto: a CUDA GPU is present and Granite weights loaded"
+            cuda = device if device.startswith("cuda") else "cuda"
+            return _granite(model, cuda, max_batch), "auto: a CUDA GPU is present and Granite weights loaded"
         except Exception as exc:  # noqa: BLE001 - any load failure means: fall back
             log.warning("auto: Granite could not be loaded (%s); falling back to Whisper", exc)
             reason = f"auto: Granite failed to load ({type(exc).__name__}: {str(exc)[:200]}); bundled Whisper serves"
@@ -71,9 +72,10 @@ def _whisper(model, device, cpu_threads, max_batch) -> Engine:
     from .whisper import WhisperEngine
 
     kwargs = {} if max_batch is None else {"max_batch": max_batch}
-    dev = "cuda" if device == "cuda" else "cpu"
-    return WhisperEngine(model, device=dev, compute_type="int8" if dev == "cpu" else "float16",
-                         cpu_threads=cpu_threads, **kwargs)
+    dev, _, index = device.partition(":")
+    dev = "cuda" if dev == "cuda" else "cpu"
+    return WhisperEngine(model, device=dev, device_index=int(index or 0),
+                         compute_type="int8" if dev == "cpu" else "float16", cpu_threads=cpu_threads, **kwargs)
 
 
 def _granite(model, device, max_batch) -> Engine:

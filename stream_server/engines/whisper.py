@@ -141,6 +141,7 @@ class WhisperEngine(Engine):
     Args:
         model: see :func:`resolve_model_path`.
         device: ``"cpu"`` or ``"cuda"``.
+        device_index: which GPU, for ``"cuda"``.
         compute_type: CTranslate2 compute type (``int8`` on CPU).
         cpu_threads: intra-op threads (0: CTranslate2's default).
         tail_s: seconds of silence appended after each utterance before encoding; Whisper needs a
@@ -158,6 +159,7 @@ class WhisperEngine(Engine):
         self,
         model: str | None = None,
         device: str = "cpu",
+        device_index: int = 0,
         compute_type: str = "int8",
         cpu_threads: int = 0,
         tail_s: float = 1.0,
@@ -175,7 +177,8 @@ class WhisperEngine(Engine):
         self._ct2 = ctranslate2
         self.model_path = resolve_model_path(model)
         self.model = ctranslate2.models.Whisper(
-            str(self.model_path), device=device, compute_type=compute_type, intra_threads=cpu_threads
+            str(self.model_path), device=device, device_index=device_index, compute_type=compute_type,
+            intra_threads=cpu_threads,
         )
         self.multilingual = self.model.is_multilingual
         self.features = FeatureExtractor(feature_size=self.model.n_mels)

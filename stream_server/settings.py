@@ -1,0 +1,183 @@
+"""One typed settings object for ``granite-stream serve``, fed by four sources.
+
+Precedence, lowest to highest: built-in defaults < TOML file (``--config FILE`` or
+``$GRANITE_STREAM_CONFIG``) < environment variables ``GRANITE_STREAM_<FIELD>`` < command-line flags.
+The command-line flags, the environment names, ``--print-config`` and the README's configuration
+table are all generated from the field list below, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "GRANITE_STREAM_"
+
+
+def _opt(default: Any, help: str, group: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Every setting of the server. Field names are the TOML keys; flags are ``--field-name``."""
+
+    host: str = _opt("127.0.0.1", "interface to bind (0.0.0.0 for all)", "network")
+    port: int = _opt(8765, "port for WebSocket and HTTP", "network")
+    engine: str = _opt("auto", "auto: Granite on a CUDA GPU when its weights load locally, else bundled Whisper tiny.en",
+                       "engine", ("auto", "whisper", "granite"))
+    model: str = _opt("", "model id or directory (whisper: tiny.en, base or a CTranslate2 dir; granite: HF id or dir)",
+                      "engine")
+    device: str = _opt("auto", "auto, cpu or cuda", "engine", ("auto", "cpu", "cuda"))
+    gpus: int = _opt(0, "workers on GPUs 0..N-1, one engine each (0: one worker on --device)", "engine")
+    cpu_threads: int = _opt(0, "engine CPU threads (0: library default)", "engine")
+    max_batch: int = _opt(8, "largest inference batch across sessions", "worker")
+    max_wait_ms: float = _opt(5.0, "how long a batch may wait to fill", "worker")
+    max_queue: int = _opt(512, "queued inference requests before partials are shed and new sessions refused", "worker")
+    max_sessions: int = _opt(256, "concurrent sessions; more get HTTP 503", "limits")
+    max_sessions_per_ip: int = _opt(32, "concurrent sessions per client address; more get HTTP 429", "limits")
+    max_frame_bytes: int = _opt(1 << 20, "largest audio frame (too_large beyond)", "limits")
+    max_utterance_s: float = _opt(30.0, "upper bound for a client's vad.max_utterance_s", "limits")
+    max_session_s: float = _opt(4 * 3600.0, "seconds of audio per session (0: no limit)", "limits")
+    idle_timeout_s: float = _opt(60.0, "end sessions that send nothing this long (0: never)", "limits")
+    realtime_factor: float = _opt(4.0, "throttle clients sending audio faster than this multiple of real time (0: never)",
+                                  "limits")
+    drain_deadline_s: float = _opt(10.0, "on SIGTERM/SIGINT, how long open sessions get to receive their finals",
+                                   "limits")
+    api_keys_file: str = _opt("", "file of accepted API keys, one per line (also $GRANITE_STREAM_API_KEYS)", "security")
+    allowed_origins: str = _opt("", "comma-separated Origin values browsers may connect from (empty: any)", "security")
+    certfile: str = _opt("", "TLS certificate chain (PEM): serve wss:// and https://", "security")
+    keyfile: str = _opt("", "TLS private key (PEM; default: the certfile)", "security")
+    log_transcripts: bool = _opt(False, "log final transcripts (off: they are personal data)", "logging")
+    log_format: str = _opt("text", "text or json (one JSON object per line, with session_id where known)", "logging",
+                           ("text", "json"))
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", "logging", ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A setting from some source could not be used; the message names the source and the field."""
+
+
+def _convert(name: str, kind: type, raw: Any, source: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+        raise ConfigError(f"{source}: {name} must be {expected}, got {raw!r}") from None
+
+
+def _field_types() -> dict[str, type]:
+    return {f.name: {"str": str, "int": int, "float": float, "bool": bool}[f.type] for f in fields(ServeConfig)}
+
+
+def _check(config: ServeConfig, source: str, values: Mapping[str, Any]) -> None:
+    for f in fields(ServeConfig):
+        choices = f.metadata["choices"]
+        if f.name in values and choices and getattr(config, f.name) not in choices:
+            raise ConfigError(f"{source}: {f.name} must be one of {list(choices)}, got {getattr(config, f.name)!r}")
+
+
+def load_config(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                toml_path: Path | str | None = None) -> ServeConfig:
+    """Merge the sources into one :class:`ServeConfig`.
+
+    Args:
+        cli: flag values that were given on the command line (absent flags must be left out).
+        env: the environment (``os.environ`` when ``None``).
+        toml_path: a TOML file; ``None`` uses ``$GRANITE_STREAM_CONFIG`` if set. Keys may sit at the
+            top level or under ``[serve]``.
+
+    Raises:
+        ConfigError: unknown TOML keys, wrong types or values, a missing TOML file.
+    """
+    env = os.environ if env is None else env
+    types = _field_types()
+    config = ServeConfig()
+    toml_path = toml_path or env.get(ENV_PREFIX + "CONFIG") or None
+    if toml_path:
+        path = Path(toml_path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        data = data.get("serve", data)
+        unknown = sorted(set(data) - set(types))
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        values = {k: _convert(k, types[k], v, str(path)) for k, v in data.items()}
+        config = dataclasses.replace(config, **values)
+        _check(config, str(path), values)
+    values = {}
+    for name, kind in types.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _convert(name, kind, raw, f"${ENV_PREFIX}{name.upper()}")
+    config = dataclasses.replace(config, **values)
+    _check(config, "environment", values)
+    values = {k: _convert(k, types[k], v, f"--{k.replace('_', '-')}") for k, v in (cli or {}).items() if v is not None}
+    config = dataclasses.replace(config, **values)
+    _check(config, "command line", values)
+    return config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting, grouped, with no argparse defaults (so only given flags override)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"TOML file of settings (also ${ENV_PREFIX}CONFIG); flags and environment override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective settings as TOML and exit (--print-config-format for others)")
+    parser.add_argument("--print-config-format", choices=("toml", "json", "markdown"), default="toml")
+    for f in fields(ServeConfig):
+        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r}; env {ENV_PREFIX}{f.name.upper()})"
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=str, default=None, choices=f.metadata["choices"],
+                               metavar=f.name.upper(), help=help_text)
+
+
+def cli_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (those left ``None`` were not given)."""
+    return {f.name: getattr(args, f.name) for f in fields(ServeConfig) if getattr(args, f.name, None) is not None}
+
+
+def render(config: ServeConfig, fmt: str = "toml") -> str:
+    """The effective settings as TOML, JSON, or the README's markdown table (defaults, not values)."""
+    if fmt == "json":
+        return json.dumps(config.to_dict(), indent=2)
+    if fmt == "markdown":
+        rows = ["| setting | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+        for f in fields(ServeConfig):
+            default = f"`{f.default}`" if f.default != "" else "(empty)"
+            rows.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | "
+                        f"{default} | {f.metadata['help']} |")
+        return "\n".join(rows)
+    lines = ["[serve]"]
+    for key, value in config.to_dict().items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""The settings object: sources, precedence, validation, and the README table generated from it."""
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from stream_server.cli import main, server_settings
+from stream_server.logs import configure_logging, current_session
+from stream_server.settings import ConfigError, ServeConfig, load_config, render
+
+
+def test_precedence_defaults_toml_env_flags(tmp_path):
+    toml = tmp_path / "granite.toml"
+    toml.write_text('[serve]\nport = 7000\nmax_queue = 9\nlog_transcripts = true\nhost = "0.0.0.0"\n')
+    env = {"GRANITE_STREAM_MAX_QUEUE": "10", "GRANITE_STREAM_MAX_BATCH": "4"}
+    config = load_config({"max_batch": "2"}, env, toml)
+    assert config.port == 7000 and config.host == "0.0.0.0"  # TOML over defaults
+    assert config.max_queue == 10  # environment over TOML
+    assert config.max_batch == 2  # flags over environment
+    assert config.log_transcripts is True and config.max_sessions == ServeConfig().max_sessions
+
+
+def test_config_file_can_come_from_the_environment(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("idle_timeout_s = 5\n")
+    assert load_config({}, {"GRANITE_STREAM_CONFIG": str(toml)}).idle_timeout_s == 5.0
+
+
+@pytest.mark.parametrize(
+    "cli, env, toml, fragment",
+    [
+        ({"port": "abc"}, {}, None, "--port: port must be an integer"),
+        ({}, {"GRANITE_STREAM_REALTIME_FACTOR": "fast"}, None, "GRANITE_STREAM_REALTIME_FACTOR"),
+        ({}, {"GRANITE_STREAM_ENGINE": "gpt"}, None, "engine must be one of"),
+        ({}, {}, "colour = 1\n", "unknown setting(s) colour"),
+        ({}, {}, "port = [", "c.toml"),
+        ({}, {}, "log_transcripts = 3\n", "true or false"),
+    ],
+)
+def test_bad_settings_name_their_source(tmp_path, cli, env, toml, fragment):
+    path = None
+    if toml is not None:
+        path = tmp_path / "c.toml"
+        path.write_text(toml)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(cli, env, path)
+    assert fragment in str(info.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config({}, {}, tmp_path / "nope.toml")
+
+
+def test_print_config_reflects_sources(capsys, monkeypatch):
+    monkeypatch.setenv("GRANITE_STREAM_PORT", "9100")
+    assert main(["serve", "--max-batch", "3", "--print-config", "--print-config-format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["port"] == 9100 and printed["max_batch"] == 3 and printed["engine"] == "auto"
+    assert main(["serve", "--print-config"]) == 0
+    assert "[serve]" in capsys.readouterr().out
+
+
+def test_readme_table_matches_the_settings_definition():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("<!-- settings-table:start -->\n") + len("<!-- settings-table:start -->\n")
+    end = readme.index("<!-- settings-table:end -->")
+    assert readme[start:end].strip() == render(ServeConfig(), "markdown").strip()
+
+
+def test_server_settings_follow_the_config(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# ops team\n" + "a" * 20 + "\n")
+    settings = server_settings(load_config({"api_keys_file": str(keys), "allowed_origins": "https://x.example",
+                                            "max_session_s": "60", "realtime_factor": "0"}, {}))
+    assert settings.access.api_keys == frozenset({"a" * 20})
+    assert settings.access.allowed_origins == frozenset({"https://x.example"})
+    assert settings.session.max_session_s == 60 and settings.realtime_factor == 0
+
+
+def test_json_logs_carry_the_session_id():
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream)
+    try:
+        token = current_session.set("abc123")
+        logging.getLogger("granite_stream.test").info("hello %s", "world")
+        current_session.reset(token)
+        logging.getLogger("granite_stream.test").warning("no session")
+    finally:
+        logging.getLogger().handlers.clear()
+    first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert first["message"] == "hello world" and first["session_id"] == "abc123" and first["level"] == "INFO"
+    assert "session_id" not in second and second["level"] == "WARNING"
