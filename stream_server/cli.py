@@ -150,12 +150,20 @@ async def _serve(config: ServeConfig) -> int:
     except (OSError, ValueError) as exc:
         print(f"granite-stream: {exc}", file=sys.stderr)
         return 2
-    workers, reason = build_workers(config)
-    engine = workers[0].engine
-    log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
-    for worker in workers:
-        await asyncio.get_running_loop().run_in_executor(None, worker.engine.warmup)
-    worker = workers[0] if len(workers) == 1 else WorkerPool(workers)
+    if config.inference == "ray":
+        from .ray_pool import connect_pool, settings_from_config
+
+        # Joins the cluster, deploys the pool if needed and waits for it (blocking: off the loop).
+        worker = await asyncio.get_running_loop().run_in_executor(None, connect_pool, settings_from_config(config))
+        engine, reason = worker.engine, worker.description
+        log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
+    else:
+        workers, reason = build_workers(config)
+        engine = workers[0].engine
+        log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
+        for worker in workers:
+            await asyncio.get_running_loop().run_in_executor(None, worker.engine.warmup)
+        worker = workers[0] if len(workers) == 1 else WorkerPool(workers)
     server = StreamServer(engine, settings, reason, worker=worker)
     await server.start()
     web = "https" if settings.certfile else "http"

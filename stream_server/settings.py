@@ -37,6 +37,22 @@ class ServeConfig:
     device: str = _opt("auto", "auto, cpu or cuda", "engine", ("auto", "cpu", "cuda"))
     gpus: int = _opt(0, "workers on GPUs 0..N-1, one engine each (0: one worker on --device)", "engine")
     cpu_threads: int = _opt(0, "engine CPU threads (0: library default)", "engine")
+    inference: str = _opt("local", "local: engines in this process; ray: a Ray Serve inference pool (needs the ray extra)",
+                          "pool", ("local", "ray"))
+    ray_address: str = _opt("local", "Ray cluster: local (start one in this process), auto (this host's cluster) "
+                            "or ray://head:10001", "pool")
+    ray_app: str = _opt("granite-stream", "Serve application name of the pool", "pool")
+    ray_deploy: str = _opt("missing", "missing: deploy the pool if it is not running; never: only connect; "
+                           "always: deploy or update it", "pool", ("missing", "never", "always"))
+    ray_min_replicas: int = _opt(1, "pool replicas (a fixed count when equal to ray_max_replicas)", "pool")
+    ray_max_replicas: int = _opt(1, "above ray_min_replicas: Serve autoscaling between the two", "pool")
+    ray_target_ongoing: float = _opt(4.0, "autoscaling target: ongoing requests per replica", "pool")
+    ray_gpus_per_replica: float = _opt(-1.0, "GPUs per replica (-1: 1 if the cluster has GPUs, else CPU replicas)",
+                                       "pool")
+    ray_cpus_per_replica: float = _opt(0.0, "Ray CPUs reserved per replica (0: cpu_threads, 1 on GPU replicas)", "pool")
+    ray_max_inflight: int = _opt(0, "requests this gateway keeps in flight to the pool (0: max replicas x 2 x max_batch)",
+                                 "pool")
+    ray_local_cpus: int = _opt(0, "CPUs of a ray_address=local instance (0: all)", "pool")
     max_batch: int = _opt(8, "largest inference batch across sessions", "worker")
     max_wait_ms: float = _opt(5.0, "how long a batch may wait to fill", "worker")
     max_queue: int = _opt(512, "queued inference requests before partials are shed and new sessions refused", "worker")
