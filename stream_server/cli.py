@@ -252,6 +252,11 @@ async def _transcribe(args) -> int:
 
     from . import captions
 
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = set(formats) - {"txt", "srt", "vtt"}
+    if unknown:
+        print(f"granite-stream: unknown caption format(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
     engine, reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
     log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
     worker = InferenceWorker(engine, BatchScheduler(max_batch=args.max_batch))
@@ -263,11 +268,6 @@ async def _transcribe(args) -> int:
         "vad": {"silence_ms": args.silence_ms},
     }
     settings = SessionSettings(default_config=StreamConfig(), limits=ProtocolLimits())
-    formats = [f for f in args.formats.split(",") if f]
-    unknown = set(formats) - {"txt", "srt", "vtt"}
-    if unknown:
-        print(f"granite-stream: unknown caption format(s): {', '.join(sorted(unknown))}", file=sys.stderr)
-        return 2
     status = 0
     try:
         for path in args.files:
