@@ -204,6 +204,11 @@ class GraniteEngine(Engine):
         tokens_per_second, extra_new_tokens: new-token budget ``ceil(seconds * tps) + extra``.
         force_new_tokens: generate exactly this many tokens per LLM decode (EOS suppressed, no
             speculation) — for benchmarks; ``None`` for normal decoding.
+        force_tokens_per_second: like ``force_new_tokens`` but proportional to the audio: exactly
+            ``max(force_min_tokens, round(seconds * force_tokens_per_second))`` tokens per request
+            (EOS suppressed, no speculation) — for load tests with random weights, whose decodes
+            never stop on their own. Ignored when ``force_new_tokens`` is set.
+        force_min_tokens: the floor of the per-second forced length.
         speculative: use CTC self-speculative decoding for transcription finals (needs the CTC head).
         ctc_entropy_threshold, ctc_entropy_reduce: accept the CTC draft directly when the frame
             entropy reduced with ``"max"`` (IBM) or ``"mean"`` is ≤ the threshold (IBM uses 0.7 with max).
@@ -245,6 +250,8 @@ class GraniteEngine(Engine):
         tokens_per_second: float = 8.0,
         extra_new_tokens: int = 20,
         force_new_tokens: int | None = None,
+        force_tokens_per_second: float | None = None,
+        force_min_tokens: int = 4,
         speculative: bool = True,
         ctc_entropy_threshold: float = 0.7,
         ctc_entropy_reduce: str = "max",
@@ -277,6 +284,10 @@ class GraniteEngine(Engine):
             raise ValueError("encoder_batching must be 'exact' or 'padded'")
         if force_new_tokens is not None and force_new_tokens < 1:
             raise ValueError("force_new_tokens must be >= 1")
+        if force_tokens_per_second is not None and not force_tokens_per_second > 0:
+            raise ValueError("force_tokens_per_second must be > 0")
+        if force_min_tokens < 1:
+            raise ValueError("force_min_tokens must be >= 1")
         if decode_backend not in ("auto", "generate", "loop", "graphs"):
             raise ValueError("decode_backend must be 'auto', 'generate', 'loop' or 'graphs'")
 
@@ -293,6 +304,8 @@ class GraniteEngine(Engine):
         self.tokens_per_second = float(tokens_per_second)
         self.extra_new_tokens = int(extra_new_tokens)
         self.force_new_tokens = force_new_tokens
+        self.force_tokens_per_second = None if force_tokens_per_second is None else float(force_tokens_per_second)
+        self.force_min_tokens = int(force_min_tokens)
         self.ctc_entropy_threshold = float(ctc_entropy_threshold)
         self.ctc_entropy_reduce = ctc_entropy_reduce
         self.verify_threshold = float(verify_threshold)
@@ -353,6 +366,11 @@ class GraniteEngine(Engine):
     def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> "GraniteEngine":
         """Wrap an already constructed model and tokenizer (same keyword arguments as the constructor)."""
         return cls(model=model, tokenizer=tokenizer, **kwargs)
+
+    @property
+    def _forced(self) -> bool:
+        """Decode lengths are forced (benchmarks): EOS suppressed, no speculation."""
+        return self.force_new_tokens is not None or self.force_tokens_per_second is not None
 
     # ------------------------------------------------------------------ public API
     def stats(self) -> dict:
@@ -442,7 +460,7 @@ class GraniteEngine(Engine):
                     if req.partial_mode == "ctc":
                         w.info["ctc_unavailable"] = True
                     llm.append(w)
-            elif self.speculative and ctc_ok and self.force_new_tokens is None:
+            elif self.speculative and ctc_ok and not self._forced:
                 self._ctc_decode(w)
                 w.info["ctc_entropy"] = w.ctc_entropy
                 draft = w.ctc_text or ""
@@ -498,6 +516,8 @@ class GraniteEngine(Engine):
         w.prefix_ids = self._encode(req.prefix) if req.prefix else []
         if self.force_new_tokens is not None:
             w.budget = int(self.force_new_tokens)
+        elif self.force_tokens_per_second is not None:
+            w.budget = max(self.force_min_tokens, int(round(n / SAMPLE_RATE * self.force_tokens_per_second)))
         else:
             w.budget = int(math.ceil(n / SAMPLE_RATE * self.tokens_per_second)) + self.extra_new_tokens
         return w
@@ -671,7 +691,7 @@ class GraniteEngine(Engine):
         seqs = [self._sequence(w) for w in works]
         embeds, mask, _ = self._embed_batch(seqs, [w.audio_embeds for w in works])
         max_new = max(w.budget for w in works)
-        forced = self.force_new_tokens is not None
+        forced = self._forced
         if getattr(self.model, "_hf_peft_config_loaded", False):
             self.model.enable_adapters()  # the LoRA is meant to be on whenever audio is in the prompt
         if self.decode_backend in ("loop", "graphs") and not self.generate_kwargs:

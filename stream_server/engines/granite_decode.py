@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -310,7 +312,10 @@ class StaticGreedyDecoder:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # On this engine's own device and stream, and "thread_local": with one worker thread per GPU,
+        # the default ("global") lets another GPU's worker invalidate this capture
+        # (cudaErrorStreamCaptureInvalidated on cuda:1, seen on a 2 x H100 host).
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
             fn()
         self.captures += 1
         return graph
@@ -351,6 +356,15 @@ class StaticGreedyDecoder:
     @torch.inference_mode()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                  eos_token_ids, pad_token_id: int, suppress_eos: bool = False) -> torch.Tensor:
+        """See :meth:`_generate`; runs with this decoder's GPU as the current device (graphs replay on
+        the current device's stream, and a worker thread's current device is cuda:0 by default)."""
+        context = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with context:
+            return self._generate(inputs_embeds, attention_mask, max_new_tokens, eos_token_ids=eos_token_ids,
+                                  pad_token_id=pad_token_id, suppress_eos=suppress_eos)
+
+    def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+                  eos_token_ids, pad_token_id: int, suppress_eos: bool = False) -> torch.Tensor:
         """Greedy continuation of left-padded prompts.
 
         Args:
