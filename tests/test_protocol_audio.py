@@ -194,3 +194,31 @@ def test_agreement_ignores_case_and_punctuation_but_keeps_first_surface_form():
     assert stable == "hello world and"
     assert stab.agrees("HELLO WORLD AND MORE.")
     assert not stab.agrees("yellow world and more")
+
+
+@pytest.mark.parametrize(
+    "stable, final, expected",
+    [
+        ("Do we set your", "To reset your speaking volume.", "Do we set your speaking volume."),
+        ("That pen is invalid for", "That pin is invalid for this conference.", "That pen is invalid for this conference."),
+        ("Mr. John", "And Mr. John Dashwood had", "Mr. John Dashwood had"),
+        ("hello there", "completely different words here", "hello there words here"),
+    ],
+)
+def test_final_that_disagrees_is_spliced_after_the_stable_words(stable, final, expected):
+    stab = PartialStabilizer()
+    stab.stable_words = stable.split()
+    assert stab.finish(final) == expected
+    assert stab.revisions == 1
+
+
+def test_agreement_of_three_and_minimum_audio():
+    stab = PartialStabilizer(agreement=3, min_audio_s=1.0)
+    stab.update("the cat sat", audio_s=0.5)  # too little audio to count
+    stab.update("the cat sat", audio_s=1.2)
+    _, stable = stab.update("the cat sat on", audio_s=1.7)
+    assert stable == ""  # only two hypotheses with enough audio so far
+    _, stable = stab.update("the cat sat on the", audio_s=2.2)
+    assert stable == "the cat sat"
+    with pytest.raises(ValueError):
+        PartialStabilizer(agreement=1)

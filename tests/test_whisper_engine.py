@@ -86,3 +86,13 @@ def test_multilingual_base_transcribes_detects_and_translates(whisper_base):
     assert "extensi" in spanish.text.lower() and spanish.language == "es"
     assert detected.language == "es"
     assert "extension" in english.text.lower() and "number" in english.text.lower()
+
+
+@pytest.mark.slow
+def test_mixed_batch_gives_what_each_kind_gives_alone(whisper_engine, librivox_clips):
+    audio = read_audio(librivox_clips[1])[0]
+    final = InferenceRequest("s", 0, "final", audio)
+    partial = InferenceRequest("t", 0, "partial", audio[: len(audio) // 2])
+    alone = [whisper_engine.transcribe_batch([final])[0].text, whisper_engine.transcribe_batch([partial])[0].text]
+    mixed = [r.text for r in whisper_engine.transcribe_batch([partial, final])]
+    assert mixed == alone[::-1]

@@ -225,9 +225,22 @@ class WhisperEngine(Engine):
         return feats[:, : total_samples // self.features.hop_length]
 
     def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
-        """Decode a batch greedily; see :class:`Engine`."""
-        if not requests:
-            return []
+        """Decode a batch greedily; see :class:`Engine`.
+
+        Finals and partials are encoded as two sub-batches: one window serves a whole encoder call,
+        and a partial riding in a final's 30 s window would cost three times its own 10 s one.
+        """
+        finals = [i for i, r in enumerate(requests) if r.kind == "final"]
+        partials = [i for i, r in enumerate(requests) if r.kind != "final"]
+        results: list[InferenceResult | None] = [None] * len(requests)
+        for group in (finals, partials):
+            if group:
+                for i, result in zip(group, self._transcribe_group([requests[i] for i in group])):
+                    results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _transcribe_group(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        """Decode requests that share one encoder window (all finals, or all partials)."""
         max_samples = int(MAX_WINDOW_S * SAMPLE_RATE)
         audios = []
         for request in requests:
