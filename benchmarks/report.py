@@ -1,0 +1,202 @@
+"""Terminal table and PNG plots from a ``results.json`` written by ``granite-stream bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .scoring import as_float
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _s(x) -> str:
+    if x is None:
+        return "—"
+    v = as_float(x)
+    return "inf" if v == float("inf") else f"{v:.2f}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def tables(results: dict) -> str:
+    out: list[str] = []
+    m = results.get("machine", {})
+    out.append(f"machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), {m.get('ram_gb')} GiB RAM"
+               + (f", GPU {m['gpu']}" if m.get("gpu") else ""))
+    server = results.get("server", {})
+    if server:
+        out.append(f"server: {server.get('mode')} {server.get('engine', {}).get('model', '') if isinstance(server.get('engine'), dict) else ''} {server.get('url', '')}")
+    rows = []
+    for name, entry in results.get("sets", {}).items():
+        if entry.get("skipped"):
+            rows.append([name, str(entry["clips"]), "skipped", "", "", "", "", "", "", ""])
+            continue
+        st = entry.get("streaming") or {}
+        off = entry.get("offline") or {}
+        ratio = entry.get("wer_ratio") or {}
+        fl = st.get("final_latency") or {}
+        rows.append([
+            name, str(entry["clips"]), _pct(st.get("wer")), _pct((off.get("engine") or {}).get("wer")),
+            _pct((off.get("faster_whisper") or {}).get("wer")),
+            _s(ratio.get("engine")) + " / " + _s(ratio.get("faster_whisper")),
+            _s(fl.get("p50")) + " / " + _s(fl.get("p95")),
+            _s((st.get("first_partial_latency") or {}).get("p50")),
+            _s((st.get("partial_lag") or {}).get("p95")),
+            str(st.get("stable_revisions", "—")),
+        ])
+    out.append("")
+    out.append("accuracy (streaming: every clip once, over concurrent real-time streams; offline: whole clips)")
+    out.append(_table(["set", "clips", "stream WER", "offline WER (engine)", "offline WER (faster-whisper)",
+                       "ratio eng/fw", "final p50/p95 s", "1st partial p50 s", "partial lag p95 s", "revisions"],
+                      rows))
+    sweep = results.get("sweep")
+    if sweep:
+        out.append("")
+        out.append(f"capacity sweep on {sweep['set']} ({sweep['level_seconds']:.0f} s of speech per stream, "
+                   f"bound p95 final latency <= {sweep['bound_s']} s)")
+        rows = []
+        for system in sweep["systems"].values():
+            if system.get("error"):
+                rows.append([system["label"], "—", "not run: " + system["error"], "", "", "", "", "", "", ""])
+                continue
+            for lvl in system["levels"]:
+                fl = lvl["final_latency"]
+                res = lvl.get("server_resources") or {}
+                rows.append([
+                    system["label"], str(lvl["streams"]), f"{_s(fl['p50'])} / {_s(fl['p95'])}",
+                    _s((lvl.get("partial_lag") or {}).get("p95")), _s(lvl.get("lag_growth_s")),
+                    _pct(lvl.get("wer")) + " / " + _pct(lvl.get("stream_wer")),
+                    f"{res.get('cpu_percent', '—')}", f"{res.get('rss_peak_mb', '—')}",
+                    f"{(lvl.get('machine_load') or {}).get('other_cpu_percent', '—')}",
+                    ("OK" if lvl["sustained"] else "FAIL") + f" ({lvl['verdict']})"
+                    + (" [contended]" if lvl.get("contended") else ""),
+                ])
+        out.append(_table(["system", "streams", "final p50/p95 s", "lag p95 s", "lag growth s",
+                           "WER clip/stream", "server CPU %", "RSS MB", "other procs CPU %", "verdict"], rows))
+        for system in sweep["systems"].values():
+            if not system.get("error"):
+                out.append(f"{system['label']}: sustained {system['sustained_streams']} streams")
+        bounds = [s.get("sustained_at_bounds") for s in sweep["systems"].values() if s.get("sustained_at_bounds")]
+        if bounds:
+            keys = list(bounds[0])
+            out.append("")
+            out.append("streams sustained (p95 final latency within the bound, every smaller tested level too)")
+            out.append(_table(["system"] + [f"<= {k} s" for k in keys],
+                              [[s["label"]] + [str(s["sustained_at_bounds"].get(k, "—")) for k in keys]
+                               for s in sweep["systems"].values() if s.get("sustained_at_bounds")]))
+    targets = results.get("targets")
+    if targets:
+        out.append("")
+        out.append("targets: " + ", ".join(f"{k}={v}" for k, v in targets.items()))
+    return "\n".join(out)
+
+
+def draw_plots(results: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    sweep = results.get("sweep")
+    if sweep and any(s.get("levels") for s in sweep["systems"].values()):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        styles = {"p50": "--", "p95": "-"}
+        colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red"])
+        for key, system in sweep["systems"].items():
+            levels = system.get("levels") or []
+            if not levels:
+                continue
+            color = next(colors)
+            x = [lvl["streams"] for lvl in levels]
+            for q, style in styles.items():
+                y = [min(as_float(lvl["final_latency"][q]), 120.0) for lvl in levels]
+                ax.plot(x, y, style, color=color, marker="o" if q == "p95" else ".",
+                        label=f"{system['label']} final {q}")
+        ax.axhline(sweep["bound_s"], color="grey", lw=0.8, ls=":")
+        ax.text(ax.get_xlim()[0], sweep["bound_s"], f" bound {sweep['bound_s']} s", va="bottom", fontsize=8)
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        all_x = sorted({lvl["streams"] for s in sweep["systems"].values() for lvl in s.get("levels") or []})
+        ax.set_xticks(all_x, [str(v) for v in all_x])
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("concurrent real-time streams")
+        ax.set_ylabel("final latency (s, log)")
+        ax.set_title(f"Final latency vs concurrent streams ({sweep['set']})")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / "latency_vs_streams.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    names = [n for n, e in results.get("sets", {}).items() if e.get("streaming")]
+    if names:
+        series = [("streaming", lambda e: (e.get("streaming") or {}).get("wer")),
+                  ("offline engine", lambda e: ((e.get("offline") or {}).get("engine") or {}).get("wer")),
+                  ("offline faster-whisper", lambda e: ((e.get("offline") or {}).get("faster_whisper") or {}).get("wer")),
+                  ("offline faster-whisper greedy",
+                   lambda e: ((e.get("offline") or {}).get("faster_whisper_greedy") or {}).get("wer"))]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        width = 0.8 / len(series)
+        for i, (label, get) in enumerate(series):
+            values = [get(results["sets"][n]) for n in names]
+            xs = [j + i * width for j in range(len(names))]
+            ys = [100 * v if v is not None else 0 for v in values]
+            bars = ax.bar(xs, ys, width, label=label)
+            for bar, v in zip(bars, values):
+                if v is not None:
+                    ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{100 * v:.1f}",
+                            ha="center", va="bottom", fontsize=7)
+        ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(names))], names)
+        ax.set_ylabel("WER (%)")
+        ax.set_title("Streaming vs offline WER (same clips, same normalizer)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "wer_streaming_vs_offline.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def render(results: dict, out_dir: Path, plots: bool = True) -> None:
+    """Print the tables; draw the PNG plots into ``out_dir``."""
+    print(tables(results))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        plots = False
+    if plots:
+        for path in draw_plots(results, Path(out_dir)):
+            print(f"plot: {path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="granite-stream bench report",
+                                     description="Print the tables and redraw the plots of a results.json")
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    from .cli import _add_comparisons
+
+    _add_comparisons(results)  # ratios, targets and bound tables from the stored levels
+    render(results, args.results.parent, plots=not args.no_plots)
+    return 0

@@ -1,0 +1,70 @@
+"""Smoke test of ``granite-stream bench``: two real clips, one stream, the in-process server.
+
+Runs the whole harness end to end (offline references, accuracy pass, a one-level sweep, JSON,
+table, plots) on the bundled Whisper tiny.en; well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_LEVEL_FIELDS = {
+    "streams", "clips", "clips_finalized", "final_latency", "first_partial_latency", "partial_lag",
+    "stable_revisions", "wer", "cer", "stream_wer", "lag_growth_s", "sustained", "verdict", "server_resources",
+}
+
+
+def test_bench_smoke(librivox_clips, tmp_path, capsys):
+    pytest.importorskip("jiwer")
+    from benchmarks.cli import main
+
+    out = tmp_path / "bench"
+    began = time.monotonic()
+    status = main([
+        "--sets", "librivox", "--limit", "2", "--server", "inprocess", "--accuracy-streams", "1",
+        "--speed", "2", "--pause", "0.8,1.0", "--levels", "1", "--level-seconds", "4",
+        "--offline", "engine,faster_whisper", "--out", str(out),
+    ])
+    elapsed = time.monotonic() - began
+    assert status == 0
+    assert elapsed < 60, f"smoke benchmark took {elapsed:.0f} s"
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "granite-stream-bench/1"
+    assert {"nproc", "cpu_model", "ram_gb"} <= set(results["machine"])
+    entry = results["sets"]["librivox"]
+    streaming = entry["streaming"]
+    assert streaming["clips"] == 2 and streaming["clips_finalized"] == 2
+    assert REQUIRED_LEVEL_FIELDS - {"sustained", "verdict", "server_resources"} <= set(streaming)
+    for key in ("p50", "p95"):
+        assert math.isfinite(float(streaming["final_latency"][key]))
+    assert streaming["stable_revisions"] == 0
+    assert isinstance(streaming["wer"], float) and math.isfinite(streaming["wer"]) and streaming["wer"] < 0.5
+    for mode in ("engine", "faster_whisper"):
+        wer = entry["offline"][mode]["wer"]
+        assert math.isfinite(wer) and wer < 0.5
+        assert entry["wer_ratio"][mode] is None or math.isfinite(entry["wer_ratio"][mode])
+    detail = streaming["clips_detail"]
+    assert all(c["hypothesis"] for c in detail)
+
+    system = results["sweep"]["systems"]["granite-stream"]
+    level = system["levels"][0]
+    assert REQUIRED_LEVEL_FIELDS <= set(level)
+    assert level["server_resources"]["rss_peak_mb"] > 0
+    assert system["sustained_streams"] in (0, 1)
+    assert "targets" in results
+
+    printed = capsys.readouterr().out
+    assert "stream WER" in printed and "capacity sweep" in printed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "latency_vs_streams.png").stat().st_size > 0
+    assert (out / "wer_streaming_vs_offline.png").stat().st_size > 0
