@@ -1,8 +1,8 @@
 """Partial-hypothesis stabilizer (LocalAgreement-2).
 
-Each partial decode of a growing utterance yields a new hypothesis. A word becomes *stable* once two
-consecutive hypotheses agree on it and on every word before it; stable words are published as
-``stable_text`` and never retracted for the rest of the utterance. The newest hypothesis's last
+Each partial decode of a growing utterance yields a new hypothesis. A word becomes *stable* once
+``agreement`` (default 3) consecutive hypotheses agree on it and on every word before it; stable
+words are published as ``stable_text`` and never retracted for the rest of the utterance. The newest hypothesis's last
 word is never made stable: it may be a word cut off by the end of the audio decoded so far.
 """
 
@@ -25,10 +25,13 @@ class PartialStabilizer:
     :meth:`finish` starts with ``" ".join(stable_words)``.
     """
 
-    def __init__(self, agreement: int = 2, holdback: int = 1, min_audio_s: float = 0.0) -> None:
+    def __init__(self, agreement: int = 3, holdback: int = 1, min_audio_s: float = 0.0) -> None:
         """
         Args:
-            agreement: how many consecutive hypotheses must agree on a word (LocalAgreement-n).
+            agreement: how many consecutive hypotheses must agree on a word (LocalAgreement-n). 3 by
+                default: on 40 asterisk-en dev clips with every partial decoded, streaming WER was
+                4.1 % with 2 and 3.4 % with 3 (1.4 % with partials off): early partials mishear the
+                first words, and two of them agreeing is not evidence enough.
             holdback: how many trailing words of the newest hypothesis are never made stable.
             min_audio_s: hypotheses over less audio than this never make words stable (recognisers
                 guess wildly on the first fraction of a second).

@@ -168,7 +168,7 @@ def test_mulaw_round_trip_and_stereo_downmix():
 
 
 def test_stable_prefix_needs_two_agreeing_hypotheses_and_never_shrinks():
-    stab = PartialStabilizer()
+    stab = PartialStabilizer(agreement=2)
     text, stable = stab.update("the cat")
     assert (text, stable) == ("the cat", "")
     text, stable = stab.update("the cat sat on")
@@ -181,14 +181,14 @@ def test_stable_prefix_needs_two_agreeing_hypotheses_and_never_shrinks():
 
 
 def test_last_word_of_newest_hypothesis_is_never_stable():
-    stab = PartialStabilizer()
+    stab = PartialStabilizer(agreement=2)
     stab.update("hello wor")
     _, stable = stab.update("hello wor")
     assert stable == "hello"
 
 
 def test_agreement_ignores_case_and_punctuation_but_keeps_first_surface_form():
-    stab = PartialStabilizer()
+    stab = PartialStabilizer(agreement=2)
     stab.update("Hello, world and")
     _, stable = stab.update("hello world and more")
     assert stable == "hello world and"

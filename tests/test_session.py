@@ -244,8 +244,8 @@ def test_final_contradicting_stable_text_keeps_the_stable_words(engine):
     h = Harness(session, engine, hold=True)
     h.run(start(session))
     h.feed(_buzz(2.0))
-    # Answer the partials by hand so "w0 w1 w2" becomes stable.
-    for text in ("w0 w1 w2", "w0 w1 w2 w3"):
+    # Answer the partials by hand so "w0 w1 w2" becomes stable (three agreeing hypotheses).
+    for text in ("w0 w1 w2", "w0 w1 w2 w3", "w0 w1 w2 w3 w4"):
         [request] = [r for r in h.held if r.kind == "partial"]
         h.held.remove(request)
         h.run(session.inference_done(request, InferenceResult(text)))
