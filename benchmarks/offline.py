@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-import numpy as np
 
 from .datasets import Clip
 from .loadgen import clip_audio

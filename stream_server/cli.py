@@ -9,19 +9,22 @@ import logging
 import signal
 import sys
 import uuid
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .engines import ENGINE_NAMES, load_engine
 from .engines.base import SAMPLE_RATE
 from .protocol import ProtocolLimits, StreamConfig
-from .session import Close, Send, Session, SessionSettings
+from .session import Send, Session, SessionSettings
 from .driver import SessionDriver
 from .logs import configure_logging
 from .settings import ConfigError, ServeConfig, add_arguments, cli_values, load_config, render
 from .worker import BatchScheduler, InferenceWorker, WorkerPool
+
+if TYPE_CHECKING:
+    from .server import ServerSettings
 
 log = logging.getLogger("granite_stream")
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .engines.base import Engine, EngineCapabilities, InferenceRequest, InferenceResult
-from .worker import BatchScheduler, QueueFull, Superseded
+from .worker import BatchScheduler, QueueFull, Superseded, settle_future
 
 log = logging.getLogger(__name__)
 
@@ -568,11 +568,11 @@ class RayServeWorker:
         if self._monitor is not None:
             self._monitor.cancel()
         for future in self.scheduler.drop_all():
-            _settle(future, exc=Superseded("worker stopped"))
+            settle_future(future, exc=Superseded("worker stopped"))
         for future, call in list(self._calls.items()):
             if call.task is not None:
                 call.task.cancel()
-            _settle(future, exc=Superseded("worker stopped"))
+            settle_future(future, exc=Superseded("worker stopped"))
 
     # ---- the worker interface -----------------------------------------------------------------
 
@@ -621,19 +621,19 @@ class RayServeWorker:
         future: asyncio.Future = self._loop.create_future()
         replaced = self.scheduler.submit(request, time.monotonic(), future)
         for old in replaced:
-            _settle(old, exc=Superseded("replaced by a newer request"))
+            settle_future(old, exc=Superseded("replaced by a newer request"))
         self._pump()
         return future
 
     def cancel_session(self, session_id: str) -> None:
         """Forget a session: its queued requests, and cancel those in flight."""
         for future in self.scheduler.drop_session(session_id):
-            _settle(future, exc=Superseded("session closed"))
+            settle_future(future, exc=Superseded("session closed"))
         for future, call in list(self._calls.items()):
             if call.request.session_id == session_id:
                 if call.task is not None:
                     call.task.cancel()
-                _settle(future, exc=Superseded("session closed"))
+                settle_future(future, exc=Superseded("session closed"))
 
     def stats(self) -> dict:
         return {
@@ -684,14 +684,14 @@ class RayServeWorker:
                 except asyncio.TimeoutError:
                     call.response.cancel()
                     self.failures += 1
-                    _settle(future, exc=TimeoutError(f"the inference pool did not answer within {self.request_timeout_s:g} s"))
+                    settle_future(future, exc=TimeoutError(f"the inference pool did not answer within {self.request_timeout_s:g} s"))
                     return
                 except self._retryable as exc:
                     if call.attempts > self.max_retries:
                         self.failures += 1
                         log.error("request %s/%s failed after %d attempts: %s", request.session_id,
                                   request.utterance_id, call.attempts, exc)
-                        _settle(future, exc=RuntimeError(f"inference pool unavailable: {type(exc).__name__}"))
+                        settle_future(future, exc=RuntimeError(f"inference pool unavailable: {type(exc).__name__}"))
                         return
                     self.retries += 1
                     delay = self.retry_backoff_s * (2 ** (call.attempts - 1))
@@ -702,7 +702,7 @@ class RayServeWorker:
                     continue
                 except Exception as exc:  # noqa: BLE001 - the engine's failure becomes this request's error
                     self.failures += 1
-                    _settle(future, exc=_engine_error(exc))
+                    settle_future(future, exc=_engine_error(exc))
                     return
                 self._last_ok = self.last_batch_at = time.monotonic()
                 self.completed += 1
@@ -711,7 +711,7 @@ class RayServeWorker:
                         self.on_result(request, result, time.monotonic() - started)
                     except Exception:  # noqa: BLE001
                         log.exception("result observer failed")
-                _settle(future, result=result)
+                settle_future(future, result=result)
                 return
         finally:
             self._calls.pop(future, None)
@@ -737,15 +737,6 @@ class RayServeWorker:
 
 async def _awaitable(response):
     return await response
-
-
-def _settle(future: asyncio.Future, result: InferenceResult | None = None, exc: BaseException | None = None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
 
 
 # ---- configuration -----------------------------------------------------------------------------

@@ -491,7 +491,6 @@ class StreamServer:
             outbox.put_nowait(action)
 
         driver = self.open_session(emit, client_ip=_client_ip(ws))
-        session = driver.session
         try:
             await self._read_loop(ws, driver, writer)
         finally:
@@ -537,6 +536,16 @@ class StreamServer:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(writer), timeout=max(settings.drain_deadline_s, 30.0))
 
+    def count_event(self, event: dict) -> None:
+        """Count a native event in the metrics as it leaves for a client (any protocol)."""
+        kind = event.get("type")
+        if kind == "final":
+            self.metrics.finals.inc()
+        elif kind == "partial":
+            self.metrics.partials.inc()
+        elif kind == "error":
+            self.metrics.errors.labels(event.get("code", "unknown")).inc()
+
     def _observe_inference(self, request: InferenceRequest, seconds: float) -> None:
         self.metrics.inference_seconds.labels(request.kind).observe(seconds)
 
@@ -548,15 +557,8 @@ class StreamServer:
                 return
             try:
                 if isinstance(action, Send):
-                    event = action.event
-                    kind = event.get("type")
-                    if kind == "final":
-                        self.metrics.finals.inc()
-                    elif kind == "partial":
-                        self.metrics.partials.inc()
-                    elif kind == "error":
-                        self.metrics.errors.labels(event.get("code", "unknown")).inc()
-                    await ws.send(json.dumps(event, ensure_ascii=False))
+                    self.count_event(action.event)
+                    await ws.send(json.dumps(action.event, ensure_ascii=False))
                 elif isinstance(action, Close):
                     await ws.close(action.code, action.reason)
                     return

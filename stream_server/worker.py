@@ -24,6 +24,19 @@ from .engines.base import Engine, InferenceRequest, InferenceResult
 log = logging.getLogger(__name__)
 
 
+def settle_future(future: asyncio.Future, result: InferenceResult | None = None, exc: BaseException | None = None) -> None:
+    """Complete ``future`` with ``result`` or ``exc`` unless it is already done (e.g. cancelled).
+
+    Must run on the future's event loop.
+    """
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 class QueueFull(Exception):
     """The worker queue is at its bound; the request was not queued."""
 
@@ -243,19 +256,11 @@ class InferenceWorker:
             self._resolve(fut, exc=Superseded("session closed"))
 
     def _resolve(self, future: asyncio.Future, result: InferenceResult | None = None, exc: BaseException | None = None) -> None:
-        def settle() -> None:
-            if future.done():
-                return
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
         assert self._loop is not None
         if self._loop.is_closed():
             return
         try:
-            self._loop.call_soon_threadsafe(settle)
+            self._loop.call_soon_threadsafe(settle_future, future, result, exc)
         except RuntimeError:  # loop closed during shutdown
             pass
 

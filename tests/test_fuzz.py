@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from stream_server.engines.base import InferenceResult
 from stream_server.session import Close, Send, Session, SessionSettings, State, Submit
 from tests.fakes import CountingEngine
 from tests.test_vad import voiced

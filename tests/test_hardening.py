@@ -7,7 +7,6 @@ import ssl
 import subprocess
 import time
 
-import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus

@@ -35,18 +35,17 @@ except ImportError:
                 allow_module_level=True)
 
 import jiwer
-from websockets.asyncio.client import connect
 
 from benchmarks.datasets import read_audio
 from stream_server.engines.base import InferenceRequest, SAMPLE_RATE
 from stream_server.ray_pool import RayPoolSettings, RayServeWorker, connect_pool, replica_actor_names
 from stream_server.server import ServerSettings, StreamServer
 from stream_server.worker import QueueFull, Superseded
+from tests.test_server import stream_clip as _stream_clip
 
 pytestmark = pytest.mark.slow
 
 APP = "granite-stream-test"
-FRAME_S = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -86,30 +85,9 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text).split())
 
 
-async def stream_clip(url, audio, rate, pace=1.0, lead_s=0.3, tail_s=1.0):
-    """Stream one clip like a live client (start, frames at ``pace`` × real time, stop); return its events."""
-    signal = np.concatenate([np.zeros(int(rate * lead_s), np.float32), audio, np.zeros(int(rate * tail_s), np.float32)])
-    data = (np.clip(signal, -1, 1) * 32767).astype("<i2").tobytes()
-    step = int(rate * FRAME_S) * 2
-    events = []
-    async with connect(url) as ws:
-        await ws.send(json.dumps({"type": "start", "language": "en",
-                                  "audio": {"encoding": "pcm_s16le", "sample_rate": rate}}))
-
-        async def reader():
-            async for message in ws:
-                events.append(json.loads(message))
-
-        reading = asyncio.create_task(reader())
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        for i, offset in enumerate(range(0, len(data), step)):
-            await ws.send(data[offset : offset + step])
-            await asyncio.sleep(max(0.0, began + (i + 1) * FRAME_S / pace - loop.time()))
-        await ws.send(json.dumps({"type": "stop"}))
-        await asyncio.wait_for(reading, 90)
-        assert ws.close_code == 1000
-    return events
+async def stream_clip(url, audio, rate, pace=1.0):
+    """Stream one clip like a live client (see tests.test_server.stream_clip), with a pool's longer timeout."""
+    return await _stream_clip(url, audio, rate, pace=pace, timeout=90, language="en")
 
 
 def check_streams(clips, results) -> float:

@@ -26,7 +26,7 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text).split())
 
 
-async def stream_clip(url, audio, rate, pace=1.0, lead_s=0.3, tail_s=1.0, **start_fields):
+async def stream_clip(url, audio, rate, pace=1.0, lead_s=0.3, tail_s=1.0, timeout=60, **start_fields):
     """Stream one clip like a live client: start, frames at real-time pace, stop; return all events."""
     silence = np.zeros(int(rate * lead_s), np.float32)
     signal = np.concatenate([silence, audio, np.zeros(int(rate * tail_s), np.float32)])
@@ -48,7 +48,7 @@ async def stream_clip(url, audio, rate, pace=1.0, lead_s=0.3, tail_s=1.0, **star
             await ws.send(data[offset : offset + step])
             await asyncio.sleep(max(0.0, began + (i + 1) * FRAME_S / pace - loop.time()))
         await ws.send(json.dumps({"type": "stop"}))
-        await asyncio.wait_for(reading, 60)
+        await asyncio.wait_for(reading, timeout)
         assert ws.close_code == 1000
     return events
 

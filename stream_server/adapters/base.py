@@ -289,15 +289,8 @@ async def serve_translator(server: "StreamServer", ws: "ServerConnection", trans
     def emitter(key: str):
         def emit(action: Send | Close) -> None:
             if isinstance(action, Send):
-                event = action.event
-                kind = event.get("type")
-                if kind == "final":
-                    server.metrics.finals.inc()
-                elif kind == "partial":
-                    server.metrics.partials.inc()
-                elif kind == "error":
-                    server.metrics.errors.labels(event.get("code", "unknown")).inc()
-                run(call(translator.native_event, key, event))
+                server.count_event(action.event)
+                run(call(translator.native_event, key, action.event))
             else:
                 run(call(translator.native_closed, key, action.code, action.reason))
 
