@@ -113,7 +113,7 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
     )
     session = SessionSettings(
         limits=ProtocolLimits(max_utterance_s=config.max_utterance_s), max_frame_bytes=config.max_frame_bytes,
-        max_session_s=config.max_session_s,
+        max_session_s=config.max_session_s, early_final_s=config.early_final_ms / 1000.0,
     )
     certfile = Path(config.certfile) if config.certfile else None
     return ServerSettings(
@@ -122,7 +122,7 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
         max_sessions_per_ip=config.max_sessions_per_ip, idle_timeout_s=config.idle_timeout_s,
         realtime_factor=config.realtime_factor, drain_deadline_s=config.drain_deadline_s, access=access,
         certfile=certfile, keyfile=Path(config.keyfile) if config.keyfile else certfile,
-        log_transcripts=config.log_transcripts,
+        log_transcripts=config.log_transcripts, memory_trim_s=config.memory_trim_s,
     )
 
 
@@ -146,7 +146,12 @@ def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
 
 
 async def _serve(config: ServeConfig) -> int:
+    from . import memory
     from .server import StreamServer
+
+    # Before the engine and worker threads exist, so that they share the capped arenas.
+    memory.limit_arenas(config.malloc_arenas)
+    memory.limit_onednn_cache(16)
 
     try:
         settings = server_settings(config)

@@ -34,6 +34,7 @@ from .auth import AccessPolicy, check_access, select_subprotocol
 from .driver import SessionDriver
 from .logs import current_session
 from .multichannel import MultichannelSession
+from . import memory
 from .protocol import IDLE_TIMEOUT, SHUTTING_DOWN, error_event
 from .session import Close, Send, SessionSettings
 from .worker import BatchScheduler, InferenceWorker, WorkerPool
@@ -105,6 +106,8 @@ class ServerSettings:
         access: API keys and allowed origins.
         certfile, keyfile: serve TLS (wss://, https://) with this certificate chain and key.
         log_transcripts: log final texts at INFO (off by default: transcripts are personal data).
+        memory_trim_s: how often free heap pages go back to the kernel (see :mod:`stream_server.memory`);
+            0 never.
     """
 
     host: str = "127.0.0.1"
@@ -125,6 +128,7 @@ class ServerSettings:
     certfile: Path | None = None
     keyfile: Path | None = None
     log_transcripts: bool = False
+    memory_trim_s: float = 60.0
 
 
 class _Metrics:
@@ -142,6 +146,9 @@ class _Metrics:
         self.partials = prometheus_client.Counter("granite_stream_partials", "Partial transcripts sent", registry=r)
         self.errors = prometheus_client.Counter(
             "granite_stream_errors", "Error events sent, by code", ["code"], registry=r
+        )
+        self.resident_bytes = prometheus_client.Gauge(
+            "granite_stream_resident_memory_bytes", "Resident set size, sampled at each heap trim", registry=r
         )
         self.queue_depth = prometheus_client.Gauge("granite_stream_queue_depth", "Queued inference requests", registry=r)
         self.batch_size = prometheus_client.Histogram(
@@ -309,10 +316,17 @@ class StreamServer:
 
     async def _supervise(self) -> None:
         """Restart a dead worker thread (its in-flight batch is re-queued) and refresh gauges."""
+        loop = asyncio.get_running_loop()
+        last_trim = loop.time()
         while True:
             await asyncio.sleep(0.5)
             self.worker.ensure_alive()
             self.metrics.queue_depth.set(self.worker.queue_depth)
+            if self.settings.memory_trim_s > 0 and loop.time() - last_trim >= self.settings.memory_trim_s:
+                last_trim = loop.time()
+                # malloc_trim walks every arena under its lock: milliseconds, so off the event loop.
+                await loop.run_in_executor(None, memory.trim)
+                self.metrics.resident_bytes.set(memory.rss_bytes())
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if self.settings.certfile is None:
@@ -509,27 +523,35 @@ class StreamServer:
         loop = asyncio.get_running_loop()
         began = loop.time()
         received_seconds = 0.0
-        while not driver.closed.is_set():
-            try:
-                message = await asyncio.wait_for(ws.recv(), timeout=settings.idle_timeout_s or None)
-            except TimeoutError:
-                notice = error_event(
-                    IDLE_TIMEOUT, f"nothing received for {settings.idle_timeout_s:g} s; ending the session", True
-                )
-                driver.dispatch(session.end_stream(notice, 1001, "idle timeout"))
-                break
-            except ConnectionClosed:
-                return
-            if isinstance(message, str):
-                driver.text(message)
-                continue
-            driver.audio(message)
-            self.metrics.audio_seconds.inc(max(0.0, session.audio_seconds - received_seconds))
-            received_seconds = session.audio_seconds
-            if settings.realtime_factor:
-                ahead = received_seconds / settings.realtime_factor - settings.burst_s - (loop.time() - began)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
+        idle = settings.idle_timeout_s or None
+        try:
+            # One timeout moved forward per message: wait_for per frame made a timer (and on
+            # Python 3.11 a task) for every 20-100 ms of audio of every stream.
+            async with asyncio.timeout(idle and loop.time() + idle) as deadline:
+                while not driver.closed.is_set():
+                    try:
+                        message = await ws.recv()
+                    except ConnectionClosed:
+                        return
+                    if idle:
+                        deadline.reschedule(loop.time() + idle)
+                    if isinstance(message, str):
+                        driver.text(message)
+                        continue
+                    driver.audio(message)
+                    self.metrics.audio_seconds.inc(max(0.0, session.audio_seconds - received_seconds))
+                    received_seconds = session.audio_seconds
+                    if settings.realtime_factor:
+                        ahead = received_seconds / settings.realtime_factor - settings.burst_s - (loop.time() - began)
+                        if ahead > 0:
+                            if idle:
+                                deadline.reschedule(loop.time() + ahead + idle)  # our own pause is not idleness
+                            await asyncio.sleep(ahead)
+        except TimeoutError:
+            notice = error_event(
+                IDLE_TIMEOUT, f"nothing received for {settings.idle_timeout_s:g} s; ending the session", True
+            )
+            driver.dispatch(session.end_stream(notice, 1001, "idle timeout"))
         if driver.abandoned:
             return  # dropped (e.g. a client that does not read): nothing more will be sent
         # The session is ending on our side (stop, drain, limit): wait for its finals to go out.

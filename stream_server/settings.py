@@ -56,6 +56,8 @@ class ServeConfig:
     max_batch: int = _opt(8, "largest inference batch across sessions", "worker")
     max_wait_ms: float = _opt(5.0, "how long a batch may wait to fill", "worker")
     max_queue: int = _opt(512, "queued inference requests before partials are shed and new sessions refused", "worker")
+    early_final_ms: float = _opt(200.0, "decode an utterance's final once a pause reaches this, before the VAD's silence_ms "
+                                 "ends it; published if the pause lasts, discarded if speech resumes (0: off)", "worker")
     max_sessions: int = _opt(256, "concurrent sessions; more get HTTP 503", "limits")
     max_sessions_per_ip: int = _opt(32, "concurrent sessions per client address; more get HTTP 429", "limits")
     max_frame_bytes: int = _opt(1 << 20, "largest audio frame (too_large beyond)", "limits")
@@ -70,6 +72,10 @@ class ServeConfig:
     allowed_origins: str = _opt("", "comma-separated Origin values browsers may connect from (empty: any)", "security")
     certfile: str = _opt("", "TLS certificate chain (PEM): serve wss:// and https://", "security")
     keyfile: str = _opt("", "TLS private key (PEM; default: the certfile)", "security")
+    malloc_arenas: int = _opt(2, "cap glibc's malloc arenas (0: glibc's default of 8 per core); fewer arenas keep RSS "
+                              "from creeping up over days", "memory")
+    memory_trim_s: float = _opt(60.0, "every this many seconds, give free heap pages back to the kernel (0: never)",
+                                "memory")
     log_transcripts: bool = _opt(False, "log final transcripts (off: they are personal data)", "logging")
     log_format: str = _opt("text", "text or json (one JSON object per line, with session_id where known)", "logging",
                            ("text", "json"))

@@ -222,3 +222,24 @@ def test_agreement_of_three_and_minimum_audio():
     assert stable == "the cat sat"
     with pytest.raises(ValueError):
         PartialStabilizer(agreement=1)
+
+
+def test_sample_history_keeps_absolute_indices_across_growth_and_trimming():
+    from stream_server.audio import SampleHistory
+
+    history, reference = SampleHistory(), np.zeros(0, np.float32)
+    rng = np.random.default_rng(3)
+    for step in range(60):
+        chunk = rng.standard_normal(int(rng.integers(0, 5000))).astype(np.float32)
+        history.append(chunk)
+        reference = np.concatenate([reference, chunk])
+        if step % 7 == 6:
+            history.forget_before(history.end - 20_000)
+        start = int(rng.integers(history.origin, history.end + 1))
+        end = int(rng.integers(start, history.end + 1))
+        np.testing.assert_array_equal(history.slice(start, end), reference[start:end])
+    assert history.end == len(reference) and history.origin > 0
+    with pytest.raises(IndexError):
+        history.slice(history.origin - 1, history.end)
+    history.clear()
+    assert history.origin == history.end == len(reference)

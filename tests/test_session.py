@@ -289,3 +289,80 @@ def _buzz(seconds):
     from tests.test_vad import voiced  # the VAD tests own the synthetic speech-like signal
 
     return voiced(seconds).astype(np.float32)
+
+
+# ---- early finals: decode when the pause starts, publish when the VAD decides -------------------
+
+
+def _final_requests(engine):
+    return [r for batch in engine.batches for r in batch if r.kind == "final"]
+
+
+def _feed_tracking(h, samples, chunk=480):
+    """Feed in 30 ms frames; return, per final event, how many final decodes were asked in its frame."""
+    asked_in_frame = []
+    data = pcm(samples)
+    for i in range(0, len(data), chunk * 2):
+        finals_before, asked_before = len(h.of("final")), len(_final_requests(h.engine))
+        h.run(h.session.receive_bytes(data[i : i + chunk * 2]))
+        for _ in h.of("final")[finals_before:]:
+            asked_in_frame.append(len(_final_requests(h.engine)) - asked_before)
+    return asked_in_frame
+
+
+def test_early_final_is_published_the_moment_the_silence_ends_speech():
+    on, off = CountingEngine(), CountingEngine()
+    audio = np.concatenate([np.zeros(RATE // 2, np.float32), _buzz(2.0), np.zeros(RATE, np.float32)])
+    h_on = Harness(new_session(on, early_final_s=0.2), on)
+    h_off = Harness(new_session(off, early_final_s=0), off)
+    for h in (h_on, h_off):
+        h.run(start(h.session, partials=False))
+    asked_on = _feed_tracking(h_on, audio)
+    asked_off = _feed_tracking(h_off, audio)
+    # Without early finals the decode is asked when the end is decided; with them it was done before,
+    # so the frame that ends speech publishes the final without waiting for a decode.
+    assert asked_off == [1] and asked_on == [0]
+    [final_on], [final_off] = h_on.of("final"), h_off.of("final")
+    assert {k: final_on[k] for k in ("text", "start", "end")} == {k: final_off[k] for k in ("text", "start", "end")}
+    assert len(_final_requests(on)) == 1  # a single unbroken pause costs no extra decode
+
+
+def test_early_final_is_discarded_when_speech_resumes_and_nothing_is_lost():
+    engine = CountingEngine()
+    # A 350 ms pause: past early_final_s (200 ms), short of silence_ms (500 ms), so one utterance.
+    audio = np.concatenate([np.zeros(RATE // 2, np.float32), _buzz(1.6), np.zeros(int(0.35 * RATE), np.float32),
+                            _buzz(1.2), np.zeros(RATE, np.float32)])
+    session = new_session(engine, early_final_s=0.2)
+    h = Harness(session, engine, hold=True)  # the early answer arrives late, after speech resumed
+    h.run(start(session, partials=False))
+    h.feed(audio[: int((0.5 + 1.6 + 0.3) * RATE)], chunk=480)
+    [early] = h.held
+    # Pre-roll (0.3 s) + the first stretch + post-roll (0.15 s): the audio the pause would cut.
+    assert early.kind == "final" and early.duration < 0.3 + 1.6 + 0.2
+    h.feed(audio[int((0.5 + 1.6 + 0.3) * RATE):], chunk=480)
+    h.release()
+    h.release()  # the real final, asked after the long silence
+    [final] = h.of("final")
+    assert len(h.of("speech_started")) == 1
+    assert final["end"] - final["start"] > 0.3 + 1.6 + 0.35 + 1.2  # both stretches of speech, not the early cut
+    assert final["text"] == engine.text_for(_final_requests(engine)[-1])
+    h.run(session.receive_text('{"type":"stop"}'))
+    assert h.events[-1]["type"] == "end" and h.events[-1]["utterances"] == 1
+
+
+def test_failed_early_final_is_asked_again_at_the_end():
+    engine = CountingEngine()
+    audio = np.concatenate([np.zeros(RATE // 2, np.float32), _buzz(1.5), np.zeros(RATE, np.float32)])
+    session = new_session(engine, early_final_s=0.2)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session, partials=False))
+    h.feed(audio[: int((0.5 + 1.5 + 0.3) * RATE)], chunk=480)
+    [early] = h.held
+    h.held = []
+    assert session.inference_done(early, None, "CUDA out of memory (simulated)") == []
+    h.feed(audio[int((0.5 + 1.5 + 0.3) * RATE):], chunk=480)
+    [again] = h.held
+    assert again is not early and len(again.audio) == len(early.audio)
+    h.release()
+    [final] = h.of("final")
+    assert final["text"] == engine.text_for(again) and not [e for e in h.events if e["type"] == "error"]

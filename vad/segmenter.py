@@ -232,6 +232,27 @@ class VadSegmenter:
         return self._utt_start
 
     @property
+    def trailing_silence(self) -> int:
+        """Samples of non-speech since the open utterance's last voiced frame (0 when idle or voiced)."""
+        return self._silent_run * self._params.frame_len if self._utt_start is not None else 0
+
+    @property
+    def tentative_end(self) -> int | None:
+        """Where the open utterance ends if the silence now under way lasts ``silence_ms``.
+
+        Returns:
+            The ``SpeechEnded.end`` that the silence would produce (the same value, not an
+            estimate: both are the last voiced frame's end plus the post-roll, clamped as
+            ``feed`` clamps it), or ``None`` when idle or the last frame was voiced. An end made
+            otherwise (a max-length split, :meth:`force_end`, a pending reconfigure) can differ;
+            callers must compare before reusing work done for this end.
+        """
+        if self._utt_start is None or self._silent_run == 0:
+            return None
+        p = self._params
+        return min(self._last_voiced_end + p.post_roll, self._last_voiced_end + p.silence_frames * p.frame_len)
+
+    @property
     def config(self) -> VadConfig:
         """The configuration in effect now (a pending reconfigure is not yet included)."""
         return self._config

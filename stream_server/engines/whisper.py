@@ -153,6 +153,8 @@ class WhisperEngine(Engine):
             costs about a third of the full one on the CPU.
         max_batch: largest batch per ``generate`` call.
         beam_size: 1 is greedy decoding.
+        onednn_cache: bound on oneDNN's per-shape kernel cache (process-wide; the environment's
+            ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` wins); the default of 1,024 let RSS creep for hours.
     """
 
     def __init__(
@@ -167,7 +169,12 @@ class WhisperEngine(Engine):
         partial_window_s: float = 10.0,
         max_batch: int = 8,
         beam_size: int = 1,
+        onednn_cache: int = 16,
     ):
+        from .. import memory
+
+        # Before CTranslate2's first GEMM: oneDNN caches a kernel per matrix shape (see memory.py).
+        memory.limit_onednn_cache(onednn_cache)
         import ctranslate2
         import tokenizers
         from faster_whisper.feature_extractor import FeatureExtractor
