@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import cProfile
 import json
 import math
 import multiprocessing
@@ -143,7 +144,37 @@ def loadgen_chunk(job: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- server side
+class EchoEngine:
+    """No model: answers every request at once with one word per 0.4 s of audio (``--echo``).
+
+    Measures what the server itself costs per stream (event loop, sessions, VAD, worker hand-off)
+    with inference taken out.
+    """
+
+    def __init__(self, max_batch: int):
+        from stream_server.engines.base import EngineCapabilities
+
+        self.capabilities = EngineCapabilities(name="echo", model="echo", languages=("en",),
+                                               partial_modes=("llm", "ctc"), max_batch=max_batch)
+        self._stats: dict = {}
+        self.decoder = None
+        self.encoder_graphs = None
+
+    def transcribe_batch(self, requests):
+        from stream_server.engines.base import InferenceResult
+
+        return [InferenceResult(" ".join(["word"] * int(r.duration / 0.4)), "en") for r in requests]
+
+    def stats(self) -> dict:
+        return {}
+
+    def warmup(self) -> None:
+        pass
+
+
 def build_engines(args) -> list:
+    if args.echo:
+        return [EchoEngine(args.max_batch) for _ in range(args.n_gpus)]
     import torch
 
     from benchmarks.granite_gpu_bench import build_full, build_tiny
@@ -163,7 +194,8 @@ def build_engines(args) -> list:
             max_batch=args.max_batch, decode_backend="loop" if args.cpu else args.decode_backend,
             force_tokens_per_second=args.tokens_per_second, force_min_tokens=args.min_tokens,
             speculative=False, encoder_batching=args.encoder_batching,
-            decode_options={"compile_step": True} if args.compile_step else None,
+            decode_options=dict({"compile_step": True} if args.compile_step else {}, max_graphs=args.decode_max_graphs),
+            encoder_backend="eager" if args.cpu else args.encoder_backend,
         )
         print(f"engine {i} on {device}: built in {time.perf_counter() - t0:.1f} s", flush=True)
         engines.append(eng)
@@ -176,6 +208,8 @@ def warm(engine, args, clips_audio: list[np.ndarray], index: int) -> float:
 
     from stream_server.engines.base import InferenceRequest
 
+    if args.echo:
+        return 0.0
     if not args.cpu:
         torch.cuda.set_device(index)
     t0 = time.perf_counter()
@@ -197,6 +231,9 @@ def warm(engine, args, clips_audio: list[np.ndarray], index: int) -> float:
                     msg = f"warm engine {index} b={b} s={s} {kind}: {type(exc).__name__}: {str(exc)[:200]}"
                     print(msg, flush=True)
                     WARM_ERRORS.append(msg)
+    if getattr(engine, "encoder_graphs", None) is not None:
+        # Encoder and projector graphs for every batch bucket up to the longest warm length (+ rolls, margin).
+        engine.warmup(graph_seconds=max(lens) + 3.0)
     if not args.cpu:
         torch.cuda.synchronize(index)
     return time.perf_counter() - t0
@@ -353,6 +390,23 @@ def _patch_capture_mode(mode: str) -> None:
     torch.cuda.graph = graph
 
 
+PROFILE_DIR: str | None = None
+
+
+def _dump_profile(profiler: "cProfile.Profile", name: str) -> None:
+    """Write ``name``.txt: the top functions by own and by cumulative time."""
+    import io
+    import pstats
+
+    folder = Path(PROFILE_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(35)
+    stats.sort_stats("cumulative").print_stats(35)
+    (folder / f"{name}.txt").write_text(text.getvalue())
+
+
 def _device_worker_class():
     from stream_server.worker import InferenceWorker
 
@@ -370,7 +424,16 @@ def _device_worker_class():
                 import torch
 
                 torch.cuda.set_device(device)
-            super()._run()
+            if PROFILE_DIR is None:
+                super()._run()
+                return
+            profiler = cProfile.Profile()
+            profiler.enable()
+            try:
+                super()._run()
+            finally:
+                profiler.disable()
+                _dump_profile(profiler, f"worker-{id(self):x}")
 
     return DeviceWorker
 
@@ -413,10 +476,19 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             cpu0 = thread_cpu()
             pc0 = time.process_time()
             t0 = time.perf_counter()
+            loop_profiler = cProfile.Profile() if PROFILE_DIR is not None else None
+            if loop_profiler is not None:
+                try:
+                    loop_profiler.enable()  # this thread runs the event loop: the server's asyncio side
+                except ValueError:  # Python >= 3.12: one profiler per process, already on (it sees every thread)
+                    loop_profiler = None
             with GpuSampler(not args.cpu) as gpu:
                 futs = [loop.run_in_executor(None, lambda j=j: executor.submit(loadgen_chunk, j).result()) for j in jobs]
                 chunks = await asyncio.gather(*futs)
             wall = time.perf_counter() - t0
+            if loop_profiler is not None:
+                loop_profiler.disable()
+                _dump_profile(loop_profiler, f"event-loop-{n_workers}w-{n}")
             cpu1 = thread_cpu()
             proc_cpu = time.process_time() - pc0
             results = [r for c in chunks for r in c["results"]]
@@ -430,6 +502,12 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             row["engine_paths"] = paths
             if not args.cpu:
                 row["graph_captures_total"] = [getattr(e.decoder, "captures", None) for e in engines[:n_workers]]
+                row["encoder_graphs"] = [
+                    {"captures": g.captures, "replays": g.replays, "eager_calls": g.eager_calls} if g else None
+                    for g in (e.encoder_graphs for e in engines[:n_workers])]
+                row["projector_graphs"] = [
+                    {"captures": g.captures, "replays": g.replays, "eager_calls": g.eager_calls} if g else None
+                    for g in (getattr(e, "projector_graphs", None) for e in engines[:n_workers])]
             row["workers_detail"] = []
             for w, (b0, r0, rep0, rej0, busy0) in zip(workers, sched0):
                 st = w.scheduler.stats
@@ -520,12 +598,21 @@ def main(argv=None) -> int:
     ap.add_argument("--target-s", type=float, default=1.0, help="p95 final and partial-lag target")
     ap.add_argument("--stop-s", type=float, default=1.0, help="stop a sweep after a level whose p95 final exceeds this")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="skip levels that would end after this (s from start)")
+    ap.add_argument("--encoder-backend", default="graphs", choices=("graphs", "eager"))
+    ap.add_argument("--echo", action="store_true",
+                    help="no model: an engine that answers at once (the server's own CPU cost per stream; implies --cpu)")
+    ap.add_argument("--decode-max-graphs", type=int, default=32, help="decode states (batch x capacity buckets) kept")
+    ap.add_argument("--profile-dir", default=None,
+                    help="write cProfile stats of the inference threads and the event loop (per level) here")
     args = ap.parse_args(argv)
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile_dir
     args.levels = [int(x) for x in args.levels.split(",") if x]
     args.levels_multi = [int(x) for x in args.levels_multi.split(",") if x]
     worker_counts = [int(x) for x in args.workers.split(",") if x]
     args.warm_seconds = [float(x) for x in args.warm_seconds.split(",") if x]
     args.n_gpus = max(worker_counts)
+    args.cpu = args.cpu or args.echo
     os.environ.update(SAFE_ENV)
     started = time.monotonic()
     deadline = started + args.deadline_s

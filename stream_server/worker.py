@@ -311,8 +311,19 @@ class InferenceWorker:
     def _run_batch(self, batch: list[tuple[InferenceRequest, object]]) -> None:
         requests = [r for r, _ in batch]
         started = time.monotonic()
+        delivered: set[int] = set()
+
+        def early(index: int, result: InferenceResult) -> None:
+            # A result ready before the batch ends (e.g. a CTC partial ahead of the finals' decode).
+            if index not in delivered:
+                delivered.add(index)
+                self._resolve(batch[index][1], result=result)
+
         try:
-            results = self.engine.transcribe_batch(requests)
+            if self.engine.capabilities.early_results:
+                results = self.engine.transcribe_batch(requests, on_result=early)
+            else:
+                results = self.engine.transcribe_batch(requests)
             if len(results) != len(requests):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
@@ -323,7 +334,9 @@ class InferenceWorker:
             else:
                 # Isolate the failure (a bad input, or memory pressure such as CUDA OOM that a smaller
                 # batch avoids): retry one by one, so only the requests that fail alone fail.
-                for request, future in batch:
+                for index, (request, future) in enumerate(batch):
+                    if index in delivered:
+                        continue  # already answered before the failure
                     try:
                         [result] = self.engine.transcribe_batch([request])
                     except Exception as single_exc:  # noqa: BLE001
@@ -331,8 +344,9 @@ class InferenceWorker:
                     else:
                         self._resolve(future, result=result)
         else:
-            for (_, fut), result in zip(batch, results):
-                self._resolve(fut, result=result)
+            for index, ((_, fut), result) in enumerate(zip(batch, results)):
+                if index not in delivered:
+                    self._resolve(fut, result=result)
         elapsed = time.monotonic() - started
         self.busy_seconds += elapsed
         self.last_batch_at = time.monotonic()

@@ -493,3 +493,76 @@ def test_decode_backend_selection(tiny):
     eng = make_engine(tiny, decode_backend="loop", speculative=False, generate_kwargs={"repetition_penalty": 1.3})
     eng.transcribe_batch([req(tone(0.8, 300.0))])
     assert eng._decoder is None  # non-greedy settings: transformers' generate is used
+
+
+def test_batched_ctc_partials_match_one_by_one(tiny):
+    # The CTC head runs once for a whole batch of different lengths; each row must read as if alone.
+    eng = make_engine(tiny)
+    audio = [tone(0.7, 300.0, 30), tone(1.9, 700.0, 31), tone(1.2, 1500.0, 32)]
+    together = eng.transcribe_batch([req(a, "partial", i, partial_mode="ctc") for i, a in enumerate(audio)])
+    alone = [eng.transcribe_batch([req(a, "partial", 0, partial_mode="ctc")])[0] for a in audio]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.info["ctc_entropy"] for r in together] == pytest.approx([r.info["ctc_entropy"] for r in alone], rel=1e-4)
+    assert all(r.text for r in together)
+
+
+def test_batched_ctc_on_a_padded_encoder_batch_reads_each_row_alone(tiny):
+    # Padded batching shares one (B, T, H) encoder output; the batched CTC pass must mask each row's padding.
+    eng = make_engine(tiny, encoder_batching="padded")
+    audio = [tone(0.7, 300.0, 30), tone(1.9, 700.0, 31), tone(1.2, 1500.0, 32)]
+    works = [eng._prepare(i, req(a, "partial", i, partial_mode="ctc")) for i, a in enumerate(audio)]
+    with torch.inference_mode():
+        eng._encode_audio(works)
+        eng._ctc_decode(works)
+        alone = [eng._ctc_from_hidden(w.hidden) for w in works]
+    assert [w.ctc_text for w in works] == [t for t, _ in alone] and all(t for t, _ in alone)
+    assert [w.ctc_entropy for w in works] == pytest.approx([e for _, e in alone], rel=1e-5)
+
+
+def test_encoder_backend_selection(tiny):
+    assert make_engine(tiny).encoder_backend == "eager"  # auto on CPU
+    assert make_engine(tiny, encoder_batching="padded").encoder_graphs is None
+    with pytest.raises(ValueError, match="CUDA"):
+        make_engine(tiny, encoder_backend="graphs", encoder_batching="padded")
+    with pytest.raises(ValueError):
+        make_engine(tiny, encoder_backend="fast")
+
+
+@pytest.mark.parametrize("frames", [1, 7, 50, 250])
+def test_padding_audio_to_max_samples_for_frames_gives_exactly_that_many_frames(frames):
+    # The encoder graphs zero-pad a batch to this length; one sample more would need the next bucket.
+    from stream_server.engines.granite_features import max_samples_for_frames, num_encoder_frames
+
+    n = max_samples_for_frames(frames)
+    extractor = GraniteFeatureExtractor()
+    assert num_encoder_frames(n) == frames and num_encoder_frames(n + 1) == frames + 1
+    assert extractor.log_mel_stacked(torch.zeros(2, n)).shape[1] == frames
+
+
+def test_length_groups_trade_padding_against_extra_encoder_calls():
+    from stream_server.engines.granite_decode import batch_bucket
+    from stream_server.engines.granite_encoder import plan_length_groups
+
+    bucket = lambda n: -(-n // 50) * 50  # noqa: E731 - 1 s buckets, as the encoder graphs use
+    # One long partial among many short ones: encoding them all at 10 s would waste most of the work.
+    lengths = [100] * 15 + [500]
+    groups = plan_length_groups(lengths, bucket, batch_bucket, overhead_frames=1000)
+    assert sorted(i for g in groups for i in g) == list(range(16))
+    assert [15] in groups and len(groups) == 2
+    # Similar lengths stay together: another call would cost more than the padding it saves.
+    groups = plan_length_groups([100, 110, 120, 140], bucket, batch_bucket, overhead_frames=1000)
+    assert groups == [[0, 1, 2, 3]]
+    assert plan_length_groups([], bucket) == [] and plan_length_groups([7], bucket) == [[0]]
+
+
+def test_ctc_partials_are_reported_before_the_finals_are_decoded(tiny, monkeypatch):
+    eng = make_engine(tiny, speculative=False)
+    assert eng.capabilities.early_results
+    reported, at_decode = [], []
+    original = eng._generate
+    monkeypatch.setattr(eng, "_generate", lambda works: (at_decode.append(list(reported)), original(works))[1])
+    reqs = [req(tone(1.2, 500.0, 40), "final", 0), req(tone(0.9, 800.0, 41), "partial", 1, partial_mode="ctc")]
+    results = eng.transcribe_batch(reqs, on_result=lambda i, r: reported.append((i, r)))
+    assert at_decode == [[(1, results[1])]]  # the partial was out before the final's decode began
+    assert results[1].info["path"] == "partial_ctc" and results[0].info["path"] == "autoregressive"
+    assert eng.stats()["partial_ctc"] == 1  # counted once, although reported early

@@ -176,3 +176,49 @@ async def test_pool_spreads_sessions_and_survives_one_worker_dying():
         assert sum(entry["sessions"] for entry in pool.load()) == 3
     finally:
         pool.stop()
+
+
+class EarlyPartialsEngine(CountingEngine):
+    """Answers partials at once through ``on_result``, then spends a while on the finals."""
+
+    def __init__(self, fail_after_early=False):
+        super().__init__(early_results=True)
+        self.fail_after_early = fail_after_early
+        self.release = None  # threading.Event set by the test once it saw the early answer
+
+    def transcribe_batch(self, requests, on_result=None):
+        results = CountingEngine.transcribe_batch(self, requests)
+        for i, r in enumerate(requests):
+            if r.kind == "partial":
+                on_result(i, results[i])
+        assert self.release.wait(5), "the test never saw the early partial"
+        if self.fail_after_early:
+            raise RuntimeError("finals failed after the partials went out")
+        return results
+
+
+@pytest.mark.parametrize("fail_after_early", [False, True])
+async def test_early_results_reach_their_futures_before_the_batch_ends(fail_after_early):
+    import threading
+
+    engine = EarlyPartialsEngine(fail_after_early)
+    engine.release = threading.Event()
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=4, max_wait=0.05))
+    worker.start()
+    try:
+        final = worker.submit(req("a", 0, "final", seconds=1.0))
+        partial = worker.submit(req("b", 0, "partial", seconds=0.85))
+        early = await asyncio.wait_for(partial, 5)  # while the engine still holds the batch
+        assert early.text == "w0 w1" and not final.done()
+        engine.release.set()
+        if fail_after_early:
+            # The batch failed after the partial went out: only the final is retried alone (and fails
+            # again here); the partial is neither answered twice nor decoded again.
+            with pytest.raises(Exception):
+                await asyncio.wait_for(final, 5)
+            assert sum(len(b) for b in engine.batches) == 3  # the batch of two, then the final alone
+        else:
+            assert (await asyncio.wait_for(final, 5)).text == "w0 w1"
+    finally:
+        engine.release.set()
+        worker.stop()

@@ -37,6 +37,9 @@ class EngineCapabilities:
         prefix: whether a forced text prefix is honoured (used to keep ``stable_text`` stable).
         max_batch: the largest batch :meth:`Engine.transcribe_batch` accepts.
         language_detection: whether ``language=None`` (auto-detect) is allowed.
+        early_results: whether :meth:`Engine.transcribe_batch` accepts ``on_result`` and reports
+            results that are ready before the rest of the batch (Granite's CTC partials, which would
+            otherwise wait for the batch's LLM decode of finals).
     """
 
     name: str
@@ -49,6 +52,7 @@ class EngineCapabilities:
     prefix: bool = True
     max_batch: int = 8
     language_detection: bool = False
+    early_results: bool = False
 
     def check(
         self,

@@ -48,6 +48,7 @@ Prompts (instruction strings):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import defaultdict
@@ -173,15 +174,18 @@ class _Work:
     n_frames: int
     n_tokens: int
     hidden: torch.Tensor | None = None  # (n_frames, H), exact encoder output
+    batch_hidden: torch.Tensor | None = None  # the padded (B, T, H) encoder output this row belongs to
+    row: int = 0  # this request's row in batch_hidden
     hidden_for_projector: torch.Tensor | None = None  # what the projector consumes for this row
     audio_embeds: torch.Tensor | None = None  # (n_tokens, D)
     ctc_text: str | None = None
     ctc_entropy: float | None = None
-    prefix_ids: list[int] = field(default_factory=list)
+    prefix_ids: list[int] | None = None  # the prefix tokenized, on first use (CTC partials never need it)
     budget: int = 0
     path: str = ""
     text: str | None = None
     info: dict = field(default_factory=dict)
+    result: InferenceResult | None = None
 
 
 class GraniteEngine(Engine):
@@ -234,6 +238,10 @@ class GraniteEngine(Engine):
             ``generate_kwargs`` is non-empty, ``generate`` is used whatever the backend.
         decode_options: extra keyword arguments for the ``StaticGreedyDecoder`` (e.g.
             ``{"compile_step": True}``, ``{"fused": False}``).
+        encoder_backend: ``"eager"``, ``"graphs"`` (the encoder replayed from CUDA graphs per batch and
+            1 s length bucket, :class:`~stream_server.engines.granite_encoder.EncoderGraphs`; needs CUDA
+            and ``encoder_batching="padded"``, whose approximation it shares) or ``"auto"`` (graphs
+            where allowed).
     """
 
     def __init__(
@@ -266,6 +274,7 @@ class GraniteEngine(Engine):
         generate_kwargs: dict | None = None,
         decode_backend: str = "auto",
         decode_options: dict | None = None,
+        encoder_backend: str = "auto",
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -290,6 +299,8 @@ class GraniteEngine(Engine):
             raise ValueError("force_min_tokens must be >= 1")
         if decode_backend not in ("auto", "generate", "loop", "graphs"):
             raise ValueError("decode_backend must be 'auto', 'generate', 'loop' or 'graphs'")
+        if encoder_backend not in ("auto", "eager", "graphs"):
+            raise ValueError("encoder_backend must be 'auto', 'eager' or 'graphs'")
 
         model.eval()
         self.model = model
@@ -324,6 +335,14 @@ class GraniteEngine(Engine):
         self.decode_backend = decode_backend
         self.decode_options = dict(decode_options or {})
         self._decoder = None
+        if encoder_backend == "auto":
+            encoder_backend = "graphs" if self.device.type == "cuda" and encoder_batching == "padded" else "eager"
+        if encoder_backend == "graphs" and (self.device.type != "cuda" or encoder_batching != "padded"):
+            raise ValueError("encoder_backend='graphs' needs a CUDA device and encoder_batching='padded'")
+        self.encoder_backend = encoder_backend
+        self._encoder_graphs = None
+        self._projector_graphs = None
+        self.max_batch = int(max_batch)
 
         encoder = model.model.encoder
         self.has_ctc = isinstance(getattr(encoder, "out", None), torch.nn.Linear)
@@ -360,6 +379,7 @@ class GraniteEngine(Engine):
             prefix=True,
             max_batch=max_batch,
             language_detection=False,
+            early_results=True,
         )
 
     @classmethod
@@ -373,6 +393,18 @@ class GraniteEngine(Engine):
         return self.force_new_tokens is not None or self.force_tokens_per_second is not None
 
     # ------------------------------------------------------------------ public API
+    def warmup(self, graph_seconds: float = 12.0) -> None:
+        """One tiny decode, then (with ``encoder_backend="graphs"``) capture the encoder and projector
+        graphs for every batch bucket and every length up to ``graph_seconds``, so that captures do not
+        stall live traffic (each costs two runs of its shape); longer utterances capture on first use."""
+        super().warmup()
+        encoder_graphs = self.encoder_graphs
+        if encoder_graphs is not None:
+            step = encoder_graphs.frame_step
+            encoder_graphs.warm(list(range(step, encoder_graphs.bucket_frames(int(graph_seconds * 50)) + 1, step)))
+            window = self.model.model.projector.window_size
+            self.projector_graphs.warm(up_to=self.max_batch * -(-int(graph_seconds * 50) // window))
+
     def stats(self) -> dict:
         """Final-request decode paths (``ctc_accept``, ``verify_accept``, ``autoregressive``) and partial counts."""
         return dict(self._stats)
@@ -383,13 +415,15 @@ class GraniteEngine(Engine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
+    def transcribe_batch(self, requests: Sequence[InferenceRequest], on_result=None) -> list[InferenceResult]:
+        """See :class:`Engine`; ``on_result(index, result)``, if given, receives each CTC partial as soon as
+        its CTC pass is done, before the batch's finals are decoded (``capabilities.early_results``)."""
         if self.model is None:
             raise RuntimeError("engine is closed")
         if not requests:
             return []
         with torch.inference_mode():
-            return self._transcribe(list(requests))
+            return self._transcribe(list(requests), on_result)
 
     # ------------------------------------------------------------------ prompt
     def instruction(self, req: InferenceRequest) -> str:
@@ -437,10 +471,10 @@ class GraniteEngine(Engine):
 
     def _sequence(self, w: _Work, extra: Sequence[int] = ()) -> list[int]:
         before, after = self._prompt_ids(self.instruction(w.req))
-        return before + [self.audio_token_id] * w.n_tokens + after + list(w.prefix_ids) + list(extra)
+        return before + [self.audio_token_id] * w.n_tokens + after + self._prefix_ids(w) + list(extra)
 
     # ------------------------------------------------------------------ main flow
-    def _transcribe(self, requests: list[InferenceRequest]) -> list[InferenceResult]:
+    def _transcribe(self, requests: list[InferenceRequest], on_result=None) -> list[InferenceResult]:
         works = [self._prepare(i, r) for i, r in enumerate(requests)]
         self._encode_audio(works)
 
@@ -451,17 +485,27 @@ class GraniteEngine(Engine):
             ctc_ok = self.has_ctc and req.language in self.ctc_languages and req.task == "transcribe"
             if req.kind == "partial":
                 if req.partial_mode == "ctc" and ctc_ok:
-                    self._ctc_decode(w)
                     w.path = "partial_ctc"
-                    w.text = _force_prefix(req.prefix, w.ctc_text or "")
-                    w.info["ctc_entropy"] = w.ctc_entropy
                 else:
                     w.path = "partial_llm"
                     if req.partial_mode == "ctc":
                         w.info["ctc_unavailable"] = True
                     llm.append(w)
             elif self.speculative and ctc_ok and not self._forced:
-                self._ctc_decode(w)
+                w.path = "speculate"
+            else:
+                w.path = "autoregressive"
+                llm.append(w)
+        # One batched CTC pass serves the CTC partials and the speculative drafts alike.
+        self._ctc_decode([w for w in works if w.path in ("partial_ctc", "speculate")])
+        for w in works:
+            req = w.req
+            if w.path == "partial_ctc":
+                w.text = _force_prefix(req.prefix, w.ctc_text or "")
+                w.info["ctc_entropy"] = w.ctc_entropy
+                if on_result is not None:
+                    on_result(w.index, self._result(w))
+            elif w.path == "speculate":
                 w.info["ctc_entropy"] = w.ctc_entropy
                 draft = w.ctc_text or ""
                 if (
@@ -474,9 +518,6 @@ class GraniteEngine(Engine):
                     w.text = draft
                 else:
                     verify.append(w)
-            else:
-                w.path = "autoregressive"
-                llm.append(w)
 
         if verify:
             self._project([w for w in verify])
@@ -490,15 +531,18 @@ class GraniteEngine(Engine):
             self._project(llm)
             self._generate(llm)
 
-        results = []
-        for w in works:
+        return [w.result if w.result is not None else self._result(w) for w in works]
+
+    def _result(self, w: _Work) -> InferenceResult:
+        """The work's result, made (and its path counted) once."""
+        if w.result is None:
             req = w.req
             if w.path in self._stats:
                 self._stats[w.path] += 1
             w.info["path"] = w.path
             lang = (req.target_language or "en") if req.task == "translate" else req.language
-            results.append(InferenceResult(text=w.text or req.prefix, language=lang, info=w.info))
-        return results
+            w.result = InferenceResult(text=w.text or req.prefix, language=lang, info=w.info)
+        return w.result
 
     def _prepare(self, index: int, req: InferenceRequest) -> _Work:
         audio = np.ascontiguousarray(np.asarray(req.audio, dtype=np.float32).reshape(-1))
@@ -513,7 +557,6 @@ class GraniteEngine(Engine):
             n_frames=self.features.num_encoder_frames(n),
             n_tokens=self.features.num_audio_tokens(n),
         )
-        w.prefix_ids = self._encode(req.prefix) if req.prefix else []
         if self.force_new_tokens is not None:
             w.budget = int(self.force_new_tokens)
         elif self.force_tokens_per_second is not None:
@@ -526,11 +569,27 @@ class GraniteEngine(Engine):
     def _encode_audio(self, works: list[_Work]) -> None:
         encoder = self.model.model.encoder
         if self.encoder_batching == "padded":
+            graphs = self.encoder_graphs
+            longest = max(w.n_frames for w in works)
+            if graphs is not None and graphs.fits(len(works), longest):
+                from .granite_encoder import plan_length_groups
+
+                groups = plan_length_groups([w.n_frames for w in works], graphs.bucket_frames)
+                for g, group in enumerate(groups):
+                    members = [works[i] for i in group]
+                    # Zero-pad the audio to the group's length bucket: features of silence, one replay.
+                    frames = graphs.bucket_frames(max(w.n_frames for w in members))
+                    audio = torch.zeros(len(members), graphs.samples_for(frames))
+                    for i, w in enumerate(members):
+                        audio[i, : w.samples.shape[0]] = w.samples
+                    feats = self.features.log_mel_stacked(audio.to(self.device, non_blocking=True))
+                    hidden = graphs(feats.to(self.dtype))
+                    if g < len(groups) - 1:
+                        hidden = hidden.clone()  # the graphs' output buffer is reused by the next group
+                    self._keep_rows(members, hidden)
+                return
             feats = self.features([w.samples for w in works], device=self.device).input_features
-            hidden = encoder(feats.to(self.dtype)).last_hidden_state
-            for i, w in enumerate(works):
-                w.hidden = hidden[i, : w.n_frames]
-                w.hidden_for_projector = hidden[i]
+            self._keep_rows(works, encoder(feats.to(self.dtype)).last_hidden_state)
             return
         groups: dict[int, list[_Work]] = defaultdict(list)
         for w in works:
@@ -543,16 +602,48 @@ class GraniteEngine(Engine):
                 w.hidden = hidden[i]
                 w.hidden_for_projector = hidden[i]
 
+    @staticmethod
+    def _keep_rows(works: list[_Work], hidden: torch.Tensor) -> None:
+        for i, w in enumerate(works):
+            w.hidden = hidden[i, : w.n_frames]
+            w.hidden_for_projector = hidden[i]
+            w.batch_hidden, w.row = hidden, i
+
     def _project(self, works: list[_Work]) -> None:
+        """Audio embeddings for every work that has none, in one projector pass.
+
+        The projector (a Q-Former over windows of ``window_size`` encoder frames) treats each
+        window independently, so the windows of all requests are stacked into one batch: the same
+        numbers as projecting each request's (zero-padded) frames, with one call for any mix of
+        lengths, and a fixed shape per window-count bucket that graph replay can serve.
+        """
         todo = [w for w in works if w.audio_embeds is None]
-        groups: dict[int, list[_Work]] = defaultdict(list)
-        for w in todo:
-            groups[int(w.hidden_for_projector.shape[0])].append(w)
+        if not todo:
+            return
         projector = self.model.model.projector
-        for group in groups.values():
-            out = projector(torch.stack([w.hidden_for_projector for w in group]))
-            for i, w in enumerate(group):
-                w.audio_embeds = out[i, : w.n_tokens]
+        size = projector.window_size
+        pieces, counts = [], []
+        for w in todo:
+            blocks = -(-w.n_frames // size)
+            frames = w.hidden_for_projector[: blocks * size]
+            if frames.shape[0] < blocks * size:
+                frames = torch.nn.functional.pad(frames, (0, 0, 0, blocks * size - frames.shape[0]))
+            pieces.append(frames.reshape(blocks, size, frames.shape[-1]))
+            counts.append(blocks)
+        windows = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        graphs = self.projector_graphs
+        out = graphs(windows) if graphs is not None else self._project_windows(windows)
+        start = 0
+        for w, blocks in zip(todo, counts):
+            w.audio_embeds = out[start : start + blocks].reshape(-1, out.shape[-1])[: w.n_tokens]
+            start += blocks
+
+    def _project_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """``(N, window_size, H)`` encoder frames -> ``(N, window_size // downsample_rate, D)`` embeddings."""
+        projector = self.model.model.projector
+        queries = projector.qformer(query_embeds=projector.query, encoder_hidden_states=windows,
+                                    encoder_attention_mask=None, return_dict=True).last_hidden_state
+        return projector.linear(queries)
 
     def ctc_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """CTC logits (float32) of encoder hidden states: ``encoder.out(hidden)``."""
@@ -579,21 +670,66 @@ class GraniteEngine(Engine):
             text, _ = self._ctc_from_hidden(hidden)
         return text
 
-    def _ctc_decode(self, w: _Work) -> None:
-        if w.ctc_text is None:
-            w.ctc_text, w.ctc_entropy = self._ctc_from_hidden(w.hidden)
+    def _ctc_decode(self, works: list[_Work]) -> None:
+        """Greedy CTC text and entropy for every work that has none yet, in one batched pass."""
+        todo = [w for w in works if w.ctc_text is None]
+        by_base: dict[int, list[_Work]] = defaultdict(list)
+        for w in todo:
+            by_base[id(w.batch_hidden)].append(w)
+        for group in by_base.values():
+            base = group[0].batch_hidden
+            longest = max(w.n_frames for w in group)
+            if base is not None:
+                rows = [w.row for w in group]
+                hidden = (base if rows == list(range(len(base))) else base[rows])[:, :longest]
+            else:
+                hidden = torch.nn.utils.rnn.pad_sequence([w.hidden for w in group], batch_first=True)
+            for w, (text, entropy) in zip(group, self._ctc_rows(hidden, [w.n_frames for w in group])):
+                w.ctc_text, w.ctc_entropy = text, entropy
 
     def _ctc_from_hidden(self, hidden: torch.Tensor) -> tuple[str, float]:
+        return self._ctc_rows(hidden.unsqueeze(0), [int(hidden.shape[0])])[0]
+
+    def _ctc_rows(self, hidden: torch.Tensor, lengths: list[int]) -> list[tuple[str, float]]:
+        """Greedy CTC of ``(B, T, H)`` encoder states whose row ``i`` has ``lengths[i]`` valid frames.
+
+        One device pass for the batch and one copy to the host (per-request ``.tolist()`` calls
+        were a sync each, and CTC partials are most of the server's requests).
+
+        Returns:
+            Per row: the collapsed text (blanks removed, whitespace normalised) and the per-frame
+            entropy reduced by ``ctc_entropy_reduce`` over the valid frames (``inf`` for no text).
+        """
         logp = torch.log_softmax(self.ctc_logits(hidden), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
         ids = logp.argmax(-1)
-        collapsed = torch.unique_consecutive(ids).tolist()
-        text = "".join(self._ctc_char(i) for i in collapsed if i != self.ctc_blank_id)
-        text = " ".join(text.split())
-        if not text:
-            return "", math.inf
-        value = entropy.max() if self.ctc_entropy_reduce == "max" else entropy.mean()
-        return text, float(value)
+        valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < torch.tensor(
+            lengths, device=hidden.device)[:, None]
+        if self.ctc_entropy_reduce == "max":
+            reduced = entropy.masked_fill(~valid, -math.inf).amax(-1)
+        else:
+            reduced = (entropy * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        ids_host = ids.to(torch.int32).cpu().numpy()
+        reduced_host = reduced.cpu().numpy()
+        table = self._ctc_table
+        out = []
+        for i, n in enumerate(lengths):
+            seq = ids_host[i, :n]
+            if n == 0:
+                out.append(("", math.inf))
+                continue
+            keep = np.empty(n, dtype=bool)
+            keep[0] = True
+            np.not_equal(seq[1:], seq[:-1], out=keep[1:])
+            collapsed = seq[keep]
+            text = "".join(table[c] if 0 <= c < len(table) else "" for c in collapsed[collapsed != self.ctc_blank_id])
+            text = " ".join(text.split())
+            out.append((text, float(reduced_host[i])) if text else ("", math.inf))
+        return out
+
+    @functools.cached_property
+    def _ctc_table(self) -> list[str]:
+        return [self._ctc_char(i) for i in range(int(self.model.model.encoder.out.out_features))]
 
     def _ctc_char(self, i: int) -> str:
         if self.ctc_vocab is None:
@@ -677,6 +813,27 @@ class GraniteEngine(Engine):
         return accepted
 
     @property
+    def encoder_graphs(self):
+        """The :class:`~stream_server.engines.granite_encoder.EncoderGraphs` of ``encoder_backend="graphs"``, else None."""
+        if self._encoder_graphs is None and self.encoder_backend == "graphs":
+            from .granite_encoder import EncoderGraphs
+
+            self._encoder_graphs = EncoderGraphs(self.model.model.encoder, max_batch=self.max_batch)
+        return self._encoder_graphs
+
+    @property
+    def projector_graphs(self):
+        """Graph replay of :meth:`_project_windows` per window-count bucket (with the encoder graphs), else None."""
+        if self._projector_graphs is None and self.encoder_backend == "graphs":
+            from .granite_encoder import WindowGraphs
+
+            projector = self.model.model.projector
+            self._projector_graphs = WindowGraphs(
+                self._project_windows, (projector.window_size, int(self.config.encoder_config.hidden_dim)),
+                device=self.device, dtype=self.dtype, max_windows=self.max_batch * 80)
+        return self._projector_graphs
+
+    @property
     def decoder(self):
         """The :class:`~stream_server.engines.granite_decode.StaticGreedyDecoder` of the ``loop``/``graphs`` backends."""
         if self._decoder is None:
@@ -743,12 +900,17 @@ class GraniteEngine(Engine):
                     if t in eos:
                         tokens = tokens[:k]
                         break
-            cont = self._continuation(w.prefix_ids, tokens)
+            cont = self._continuation(self._prefix_ids(w), tokens)
             prefix = w.req.prefix
             w.text = prefix + cont.rstrip() if prefix else cont.strip()
             w.info["new_tokens"] = len(tokens)
             if self.debug_token_ids:
                 w.info["token_ids"] = tokens
+
+    def _prefix_ids(self, w: _Work) -> list[int]:
+        if w.prefix_ids is None:
+            w.prefix_ids = self._encode(w.req.prefix) if w.req.prefix else []
+        return w.prefix_ids
 
     def _continuation(self, prefix_ids: list[int], tokens: list[int]) -> str:
         decode = self.tokenizer.decode

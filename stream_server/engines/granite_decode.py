@@ -47,6 +47,29 @@ def batch_bucket(b: int) -> int:
     return n
 
 
+def capture_cuda_graph(fn, device: torch.device, pool, warmups: int = 1):
+    """Warm ``fn`` up on a side stream (cuBLAS handles, lazy buffers, compilation), then capture it.
+
+    Captured on ``device``'s own side stream with ``capture_error_mode="thread_local"``: with one
+    worker thread per GPU, the default ("global") lets another GPU's worker invalidate the capture
+    (cudaErrorStreamCaptureInvalidated on cuda:1, seen on a 2 x H100 host).
+
+    Returns:
+        ``(graph, value)``: the graph, and what ``fn`` returned during the capture (its static output).
+    """
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            value = fn()
+    return graph, value
+
+
 def capacity_bucket(n: int, quantum: int = 64) -> int:
     """KV-cache capacity rounded up to a multiple of ``quantum``."""
     return max(quantum, -(-n // quantum) * quantum)
@@ -302,21 +325,9 @@ class StaticGreedyDecoder:
         )
 
     def _capture(self, fn):
-        """Warm ``fn`` up on a side stream (cuBLAS handles, compilation), then capture it once."""
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # On this engine's own device and stream, and "thread_local": with one worker thread per GPU,
-        # the default ("global") lets another GPU's worker invalidate this capture
-        # (cudaErrorStreamCaptureInvalidated on cuda:1, seen on a 2 x H100 host).
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-            fn()
+        graph, _ = capture_cuda_graph(fn, self.device, self._pool, warmups=2)
         self.captures += 1
         return graph
 

@@ -89,6 +89,15 @@ def num_encoder_frames(num_samples: int, hop_length: int = 160) -> int:
     return (num_samples // hop_length + 1) // 2
 
 
+def max_samples_for_frames(frames: int, hop_length: int = 160) -> int:
+    """The most raw samples that still give ``frames`` encoder frames (the inverse of :func:`num_encoder_frames`).
+
+    ``(n // hop + 1) // 2`` stays ``frames`` up to ``n = (2 * frames + 1) * hop - 1``, so zero-padding
+    any batch of clips with at most ``frames`` frames to this length yields exactly ``frames``.
+    """
+    return (2 * frames + 1) * hop_length - 1
+
+
 def num_audio_tokens(
     num_samples: int, hop_length: int = 160, projector_window_size: int = 15, projector_downsample_rate: int = 5
 ) -> int:
