@@ -546,6 +546,116 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- one process per GPU
+def server_process_main(index: int, args_dict: dict, port: int, ready, stop) -> None:
+    """Child of ``--server-processes``: one engine on GPU ``index`` and one server on the shared port.
+
+    Mirrors ``granite-stream serve --processes N --gpus N``: each process has its own event loop,
+    GIL and engine; the kernel spreads connections over the processes (SO_REUSEPORT).
+    """
+    args = argparse.Namespace(**args_dict)
+    if not args.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % args.n_gpus)
+    args.n_gpus = 1
+    _raise_nofile()
+    engine = build_engines(args)[0]
+    from benchmarks.datasets import read_audio
+
+    warm(engine, args, [read_audio(c)[0] for c in load_clips(args.data)], 0)
+    if args.uvloop:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    async def serve() -> None:
+        from stream_server.server import ServerSettings, StreamServer
+        from stream_server.worker import BatchScheduler
+
+        worker = _device_worker_class()(engine, BatchScheduler(args.max_batch, args.max_wait_ms / 1000.0,
+                                                               args.max_queue, final_reserve=args.max_queue))
+        settings = ServerSettings(host="127.0.0.1", port=port, max_sessions=100_000, max_sessions_per_ip=100_000,
+                                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                                  realtime_factor=0, idle_timeout_s=0, reuse_port=True)
+        server = StreamServer(engine, settings, f"gpu_server_bench process {index}", worker=worker)
+        await server.start()
+        ready.put((index, os.getpid()))
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        await server.close()
+
+    asyncio.run(serve())
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def run_processes_sweep(n_procs: int, args, executor, deadline: float, out: dict) -> list[dict]:
+    """Levels against ``n_procs`` server processes (one GPU each) sharing one port."""
+    from benchmarks.servers import free_port
+
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    ready, stop = ctx.Queue(), ctx.Event()
+    args_dict = {k: v for k, v in vars(args).items()}
+    procs = [ctx.Process(target=server_process_main, args=(i, args_dict, port, ready, stop), daemon=True)
+             for i in range(n_procs)]
+    for p in procs:
+        p.start()
+    pids = {}
+    try:
+        while len(pids) < n_procs:
+            index, pid = ready.get(timeout=600)
+            pids[index] = pid
+        print(f"[{n_procs}p] server processes ready: {pids}", flush=True)
+        rows = []
+        url = f"ws://127.0.0.1:{port}/v1/listen"
+        for n in args.levels_multi or args.levels:
+            if time.monotonic() + args.seconds_per_level + args.stagger + 25 > deadline:
+                rows.append({"workers": n_procs, "mode": "processes", "streams": n, "skipped": "deadline"})
+                break
+            lg = max(1, min(args.loadgen_procs, n))
+            job_base = {"url": url, "data": args.data, "n_streams": n, "speech_seconds": args.seconds_per_level * 0.72,
+                        "stagger": args.stagger, "frame_ms": args.frame_ms, "partials": args.partials,
+                        "partial_interval": args.partial_interval, "timeout": 20.0}
+            jobs = [dict(job_base, indices=list(range(p, n, lg))) for p in range(lg)]
+            cpu0 = {i: _process_cpu_seconds(pid) for i, pid in pids.items()}
+            t0 = time.perf_counter()
+            with GpuSampler(not args.cpu) as gpu:
+                chunks = list(executor.map(loadgen_chunk, jobs))
+            wall = time.perf_counter() - t0
+            results = [r for c in chunks for r in c["results"]]
+            row = {"workers": n_procs, "mode": "processes", "streams": n, "wall_s": round(wall, 1)}
+            row.update(summarize_level(results, chunks))
+            row["process_cpu_percent"] = [round(100 * (_process_cpu_seconds(pid) - cpu0[i]) / wall, 1)
+                                          for i, pid in sorted(pids.items())]
+            row["gpu"] = gpu.summary()
+            fl, pl = row["final_latency"], row["partial_lag"]
+            row["meets_target"] = (fl["p95"] not in (None, "inf") and float(fl["p95"]) <= args.target_s
+                                   and pl["p95"] not in (None, "inf") and float(pl["p95"]) <= args.target_s
+                                   and row["stream_failures"] == 0)
+            rows.append(row)
+            out.setdefault("levels", []).append(row)
+            _save(out, args.out)
+            g = " ".join(f"{k}:{v['util_mean']:.0f}%" for k, v in row["gpu"].items())
+            print(f"[{n_procs}p] {n:5d} streams | final p50 {fl['p50']} p95 {fl['p95']} p99 {fl['p99']} "
+                  f"({row['clips_finalized']}/{row['clips']}) | partial lag p95 {pl['p95']} | fails "
+                  f"{row['stream_failures']} | process cpu {row['process_cpu_percent']}% | gpu {g} | "
+                  f"{'OK' if row['meets_target'] else 'MISS'}", flush=True)
+            if fl["p95"] in (None, "inf") or float(fl["p95"]) > args.stop_s:
+                break
+            time.sleep(2.0)
+        return rows
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+
+
 def _line(r: dict) -> str:
     fl, pl = r["final_latency"], r["partial_lag"]
     g = " ".join(f"{k}:{v['util_mean']:.0f}%" for k, v in r.get("gpu", {}).items())
@@ -602,6 +712,9 @@ def main(argv=None) -> int:
     ap.add_argument("--echo", action="store_true",
                     help="no model: an engine that answers at once (the server's own CPU cost per stream; implies --cpu)")
     ap.add_argument("--decode-max-graphs", type=int, default=32, help="decode states (batch x capacity buckets) kept")
+    ap.add_argument("--server-processes", type=int, default=0,
+                    help="instead of --workers: this many server processes (one engine and GPU each) on one port, "
+                         "as `serve --processes N --gpus N` runs them; levels from --levels-multi or --levels")
     ap.add_argument("--profile-dir", default=None,
                     help="write cProfile stats of the inference threads and the event loop (per level) here")
     args = ap.parse_args(argv)
@@ -611,7 +724,7 @@ def main(argv=None) -> int:
     args.levels_multi = [int(x) for x in args.levels_multi.split(",") if x]
     worker_counts = [int(x) for x in args.workers.split(",") if x]
     args.warm_seconds = [float(x) for x in args.warm_seconds.split(",") if x]
-    args.n_gpus = max(worker_counts)
+    args.n_gpus = max(worker_counts + [args.server_processes])
     args.cpu = args.cpu or args.echo
     os.environ.update(SAFE_ENV)
     started = time.monotonic()
@@ -632,6 +745,13 @@ def main(argv=None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
     }}
     print(json.dumps(out["info"]), flush=True)
+    if args.server_processes:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.loadgen_procs, mp_context=ctx, initializer=_raise_nofile) as pool:
+            run_processes_sweep(args.server_processes, args, pool, deadline, out)
+        out["info"]["total_s"] = round(time.monotonic() - started, 1)
+        _save(out, args.out)
+        return 0
     engines = build_engines(args)
     from benchmarks.datasets import read_audio
 

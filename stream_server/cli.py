@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(render(config, args.print_config_format))
                 return 0
             configure_logging(config.log_level, config.log_format)
+            if config.processes > 1:
+                return run_processes(config, argv[argv.index("serve") + 1 :])
             return asyncio.run(_serve(config))
         if args.command == "transcribe":
             configure_logging(args.log_level)
@@ -122,7 +124,7 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
         max_sessions_per_ip=config.max_sessions_per_ip, idle_timeout_s=config.idle_timeout_s,
         realtime_factor=config.realtime_factor, drain_deadline_s=config.drain_deadline_s, access=access,
         certfile=certfile, keyfile=Path(config.keyfile) if config.keyfile else certfile,
-        log_transcripts=config.log_transcripts, memory_trim_s=config.memory_trim_s,
+        log_transcripts=config.log_transcripts, memory_trim_s=config.memory_trim_s, reuse_port=config.reuse_port,
     )
 
 
@@ -186,6 +188,71 @@ async def _serve(config: ServeConfig) -> int:
     left = await server.drain(config.drain_deadline_s)
     log.info("stopped (%d session(s) cut off at the deadline)", left)
     return 0
+
+
+def run_processes(config: ServeConfig, serve_argv: list[str]) -> int:
+    """Run ``config.processes`` server processes on one port and supervise them.
+
+    Each child is this command again with ``--processes 1 --reuse-port``: its own event loop, GIL and
+    engine, so that several GPUs (or CPU engines) are not funnelled through one Python process. With
+    ``gpus`` > 1, child ``i`` sees only GPU ``i % gpus`` (``CUDA_VISIBLE_DEVICES``) and runs one
+    worker on it. SIGTERM/SIGINT are passed on (each child drains as a single server does); a child
+    that exits otherwise is restarted, unless it dies within 10 s of its start three times in a row.
+
+    Returns:
+        0 after a clean stop, 1 if a child kept failing, 2 for a configuration this mode cannot serve.
+    """
+    import os
+    import subprocess
+    import time
+
+    if config.port == 0:
+        print("granite-stream: --processes needs a fixed --port (the processes must bind the same one)",
+              file=sys.stderr)
+        return 2
+    stopping = False
+
+    def spawn(index: int) -> tuple[subprocess.Popen, float]:
+        env = dict(os.environ, GRANITE_STREAM_PROCESS_INDEX=str(index))
+        extra = ["--processes", "1", "--reuse-port"]
+        if config.gpus > 0:
+            env["CUDA_VISIBLE_DEVICES"] = str(index % config.gpus)
+            extra += ["--gpus", "0"]
+        cmd = [sys.executable, "-m", "stream_server.cli", "serve", *serve_argv, *extra]
+        return subprocess.Popen(cmd, env=env), time.monotonic()
+
+    def forward(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for child, _ in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    children = {i: spawn(i) for i in range(config.processes)}
+    quick_deaths = {i: 0 for i in children}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    log.info("supervising %d server processes on port %d", config.processes, config.port)
+    failed = False
+    while children:
+        time.sleep(0.2)
+        for index, (child, started) in list(children.items()):
+            code = child.poll()
+            if code is None:
+                continue
+            if stopping:
+                del children[index]
+                continue
+            quick_deaths[index] = quick_deaths[index] + 1 if time.monotonic() - started < 10.0 else 0
+            if quick_deaths[index] >= 3:
+                log.error("server process %d keeps exiting (code %s); stopping all", index, code)
+                failed = True
+                forward(signal.SIGTERM, None)
+                del children[index]
+                continue
+            log.error("server process %d exited with code %s; restarting it", index, code)
+            children[index] = spawn(index)
+    return 1 if failed else 0
 
 
 def load_audio(path: Path) -> np.ndarray:

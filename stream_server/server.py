@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import mimetypes
+import os
 import ssl
 import time
 import uuid
@@ -108,6 +109,8 @@ class ServerSettings:
         log_transcripts: log final texts at INFO (off by default: transcripts are personal data).
         memory_trim_s: how often free heap pages go back to the kernel (see :mod:`stream_server.memory`);
             0 never.
+        reuse_port: bind with ``SO_REUSEPORT`` so that several server processes share the port (the
+            kernel spreads new connections over them).
     """
 
     host: str = "127.0.0.1"
@@ -129,6 +132,7 @@ class ServerSettings:
     keyfile: Path | None = None
     log_transcripts: bool = False
     memory_trim_s: float = 60.0
+    reuse_port: bool = False
 
 
 class _Metrics:
@@ -262,6 +266,7 @@ class StreamServer:
             max_size=max(self.settings.session.max_frame_bytes, self.settings.session.limits.max_text_bytes) + 1024,
             ping_interval=20,
             ping_timeout=20,
+            reuse_port=self.settings.reuse_port or None,
         )
         self._started_at = time.monotonic()
         self._supervisor = asyncio.create_task(self._supervise())
@@ -405,6 +410,7 @@ class StreamServer:
             "worker_restarts": self.worker.restarts,
             "stuck_workers": stuck,
             "draining": self.draining,
+            "pid": os.getpid(),  # with --processes, which process answered
         }
         if hasattr(self.worker, "load"):
             body["workers"] = self.worker.load()

@@ -37,6 +37,11 @@ class ServeConfig:
     device: str = _opt("auto", "auto, cpu or cuda", "engine", ("auto", "cpu", "cuda"))
     gpus: int = _opt(0, "workers on GPUs 0..N-1, one engine each (0: one worker on --device)", "engine")
     cpu_threads: int = _opt(0, "engine CPU threads (0: library default)", "engine")
+    processes: int = _opt(1, "server processes sharing the port (SO_REUSEPORT, Linux), each with its own event loop "
+                          "and engine; with gpus > 1 process i gets GPU i mod gpus; limits and /metrics are per process",
+                          "pool")
+    reuse_port: bool = _opt(False, "bind with SO_REUSEPORT so that several processes share the port (set for the "
+                            "children of --processes)", "pool")
     inference: str = _opt("local", "local: engines in this process; ray: a Ray Serve inference pool (needs the ray extra)",
                           "pool", ("local", "ray"))
     ray_address: str = _opt("local", "Ray cluster: local (start one in this process), auto (this host's cluster) "
