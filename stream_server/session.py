@@ -118,7 +118,6 @@ class _Utterance:
     final_request: InferenceRequest | None = None  # the final this utterance waits for
     final_text: str | None = None
     final_error: dict | None = None
-    final_result: InferenceResult | None = None  # the engine's answer, applied when the end is known
     language: str | None = None
     early_request: InferenceRequest | None = None  # a final decoded while the silence is still short
     early_outcome: tuple[InferenceResult | None, str | None, str] | None = None  # (result, error, code)

@@ -632,7 +632,10 @@ class GraniteEngine(Engine):
             counts.append(blocks)
         windows = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         graphs = self.projector_graphs
-        out = graphs(windows) if graphs is not None else self._project_windows(windows)
+        # A copy out of the graph's static output: one batch can project twice (speculative drafts,
+        # then the autoregressive rest), and a replay of the same bucket would overwrite the first
+        # call's embeddings while drafts that failed verification still need them.
+        out = graphs(windows).clone() if graphs is not None else self._project_windows(windows)
         start = 0
         for w, blocks in zip(todo, counts):
             w.audio_embeds = out[start : start + blocks].reshape(-1, out.shape[-1])[: w.n_tokens]
