@@ -242,6 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of sections to skip: b1,breakdown,b64,spec,varlen")
     ap.add_argument("--compile", action="store_true",
                     help="also measure the graphs backend with a torch.compile'd decode layer (CUDA)")
+    ap.add_argument("--encoder-graphs", action="store_true",
+                    help="fast path with encoder_batching='padded', so the encoder and projector replay CUDA graphs "
+                         "(the server's setting; graphs are captured in the warm-up repeats)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -286,7 +289,7 @@ def main(argv=None) -> int:
                    decode_backend=backend, max_batch=max(args.batch, 8), **kw)
 
     base = engine("generate")
-    fast = engine(fast_backend)
+    fast = engine(fast_backend, **({"encoder_batching": "padded"} if args.encoder_graphs else {}))
     rb = max(2, args.repeats // 3)
     utt = clip(args.seconds, 1)
 
