@@ -153,6 +153,7 @@ async def _serve(config: ServeConfig) -> int:
 
     # Before the engine and worker threads exist, so that they share the capped arenas.
     memory.limit_arenas(config.malloc_arenas)
+    memory.fix_mmap_threshold(config.malloc_mmap_threshold_kb * 1024)
     memory.limit_onednn_cache(16)
 
     try:

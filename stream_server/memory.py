@@ -31,6 +31,7 @@ import logging
 log = logging.getLogger(__name__)
 
 _M_ARENA_MAX = -8  # from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
@@ -60,6 +61,25 @@ def limit_arenas(count: int) -> bool:
     if libc is None or count <= 0:
         return False
     return bool(libc.mallopt(_M_ARENA_MAX, ctypes.c_int(count)))
+
+
+def fix_mmap_threshold(size: int) -> bool:
+    """Serve allocations of at least ``size`` bytes with their own mmap, returned to the kernel on free.
+
+    glibc starts at 128 KiB but raises the threshold (up to 32 MiB) each time such a block is freed,
+    after which audio buffers and feature arrays of a few hundred KiB come from the heap and leave
+    holes that RSS never gives back. Setting it fixes the threshold (and turns the raising off).
+
+    Args:
+        size: threshold in bytes; 0 leaves glibc's dynamic threshold.
+
+    Returns:
+        True when applied, False without glibc or with ``size`` 0.
+    """
+    libc = _libc()
+    if libc is None or size <= 0:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(size)))
 
 
 def limit_onednn_cache(entries: int) -> None:

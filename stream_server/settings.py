@@ -79,6 +79,8 @@ class ServeConfig:
     keyfile: str = _opt("", "TLS private key (PEM; default: the certfile)", "security")
     malloc_arenas: int = _opt(2, "cap glibc's malloc arenas (0: glibc's default of 8 per core); fewer arenas keep RSS "
                               "from creeping up over days", "memory")
+    malloc_mmap_threshold_kb: int = _opt(256, "allocations this large get their own mmap, returned on free (0: glibc's "
+                                         "dynamic threshold, which lets large buffers fragment the heap)", "memory")
     memory_trim_s: float = _opt(60.0, "every this many seconds, give free heap pages back to the kernel (0: never)",
                                 "memory")
     log_transcripts: bool = _opt(False, "log final transcripts (off: they are personal data)", "logging")

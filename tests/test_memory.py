@@ -17,6 +17,8 @@ GLIBC = bool(ctypes.util.find_library("c")) and memory._libc() is not None
 def test_arena_cap_and_trim_talk_to_glibc():
     assert memory.limit_arenas(2) is True
     assert memory.limit_arenas(0) is False  # 0 keeps glibc's default
+    assert memory.fix_mmap_threshold(256 * 1024) is True
+    assert memory.fix_mmap_threshold(0) is False
     big = [bytearray(1 << 20) for _ in range(64)]  # 64 MiB, then freed: something to give back
     del big
     assert isinstance(memory.trim(), bool)
