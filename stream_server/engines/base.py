@@ -178,6 +178,10 @@ class Engine(abc.ABC):
 
         Raises:
             Exception: any failure fails the whole batch; the worker reports it per request.
+
+        Engines that declare ``capabilities.early_results`` also accept ``on_result``, a callable
+        ``(index, result)`` that they call (from the worker thread) for results ready before the
+        whole batch is; the returned list still holds every result.
         """
 
     def warmup(self) -> None:
