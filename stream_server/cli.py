@@ -211,6 +211,10 @@ def run_processes(config: ServeConfig, serve_argv: list[str]) -> int:
         print("granite-stream: --processes needs a fixed --port (the processes must bind the same one)",
               file=sys.stderr)
         return 2
+    if config.inference == "ray" and config.ray_address == "local":
+        print("granite-stream: --processes with --inference ray needs a shared cluster (--ray-address auto or "
+              "ray://…); with 'local' every process would start its own", file=sys.stderr)
+        return 2
     stopping = False
 
     def spawn(index: int) -> tuple[subprocess.Popen, float]:

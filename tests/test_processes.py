@@ -67,3 +67,9 @@ def test_processes_need_a_fixed_port():
     result = subprocess.run([sys.executable, "-m", "stream_server.cli", "serve", "--port", "0", "--processes", "2"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "fixed --port" in result.stderr
+
+
+def test_processes_refuse_a_private_ray_cluster_each():
+    result = subprocess.run([sys.executable, "-m", "stream_server.cli", "serve", "--port", "8799", "--processes", "2",
+                             "--inference", "ray"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "shared cluster" in result.stderr
