@@ -43,7 +43,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-async def test_two_processes_share_the_port_serve_speech_and_stop_on_sigterm(librivox_clips):
+async def test_two_processes_share_the_port_serve_speech_survive_a_crash_and_stop_on_sigterm(librivox_clips):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "stream_server.cli", "serve", "--engine", "whisper", "--port", str(port),
@@ -55,9 +55,19 @@ async def test_two_processes_share_the_port_serve_speech_and_stop_on_sigterm(lib
         events = await stream_clip(f"ws://127.0.0.1:{port}{LISTEN_PATH}", audio[: rate * 3], rate, pace=4.0)
         assert [e["type"] for e in events][-1] == "end"
         assert any(e["type"] == "final" and e["text"] for e in events)
+        # A process that dies is replaced; the port keeps being served meanwhile by the other one.
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        now_serving: set[int] = set()
+        while time.monotonic() < deadline and not (now_serving - pids):
+            now_serving |= await _ready_pids(port, want=2, timeout=5)
+        replacement = now_serving - pids
+        assert replacement, f"no new process answered after {victim} was killed (saw {now_serving})"
+        assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert not any(_alive(pid) for pid in pids)
+        assert not any(_alive(pid) for pid in pids | replacement)
     finally:
         if proc.poll() is None:
             proc.kill()
