@@ -103,10 +103,13 @@ class EncoderGraphs:
             return self.encoder(features).last_hidden_state
         key = (batch_bucket(batch), frames)
         entry = self._graphs.get(key) or self._capture(*key)
-        entry.static_in[:batch].copy_(features)
-        if batch < key[0]:
-            entry.static_in[batch:].zero_()
-        entry.graph.replay()
+        # Replay runs on the *current* device's stream: make it this encoder's (a worker thread's
+        # current device is cuda:0 unless set, and an engine may live on cuda:1).
+        with torch.cuda.device(self.device):
+            entry.static_in[:batch].copy_(features)
+            if batch < key[0]:
+                entry.static_in[batch:].zero_()
+            entry.graph.replay()
         self.replays += 1
         assert self._out is not None
         return self._out[:batch, :frames]
@@ -186,10 +189,11 @@ class WindowGraphs:
             self.eager_calls += 1
             return self.fn(items)
         graph, static_in, static_out = self._graphs.get(key) or self._capture(key)
-        static_in[:n].copy_(items)
-        if n < key:
-            static_in[n:].zero_()
-        graph.replay()
+        with torch.cuda.device(self.device):  # replay on this device's stream (see EncoderGraphs)
+            static_in[:n].copy_(items)
+            if n < key:
+                static_in[n:].zero_()
+            graph.replay()
         self.replays += 1
         return static_out[:n]
 
