@@ -411,19 +411,10 @@ def _device_worker_class():
     from stream_server.worker import InferenceWorker
 
     class DeviceWorker(InferenceWorker):
-        """An InferenceWorker whose thread makes its engine's GPU the current device first.
-
-        The stock worker thread keeps device 0 current; eager ops follow their tensors' device, but
-        CUDA-graph capture/replay (``decode_backend="graphs"``) uses the current device's streams
-        and pool, so an engine on ``cuda:1`` needs its thread switched (see docs/gpu_server.md).
-        """
+        """The stock worker (which makes its engine's GPU current in its thread), optionally profiled
+        (``--profile-dir``)."""
 
         def _run(self) -> None:
-            device = getattr(self.engine, "device", None)
-            if device is not None and getattr(device, "type", "") == "cuda":
-                import torch
-
-                torch.cuda.set_device(device)
             if PROFILE_DIR is None:
                 super()._run()
                 return

@@ -283,6 +283,12 @@ class InferenceWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        device = getattr(self.engine, "device", None)
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            # CUDA-graph capture and replay use the current device's streams; a new thread's is cuda:0.
+            torch.cuda.set_device(device)
         batch: list[tuple[InferenceRequest, object]] = []
         try:
             while True:
