@@ -407,12 +407,59 @@ def _dump_profile(profiler: "cProfile.Profile", name: str) -> None:
     (folder / f"{name}.txt").write_text(text.getvalue())
 
 
+def summarize_batches(log: list[dict]) -> dict:
+    """Where a level's inference time went: queue waits by kind, and batches with finals vs partials only.
+
+    A batch with finals runs their autoregressive decode, so the partials queued behind it wait for it.
+    """
+    def pct(xs: list[float]) -> dict:
+        if not xs:
+            return {"n": 0}
+        a = np.sort(np.asarray(xs))
+        return {"n": len(a), "p50": round(float(np.quantile(a, 0.5)), 4), "p95": round(float(np.quantile(a, 0.95)), 4),
+                "max": round(float(a[-1]), 4)}
+
+    with_finals = [b for b in log if b["finals"]]
+    partial_only = [b for b in log if not b["finals"]]
+    busy = sum(b["seconds"] for b in log) or 1.0
+    return {
+        "queue_wait_partial_s": pct([w for b in log for w in b["waits"]["partial"]]),
+        "queue_wait_final_s": pct([w for b in log for w in b["waits"]["final"]]),
+        "batch_s_with_finals": pct([b["seconds"] for b in with_finals]),
+        "batch_s_partials_only": pct([b["seconds"] for b in partial_only]),
+        "finals_per_final_batch": round(float(np.mean([b["finals"] for b in with_finals])), 1) if with_finals else None,
+        "partials_per_batch": round(float(np.mean([b["partials"] for b in log])), 1) if log else None,
+        "busy_share_batches_with_finals": round(sum(b["seconds"] for b in with_finals) / busy, 3),
+    }
+
+
 def _device_worker_class():
     from stream_server.worker import InferenceWorker
 
     class DeviceWorker(InferenceWorker):
         """The stock worker (which makes its engine's GPU current in its thread), optionally profiled
         (``--profile-dir``)."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._submitted_at: dict[int, float] = {}
+            self.batch_log: list[dict] = []  # one entry per engine call: what waited how long for what
+
+        def submit(self, request):
+            future = super().submit(request)
+            self._submitted_at[id(future)] = time.monotonic()
+            return future
+
+        def _run_batch(self, batch) -> None:
+            started = time.monotonic()
+            waits = {"final": [], "partial": []}
+            for request, future in batch:
+                at = self._submitted_at.pop(id(future), None)
+                if at is not None:
+                    waits["final" if request.kind == "final" else "partial"].append(started - at)
+            super()._run_batch(batch)
+            self.batch_log.append({"finals": len(waits["final"]), "partials": len(waits["partial"]),
+                                   "seconds": time.monotonic() - started, "waits": waits})
 
         def _run(self) -> None:
             if PROFILE_DIR is None:
@@ -464,6 +511,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             sched0 = [(w.scheduler.stats.batches, sum(k * v for k, v in w.scheduler.stats.batch_sizes.items()),
                        w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds) for w in workers]
             h0 = hist_snapshot(server)
+            log0 = [len(w.batch_log) for w in workers]
             cpu0 = thread_cpu()
             pc0 = time.process_time()
             t0 = time.perf_counter()
@@ -499,6 +547,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                 row["projector_graphs"] = [
                     {"captures": g.captures, "replays": g.replays, "eager_calls": g.eager_calls} if g else None
                     for g in (getattr(e, "projector_graphs", None) for e in engines[:n_workers])]
+            row["batch_breakdown"] = [summarize_batches(w.batch_log[n0:]) for w, n0 in zip(workers, log0)]
             row["workers_detail"] = []
             for w, (b0, r0, rep0, rej0, busy0) in zip(workers, sched0):
                 st = w.scheduler.stats
@@ -527,6 +576,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             out.setdefault("levels", []).append(row)
             _save(out, args.out)
             print(_line(row), flush=True)
+            print(f"[{n_workers}w] batches: {json.dumps(row['batch_breakdown'])}", flush=True)
             if not ok and row["final_latency"]["p95"] in (None, "inf") or (
                     not ok and float(row["final_latency"]["p95"]) > args.stop_s):
                 print(f"[{n_workers}w] stop: p95 final above {args.stop_s} s", flush=True)
@@ -546,7 +596,7 @@ def server_process_main(index: int, args_dict: dict, port: int, ready, stop) -> 
     """
     args = argparse.Namespace(**args_dict)
     if not args.cpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % args.n_gpus)
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % (args.server_gpus or args.n_gpus))
     args.n_gpus = 1
     _raise_nofile()
     engine = build_engines(args)[0]
@@ -706,6 +756,9 @@ def main(argv=None) -> int:
     ap.add_argument("--server-processes", type=int, default=0,
                     help="instead of --workers: this many server processes (one engine and GPU each) on one port, "
                          "as `serve --processes N --gpus N` runs them; levels from --levels-multi or --levels")
+    ap.add_argument("--server-gpus", type=int, default=0,
+                    help="GPUs for --server-processes (process i gets GPU i mod this; default: one GPU per process); "
+                         "e.g. 1 with --server-processes 2 puts two processes on one GPU")
     ap.add_argument("--profile-dir", default=None,
                     help="write cProfile stats of the inference threads and the event loop (per level) here")
     args = ap.parse_args(argv)
@@ -715,7 +768,7 @@ def main(argv=None) -> int:
     args.levels_multi = [int(x) for x in args.levels_multi.split(",") if x]
     worker_counts = [int(x) for x in args.workers.split(",") if x]
     args.warm_seconds = [float(x) for x in args.warm_seconds.split(",") if x]
-    args.n_gpus = max(worker_counts + [args.server_processes])
+    args.n_gpus = max(worker_counts + [args.server_gpus or args.server_processes])
     args.cpu = args.cpu or args.echo
     os.environ.update(SAFE_ENV)
     started = time.monotonic()
