@@ -222,3 +222,110 @@ async def test_early_results_reach_their_futures_before_the_batch_ends(fail_afte
     finally:
         engine.release.set()
         worker.stop()
+
+
+# ---------------------------------------------------------------------------------------------- partial lane
+def ctc_partial(session="s", utterance=0, seconds=1.0, mode="ctc"):
+    r = req(session, utterance, "partial", seconds)
+    r.partial_mode = mode
+    return r
+
+
+def lane_scheduler(**kw):
+    return BatchScheduler(max_wait=0.0, lane_accepts=lambda r: r.kind == "partial" and r.partial_mode == "ctc", **kw)
+
+
+def test_lane_partials_have_their_own_queue():
+    s = lane_scheduler(max_batch=8)
+    s.submit(ctc_partial("a"), 0.0, "lane-a")
+    s.submit(ctc_partial("b", mode="llm"), 0.1, "main-b")
+    s.submit(req("c", 0, "final"), 0.2, "final-c")
+    assert len(s) == 3 and s.lane_depth == 1
+    assert [t for _, t in s.take_batch(1.0)] == ["final-c", "main-b"]  # the main thread never sees lane work
+    assert s.wait_time(1.0) is None and s.wait_time(1.0, lane=True) == 0.0
+    assert [t for _, t in s.take_batch(1.0, lane=True)] == ["lane-a"]
+    assert s.take_batch(1.0, lane=True) == [] and len(s) == 0
+
+
+def test_lane_partials_are_replaced_dropped_and_bounded_like_the_others():
+    s = lane_scheduler(max_batch=8, max_queue=2, final_reserve=1)
+    assert s.submit(ctc_partial("a"), 0.0, "old") == []
+    assert s.submit(ctc_partial("a"), 0.1, "new") == ["old"]
+    s.submit(ctc_partial("b", mode="llm"), 0.1, "b")
+    with pytest.raises(QueueFull):  # the bound counts both queues
+        s.submit(ctc_partial("c"), 0.2, "c")
+    assert s.submit(req("a", 0, "final"), 0.3, "final") == ["new"]  # the utterance ended
+    assert s.lane_depth == 0
+    assert [t for _, t in s.take_batch(0.3)] == ["final", "b"]
+    s.submit(ctc_partial("d"), 0.4, "d")
+    assert sorted(map(str, s.drop_session("d"))) == ["d"]
+    s.submit(ctc_partial("e"), 0.5, "e")
+    s.submit(ctc_partial("f", mode="llm"), 0.5, "f")
+    assert sorted(map(str, s.drop_all())) == ["e", "f"] and len(s) == 0
+
+
+class LaneEngine(CountingEngine):
+    """A fake engine with a partial lane: main batches block until released; the lane answers at once."""
+
+    def __init__(self):
+        import threading
+
+        super().__init__(partial_lane=True)
+        self.release = threading.Event()
+        self.lane_batches: list[list] = []
+        self.lane_threads: set[str] = set()
+        self.main_threads: set[str] = set()
+        engine = self
+
+        from stream_server.engines.base import PartialLane
+
+        class Lane(PartialLane):
+            def accepts(self, request):
+                return request.kind == "partial" and request.partial_mode == "ctc"
+
+            def transcribe_batch(self, requests):
+                engine.lane_threads.add(threading.current_thread().name)
+                engine.lane_batches.append(list(requests))
+                if any(r.utterance_id == 99 for r in requests):
+                    raise RuntimeError("injected lane failure")
+                return CountingEngine.transcribe_batch(engine, requests)
+
+        self.lane = Lane()
+
+    def partial_lane(self):
+        return self.lane
+
+    def transcribe_batch(self, requests):
+        import threading
+
+        self.main_threads.add(threading.current_thread().name)
+        assert self.release.wait(5), "the test never released the main batch"
+        return CountingEngine.transcribe_batch(self, requests)
+
+
+async def test_lane_partials_are_answered_while_a_final_batch_is_still_running():
+    engine = LaneEngine()
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=8, max_wait=0.01))
+    worker.start()
+    try:
+        final = worker.submit(req("a", 0, "final", seconds=1.0))
+        await asyncio.sleep(0.05)  # the main thread now holds the final's batch
+        partial = worker.submit(ctc_partial("b", 0, seconds=0.85))
+        llm_partial = worker.submit(ctc_partial("c", 0, seconds=0.85, mode="llm"))
+        assert (await asyncio.wait_for(partial, 5)).text == "w0 w1"
+        assert not final.done() and not llm_partial.done()  # those wait for the main thread
+        engine.release.set()
+        assert (await asyncio.wait_for(final, 5)).text == "w0 w1"
+        assert (await asyncio.wait_for(llm_partial, 5)).text == "w0 w1"
+        assert engine.lane_threads.isdisjoint(engine.main_threads)
+        # A failing lane batch fails only its own requests (retried one by one) and the lane lives on.
+        bad = worker.submit(ctc_partial("d", 99))
+        good = worker.submit(ctc_partial("e", 0, seconds=0.45))
+        with pytest.raises(RuntimeError, match="injected lane failure"):
+            await asyncio.wait_for(bad, 5)
+        assert (await asyncio.wait_for(good, 5)).text == "w0"
+        assert worker.alive and worker.lane_busy_seconds > 0
+    finally:
+        engine.release.set()
+        worker.stop()
+    assert not worker.alive
