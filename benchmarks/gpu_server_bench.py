@@ -714,7 +714,7 @@ def _line(r: dict) -> str:
     return (f"[{r['workers']}w] {r['streams']:5d} streams | final p50 {fl['p50']} p95 {fl['p95']} p99 {fl['p99']} "
             f"({r['clips_finalized']}/{r['clips']}) | partial lag p95 {pl['p95']} | fails {r['stream_failures']} | "
             f"loop {sc['event_loop_thread_percent']}% proc {sc['process_percent']}% | "
-            f"busy {[w['busy_percent'] for w in wd]} batch {[w['mean_batch'] for w in wd]} | gpu {g} | "
+            f"busy {[w['busy_percent'] for w in wd]} lane {[w.get('lane_busy_percent') for w in wd]} batch {[w['mean_batch'] for w in wd]} | gpu {g} | "
             f"lg cpu max {r['loadgen']['cpu_percent_per_proc_max']}% late p99 {r['loadgen']['send_late_p99_s_max']:.3f} | "
             f"{'OK' if r['meets_target'] else 'MISS'}")
 
@@ -767,12 +767,18 @@ def main(argv=None) -> int:
                          "as `serve --processes N --gpus N` runs them; levels from --levels-multi or --levels")
     ap.add_argument("--partial-lane", default="auto", choices=("auto", "on", "off"),
                     help="CTC partials on the worker's second thread (GraniteEngine partial_lane; auto = on with CUDA)")
+    ap.add_argument("--dump-stacks", default=None,
+                    help="file to which every thread's Python stack is appended every 20 s (hang diagnosis)")
     ap.add_argument("--server-gpus", type=int, default=0,
                     help="GPUs for --server-processes (process i gets GPU i mod this; default: one GPU per process); "
                          "e.g. 1 with --server-processes 2 puts two processes on one GPU")
     ap.add_argument("--profile-dir", default=None,
                     help="write cProfile stats of the inference threads and the event loop (per level) here")
     args = ap.parse_args(argv)
+    if args.dump_stacks:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(20.0, repeat=True, file=open(args.dump_stacks, "a"))
     global PROFILE_DIR
     PROFILE_DIR = args.profile_dir
     args.levels = [int(x) for x in args.levels.split(",") if x]
