@@ -604,6 +604,8 @@ def server_process_main(index: int, args_dict: dict, port: int, ready, stop) -> 
     GIL and engine; the kernel spreads connections over the processes (SO_REUSEPORT).
     """
     args = argparse.Namespace(**args_dict)
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     if not args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index % (args.server_gpus or args.n_gpus))
     args.n_gpus = 1
@@ -767,6 +769,9 @@ def main(argv=None) -> int:
                          "as `serve --processes N --gpus N` runs them; levels from --levels-multi or --levels")
     ap.add_argument("--partial-lane", default="auto", choices=("auto", "on", "off"),
                     help="CTC partials on the worker's second thread (GraniteEngine partial_lane; auto = on with CUDA)")
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="sys.setswitchinterval for the server process(es): how long a thread may hold the GIL "
+                         "while another waits (Python's default 5 ms)")
     ap.add_argument("--dump-stacks", default=None,
                     help="file to which every thread's Python stack is appended every 20 s (hang diagnosis)")
     ap.add_argument("--server-gpus", type=int, default=0,
@@ -775,6 +780,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-dir", default=None,
                     help="write cProfile stats of the inference threads and the event loop (per level) here")
     args = ap.parse_args(argv)
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     if args.dump_stacks:
         import faulthandler
 

@@ -612,10 +612,12 @@ class GraniteEngine(Engine):
                     members = [works[i] for i in group]
                     # Zero-pad the audio to the group's length bucket: features of silence, one replay.
                     frames = graphs.bucket_frames(max(w.n_frames for w in members))
-                    audio = torch.zeros(len(members), graphs.samples_for(frames))
+                    # Assembled in numpy: a torch copy per row would release and re-take the GIL per
+                    # row, and each re-take can wait a whole switch interval behind the event loop.
+                    audio = np.zeros((len(members), graphs.samples_for(frames)), np.float32)
                     for i, w in enumerate(members):
-                        audio[i, : w.samples.shape[0]] = w.samples
-                    feats = self.features.log_mel_stacked(audio.to(self.device, non_blocking=True))
+                        audio[i, : w.samples.shape[0]] = w.samples.numpy()
+                    feats = self.features.log_mel_stacked(torch.from_numpy(audio).to(self.device, non_blocking=True))
                     hidden = graphs(feats.to(self.dtype))
                     if g < len(groups) - 1:
                         hidden = hidden.clone()  # the graphs' output buffer is reused by the next group
