@@ -196,7 +196,7 @@ def build_engines(args) -> list:
             speculative=False, encoder_batching=args.encoder_batching,
             decode_options=dict({"compile_step": True} if args.compile_step else {}, max_graphs=args.decode_max_graphs),
             encoder_backend="eager" if args.cpu else args.encoder_backend,
-            partial_lane={"auto": None, "on": True, "off": False}[args.partial_lane],
+            partial_lane=args.partial_lane == "on",
         )
         print(f"engine {i} on {device}: built in {time.perf_counter() - t0:.1f} s", flush=True)
         engines.append(eng)
@@ -767,8 +767,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server-processes", type=int, default=0,
                     help="instead of --workers: this many server processes (one engine and GPU each) on one port, "
                          "as `serve --processes N --gpus N` runs them; levels from --levels-multi or --levels")
-    ap.add_argument("--partial-lane", default="auto", choices=("auto", "on", "off"),
-                    help="CTC partials on the worker's second thread (GraniteEngine partial_lane; auto = on with CUDA)")
+    ap.add_argument("--partial-lane", default="off", choices=("on", "off"),
+                    help="CTC partials on the worker's second thread (GraniteEngine partial_lane)")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for the server process(es): how long a thread may hold the GIL "
                          "while another waits (Python's default 5 ms)")

@@ -87,8 +87,8 @@ def test_partial_lane_runs_beside_the_main_thread_and_matches_it(tiny_cuda):
 
     model, tokenizer = tiny_cuda
     eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", encoder_batching="padded",
-                        decode_backend="graphs", max_batch=8, speculative=False)
-    assert eng.capabilities.partial_lane  # default on CUDA
+                        decode_backend="graphs", max_batch=8, speculative=False, partial_lane=True)
+    assert eng.capabilities.partial_lane
     eng.warmup(graph_seconds=3.0)
     lane = eng.partial_lane()
     assert lane.encoder_graphs is not eng.encoder_graphs and lane.encoder_graphs.captures > 0

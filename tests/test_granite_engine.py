@@ -571,7 +571,7 @@ def test_ctc_partials_are_reported_before_the_finals_are_decoded(tiny, monkeypat
 def test_partial_lane_serves_ctc_partials_like_the_main_path(tiny):
     # The lane is the worker's second thread for CTC partials: same text as the main path, counted
     # in the same stats; it refuses what the CTC head cannot serve (those stay on the main thread).
-    assert not make_engine(tiny).capabilities.partial_lane  # default: only on CUDA
+    assert not make_engine(tiny).capabilities.partial_lane  # opt-in
     eng = make_engine(tiny, partial_lane=True)
     assert eng.capabilities.partial_lane and eng.partial_lane() is eng.partial_lane()
     lane = eng.partial_lane()

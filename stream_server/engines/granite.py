@@ -14,7 +14,7 @@ Pipeline per request (``transcribe_batch``):
    logits, so the engine computes them as ``encoder.out(last_hidden_state)``, exactly like IBM's
    self-speculative decoding notebook (granite-speech-models, ``speculative_decoding_notebook``).
 3. **Partials with ``partial_mode="ctc"``** stop here: greedy CTC (argmax, collapse repeats, drop
-   blank) → text. No projector, no LLM. With ``partial_lane`` (default on CUDA) they run on the
+   blank) → text. No projector, no LLM. With ``partial_lane=True`` (opt-in) they run on the
    worker's second thread, on a CUDA stream and encoder graphs of their own
    (:class:`CtcPartialLane`), so they overlap the finals' LLM decode on the GPU instead of queueing
    behind it.
@@ -249,8 +249,8 @@ class GraniteEngine(Engine):
             and ``encoder_batching="padded"``, whose approximation it shares) or ``"auto"`` (graphs
             where allowed).
         partial_lane: serve CTC partials through :meth:`partial_lane` (a second worker thread with
-            its own CUDA stream and encoder graphs) — ``None`` (default): on when the model is on
-            CUDA and has a CTC head; ``True`` forces it on (also on CPU, where it only adds a thread).
+            its own CUDA stream and encoder graphs; needs the CTC head). Off by default: on an H200 it
+            did not shorten partial lag at 400 streams and lengthened finals (docs/gpu_server.md).
     """
 
     def __init__(
@@ -284,7 +284,7 @@ class GraniteEngine(Engine):
         decode_backend: str = "auto",
         decode_options: dict | None = None,
         encoder_backend: str = "auto",
-        partial_lane: bool | None = None,
+        partial_lane: bool = False,
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -391,7 +391,7 @@ class GraniteEngine(Engine):
             max_batch=max_batch,
             language_detection=False,
             early_results=True,
-            partial_lane=self.has_ctc and (self.device.type == "cuda" if partial_lane is None else bool(partial_lane)),
+            partial_lane=self.has_ctc and bool(partial_lane),
         )
         self._partial_lane: CtcPartialLane | None = None
 
