@@ -196,7 +196,6 @@ def build_engines(args) -> list:
             speculative=False, encoder_batching=args.encoder_batching,
             decode_options=dict({"compile_step": True} if args.compile_step else {}, max_graphs=args.decode_max_graphs),
             encoder_backend="eager" if args.cpu else args.encoder_backend,
-            partial_lane=args.partial_lane == "on",
         )
         print(f"engine {i} on {device}: built in {time.perf_counter() - t0:.1f} s", flush=True)
         engines.append(eng)
@@ -232,8 +231,8 @@ def warm(engine, args, clips_audio: list[np.ndarray], index: int) -> float:
                     msg = f"warm engine {index} b={b} s={s} {kind}: {type(exc).__name__}: {str(exc)[:200]}"
                     print(msg, flush=True)
                     WARM_ERRORS.append(msg)
-    if getattr(engine, "encoder_graphs", None) is not None or engine.capabilities.partial_lane:
-        # Encoder and projector graphs (and the partial lane's) for every batch bucket up to the longest warm length (+ rolls, margin).
+    if getattr(engine, "encoder_graphs", None) is not None:
+        # Encoder and projector graphs for every batch bucket up to the longest warm length (+ rolls, margin).
         engine.warmup(graph_seconds=max(lens) + 3.0)
     if not args.cpu:
         torch.cuda.synchronize(index)
@@ -420,16 +419,10 @@ def summarize_batches(log: list[dict]) -> dict:
         return {"n": len(a), "p50": round(float(np.quantile(a, 0.5)), 4), "p95": round(float(np.quantile(a, 0.95)), 4),
                 "max": round(float(a[-1]), 4)}
 
-    lane = [b for b in log if b.get("lane")]
-    log = [b for b in log if not b.get("lane")]
     with_finals = [b for b in log if b["finals"]]
     partial_only = [b for b in log if not b["finals"]]
     busy = sum(b["seconds"] for b in log) or 1.0
     return {
-        "lane_batches": len(lane),
-        "lane_partials_per_batch": round(float(np.mean([b["partials"] for b in lane])), 1) if lane else None,
-        "lane_batch_s": pct([b["seconds"] for b in lane]),
-        "queue_wait_lane_s": pct([w for b in lane for w in b["waits"]["partial"]]),
         "queue_wait_partial_s": pct([w for b in log for w in b["waits"]["partial"]]),
         "queue_wait_final_s": pct([w for b in log for w in b["waits"]["final"]]),
         "batch_s_with_finals": pct([b["seconds"] for b in with_finals]),
@@ -457,28 +450,28 @@ def _device_worker_class():
             self._submitted_at[id(future)] = time.monotonic()
             return future
 
-        def _run_batch(self, batch, lane: bool = False) -> None:
+        def _run_batch(self, batch) -> None:
             started = time.monotonic()
             waits = {"final": [], "partial": []}
             for request, future in batch:
                 at = self._submitted_at.pop(id(future), None)
                 if at is not None:
                     waits["final" if request.kind == "final" else "partial"].append(started - at)
-            super()._run_batch(batch, lane)
-            self.batch_log.append({"lane": lane, "finals": len(waits["final"]), "partials": len(waits["partial"]),
+            super()._run_batch(batch)
+            self.batch_log.append({"finals": len(waits["final"]), "partials": len(waits["partial"]),
                                    "seconds": time.monotonic() - started, "waits": waits})
 
-        def _run(self, lane: bool = False) -> None:
+        def _run(self) -> None:
             if PROFILE_DIR is None:
-                super()._run(lane)
+                super()._run()
                 return
             profiler = cProfile.Profile()
             profiler.enable()
             try:
-                super()._run(lane)
+                super()._run()
             finally:
                 profiler.disable()
-                _dump_profile(profiler, f"worker-{id(self):x}{'-lane' if lane else ''}")
+                _dump_profile(profiler, f"worker-{id(self):x}")
 
     return DeviceWorker
 
@@ -516,8 +509,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             jobs = [dict(job_base, indices=list(range(p, n, procs))) for p in range(procs)]
             stats0 = [dict(e.stats()) for e in engines[:n_workers]]
             sched0 = [(w.scheduler.stats.batches, sum(k * v for k, v in w.scheduler.stats.batch_sizes.items()),
-                       w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds, w.lane_busy_seconds)
-                      for w in workers]
+                       w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds) for w in workers]
             h0 = hist_snapshot(server)
             log0 = [len(w.batch_log) for w in workers]
             cpu0 = thread_cpu()
@@ -557,7 +549,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                     for g in (getattr(e, "projector_graphs", None) for e in engines[:n_workers])]
             row["batch_breakdown"] = [summarize_batches(w.batch_log[n0:]) for w, n0 in zip(workers, log0)]
             row["workers_detail"] = []
-            for w, (b0, r0, rep0, rej0, busy0, lane0) in zip(workers, sched0):
+            for w, (b0, r0, rep0, rej0, busy0) in zip(workers, sched0):
                 st = w.scheduler.stats
                 batches = st.batches - b0
                 reqs = sum(k * v for k, v in st.batch_sizes.items()) - r0
@@ -565,7 +557,6 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                     "batches": batches, "requests": reqs, "mean_batch": round(reqs / batches, 1) if batches else None,
                     "partials_superseded": st.replaced - rep0, "rejected": st.rejected - rej0,
                     "busy_percent": round(100 * (w.busy_seconds - busy0) / wall, 1),
-                    "lane_busy_percent": round(100 * (w.lane_busy_seconds - lane0) / wall, 1),
                     "thread_cpu_percent": round(100 * (cpu1.get(w._thread.native_id, 0) - cpu0.get(w._thread.native_id, 0)) / wall, 1)
                     if w._thread is not None and w._thread.native_id else None,
                 })
@@ -716,7 +707,7 @@ def _line(r: dict) -> str:
     return (f"[{r['workers']}w] {r['streams']:5d} streams | final p50 {fl['p50']} p95 {fl['p95']} p99 {fl['p99']} "
             f"({r['clips_finalized']}/{r['clips']}) | partial lag p95 {pl['p95']} | fails {r['stream_failures']} | "
             f"loop {sc['event_loop_thread_percent']}% proc {sc['process_percent']}% | "
-            f"busy {[w['busy_percent'] for w in wd]} lane {[w.get('lane_busy_percent') for w in wd]} batch {[w['mean_batch'] for w in wd]} | gpu {g} | "
+            f"busy {[w['busy_percent'] for w in wd]} batch {[w['mean_batch'] for w in wd]} | gpu {g} | "
             f"lg cpu max {r['loadgen']['cpu_percent_per_proc_max']}% late p99 {r['loadgen']['send_late_p99_s_max']:.3f} | "
             f"{'OK' if r['meets_target'] else 'MISS'}")
 
@@ -767,8 +758,6 @@ def main(argv=None) -> int:
     ap.add_argument("--server-processes", type=int, default=0,
                     help="instead of --workers: this many server processes (one engine and GPU each) on one port, "
                          "as `serve --processes N --gpus N` runs them; levels from --levels-multi or --levels")
-    ap.add_argument("--partial-lane", default="off", choices=("on", "off"),
-                    help="CTC partials on the worker's second thread (GraniteEngine partial_lane)")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for the server process(es): how long a thread may hold the GIL "
                          "while another waits (Python's default 5 ms)")

@@ -2,13 +2,10 @@
 
 :class:`BatchScheduler` is the pure queueing policy (testable without threads): finals before
 partials, a newer partial for an utterance replaces a queued older one, bounded depth, and dynamic
-batching (up to ``max_batch`` requests, waiting at most ``max_wait`` for a batch to fill). Partials
-that the engine's partial lane accepts form a queue of their own.
+batching (up to ``max_batch`` requests, waiting at most ``max_wait`` for a batch to fill).
 
 :class:`InferenceWorker` is the thin shell: a thread that takes batches from the scheduler, runs
-the blocking engine, and resolves asyncio futures on the event loop — plus, for an engine that
-declares ``capabilities.partial_lane``, a second thread that serves the lane's queue concurrently
-(CTC partials no longer wait behind a batch of finals being decoded). Inference never runs on the
+the blocking engine, and resolves asyncio futures on the event loop. Inference never runs on the
 event loop.
 """
 
@@ -73,36 +70,21 @@ class BatchScheduler:
         max_queue: bound on queued requests; partials beyond it are refused, finals may use
             ``final_reserve`` extra places so a flood of partials cannot starve endpoints.
         final_reserve: extra places only finals may take.
-        lane_accepts: predicate choosing the partials that go to the lane queue (served by
-            ``take_batch(..., lane=True)``); ``None``: no lane, every request in the main queue.
     """
 
-    def __init__(self, max_batch: int = 8, max_wait: float = 0.005, max_queue: int = 256, final_reserve: int = 64,
-                 lane_accepts: Callable[[InferenceRequest], bool] | None = None):
+    def __init__(self, max_batch: int = 8, max_wait: float = 0.005, max_queue: int = 256, final_reserve: int = 64):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be positive")
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.max_queue = max_queue
         self.final_reserve = final_reserve
-        self.lane_accepts = lane_accepts
         self._finals: collections.deque[_Entry] = collections.deque()
         self._partials: dict[tuple[str, int], _Entry] = {}
-        self._lane_partials: dict[tuple[str, int], _Entry] = {}
         self.stats = SchedulerStats()
 
     def __len__(self) -> int:
-        return len(self._finals) + len(self._partials) + len(self._lane_partials)
-
-    @property
-    def lane_depth(self) -> int:
-        """Partials queued for the lane."""
-        return len(self._lane_partials)
-
-    def _pop_partial(self, key: tuple[str, int]) -> _Entry | None:
-        old = self._partials.pop(key, None)
-        lane_old = self._lane_partials.pop(key, None)
-        return old or lane_old
+        return len(self._finals) + len(self._partials)
 
     @property
     def queued_finals(self) -> int:
@@ -120,7 +102,7 @@ class BatchScheduler:
         replaced: list[object] = []
         if request.kind == "partial":
             key = (request.session_id, request.utterance_id)
-            old = self._pop_partial(key)
+            old = self._partials.pop(key, None)
             if old is not None:
                 replaced.append(old.token)
                 self.stats.replaced += 1
@@ -129,15 +111,14 @@ class BatchScheduler:
                 raise QueueFull(f"inference queue is full ({len(self)} requests)")
             # A replacement keeps its predecessor's place in line so a busy stream's partials are not starved.
             entry = _Entry(request, old.enqueued_at if old else now, token)
-            lane = self.lane_accepts is not None and self.lane_accepts(request)
-            (self._lane_partials if lane else self._partials)[key] = entry
+            self._partials[key] = entry
         else:
             if len(self) >= self.max_queue + self.final_reserve:
                 self.stats.rejected += 1
                 raise QueueFull(f"inference queue is full ({len(self)} requests)")
             self._finals.append(_Entry(request, now, token))
             # The utterance ended: a queued partial for it is pointless now.
-            old = self._pop_partial((request.session_id, request.utterance_id))
+            old = self._partials.pop((request.session_id, request.utterance_id), None)
             if old is not None:
                 replaced.append(old.token)
                 self.stats.replaced += 1
@@ -148,56 +129,48 @@ class BatchScheduler:
         """Remove every queued request of a session; returns their tokens."""
         tokens = [e.token for e in self._finals if e.request.session_id == session_id]
         self._finals = collections.deque(e for e in self._finals if e.request.session_id != session_id)
-        for queue in (self._partials, self._lane_partials):
-            for key in [k for k in queue if k[0] == session_id]:
-                tokens.append(queue.pop(key).token)
+        for key in [k for k in self._partials if k[0] == session_id]:
+            tokens.append(self._partials.pop(key).token)
         return tokens
 
     def drop_all(self) -> list[object]:
         """Empty the queue; returns the tokens of everything that was queued."""
         tokens = [e.token for e in self._finals] + [e.token for e in self._partials.values()]
-        tokens += [e.token for e in self._lane_partials.values()]
         self._finals.clear()
         self._partials.clear()
-        self._lane_partials.clear()
         return tokens
 
-    def wait_time(self, now: float, lane: bool = False) -> float | None:
-        """Seconds until :meth:`take_batch` (of the lane, with ``lane``) would return a batch: 0 when
-        ready, ``None`` when that queue is empty."""
-        partials = self._lane_partials if lane else self._partials
-        queued = len(partials) + (0 if lane else len(self._finals))
-        if not queued:
+    def wait_time(self, now: float) -> float | None:
+        """Seconds until :meth:`take_batch` would return a batch: 0 when ready, ``None`` when empty."""
+        if not len(self):
             return None
-        if queued >= self.max_batch:
+        if len(self) >= self.max_batch:
             return 0.0
         oldest = min(
-            (self._finals[0].enqueued_at if self._finals and not lane else now),
-            min((e.enqueued_at for e in partials.values()), default=now),
+            (self._finals[0].enqueued_at if self._finals else now),
+            min((e.enqueued_at for e in self._partials.values()), default=now),
         )
         return max(0.0, oldest + self.max_wait - now)
 
-    def take_batch(self, now: float, force: bool = False, lane: bool = False) -> list[tuple[InferenceRequest, object]]:
+    def take_batch(self, now: float, force: bool = False) -> list[tuple[InferenceRequest, object]]:
         """Pop the next batch: finals first (oldest first), then partials (oldest first).
 
         Args:
             now: current time, for the max-wait rule.
             force: take what is queued even if the batch is not full and ``max_wait`` has not passed.
-            lane: take from the lane's queue (partials ``lane_accepts`` chose) instead of the main one.
         """
-        wait = self.wait_time(now, lane)
+        wait = self.wait_time(now)
         if wait is None or (wait > 0 and not force):
             return []
         batch: list[tuple[InferenceRequest, object]] = []
-        partials = self._lane_partials if lane else self._partials
-        while self._finals and len(batch) < self.max_batch and not lane:
+        while self._finals and len(batch) < self.max_batch:
             entry = self._finals.popleft()
             batch.append((entry.request, entry.token))
         room = self.max_batch - len(batch)
-        if room > 0 and partials:
-            oldest = sorted(partials.items(), key=lambda item: item[1].enqueued_at)[:room]
+        if room > 0 and self._partials:
+            oldest = sorted(self._partials.items(), key=lambda item: item[1].enqueued_at)[:room]
             for key, entry in oldest:
-                del partials[key]
+                del self._partials[key]
                 batch.append((entry.request, entry.token))
         self.stats.batches += 1
         self.stats.batch_sizes[len(batch)] += 1
@@ -215,11 +188,7 @@ class InferenceWorker:
     Args:
         engine: the engine this worker owns (only this worker's thread calls it).
         scheduler: queueing policy; ``max_batch`` is capped by the engine's capability.
-        on_batch: optional callback ``(requests, seconds)`` after every engine call (metrics), from
-            either thread.
-
-    With an engine that declares ``capabilities.partial_lane``, a second thread serves the partials
-    its :class:`~stream_server.engines.base.PartialLane` accepts, from their own queue.
+        on_batch: optional callback ``(requests, seconds)`` after every engine call (metrics).
     """
 
     def __init__(self, engine: Engine, scheduler: BatchScheduler | None = None, on_batch: BatchObserver | None = None):
@@ -227,13 +196,9 @@ class InferenceWorker:
         # Not `scheduler or ...`: an empty scheduler has len() 0 and is falsy.
         self.scheduler = scheduler if scheduler is not None else BatchScheduler()
         self.scheduler.max_batch = min(self.scheduler.max_batch, engine.capabilities.max_batch)
-        self.lane = engine.partial_lane() if engine.capabilities.partial_lane else None
-        self.scheduler.lane_accepts = self.lane.accepts if self.lane is not None else None
         self.on_batch = on_batch
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._lane_thread: threading.Thread | None = None
-        self.lane_busy_seconds = 0.0
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.busy_seconds = 0.0
@@ -245,15 +210,8 @@ class InferenceWorker:
         """Start the thread; results are delivered on ``loop`` (default: the running loop)."""
         self._loop = loop or asyncio.get_running_loop()
         self._stopping = False
-        self._thread = self._new_thread(lane=False)
+        self._thread = threading.Thread(target=self._run, name=f"inference-{self.engine.capabilities.name}", daemon=True)
         self._thread.start()
-        if self.lane is not None:
-            self._lane_thread = self._new_thread(lane=True)
-            self._lane_thread.start()
-
-    def _new_thread(self, lane: bool) -> threading.Thread:
-        name = f"inference-{self.engine.capabilities.name}" + ("-lane" if lane else "")
-        return threading.Thread(target=self._run, args=(lane,), name=name, daemon=True)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop after the batch in progress; queued requests fail with :class:`Superseded`."""
@@ -263,9 +221,8 @@ class InferenceWorker:
             self._cond.notify_all()
         for fut in tokens:
             self._resolve(fut, exc=Superseded("worker stopped"))
-        for thread in (self._thread, self._lane_thread):
-            if thread is not None:
-                thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     @property
     def queue_depth(self) -> int:
@@ -286,7 +243,7 @@ class InferenceWorker:
         future: asyncio.Future = self._loop.create_future()
         with self._cond:
             replaced = self.scheduler.submit(request, time.monotonic(), future)
-            self._cond.notify_all()  # the main and the lane thread wait for different queues
+            self._cond.notify()
         for old in replaced:
             self._resolve(old, exc=Superseded("replaced by a newer request"))
         return future
@@ -313,31 +270,19 @@ class InferenceWorker:
         Returns:
             True if a restart happened. Requests of the batch in flight when it died were re-queued.
         """
-        if self._stopping or self._thread is None:
+        if self._stopping or self._thread is None or self._thread.is_alive():
             return False
-        restarted = False
-        for lane in (False, True):
-            thread = self._lane_thread if lane else self._thread
-            if thread is None or thread.is_alive():
-                continue
-            log.error("inference worker %sthread died; restarting it (restart #%d)", "lane " if lane else "",
-                      self.restarts + 1)
-            self.restarts += 1
-            thread = self._new_thread(lane)
-            if lane:
-                self._lane_thread = thread
-            else:
-                self._thread = thread
-            thread.start()
-            restarted = True
-        return restarted
+        log.error("inference worker thread died; restarting it (restart #%d)", self.restarts + 1)
+        self.restarts += 1
+        self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
+        self._thread.start()
+        return True
 
     @property
     def alive(self) -> bool:
-        main_ok = self._thread is not None and self._thread.is_alive()
-        return main_ok and (self._lane_thread is None or self._lane_thread.is_alive())
+        return self._thread is not None and self._thread.is_alive()
 
-    def _run(self, lane: bool = False) -> None:
+    def _run(self) -> None:
         device = getattr(self.engine, "device", None)
         if getattr(device, "type", None) == "cuda":
             import torch
@@ -351,13 +296,13 @@ class InferenceWorker:
                     while True:
                         if self._stopping:
                             return
-                        wait = self.scheduler.wait_time(time.monotonic(), lane)
+                        wait = self.scheduler.wait_time(time.monotonic())
                         if wait == 0.0:
                             break
                         self._cond.wait(timeout=wait)
-                    batch = self.scheduler.take_batch(time.monotonic(), lane=lane)
+                    batch = self.scheduler.take_batch(time.monotonic())
                 if batch:
-                    self._run_batch(batch, lane)
+                    self._run_batch(batch)
                     batch = []
         except BaseException:
             # Something killed the thread itself (not an engine error, those are handled per batch).
@@ -369,11 +314,10 @@ class InferenceWorker:
                         self.scheduler.submit(request, time.monotonic(), token)
             raise
 
-    def _run_batch(self, batch: list[tuple[InferenceRequest, object]], lane: bool = False) -> None:
+    def _run_batch(self, batch: list[tuple[InferenceRequest, object]]) -> None:
         requests = [r for r, _ in batch]
         started = time.monotonic()
         delivered: set[int] = set()
-        run = self.lane.transcribe_batch if lane else self.engine.transcribe_batch
 
         def early(index: int, result: InferenceResult) -> None:
             # A result ready before the batch ends (e.g. a CTC partial ahead of the finals' decode).
@@ -382,10 +326,10 @@ class InferenceWorker:
                 self._resolve(batch[index][1], result=result)
 
         try:
-            if self.engine.capabilities.early_results and not lane:
+            if self.engine.capabilities.early_results:
                 results = self.engine.transcribe_batch(requests, on_result=early)
             else:
-                results = run(requests)
+                results = self.engine.transcribe_batch(requests)
             if len(results) != len(requests):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
@@ -400,7 +344,7 @@ class InferenceWorker:
                     if index in delivered:
                         continue  # already answered before the failure
                     try:
-                        [result] = run([request])
+                        [result] = self.engine.transcribe_batch([request])
                     except Exception as single_exc:  # noqa: BLE001
                         self._resolve(future, exc=single_exc)
                     else:
@@ -410,10 +354,7 @@ class InferenceWorker:
                 if index not in delivered:
                     self._resolve(fut, result=result)
         elapsed = time.monotonic() - started
-        if lane:
-            self.lane_busy_seconds += elapsed
-        else:
-            self.busy_seconds += elapsed
+        self.busy_seconds += elapsed
         self.last_batch_at = time.monotonic()
         if self.on_batch is not None:
             try:

@@ -566,29 +566,3 @@ def test_ctc_partials_are_reported_before_the_finals_are_decoded(tiny, monkeypat
     assert at_decode == [[(1, results[1])]]  # the partial was out before the final's decode began
     assert results[1].info["path"] == "partial_ctc" and results[0].info["path"] == "autoregressive"
     assert eng.stats()["partial_ctc"] == 1  # counted once, although reported early
-
-
-def test_partial_lane_serves_ctc_partials_like_the_main_path(tiny):
-    # The lane is the worker's second thread for CTC partials: same text as the main path, counted
-    # in the same stats; it refuses what the CTC head cannot serve (those stay on the main thread).
-    assert not make_engine(tiny).capabilities.partial_lane  # opt-in
-    eng = make_engine(tiny, partial_lane=True)
-    assert eng.capabilities.partial_lane and eng.partial_lane() is eng.partial_lane()
-    lane = eng.partial_lane()
-    audio = [tone(0.7, 300.0, 30), tone(1.9, 700.0, 31)]
-    reqs = [req(a, "partial", i, partial_mode="ctc") for i, a in enumerate(audio)]
-    reqs[1].prefix = "Q"
-    assert all(lane.accepts(r) for r in reqs)
-    assert not lane.accepts(req(audio[0], "partial", partial_mode="llm"))
-    assert not lane.accepts(req(audio[0], "partial", partial_mode="ctc", language="ja"))
-    assert not lane.accepts(req(audio[0], "partial", partial_mode="ctc", task="translate", target_language="fr"))
-    assert not lane.accepts(req(audio[0], "final"))
-    via_lane = lane.transcribe_batch(reqs)
-    via_main = eng.transcribe_batch(reqs)
-    assert [r.text for r in via_lane] == [r.text for r in via_main] and via_lane[1].text.startswith("Q")
-    assert [r.info["path"] for r in via_lane] == ["partial_ctc", "partial_ctc"]
-    assert eng.stats()["partial_ctc"] == 4
-    with pytest.raises(ValueError, match="CTC partials"):
-        lane.transcribe_batch([req(audio[0], "final")])
-    with pytest.raises(NotImplementedError):
-        make_engine(tiny).partial_lane()

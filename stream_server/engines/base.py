@@ -2,9 +2,7 @@
 
 An engine is a blocking, thread-confined object: the inference worker calls
 :meth:`Engine.transcribe_batch` from its own thread, never from the event loop,
-and never from two threads at once. An engine that declares ``partial_lane`` also
-hands out a :class:`PartialLane`, which the worker drives from a second thread,
-concurrently with the main batches (the engine makes that safe). Engines declare what they can do in
+and never from two threads at once. Engines declare what they can do in
 :class:`EngineCapabilities`; the session validates client requests against those
 declarations instead of guessing from the model name.
 """
@@ -42,9 +40,6 @@ class EngineCapabilities:
         early_results: whether :meth:`Engine.transcribe_batch` accepts ``on_result`` and reports
             results that are ready before the rest of the batch (Granite's CTC partials, which would
             otherwise wait for the batch's LLM decode of finals).
-        partial_lane: whether :meth:`Engine.partial_lane` returns a :class:`PartialLane` that serves
-            cheap partials (Granite's CTC partials) on a second worker thread while the main thread
-            decodes finals, so partials never queue behind an LLM decode.
     """
 
     name: str
@@ -58,7 +53,6 @@ class EngineCapabilities:
     max_batch: int = 8
     language_detection: bool = False
     early_results: bool = False
-    partial_lane: bool = False
 
     def check(
         self,
@@ -190,14 +184,6 @@ class Engine(abc.ABC):
         whole batch is; the returned list still holds every result.
         """
 
-    def partial_lane(self) -> "PartialLane":
-        """The engine's partial lane (one per engine), for engines that declare ``capabilities.partial_lane``.
-
-        Raises:
-            NotImplementedError: the engine has none.
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no partial lane")
-
     def warmup(self) -> None:
         """Run one tiny decode so the first real request does not pay for lazy initialisation."""
         self.transcribe_batch(
@@ -211,29 +197,3 @@ class Engine(abc.ABC):
 
     def close(self) -> None:
         """Free the model; the engine is unusable afterwards."""
-
-
-class PartialLane(abc.ABC):
-    """A second, concurrent way into an engine for the partials it can serve cheaply.
-
-    The worker runs :meth:`transcribe_batch` on a thread of its own, at the same time as the
-    engine's main :meth:`Engine.transcribe_batch` (finals, and partials the lane does not accept);
-    never from two lane threads at once. The lane shares the engine's weights but not its mutable
-    per-call state (on a GPU: its own CUDA stream and graph buffers), so that its work overlaps the
-    main thread's on the device instead of waiting behind it.
-    """
-
-    @abc.abstractmethod
-    def accepts(self, request: InferenceRequest) -> bool:
-        """Whether this request is served by the lane (decided once, when it is queued)."""
-
-    @abc.abstractmethod
-    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
-        """Decode a batch of accepted requests (at most ``capabilities.max_batch``).
-
-        Returns:
-            One result per request, in the same order.
-
-        Raises:
-            Exception: any failure fails the whole batch; the worker reports it per request.
-        """

@@ -14,10 +14,7 @@ Pipeline per request (``transcribe_batch``):
    logits, so the engine computes them as ``encoder.out(last_hidden_state)``, exactly like IBM's
    self-speculative decoding notebook (granite-speech-models, ``speculative_decoding_notebook``).
 3. **Partials with ``partial_mode="ctc"``** stop here: greedy CTC (argmax, collapse repeats, drop
-   blank) → text. No projector, no LLM. With ``partial_lane=True`` (opt-in) they run on the
-   worker's second thread, on a CUDA stream and encoder graphs of their own
-   (:class:`CtcPartialLane`), so they overlap the finals' LLM decode on the GPU instead of queueing
-   behind it.
+   blank) → text. No projector, no LLM.
 4. **Finals (task ``transcribe``) — self-speculative decoding**: the greedy CTC transcript is a draft.
    If the CTC entropy (per frame, in nats, reduced over frames with ``max`` as IBM does, or
    ``mean``) is ≤ ``ctc_entropy_threshold`` the draft is accepted (``ctc_accept``); otherwise the
@@ -51,11 +48,9 @@ Prompts (instruction strings):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
-import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -63,12 +58,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult, PartialLane
+from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
 from .granite_features import GraniteFeatureExtractor
 
 __all__ = [
     "DEFAULT_MODEL_ID",
-    "CtcPartialLane",
     "GraniteEngine",
     "GraniteModelNotFoundError",
     "GranitePrompts",
@@ -248,9 +242,6 @@ class GraniteEngine(Engine):
             1 s length bucket, :class:`~stream_server.engines.granite_encoder.EncoderGraphs`; needs CUDA
             and ``encoder_batching="padded"``, whose approximation it shares) or ``"auto"`` (graphs
             where allowed).
-        partial_lane: serve CTC partials through :meth:`partial_lane` (a second worker thread with
-            its own CUDA stream and encoder graphs; needs the CTC head). Off by default: on an H200 it
-            did not shorten partial lag at 400 streams and lengthened finals (docs/gpu_server.md).
     """
 
     def __init__(
@@ -284,7 +275,6 @@ class GraniteEngine(Engine):
         decode_backend: str = "auto",
         decode_options: dict | None = None,
         encoder_backend: str = "auto",
-        partial_lane: bool = False,
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -375,7 +365,6 @@ class GraniteEngine(Engine):
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
 
         self._prompt_cache: dict[str, tuple[list[int], list[int]]] = {}
-        self._stats_lock = threading.Lock()  # the partial lane counts from its own thread
         self._stats: dict[str, int] = {p: 0 for p in PATHS}
         self._stats.update({"partial_llm": 0, "partial_ctc": 0})
 
@@ -391,9 +380,7 @@ class GraniteEngine(Engine):
             max_batch=max_batch,
             language_detection=False,
             early_results=True,
-            partial_lane=self.has_ctc and bool(partial_lane),
         )
-        self._partial_lane: CtcPartialLane | None = None
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> "GraniteEngine":
@@ -408,25 +395,15 @@ class GraniteEngine(Engine):
     # ------------------------------------------------------------------ public API
     def warmup(self, graph_seconds: float = 12.0) -> None:
         """One tiny decode, then (with ``encoder_backend="graphs"``) capture the encoder and projector
-        graphs — and the partial lane's encoder graphs — for every batch bucket and every length up to
-        ``graph_seconds``, so that captures do not stall live traffic (each costs two runs of its
-        shape); longer utterances capture on first use."""
+        graphs for every batch bucket and every length up to ``graph_seconds``, so that captures do not
+        stall live traffic (each costs two runs of its shape); longer utterances capture on first use."""
         super().warmup()
         encoder_graphs = self.encoder_graphs
         if encoder_graphs is not None:
-            _warm_encoder_graphs(encoder_graphs, graph_seconds)
+            step = encoder_graphs.frame_step
+            encoder_graphs.warm(list(range(step, encoder_graphs.bucket_frames(int(graph_seconds * 50)) + 1, step)))
             window = self.model.model.projector.window_size
             self.projector_graphs.warm(up_to=self.max_batch * -(-int(graph_seconds * 50) // window))
-        if self.capabilities.partial_lane:
-            self.partial_lane().warmup(graph_seconds)
-
-    def partial_lane(self) -> "CtcPartialLane":
-        """The engine's :class:`CtcPartialLane` (created on first use; needs ``capabilities.partial_lane``)."""
-        if not self.capabilities.partial_lane:
-            raise NotImplementedError("this engine was built without a partial lane")
-        if self._partial_lane is None:
-            self._partial_lane = CtcPartialLane(self)
-        return self._partial_lane
 
     def stats(self) -> dict:
         """Final-request decode paths (``ctc_accept``, ``verify_accept``, ``autoregressive``) and partial counts."""
@@ -505,7 +482,7 @@ class GraniteEngine(Engine):
         verify: list[_Work] = []
         for w in works:
             req = w.req
-            ctc_ok = self._ctc_usable(req)
+            ctc_ok = self.has_ctc and req.language in self.ctc_languages and req.task == "transcribe"
             if req.kind == "partial":
                 if req.partial_mode == "ctc" and ctc_ok:
                     w.path = "partial_ctc"
@@ -524,7 +501,8 @@ class GraniteEngine(Engine):
         for w in works:
             req = w.req
             if w.path == "partial_ctc":
-                self._finish_ctc_partial(w)
+                w.text = _force_prefix(req.prefix, w.ctc_text or "")
+                w.info["ctc_entropy"] = w.ctc_entropy
                 if on_result is not None:
                     on_result(w.index, self._result(w))
             elif w.path == "speculate":
@@ -555,22 +533,12 @@ class GraniteEngine(Engine):
 
         return [w.result if w.result is not None else self._result(w) for w in works]
 
-    def _ctc_usable(self, req: InferenceRequest) -> bool:
-        """Whether the CTC head's transcript serves this request (partials and speculative drafts)."""
-        return self.has_ctc and req.language in self.ctc_languages and req.task == "transcribe"
-
-    @staticmethod
-    def _finish_ctc_partial(w: _Work) -> None:
-        w.text = _force_prefix(w.req.prefix, w.ctc_text or "")
-        w.info["ctc_entropy"] = w.ctc_entropy
-
     def _result(self, w: _Work) -> InferenceResult:
         """The work's result, made (and its path counted) once."""
         if w.result is None:
             req = w.req
             if w.path in self._stats:
-                with self._stats_lock:
-                    self._stats[w.path] += 1
+                self._stats[w.path] += 1
             w.info["path"] = w.path
             lang = (req.target_language or "en") if req.task == "translate" else req.language
             w.result = InferenceResult(text=w.text or req.prefix, language=lang, info=w.info)
@@ -598,11 +566,10 @@ class GraniteEngine(Engine):
         return w
 
     # ------------------------------------------------------------------ encoder / CTC / projector
-    def _encode_audio(self, works: list[_Work], graphs=None) -> None:
-        """Encoder states for every work (``graphs``: the encoder graphs to replay, default the engine's)."""
+    def _encode_audio(self, works: list[_Work]) -> None:
         encoder = self.model.model.encoder
         if self.encoder_batching == "padded":
-            graphs = graphs if graphs is not None else self.encoder_graphs
+            graphs = self.encoder_graphs
             longest = max(w.n_frames for w in works)
             if graphs is not None and graphs.fits(len(works), longest):
                 from .granite_encoder import plan_length_groups
@@ -959,73 +926,6 @@ class GraniteEngine(Engine):
         if full.startswith(head):
             return full[len(head) :]
         return decode(tokens, skip_special_tokens=True)
-
-
-def _warm_encoder_graphs(graphs, graph_seconds: float) -> None:
-    step = graphs.frame_step
-    graphs.warm(list(range(step, graphs.bucket_frames(int(graph_seconds * 50)) + 1, step)))
-
-
-class CtcPartialLane(PartialLane):
-    """CTC partials of a :class:`GraniteEngine`, served from the worker's second thread.
-
-    Without it a CTC partial (a ~10 ms encoder + CTC pass) that arrives while the worker decodes a
-    batch of finals waits for the whole decode (~0.2 s for a batch of a dozen finals on an H100),
-    and at a few hundred streams partials queued for 0.7 s (p50). The lane runs the same encoder
-    and CTC head (:meth:`GraniteEngine._encode_audio`, ``_ctc_decode``) on its own CUDA stream with
-    its own :class:`~stream_server.engines.granite_encoder.EncoderGraphs` (static buffers cannot be
-    shared by two threads), so its kernels run alongside the decode's, which leaves most of the
-    GPU idle at small batch. Weights are shared; nothing else is.
-
-    Args:
-        engine: the engine whose model serves the lane.
-    """
-
-    def __init__(self, engine: GraniteEngine):
-        self.engine = engine
-        self.stream = torch.cuda.Stream(device=engine.device) if engine.device.type == "cuda" else None
-        self._encoder_graphs = None
-
-    @property
-    def encoder_graphs(self):
-        """The lane's own encoder graphs (``encoder_backend="graphs"``), else None."""
-        if self._encoder_graphs is None and self.engine.encoder_backend == "graphs":
-            from .granite_encoder import EncoderGraphs
-
-            self._encoder_graphs = EncoderGraphs(self.engine.model.model.encoder, max_batch=self.engine.max_batch)
-        return self._encoder_graphs
-
-    def accepts(self, request: InferenceRequest) -> bool:
-        return request.kind == "partial" and request.partial_mode == "ctc" and self.engine._ctc_usable(request)
-
-    def warmup(self, graph_seconds: float = 12.0) -> None:
-        """Capture the lane's encoder graphs ahead of traffic (like :meth:`GraniteEngine.warmup`)."""
-        if self.encoder_graphs is not None:
-            with self._on_stream():
-                _warm_encoder_graphs(self.encoder_graphs, graph_seconds)
-
-    def _on_stream(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-
-    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
-        engine = self.engine
-        if engine.model is None:
-            raise RuntimeError("engine is closed")
-        if not requests:
-            return []
-        for r in requests:
-            if not self.accepts(r):
-                raise ValueError("the partial lane serves CTC partials only")
-        with torch.inference_mode(), self._on_stream():
-            works = [engine._prepare(i, r) for i, r in enumerate(requests)]
-            engine._encode_audio(works, graphs=self.encoder_graphs)
-            engine._ctc_decode(works)  # ends with a host copy, which waits for this stream
-            results = []
-            for w in works:
-                w.path = "partial_ctc"
-                engine._finish_ctc_partial(w)
-                results.append(engine._result(w))
-        return results
 
 
 def _force_prefix(prefix: str, text: str) -> str:
