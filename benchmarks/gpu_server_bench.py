@@ -196,6 +196,7 @@ def build_engines(args) -> list:
             speculative=False, encoder_batching=args.encoder_batching,
             decode_options=dict({"compile_step": True} if args.compile_step else {}, max_graphs=args.decode_max_graphs),
             encoder_backend="eager" if args.cpu else args.encoder_backend,
+            interleave_every=args.interleave_every,
         )
         print(f"engine {i} on {device}: built in {time.perf_counter() - t0:.1f} s", flush=True)
         engines.append(eng)
@@ -407,17 +408,21 @@ def _dump_profile(profiler: "cProfile.Profile", name: str) -> None:
     (folder / f"{name}.txt").write_text(text.getvalue())
 
 
+def _pct(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    a = np.sort(np.asarray(xs))
+    return {"n": len(a), "p50": round(float(np.quantile(a, 0.5)), 4), "p95": round(float(np.quantile(a, 0.95)), 4),
+            "max": round(float(a[-1]), 4)}
+
+
 def summarize_batches(log: list[dict]) -> dict:
     """Where a level's inference time went: queue waits by kind, and batches with finals vs partials only.
 
-    A batch with finals runs their autoregressive decode, so the partials queued behind it wait for it.
+    A batch with finals runs their autoregressive decode; partials queued meanwhile wait for it unless
+    the engine serves them between its decode steps (``queue_wait_interleaved_s`` in the level row).
     """
-    def pct(xs: list[float]) -> dict:
-        if not xs:
-            return {"n": 0}
-        a = np.sort(np.asarray(xs))
-        return {"n": len(a), "p50": round(float(np.quantile(a, 0.5)), 4), "p95": round(float(np.quantile(a, 0.95)), 4),
-                "max": round(float(a[-1]), 4)}
+    pct = _pct
 
     with_finals = [b for b in log if b["finals"]]
     partial_only = [b for b in log if not b["finals"]]
@@ -444,6 +449,19 @@ def _device_worker_class():
             super().__init__(*a, **kw)
             self._submitted_at: dict[int, float] = {}
             self.batch_log: list[dict] = []  # one entry per engine call: what waited how long for what
+            self.interleaved_waits: list[float] = []  # partials served between decode steps
+            take = self.scheduler.take_partials
+
+            def take_partials(limit, accept):
+                taken = take(limit, accept)
+                now = time.monotonic()
+                for _, future in taken:
+                    at = self._submitted_at.pop(id(future), None)
+                    if at is not None:
+                        self.interleaved_waits.append(now - at)
+                return taken
+
+            self.scheduler.take_partials = take_partials
 
         def submit(self, request):
             future = super().submit(request)
@@ -512,6 +530,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                        w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds) for w in workers]
             h0 = hist_snapshot(server)
             log0 = [len(w.batch_log) for w in workers]
+            ilog0 = [len(w.interleaved_waits) for w in workers]
             cpu0 = thread_cpu()
             pc0 = time.process_time()
             t0 = time.perf_counter()
@@ -547,7 +566,9 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                 row["projector_graphs"] = [
                     {"captures": g.captures, "replays": g.replays, "eager_calls": g.eager_calls} if g else None
                     for g in (getattr(e, "projector_graphs", None) for e in engines[:n_workers])]
-            row["batch_breakdown"] = [summarize_batches(w.batch_log[n0:]) for w, n0 in zip(workers, log0)]
+            row["batch_breakdown"] = [dict(summarize_batches(w.batch_log[n0:]),
+                                           queue_wait_interleaved_s=_pct(w.interleaved_waits[i0:]))
+                                      for w, n0, i0 in zip(workers, log0, ilog0)]
             row["workers_detail"] = []
             for w, (b0, r0, rep0, rej0, busy0) in zip(workers, sched0):
                 st = w.scheduler.stats
@@ -758,6 +779,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server-processes", type=int, default=0,
                     help="instead of --workers: this many server processes (one engine and GPU each) on one port, "
                          "as `serve --processes N --gpus N` runs them; levels from --levels-multi or --levels")
+    ap.add_argument("--interleave-every", type=int, default=4,
+                    help="serve queued CTC partials after every N decode steps of a batch of finals (0: never)")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for the server process(es): how long a thread may hold the GIL "
                          "while another waits (Python's default 5 ms)")

@@ -57,6 +57,7 @@ class SchedulerStats:
     submitted: int = 0
     replaced: int = 0
     rejected: int = 0
+    interleaved: int = 0  # partials taken by take_partials (served inside another batch)
     batches: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
@@ -175,6 +176,19 @@ class BatchScheduler:
         self.stats.batches += 1
         self.stats.batch_sizes[len(batch)] += 1
         return batch
+
+    def take_partials(self, limit: int, accept: Callable[[InferenceRequest], bool]) -> list[tuple[InferenceRequest, object]]:
+        """Pop up to ``limit`` queued partials that ``accept`` (oldest first), ignoring ``max_wait``.
+
+        For an engine that serves partials between the decode steps of a batch of finals: they are
+        already waiting behind that batch, so there is nothing to gain by waiting for more.
+        """
+        chosen = sorted(((k, e) for k, e in self._partials.items() if accept(e.request)),
+                        key=lambda item: item[1].enqueued_at)[: max(0, limit)]
+        for key, _ in chosen:
+            del self._partials[key]
+        self.stats.interleaved += len(chosen)
+        return [(e.request, e.token) for _, e in chosen]
 
 
 BatchObserver = Callable[[list[InferenceRequest], float], None]
@@ -314,6 +328,23 @@ class InferenceWorker:
                         self.scheduler.submit(request, time.monotonic(), token)
             raise
 
+    def _fetch_partials(self, accept, limit: int) -> list[tuple[InferenceRequest, Callable]]:
+        """The engine's ``fetch_partials``: queued partials it can serve between decode steps, each
+        with the callback that answers its future (a result, or the exception that failed it)."""
+        # Not reported to ``on_batch``: they run inside the batch being decoded, whose time it reports.
+        with self._cond:
+            taken = self.scheduler.take_partials(limit, accept)
+
+        def deliver_to(future):
+            def deliver(outcome) -> None:
+                if isinstance(outcome, BaseException):
+                    self._resolve(future, exc=outcome)
+                else:
+                    self._resolve(future, result=outcome)
+            return deliver
+
+        return [(r, deliver_to(f)) for r, f in taken]
+
     def _run_batch(self, batch: list[tuple[InferenceRequest, object]]) -> None:
         requests = [r for r, _ in batch]
         started = time.monotonic()
@@ -326,7 +357,9 @@ class InferenceWorker:
                 self._resolve(batch[index][1], result=result)
 
         try:
-            if self.engine.capabilities.early_results:
+            if self.engine.capabilities.interleaved_partials:
+                results = self.engine.transcribe_batch(requests, on_result=early, fetch_partials=self._fetch_partials)
+            elif self.engine.capabilities.early_results:
                 results = self.engine.transcribe_batch(requests, on_result=early)
             else:
                 results = self.engine.transcribe_batch(requests)

@@ -222,3 +222,73 @@ async def test_early_results_reach_their_futures_before_the_batch_ends(fail_afte
     finally:
         engine.release.set()
         worker.stop()
+
+
+# ------------------------------------------------------------------------------ partials between decode steps
+def ctc_partial(session="s", utterance=0, seconds=1.0, mode="ctc"):
+    r = req(session, utterance, "partial", seconds)
+    r.partial_mode = mode
+    return r
+
+
+def test_take_partials_takes_only_accepted_partials_oldest_first():
+    s = BatchScheduler(max_batch=8, max_wait=10.0)
+    s.submit(ctc_partial("a"), 0.2, "a")
+    s.submit(ctc_partial("b", mode="llm"), 0.0, "b")
+    s.submit(ctc_partial("c"), 0.1, "c")
+    s.submit(ctc_partial("d"), 0.3, "d")
+    s.submit(req("e", 0, "final"), 0.0, "e")
+    is_ctc = lambda r: r.partial_mode == "ctc"  # noqa: E731
+    assert [t for _, t in s.take_partials(2, is_ctc)] == ["c", "a"]  # no max_wait: they already wait
+    assert [t for _, t in s.take_partials(5, is_ctc)] == ["d"]
+    assert s.take_partials(5, is_ctc) == [] and s.stats.interleaved == 3
+    assert sorted(t for _, t in s.take_batch(100.0)) == ["b", "e"]
+
+
+class InterleavingEngine(CountingEngine):
+    """Decodes finals slowly; between 'steps' serves the partials the worker hands it."""
+
+    def __init__(self):
+        import threading
+
+        super().__init__(early_results=True, interleaved_partials=True)
+        self.release = threading.Event()
+        self.served: list = []
+
+    def transcribe_batch(self, requests, on_result=None, fetch_partials=None):
+        results = CountingEngine.transcribe_batch(self, requests)
+        for _ in range(200):  # the decode's steps
+            if self.release.is_set():
+                break
+            for request, deliver in fetch_partials(lambda r: r.partial_mode == "ctc", 8):
+                self.served.append(request)
+                if request.utterance_id == 99:
+                    deliver(RuntimeError("injected partial failure"))
+                else:
+                    deliver(CountingEngine.transcribe_batch(self, [request])[0])
+            self.release.wait(0.01)
+        return results
+
+
+async def test_partials_are_answered_between_the_decode_steps_of_a_final_batch():
+    engine = InterleavingEngine()
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=8, max_wait=0.01))
+    worker.start()
+    try:
+        final = worker.submit(req("a", 0, "final", seconds=1.0))
+        await asyncio.sleep(0.05)  # the final's batch is decoding now
+        partial = worker.submit(ctc_partial("b", 0, seconds=0.85))
+        failing = worker.submit(ctc_partial("c", 99))
+        llm_partial = worker.submit(ctc_partial("d", 0, seconds=0.85, mode="llm"))
+        assert (await asyncio.wait_for(partial, 5)).text == "w0 w1"
+        with pytest.raises(RuntimeError, match="injected partial failure"):
+            await asyncio.wait_for(failing, 5)
+        assert not final.done() and not llm_partial.done()  # the engine cannot serve that one mid-decode
+        engine.release.set()
+        assert (await asyncio.wait_for(final, 5)).text == "w0 w1"
+        assert (await asyncio.wait_for(llm_partial, 5)).text == "w0 w1"
+        assert [r.session_id for r in engine.served] == ["b", "c"]
+        assert worker.scheduler.stats.interleaved == 2
+    finally:
+        engine.release.set()
+        worker.stop()

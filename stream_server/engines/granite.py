@@ -14,7 +14,9 @@ Pipeline per request (``transcribe_batch``):
    logits, so the engine computes them as ``encoder.out(last_hidden_state)``, exactly like IBM's
    self-speculative decoding notebook (granite-speech-models, ``speculative_decoding_notebook``).
 3. **Partials with ``partial_mode="ctc"``** stop here: greedy CTC (argmax, collapse repeats, drop
-   blank) → text. No projector, no LLM.
+   blank) → text. No projector, no LLM. CTC partials that arrive while a batch's finals are being
+   decoded are served between decode steps (``interleave_every``, with the worker's
+   ``fetch_partials``) instead of waiting for the whole decode.
 4. **Finals (task ``transcribe``) — self-speculative decoding**: the greedy CTC transcript is a draft.
    If the CTC entropy (per frame, in nats, reduced over frames with ``max`` as IBM does, or
    ``mean``) is ≤ ``ctc_entropy_threshold`` the draft is accepted (``ctc_accept``); otherwise the
@@ -242,6 +244,10 @@ class GraniteEngine(Engine):
             1 s length bucket, :class:`~stream_server.engines.granite_encoder.EncoderGraphs`; needs CUDA
             and ``encoder_batching="padded"``, whose approximation it shares) or ``"auto"`` (graphs
             where allowed).
+        interleave_every: with the ``loop``/``graphs`` decode backends, serve queued CTC partials
+            (the worker's ``fetch_partials``) after every this many decode steps of a batch of finals;
+            0 never does. On one H200 at 400 streams, partials otherwise waited 0.7 s (p50) behind
+            decode batches of ~0.2 s.
     """
 
     def __init__(
@@ -275,6 +281,7 @@ class GraniteEngine(Engine):
         decode_backend: str = "auto",
         decode_options: dict | None = None,
         encoder_backend: str = "auto",
+        interleave_every: int = 4,
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -301,6 +308,8 @@ class GraniteEngine(Engine):
             raise ValueError("decode_backend must be 'auto', 'generate', 'loop' or 'graphs'")
         if encoder_backend not in ("auto", "eager", "graphs"):
             raise ValueError("encoder_backend must be 'auto', 'eager' or 'graphs'")
+        if interleave_every < 0:
+            raise ValueError("interleave_every must be >= 0")
 
         model.eval()
         self.model = model
@@ -340,6 +349,7 @@ class GraniteEngine(Engine):
         if encoder_backend == "graphs" and (self.device.type != "cuda" or encoder_batching != "padded"):
             raise ValueError("encoder_backend='graphs' needs a CUDA device and encoder_batching='padded'")
         self.encoder_backend = encoder_backend
+        self.interleave_every = int(interleave_every)
         self._encoder_graphs = None
         self._projector_graphs = None
         self.max_batch = int(max_batch)
@@ -380,6 +390,8 @@ class GraniteEngine(Engine):
             max_batch=max_batch,
             language_detection=False,
             early_results=True,
+            interleaved_partials=(self.has_ctc and self.interleave_every > 0 and decode_backend in ("loop", "graphs")
+                                  and not self.generate_kwargs),
         )
 
     @classmethod
@@ -415,15 +427,18 @@ class GraniteEngine(Engine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def transcribe_batch(self, requests: Sequence[InferenceRequest], on_result=None) -> list[InferenceResult]:
+    def transcribe_batch(self, requests: Sequence[InferenceRequest], on_result=None,
+                         fetch_partials=None) -> list[InferenceResult]:
         """See :class:`Engine`; ``on_result(index, result)``, if given, receives each CTC partial as soon as
-        its CTC pass is done, before the batch's finals are decoded (``capabilities.early_results``)."""
+        its CTC pass is done, before the batch's finals are decoded (``capabilities.early_results``);
+        ``fetch_partials``, if given, supplies CTC partials queued meanwhile, served between decode
+        steps (``capabilities.interleaved_partials``)."""
         if self.model is None:
             raise RuntimeError("engine is closed")
         if not requests:
             return []
         with torch.inference_mode():
-            return self._transcribe(list(requests), on_result)
+            return self._transcribe(list(requests), on_result, fetch_partials)
 
     # ------------------------------------------------------------------ prompt
     def instruction(self, req: InferenceRequest) -> str:
@@ -474,7 +489,7 @@ class GraniteEngine(Engine):
         return before + [self.audio_token_id] * w.n_tokens + after + self._prefix_ids(w) + list(extra)
 
     # ------------------------------------------------------------------ main flow
-    def _transcribe(self, requests: list[InferenceRequest], on_result=None) -> list[InferenceResult]:
+    def _transcribe(self, requests: list[InferenceRequest], on_result=None, fetch_partials=None) -> list[InferenceResult]:
         works = [self._prepare(i, r) for i, r in enumerate(requests)]
         self._encode_audio(works)
 
@@ -482,7 +497,7 @@ class GraniteEngine(Engine):
         verify: list[_Work] = []
         for w in works:
             req = w.req
-            ctc_ok = self.has_ctc and req.language in self.ctc_languages and req.task == "transcribe"
+            ctc_ok = self._ctc_usable(req)
             if req.kind == "partial":
                 if req.partial_mode == "ctc" and ctc_ok:
                     w.path = "partial_ctc"
@@ -501,8 +516,7 @@ class GraniteEngine(Engine):
         for w in works:
             req = w.req
             if w.path == "partial_ctc":
-                w.text = _force_prefix(req.prefix, w.ctc_text or "")
-                w.info["ctc_entropy"] = w.ctc_entropy
+                self._finish_ctc_partial(w)
                 if on_result is not None:
                     on_result(w.index, self._result(w))
             elif w.path == "speculate":
@@ -529,9 +543,18 @@ class GraniteEngine(Engine):
                     llm.append(w)
         if llm:
             self._project(llm)
-            self._generate(llm)
+            self._generate(llm, fetch_partials)
 
         return [w.result if w.result is not None else self._result(w) for w in works]
+
+    def _ctc_usable(self, req: InferenceRequest) -> bool:
+        """Whether the CTC head's transcript serves this request (partials and speculative drafts)."""
+        return self.has_ctc and req.language in self.ctc_languages and req.task == "transcribe"
+
+    @staticmethod
+    def _finish_ctc_partial(w: _Work) -> None:
+        w.text = _force_prefix(w.req.prefix, w.ctc_text or "")
+        w.info["ctc_entropy"] = w.ctc_entropy
 
     def _result(self, w: _Work) -> InferenceResult:
         """The work's result, made (and its path counted) once."""
@@ -849,7 +872,7 @@ class GraniteEngine(Engine):
             )
         return self._decoder
 
-    def _generate(self, works: list[_Work]) -> None:
+    def _generate(self, works: list[_Work], fetch_partials=None) -> None:
         seqs = [self._sequence(w) for w in works]
         embeds, mask, _ = self._embed_batch(seqs, [w.audio_embeds for w in works])
         max_new = max(w.budget for w in works)
@@ -857,12 +880,45 @@ class GraniteEngine(Engine):
         if getattr(self.model, "_hf_peft_config_loaded", False):
             self.model.enable_adapters()  # the LoRA is meant to be on whenever audio is in the prompt
         if self.decode_backend in ("loop", "graphs") and not self.generate_kwargs:
+            between = None
+            if fetch_partials is not None and self.capabilities.interleaved_partials:
+                between = functools.partial(self._serve_interleaved, fetch_partials)
             out = self.decoder.generate(
-                embeds, mask, max_new, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, suppress_eos=forced
+                embeds, mask, max_new, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, suppress_eos=forced,
+                between_steps=between, between_every=self.interleave_every,
             )
         else:
             out = self._hf_generate(embeds, mask, max_new, forced)
         self._finish(works, out, forced)
+
+    def _accepts_interleaved(self, req: InferenceRequest) -> bool:
+        """Partials that can be served between decode steps: the CTC path only (no LLM state touched)."""
+        return req.kind == "partial" and req.partial_mode == "ctc" and self._ctc_usable(req)
+
+    def _serve_interleaved(self, fetch_partials) -> None:
+        """Between two decode steps: CTC partials queued meanwhile, encoder + CTC, answered at once.
+
+        Safe mid-decode: the finals were projected before the decode began (the encoder graphs'
+        shared output buffer may now be overwritten) and the decoder's state is not touched.
+        """
+        taken = fetch_partials(self._accepts_interleaved, self.max_batch)
+        if not taken:
+            return
+        try:
+            works = [self._prepare(i, request) for i, (request, _) in enumerate(taken)]
+            self._encode_audio(works)
+            self._ctc_decode(works)
+            results = []
+            for w in works:
+                w.path = "partial_ctc"
+                self._finish_ctc_partial(w)
+                results.append(self._result(w))
+        except Exception as exc:  # noqa: BLE001 - these requests fail; the finals' decode goes on
+            for _, deliver in taken:
+                deliver(exc)
+            return
+        for (_, deliver), result in zip(taken, results):
+            deliver(result)
 
     def _hf_generate(self, embeds: torch.Tensor, mask: torch.Tensor, max_new: int, forced: bool) -> torch.Tensor:
         from transformers import GenerationConfig
