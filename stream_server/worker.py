@@ -6,7 +6,8 @@ batching (up to ``max_batch`` requests, waiting at most ``max_wait`` for a batch
 
 :class:`InferenceWorker` is the thin shell: a thread that takes batches from the scheduler, runs
 the blocking engine, and resolves asyncio futures on the event loop. Inference never runs on the
-event loop.
+event loop. An engine that declares ``interleaved_partials`` pulls queued partials from the worker
+(:meth:`BatchScheduler.take_partials`) between the decode steps of a batch of finals.
 """
 
 from __future__ import annotations
@@ -357,12 +358,13 @@ class InferenceWorker:
                 self._resolve(batch[index][1], result=result)
 
         try:
-            if self.engine.capabilities.interleaved_partials:
-                results = self.engine.transcribe_batch(requests, on_result=early, fetch_partials=self._fetch_partials)
-            elif self.engine.capabilities.early_results:
-                results = self.engine.transcribe_batch(requests, on_result=early)
-            else:
-                results = self.engine.transcribe_batch(requests)
+            capabilities = self.engine.capabilities
+            hooks = {}
+            if capabilities.early_results:
+                hooks["on_result"] = early
+            if capabilities.interleaved_partials:
+                hooks["fetch_partials"] = self._fetch_partials
+            results = self.engine.transcribe_batch(requests, **hooks)
             if len(results) != len(requests):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker

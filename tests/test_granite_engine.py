@@ -560,7 +560,8 @@ def test_ctc_partials_are_reported_before_the_finals_are_decoded(tiny, monkeypat
     assert eng.capabilities.early_results
     reported, at_decode = [], []
     original = eng._generate
-    monkeypatch.setattr(eng, "_generate", lambda works: (at_decode.append(list(reported)), original(works))[1])
+    monkeypatch.setattr(eng, "_generate",
+                        lambda works, *rest: (at_decode.append(list(reported)), original(works, *rest))[1])
     reqs = [req(tone(1.2, 500.0, 40), "final", 0), req(tone(0.9, 800.0, 41), "partial", 1, partial_mode="ctc")]
     results = eng.transcribe_batch(reqs, on_result=lambda i, r: reported.append((i, r)))
     assert at_decode == [[(1, results[1])]]  # the partial was out before the final's decode began

@@ -14,8 +14,8 @@ Pipeline per request (``transcribe_batch``):
    logits, so the engine computes them as ``encoder.out(last_hidden_state)``, exactly like IBM's
    self-speculative decoding notebook (granite-speech-models, ``speculative_decoding_notebook``).
 3. **Partials with ``partial_mode="ctc"``** stop here: greedy CTC (argmax, collapse repeats, drop
-   blank) → text. No projector, no LLM. CTC partials that arrive while a batch's finals are being
-   decoded are served between decode steps (``interleave_every``, with the worker's
+   blank) → text. No projector, no LLM. With ``interleave_every`` (opt-in), CTC partials that
+   arrive while a batch's finals are being decoded are served between decode steps (the worker's
    ``fetch_partials``) instead of waiting for the whole decode.
 4. **Finals (task ``transcribe``) — self-speculative decoding**: the greedy CTC transcript is a draft.
    If the CTC entropy (per frame, in nats, reduced over frames with ``max`` as IBM does, or
@@ -246,8 +246,9 @@ class GraniteEngine(Engine):
             where allowed).
         interleave_every: with the ``loop``/``graphs`` decode backends, serve queued CTC partials
             (the worker's ``fetch_partials``) after every this many decode steps of a batch of finals;
-            0 never does. On one H200 at 400 streams, partials otherwise waited 0.7 s (p50) behind
-            decode batches of ~0.2 s.
+            0 (default) never does. On one H200 at 400 streams, partials otherwise waited 0.7 s (p50)
+            behind decode batches of ~0.2 s. Opt-in until measured on a GPU
+            (``gpu_server_bench --interleave-every 4`` against 0 in one call).
     """
 
     def __init__(
@@ -281,7 +282,7 @@ class GraniteEngine(Engine):
         decode_backend: str = "auto",
         decode_options: dict | None = None,
         encoder_backend: str = "auto",
-        interleave_every: int = 4,
+        interleave_every: int = 0,
     ) -> None:
         if model is None:
             if tokenizer is not None:
