@@ -128,6 +128,11 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
     )
 
 
+def granite_options(config: ServeConfig) -> dict:
+    """The settings that become :class:`~stream_server.engines.granite.GraniteEngine` arguments."""
+    return {"encoder_batching": config.granite_encoder_batching, "interleave_every": config.granite_interleave_every}
+
+
 def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
     """One worker per GPU when ``gpus`` > 0 (each with its own engine), else one worker.
 
@@ -135,15 +140,16 @@ def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
         The workers and why their engine serves.
     """
     scheduler = lambda: BatchScheduler(config.max_batch, config.max_wait_ms / 1000.0, config.max_queue)  # noqa: E731
+    granite = granite_options(config)
     if config.gpus > 0:
         workers, reason = [], ""
         for index in range(config.gpus):
             engine, reason = load_engine(config.engine, config.model or None, f"cuda:{index}",
-                                         config.cpu_threads, config.max_batch)
+                                         config.cpu_threads, config.max_batch, granite)
             workers.append(InferenceWorker(engine, scheduler()))
         return workers, f"{reason}; {config.gpus} GPU workers"
     engine, reason = load_engine(config.engine, config.model or None, config.device, config.cpu_threads,
-                                 config.max_batch)
+                                 config.max_batch, granite)
     return [InferenceWorker(engine, scheduler())], reason
 
 

@@ -58,6 +58,13 @@ class ServeConfig:
     ray_max_inflight: int = _opt(0, "requests this gateway keeps in flight to the pool (0: max replicas x 2 x max_batch)",
                                  "pool")
     ray_local_cpus: int = _opt(0, "CPUs of a ray_address=local instance (0: all)", "pool")
+    granite_encoder_batching: str = _opt("exact", "Granite: exact (each utterance encoded alone: a batch decodes as "
+                                         "one by one) or padded (one zero-padded encoder batch, replayed from CUDA "
+                                         "graphs on a GPU: the benchmarked fast path, docs/gpu_server.md); local "
+                                         "inference only", "engine", ("exact", "padded"))
+    granite_interleave_every: int = _opt(0, "Granite: serve queued CTC partials after every N decode steps of a batch "
+                                         "of finals instead of after the whole batch (0: off; not yet measured on a "
+                                         "GPU); local inference only", "engine")
     max_batch: int = _opt(8, "largest inference batch across sessions", "worker")
     max_wait_ms: float = _opt(5.0, "how long a batch may wait to fill", "worker")
     max_queue: int = _opt(512, "queued inference requests before partials are shed and new sessions refused", "worker")

@@ -94,3 +94,23 @@ def test_json_logs_carry_the_session_id():
     first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert first["message"] == "hello world" and first["session_id"] == "abc123" and first["level"] == "INFO"
     assert "session_id" not in second and second["level"] == "WARNING"
+
+
+def test_granite_settings_reach_the_engine(monkeypatch):
+    # --granite-encoder-batching / --granite-interleave-every become GraniteEngine arguments.
+    import stream_server.engines.granite as granite_module
+    from stream_server.cli import granite_options
+    from stream_server.engines import load_engine
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, model, **kwargs):
+            seen.update(kwargs, model=model)
+
+    monkeypatch.setattr(granite_module, "GraniteEngine", Recorder)
+    config = load_config({"granite_encoder_batching": "padded", "granite_interleave_every": "4", "max_batch": "16"}, {})
+    load_engine("granite", None, "cpu", 0, config.max_batch, granite_options(config))
+    assert seen["encoder_batching"] == "padded" and seen["interleave_every"] == 4 and seen["max_batch"] == 16
+    with pytest.raises(ConfigError, match="granite_encoder_batching"):
+        load_config({"granite_encoder_batching": "sloppy"}, {})

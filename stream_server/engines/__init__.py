@@ -8,6 +8,7 @@ startup log and the ``ready`` message can say what is serving and why.
 from __future__ import annotations
 
 import logging
+from typing import Any, Mapping
 
 from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
 
@@ -32,6 +33,7 @@ def load_engine(
     device: str = "auto",
     cpu_threads: int = 0,
     max_batch: int | None = None,
+    granite_options: Mapping[str, Any] | None = None,
 ) -> tuple[Engine, str]:
     """Build the engine a server or command should use.
 
@@ -41,6 +43,8 @@ def load_engine(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         cpu_threads: CPU threads for the engine (0: library default).
         max_batch: override the engine's batch bound.
+        granite_options: extra :class:`~stream_server.engines.granite.GraniteEngine` keyword arguments
+            (e.g. ``encoder_batching``, ``interleave_every``) when Granite serves.
 
     Returns:
         ``(engine, reason)`` where ``reason`` says why this engine was chosen.
@@ -52,13 +56,13 @@ def load_engine(
     if name not in ENGINE_NAMES:
         raise ValueError(f"unknown engine {name!r}; choose one of {ENGINE_NAMES}")
     if name == "granite":
-        return _granite(model, device, max_batch), "requested with --engine granite"
+        return _granite(model, device, max_batch, granite_options), "requested with --engine granite"
     if name == "whisper":
         return _whisper(model, device, cpu_threads, max_batch), "requested with --engine whisper"
     if cuda_available() and (device == "auto" or device.startswith("cuda")):
         try:
             cuda = device if device.startswith("cuda") else "cuda"
-            return _granite(model, cuda, max_batch), "auto: a CUDA GPU is present and Granite weights loaded"
+            return _granite(model, cuda, max_batch, granite_options), "auto: a CUDA GPU is present and Granite weights loaded"
         except Exception as exc:  # noqa: BLE001 - any load failure means: fall back
             log.warning("auto: Granite could not be loaded (%s); falling back to Whisper", exc)
             reason = f"auto: Granite failed to load ({type(exc).__name__}: {str(exc)[:200]}); bundled Whisper serves"
@@ -78,10 +82,12 @@ def _whisper(model, device, cpu_threads, max_batch) -> Engine:
                          compute_type="int8" if dev == "cpu" else "float16", cpu_threads=cpu_threads, **kwargs)
 
 
-def _granite(model, device, max_batch) -> Engine:
+def _granite(model, device, max_batch, options: Mapping[str, Any] | None = None) -> Engine:
     from .granite import GraniteEngine
 
-    kwargs = {} if max_batch is None else {"max_batch": max_batch}
+    kwargs = dict(options or {})
+    if max_batch is not None:
+        kwargs["max_batch"] = max_batch
     return GraniteEngine(model or DEFAULT_GRANITE_MODEL, device=None if device == "auto" else device, **kwargs)
 
 
