@@ -336,24 +336,10 @@ def hist_quantiles(before: dict, after: dict, qs=(0.5, 0.95, 0.99)) -> dict:
 
 
 def summarize_level(results, chunks: list[dict]) -> dict:
-    from benchmarks.scoring import percentiles
+    from benchmarks.scoring import latency_summary
 
-    clips = [c for r in results for c in r.clips]
-    finals = [c.final_latency if c.final_latency is not None else math.inf for c in clips]
-    lags = [x for r in results for x in r.partial_lags]
-    firsts = [c.first_partial_latency for c in clips if c.first_partial_latency is not None]
-    errors = [e for r in results for e in r.errors]
     return {
-        "streams": len(results),
-        "clips": len(clips),
-        "clips_finalized": sum(1 for c in clips if c.final_latency is not None),
-        "speech_seconds": round(sum(c.end - c.start for c in clips), 1),
-        "final_latency": percentiles(finals),
-        "partial_lag": percentiles(lags),
-        "first_partial_latency": percentiles(firsts),
-        "partials": sum(r.partials for r in results),
-        "errors": len(errors),
-        "error_codes": sorted({str(e.get("code")) for e in errors}),
+        **latency_summary(results),
         "stream_failures": len([r for r in results if r.error]),
         "stream_failure_examples": sorted({r.error for r in results if r.error})[:3],
         "loadgen": {
@@ -779,8 +765,9 @@ def main(argv=None) -> int:
     ap.add_argument("--server-processes", type=int, default=0,
                     help="instead of --workers: this many server processes (one engine and GPU each) on one port, "
                          "as `serve --processes N --gpus N` runs them; levels from --levels-multi or --levels")
-    ap.add_argument("--interleave-every", type=int, default=4,
-                    help="serve queued CTC partials after every N decode steps of a batch of finals (0: never)")
+    ap.add_argument("--interleave-every", type=int, default=0,
+                    help="serve queued CTC partials after every N decode steps of a batch of finals (0: never, "
+                         "the engine's default)")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for the server process(es): how long a thread may hold the GIL "
                          "while another waits (Python's default 5 ms)")

@@ -273,8 +273,8 @@ async def run_granite_stream(
              "language": plan.language, "partials": partials, **(extra_start or {})}
     pcm = (np.clip(plan.audio, -1.0, 32767 / 32768) * 32768.0).astype("<i2")
     frames = _frames(plan, frame_ms)
-    ends = np.zeros(len(frames), np.int64)
-    sent = np.zeros(len(frames))
+    ends: list[int] = []
+    sent: list[float] = []
     done = asyncio.Event()
 
     async def receiver() -> None:
@@ -301,28 +301,50 @@ async def run_granite_stream(
 
     rx = asyncio.create_task(receiver())
     try:
-        await ws.send(json.dumps(start))
-        await asyncio.wait_for(done.wait(), timeout=60)
-        if slog.ready is None:
-            slog.error = slog.error or "no ready event"
+        began = await _start_and_play(ws, slog, json.dumps(start), done, 60, "no ready event", frames,
+                                      lambda a, b: pcm[a:b].tobytes(), plan, speed, ends, sent)
+        if began is None:
             return slog
-        began = time.perf_counter()
-        slog.started_at = began
-        for i, (a, b) in enumerate(frames):
-            await _pace(began, b / plan.sample_rate, speed)
-            await ws.send(pcm[a:b].tobytes())
-            ends[i] = b
-            sent[i] = time.perf_counter()
         await ws.send(json.dumps({"type": "stop"}))
         await asyncio.wait_for(rx, timeout=timeout)
     except Exception as exc:  # noqa: BLE001
         slog.error = slog.error or f"{type(exc).__name__}: {exc}"
     finally:
-        slog.frame_end_samples, slog.frame_sent_at = ends[: np.count_nonzero(sent)], sent[sent > 0]
+        slog.frame_end_samples, slog.frame_sent_at = np.asarray(ends, np.int64), np.asarray(sent)
         slog.finished_at = time.perf_counter()
         rx.cancel()
         await ws.close()
     return slog
+
+
+async def _start_and_play(ws, slog, start: str, ready: asyncio.Event, ready_timeout: float, no_ready: str,
+                          frames, payload, plan, speed: float, ends: list[int], sent: list[float]) -> float | None:
+    """Send the protocol's start message, wait for the server's ready, then send every frame at the
+    wall-clock moment its audio would have been captured, logging each frame's end sample and send time.
+
+    Args:
+        start: the start message (JSON text); ``ready`` is set by the caller's receiver on the server's
+            ready message (``slog.ready`` then holds it) or on a failure (``slog.error``).
+        frames: ``(first, end)`` sample ranges; ``payload(first, end)`` gives each frame's bytes.
+        ends, sent: appended to as frames go out.
+
+    Returns:
+        The wall-clock moment (``perf_counter``) the audio began, or ``None`` when the server never
+        became ready (``slog.error`` says why).
+    """
+    await ws.send(start)
+    await asyncio.wait_for(ready.wait(), timeout=ready_timeout)
+    if slog.ready is None:
+        slog.error = slog.error or no_ready
+        return None
+    began = time.perf_counter()
+    slog.started_at = began
+    for a, b in frames:
+        await _pace(began, b / plan.sample_rate, speed)
+        await ws.send(payload(a, b))
+        ends.append(b)
+        sent.append(time.perf_counter())
+    return began
 
 
 WHISPERLIVE_DEFAULTS = {
@@ -387,18 +409,10 @@ async def run_whisperlive_stream(
 
     rx = asyncio.create_task(receiver())
     try:
-        await ws.send(json.dumps(config))
-        await asyncio.wait_for(ready.wait(), timeout=120)
-        if slog.ready is None:
-            slog.error = slog.error or "no SERVER_READY"
+        began = await _start_and_play(ws, slog, json.dumps(config), ready, 120, "no SERVER_READY", frames,
+                                      lambda a, b: audio[a:b].tobytes(), plan, speed, ends, sent)
+        if began is None:
             return slog
-        began = time.perf_counter()
-        slog.started_at = began
-        for a, b in frames:
-            await _pace(began, b / plan.sample_rate, speed)
-            await ws.send(audio[a:b].tobytes())
-            ends.append(b)
-            sent.append(time.perf_counter())
         # Drain: keep the "microphone" open with silence until the last clip is committed.
         silence = np.zeros(step, "<f4").tobytes()
         position = len(audio)

@@ -97,12 +97,16 @@ def _new_clip_results(slog: StreamLog) -> list[ClipResult]:
     return out
 
 
-def score_granite(slog: StreamLog) -> StreamResult:
+def _begin_scoring(slog: StreamLog):
+    """A stream's clip results, its :class:`StreamResult`, and the clip assigner (``None``: nothing to score)."""
     clips = _new_clip_results(slog)
-    result = StreamResult(clips, error=slog.error)
-    if not slog.messages:
+    return clips, StreamResult(clips, error=slog.error), (_assigner(slog) if slog.messages else None)
+
+
+def score_granite(slog: StreamLog) -> StreamResult:
+    clips, result, assign = _begin_scoring(slog)
+    if assign is None:
         return result
-    assign = _assigner(slog)
     plan = slog.plan
     # Which clip each utterance belongs to: decided by its final (or its error event), else its first partial.
     utterance_clip: dict[int, int] = {}
@@ -155,11 +159,9 @@ WHISPERLIVE_END_TOLERANCE_S = 0.5
 
 
 def score_whisperlive(slog: StreamLog) -> StreamResult:
-    clips = _new_clip_results(slog)
-    result = StreamResult(clips, error=slog.error)
-    if not slog.messages:
+    clips, result, assign = _begin_scoring(slog)
+    if assign is None:
         return result
-    assign = _assigner(slog)
     plan = slog.plan
     committed: list[dict] = []
     seen: set[tuple[str, str, str]] = set()
@@ -260,28 +262,34 @@ def lag_growth(clips: Sequence[ClipResult]) -> float | None:
     return float(last - first)
 
 
-def summarize(results: Sequence[StreamResult], language: str | None = None) -> dict:
-    """Aggregate stream results: latency percentiles, lag, revisions, WER/CER, errors."""
+def latency_summary(results: Sequence[StreamResult]) -> dict:
+    """What every benchmark reports of a set of streams: clip counts, latency and lag percentiles, errors."""
     clips = [c for r in results for c in r.clips]
-    finals = [c.final_latency if c.final_latency is not None else math.inf for c in clips]
-    firsts = [c.first_partial_latency for c in clips if c.first_partial_latency is not None]
-    lags = [x for r in results for x in r.partial_lags]
-    language = language or (clips[0].language if clips else "en")
-    growth = lag_growth(clips)
     errors = [e for r in results for e in r.errors]
     return {
         "streams": len(results),
         "clips": len(clips),
         "clips_finalized": sum(1 for c in clips if c.final_latency is not None),
         "speech_seconds": round(sum(c.end - c.start for c in clips), 2),
-        "final_latency": percentiles(finals),
-        "first_partial_latency": percentiles(firsts),
-        "partial_lag": percentiles(lags),
+        "final_latency": percentiles([c.final_latency if c.final_latency is not None else math.inf for c in clips]),
+        "first_partial_latency": percentiles([c.first_partial_latency for c in clips
+                                              if c.first_partial_latency is not None]),
+        "partial_lag": percentiles([x for r in results for x in r.partial_lags]),
         "partials": sum(r.partials for r in results),
-        "lag_growth_s": None if growth is None else _jsonable(growth),
-        "stable_revisions": sum(r.revisions for r in results),
         "errors": len(errors),
         "error_codes": sorted({str(e.get("code") or e.get("status")) for e in errors}),
+    }
+
+
+def summarize(results: Sequence[StreamResult], language: str | None = None) -> dict:
+    """Aggregate stream results: latency percentiles, lag, revisions, WER/CER, errors."""
+    clips = [c for r in results for c in r.clips]
+    language = language or (clips[0].language if clips else "en")
+    growth = lag_growth(clips)
+    return {
+        **latency_summary(results),
+        "lag_growth_s": None if growth is None else _jsonable(growth),
+        "stable_revisions": sum(r.revisions for r in results),
         "stream_failures": [r.error for r in results if r.error],
         **{k: v for k, v in wer_cer(((c.reference, c.hypothesis) for c in clips), language).items()},
         # Assignment-free: each stream's finals joined vs its references joined.
