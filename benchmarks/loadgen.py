@@ -279,12 +279,7 @@ async def run_granite_stream(
 
     async def receiver() -> None:
         try:
-            async for message in ws:
-                if isinstance(message, bytes):
-                    continue
-                now = time.perf_counter()
-                event = json.loads(message)
-                slog.messages.append((now, event))
+            async for event in _logged_events(ws, slog):
                 if event.get("type") == "ready":
                     slog.ready = event
                     done.set()
@@ -315,6 +310,17 @@ async def run_granite_stream(
         rx.cancel()
         await ws.close()
     return slog
+
+
+async def _logged_events(ws, slog):
+    """The server's JSON messages (binary ones skipped), each logged in ``slog`` with its arrival time."""
+    async for message in ws:
+        if isinstance(message, bytes):
+            continue
+        now = time.perf_counter()
+        event = json.loads(message)
+        slog.messages.append((now, event))
+        yield event
 
 
 async def _start_and_play(ws, slog, start: str, ready: asyncio.Event, ready_timeout: float, no_ready: str,
@@ -387,12 +393,7 @@ async def run_whisperlive_stream(
 
     async def receiver() -> None:
         try:
-            async for message in ws:
-                if isinstance(message, bytes):
-                    continue
-                now = time.perf_counter()
-                event = json.loads(message)
-                slog.messages.append((now, event))
+            async for event in _logged_events(ws, slog):
                 if event.get("message") == "SERVER_READY":
                     slog.ready = event
                     ready.set()
