@@ -513,7 +513,8 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             jobs = [dict(job_base, indices=list(range(p, n, procs))) for p in range(procs)]
             stats0 = [dict(e.stats()) for e in engines[:n_workers]]
             sched0 = [(w.scheduler.stats.batches, sum(k * v for k, v in w.scheduler.stats.batch_sizes.items()),
-                       w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds) for w in workers]
+                       w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds,
+                       w.scheduler.stats.interleaved) for w in workers]
             h0 = hist_snapshot(server)
             log0 = [len(w.batch_log) for w in workers]
             ilog0 = [len(w.interleaved_waits) for w in workers]
@@ -556,13 +557,14 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                                            queue_wait_interleaved_s=_pct(w.interleaved_waits[i0:]))
                                       for w, n0, i0 in zip(workers, log0, ilog0)]
             row["workers_detail"] = []
-            for w, (b0, r0, rep0, rej0, busy0) in zip(workers, sched0):
+            for w, (b0, r0, rep0, rej0, busy0, il0) in zip(workers, sched0):
                 st = w.scheduler.stats
                 batches = st.batches - b0
                 reqs = sum(k * v for k, v in st.batch_sizes.items()) - r0
                 row["workers_detail"].append({
                     "batches": batches, "requests": reqs, "mean_batch": round(reqs / batches, 1) if batches else None,
                     "partials_superseded": st.replaced - rep0, "rejected": st.rejected - rej0,
+                    "partials_between_decode_steps": st.interleaved - il0,
                     "busy_percent": round(100 * (w.busy_seconds - busy0) / wall, 1),
                     "thread_cpu_percent": round(100 * (cpu1.get(w._thread.native_id, 0) - cpu0.get(w._thread.native_id, 0)) / wall, 1)
                     if w._thread is not None and w._thread.native_id else None,
