@@ -408,16 +408,14 @@ def summarize_batches(log: list[dict]) -> dict:
     A batch with finals runs their autoregressive decode; partials queued meanwhile wait for it unless
     the engine serves them between its decode steps (``queue_wait_interleaved_s`` in the level row).
     """
-    pct = _pct
-
     with_finals = [b for b in log if b["finals"]]
     partial_only = [b for b in log if not b["finals"]]
     busy = sum(b["seconds"] for b in log) or 1.0
     return {
-        "queue_wait_partial_s": pct([w for b in log for w in b["waits"]["partial"]]),
-        "queue_wait_final_s": pct([w for b in log for w in b["waits"]["final"]]),
-        "batch_s_with_finals": pct([b["seconds"] for b in with_finals]),
-        "batch_s_partials_only": pct([b["seconds"] for b in partial_only]),
+        "queue_wait_partial_s": _pct([w for b in log for w in b["waits"]["partial"]]),
+        "queue_wait_final_s": _pct([w for b in log for w in b["waits"]["final"]]),
+        "batch_s_with_finals": _pct([b["seconds"] for b in with_finals]),
+        "batch_s_partials_only": _pct([b["seconds"] for b in partial_only]),
         "finals_per_final_batch": round(float(np.mean([b["finals"] for b in with_finals])), 1) if with_finals else None,
         "partials_per_batch": round(float(np.mean([b["partials"] for b in log])), 1) if log else None,
         "busy_share_batches_with_finals": round(sum(b["seconds"] for b in with_finals) / busy, 3),
@@ -433,6 +431,7 @@ def _device_worker_class():
 
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
+            # Submit times by future; those of superseded partials are never popped (a bench lasts minutes).
             self._submitted_at: dict[int, float] = {}
             self.batch_log: list[dict] = []  # one entry per engine call: what waited how long for what
             self.interleaved_waits: list[float] = []  # partials served between decode steps
