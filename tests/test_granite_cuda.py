@@ -101,4 +101,6 @@ def test_ctc_partials_between_graph_decode_steps_leave_the_finals_unchanged(tiny
     got = eng.transcribe_batch(finals, fetch_partials=fetch)
     want = plain.transcribe_batch(finals)
     assert [r.info["token_ids"] for r in got] == [r.info["token_ids"] for r in want]
-    assert [r.text for r in delivered] == [r.text for r in plain.transcribe_batch(partials)]
+    # Compared batch for batch: with padded batching a partial's padding depends on its batch-mates.
+    assert [r.text for r in delivered] == [r.text for r in plain.transcribe_batch(partials[:2])
+                                           + plain.transcribe_batch(partials[2:])]
