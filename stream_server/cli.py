@@ -157,10 +157,10 @@ async def _serve(config: ServeConfig) -> int:
     from . import memory
     from .server import StreamServer
 
-    # Before the engine and worker threads exist, so that they share the capped arenas.
+    # Before the engine and worker threads exist, so that they share the capped arenas. (oneDNN's
+    # kernel cache is bounded by the Whisper engine itself, whose onednn_cache argument says how far.)
     memory.limit_arenas(config.malloc_arenas)
     memory.fix_mmap_threshold(config.malloc_mmap_threshold_kb * 1024)
-    memory.limit_onednn_cache(16)
 
     try:
         settings = server_settings(config)
