@@ -517,7 +517,8 @@ class GraniteEngine(Engine):
         for w in works:
             req = w.req
             if w.path == "partial_ctc":
-                self._finish_ctc_partial(w)
+                w.text = _force_prefix(req.prefix, w.ctc_text or "")
+                w.info["ctc_entropy"] = w.ctc_entropy
                 if on_result is not None:
                     on_result(w.index, self._result(w))
             elif w.path == "speculate":
@@ -551,11 +552,6 @@ class GraniteEngine(Engine):
     def _ctc_usable(self, req: InferenceRequest) -> bool:
         """Whether the CTC head's transcript serves this request (partials and speculative drafts)."""
         return self.has_ctc and req.language in self.ctc_languages and req.task == "transcribe"
-
-    @staticmethod
-    def _finish_ctc_partial(w: _Work) -> None:
-        w.text = _force_prefix(w.req.prefix, w.ctc_text or "")
-        w.info["ctc_entropy"] = w.ctc_entropy
 
     def _result(self, w: _Work) -> InferenceResult:
         """The work's result, made (and its path counted) once."""
@@ -906,14 +902,8 @@ class GraniteEngine(Engine):
         if not taken:
             return
         try:
-            works = [self._prepare(i, request) for i, (request, _) in enumerate(taken)]
-            self._encode_audio(works)
-            self._ctc_decode(works)
-            results = []
-            for w in works:
-                w.path = "partial_ctc"
-                self._finish_ctc_partial(w)
-                results.append(self._result(w))
+            # All accepted requests are CTC partials, so this is encoder + CTC only, never the LLM.
+            results = self._transcribe([request for request, _ in taken])
         except Exception as exc:  # noqa: BLE001 - these requests fail; the finals' decode goes on
             for _, deliver in taken:
                 deliver(exc)
