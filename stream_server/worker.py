@@ -168,12 +168,7 @@ class BatchScheduler:
         while self._finals and len(batch) < self.max_batch:
             entry = self._finals.popleft()
             batch.append((entry.request, entry.token))
-        room = self.max_batch - len(batch)
-        if room > 0 and self._partials:
-            oldest = sorted(self._partials.items(), key=lambda item: item[1].enqueued_at)[:room]
-            for key, entry in oldest:
-                del self._partials[key]
-                batch.append((entry.request, entry.token))
+        batch += self._pop_oldest_partials(self.max_batch - len(batch))
         self.stats.batches += 1
         self.stats.batch_sizes[len(batch)] += 1
         return batch
@@ -184,12 +179,20 @@ class BatchScheduler:
         For an engine that serves partials between the decode steps of a batch of finals: they are
         already waiting behind that batch, so there is nothing to gain by waiting for more.
         """
-        chosen = sorted(((k, e) for k, e in self._partials.items() if accept(e.request)),
-                        key=lambda item: item[1].enqueued_at)[: max(0, limit)]
+        taken = self._pop_oldest_partials(limit, accept)
+        self.stats.interleaved += len(taken)
+        return taken
+
+    def _pop_oldest_partials(self, limit: int, accept: Callable[[InferenceRequest], bool] | None = None
+                             ) -> list[tuple[InferenceRequest, object]]:
+        """Remove and return up to ``limit`` queued partials (those ``accept`` allows), oldest first."""
+        if limit <= 0 or not self._partials:
+            return []
+        chosen = sorted((item for item in self._partials.items() if accept is None or accept(item[1].request)),
+                        key=lambda item: item[1].enqueued_at)[:limit]
         for key, _ in chosen:
             del self._partials[key]
-        self.stats.interleaved += len(chosen)
-        return [(e.request, e.token) for _, e in chosen]
+        return [(entry.request, entry.token) for _, entry in chosen]
 
 
 BatchObserver = Callable[[list[InferenceRequest], float], None]
