@@ -122,6 +122,11 @@ class _Utterance:
     early_request: InferenceRequest | None = None  # a final decoded while the silence is still short
     early_outcome: tuple[InferenceResult | None, str | None, str] | None = None  # (result, error, code)
 
+    def early_covers(self, end: int) -> bool:
+        """Whether the early final in flight (or answered) was decoded on exactly ``[start, end)``."""
+        early = self.early_request
+        return early is not None and early.utterance_id == self.utterance_id and self.start + len(early.audio) == end
+
 
 class Session:
     """One client stream.
@@ -373,10 +378,9 @@ class Session:
                 utterance.end = max(event.end, utterance.start)
                 self._finishing.append(utterance)
                 early, outcome = utterance.early_request, utterance.early_outcome
+                covered = utterance.early_covers(utterance.end)
                 utterance.early_request = utterance.early_outcome = None
-                if early is not None and early.utterance_id == utterance.utterance_id and (
-                    utterance.start + len(early.audio) == utterance.end
-                ) and (outcome is None or outcome[0] is not None):
+                if covered and (outcome is None or outcome[0] is not None):
                     # The speculative final covers exactly this audio: use it (now, or when it lands).
                     if outcome is None:
                         utterance.final_request = early
@@ -402,8 +406,7 @@ class Session:
             return []
         if segmenter.trailing_silence < self.settings.early_final_s * SAMPLE_RATE:
             return []
-        early = utterance.early_request
-        if early is not None and utterance.start + len(early.audio) == end:
+        if utterance.early_covers(end):
             return []
         if end > self._position or end <= utterance.start:
             return []

@@ -250,7 +250,12 @@ class VadSegmenter:
         if self._utt_start is None or self._silent_run == 0:
             return None
         p = self._params
-        return min(self._last_voiced_end + p.post_roll, self._last_voiced_end + p.silence_frames * p.frame_len)
+        # The frame that completes silence_ms ends silence_frames frames after the last voiced one.
+        return self._silence_end(self._last_voiced_end + p.silence_frames * p.frame_len)
+
+    def _silence_end(self, frame_end: int) -> int:
+        """Where an utterance ends when the silence completes in the frame ending at ``frame_end``."""
+        return min(self._last_voiced_end + self._params.post_roll, frame_end)
 
     @property
     def config(self) -> VadConfig:
@@ -436,7 +441,7 @@ class VadSegmenter:
         else:
             self._silent_run += 1
             if self._silent_run >= p.silence_frames:
-                utt_end = min(self._last_voiced_end + p.post_roll, end)
+                utt_end = self._silence_end(end)
                 events.append(SpeechEnded(utt_end, "silence"))
                 self._go_idle(utt_end)
                 return
