@@ -504,12 +504,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                 print(f"[{n_workers}w] level {n}: skipped (deadline)", flush=True)
                 rows.append({"workers": n_workers, "streams": n, "skipped": "deadline"})
                 break
-            procs = max(1, min(args.loadgen_procs, n))
-            job_base = {"url": server.url, "data": args.data, "n_streams": n,
-                        "speech_seconds": args.seconds_per_level * 0.72, "stagger": args.stagger,
-                        "frame_ms": args.frame_ms, "partials": args.partials,
-                        "partial_interval": args.partial_interval, "timeout": 20.0}
-            jobs = [dict(job_base, indices=list(range(p, n, procs))) for p in range(procs)]
+            jobs = _level_jobs(server.url, n, args)
             stats0 = [dict(e.stats()) for e in engines[:n_workers]]
             sched0 = [(w.scheduler.stats.batches, sum(k * v for k, v in w.scheduler.stats.batch_sizes.items()),
                        w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds,
@@ -576,10 +571,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                 "other_threads_percent": round(100 * others / wall, 1),
             }
             row["gpu"] = gpu.summary()
-            ok = (row["final_latency"]["p95"] not in (None, "inf") and float(row["final_latency"]["p95"]) <= args.target_s
-                  and row["partial_lag"]["p95"] not in (None, "inf") and float(row["partial_lag"]["p95"]) <= args.target_s
-                  and row["stream_failures"] == 0)
-            row["meets_target"] = ok
+            ok = row["meets_target"] = _meets_target(row, args)
             rows.append(row)
             out.setdefault("levels", []).append(row)
             _save(out, args.out)
@@ -667,11 +659,7 @@ def run_processes_sweep(n_procs: int, args, executor, deadline: float, out: dict
             if time.monotonic() + args.seconds_per_level + args.stagger + 25 > deadline:
                 rows.append({"workers": n_procs, "mode": "processes", "streams": n, "skipped": "deadline"})
                 break
-            lg = max(1, min(args.loadgen_procs, n))
-            job_base = {"url": url, "data": args.data, "n_streams": n, "speech_seconds": args.seconds_per_level * 0.72,
-                        "stagger": args.stagger, "frame_ms": args.frame_ms, "partials": args.partials,
-                        "partial_interval": args.partial_interval, "timeout": 20.0}
-            jobs = [dict(job_base, indices=list(range(p, n, lg))) for p in range(lg)]
+            jobs = _level_jobs(url, n, args)
             cpu0 = {i: _process_cpu_seconds(pid) for i, pid in pids.items()}
             t0 = time.perf_counter()
             with GpuSampler(not args.cpu) as gpu:
@@ -684,9 +672,7 @@ def run_processes_sweep(n_procs: int, args, executor, deadline: float, out: dict
                                           for i, pid in sorted(pids.items())]
             row["gpu"] = gpu.summary()
             fl, pl = row["final_latency"], row["partial_lag"]
-            row["meets_target"] = (fl["p95"] not in (None, "inf") and float(fl["p95"]) <= args.target_s
-                                   and pl["p95"] not in (None, "inf") and float(pl["p95"]) <= args.target_s
-                                   and row["stream_failures"] == 0)
+            row["meets_target"] = _meets_target(row, args)
             rows.append(row)
             out.setdefault("levels", []).append(row)
             _save(out, args.out)
@@ -705,6 +691,21 @@ def run_processes_sweep(n_procs: int, args, executor, deadline: float, out: dict
             p.join(30)
             if p.is_alive():
                 p.kill()
+
+
+def _level_jobs(url: str, n: int, args) -> list[dict]:
+    """The load-generator jobs of one level: ``n`` streams dealt over at most ``--loadgen-procs`` processes."""
+    procs = max(1, min(args.loadgen_procs, n))
+    base = {"url": url, "data": args.data, "n_streams": n, "speech_seconds": args.seconds_per_level * 0.72,
+            "stagger": args.stagger, "frame_ms": args.frame_ms, "partials": args.partials,
+            "partial_interval": args.partial_interval, "timeout": 20.0}
+    return [dict(base, indices=list(range(p, n, procs))) for p in range(procs)]
+
+
+def _meets_target(row: dict, args) -> bool:
+    """p95 final latency and p95 partial lag both within ``--target-s``, and no stream failed."""
+    return all(row[key]["p95"] not in (None, "inf") and float(row[key]["p95"]) <= args.target_s
+               for key in ("final_latency", "partial_lag")) and row["stream_failures"] == 0
 
 
 def _line(r: dict) -> str:
