@@ -196,7 +196,7 @@ def build_engines(args) -> list:
             speculative=False, encoder_batching=args.encoder_batching,
             decode_options=dict({"compile_step": True} if args.compile_step else {}, max_graphs=args.decode_max_graphs),
             encoder_backend="eager" if args.cpu else args.encoder_backend,
-            interleave_every=args.interleave_every,
+            interleave_every=args.interleave_every, interleave_min_wait_s=args.interleave_min_wait_ms / 1000.0,
         )
         print(f"engine {i} on {device}: built in {time.perf_counter() - t0:.1f} s", flush=True)
         engines.append(eng)
@@ -437,8 +437,8 @@ def _device_worker_class():
             self.interleaved_waits: list[float] = []  # partials served between decode steps
             take = self.scheduler.take_partials
 
-            def take_partials(limit, accept):
-                taken = take(limit, accept)
+            def take_partials(limit, accept, *when):
+                taken = take(limit, accept, *when)
                 now = time.monotonic()
                 for _, future in taken:
                     at = self._submitted_at.pop(id(future), None)
@@ -770,6 +770,8 @@ def main(argv=None) -> int:
     ap.add_argument("--interleave-every", type=int, default=0,
                     help="serve queued CTC partials after every N decode steps of a batch of finals (0: never, "
                          "the engine's default)")
+    ap.add_argument("--interleave-min-wait-ms", type=float, default=0.0,
+                    help="with --interleave-every: serve them only once the oldest has waited this long")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for the server process(es): how long a thread may hold the GIL "
                          "while another waits (Python's default 5 ms)")

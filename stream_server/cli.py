@@ -130,7 +130,8 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
 
 def granite_options(config: ServeConfig) -> dict:
     """The settings that become :class:`~stream_server.engines.granite.GraniteEngine` arguments."""
-    return {"encoder_batching": config.granite_encoder_batching, "interleave_every": config.granite_interleave_every}
+    return {"encoder_batching": config.granite_encoder_batching, "interleave_every": config.granite_interleave_every,
+            "interleave_min_wait_s": config.granite_interleave_min_wait_ms / 1000.0}
 
 
 def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:

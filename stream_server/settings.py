@@ -65,6 +65,8 @@ class ServeConfig:
     granite_interleave_every: int = _opt(0, "Granite: serve queued CTC partials after every N decode steps of a batch "
                                          "of finals instead of after the whole batch (0: off; not yet measured on a "
                                          "GPU); local inference only", "engine")
+    granite_interleave_min_wait_ms: float = _opt(0.0, "Granite, with granite_interleave_every: serve them only once the "
+                                                 "oldest has waited this long (0: whenever any is queued)", "engine")
     max_batch: int = _opt(8, "largest inference batch across sessions", "worker")
     max_wait_ms: float = _opt(5.0, "how long a batch may wait to fill", "worker")
     max_queue: int = _opt(512, "queued inference requests before partials are shed and new sessions refused", "worker")

@@ -173,12 +173,27 @@ class BatchScheduler:
         self.stats.batch_sizes[len(batch)] += 1
         return batch
 
-    def take_partials(self, limit: int, accept: Callable[[InferenceRequest], bool]) -> list[tuple[InferenceRequest, object]]:
+    def take_partials(self, limit: int, accept: Callable[[InferenceRequest], bool], now: float | None = None,
+                      min_wait: float = 0.0) -> list[tuple[InferenceRequest, object]]:
         """Pop up to ``limit`` queued partials that ``accept`` (oldest first), ignoring ``max_wait``.
 
         For an engine that serves partials between the decode steps of a batch of finals: they are
         already waiting behind that batch, so there is nothing to gain by waiting for more.
+
+        Args:
+            limit: most partials to take.
+            accept: which queued partials qualify.
+            now: current time (needed when ``min_wait`` > 0).
+            min_wait: take nothing unless the oldest qualifying partial has waited this long
+                (seconds). Each serving interrupts the finals' decode; waiting lets partials gather
+                into fewer, larger servings, and keeps the finals' batch short.
         """
+        if min_wait > 0:
+            if now is None:
+                raise ValueError("take_partials: min_wait needs now")
+            oldest = min((e.enqueued_at for e in self._partials.values() if accept(e.request)), default=None)
+            if oldest is None or now - oldest < min_wait:
+                return []
         taken = self._pop_oldest_partials(limit, accept)
         self.stats.interleaved += len(taken)
         return taken
@@ -332,12 +347,12 @@ class InferenceWorker:
                         self.scheduler.submit(request, time.monotonic(), token)
             raise
 
-    def _fetch_partials(self, accept, limit: int) -> list[tuple[InferenceRequest, Callable]]:
+    def _fetch_partials(self, accept, limit: int, min_wait: float = 0.0) -> list[tuple[InferenceRequest, Callable]]:
         """The engine's ``fetch_partials``: queued partials it can serve between decode steps, each
         with the callback that answers its future (a result, or the exception that failed it)."""
         # Not reported to ``on_batch``: they run inside the batch being decoded, whose time it reports.
         with self._cond:
-            taken = self.scheduler.take_partials(limit, accept)
+            taken = self.scheduler.take_partials(limit, accept, time.monotonic(), min_wait)
 
         def deliver_to(future):
             def deliver(outcome) -> None:

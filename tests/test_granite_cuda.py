@@ -94,7 +94,7 @@ def test_ctc_partials_between_graph_decode_steps_leave_the_finals_unchanged(tiny
                 for i in range(4)]
     queued, delivered = list(partials), []
 
-    def fetch(accept, limit):
+    def fetch(accept, limit, min_wait):
         taken, queued[:] = queued[:2], queued[2:]
         return [(r, delivered.append) for r in taken]
 

@@ -579,15 +579,15 @@ def test_ctc_partials_are_served_between_decode_steps(tiny):
               req(tone(0.9, 800.0, 41), "partial", 7, partial_mode="ctc", task="translate", target_language="fr")]
     calls, delivered = [], []
 
-    def fetch(accept, limit):
-        calls.append(limit)
+    def fetch(accept, limit, min_wait):
+        calls.append((limit, min_wait))
         taken = [r for r in queued if accept(r)][:limit]
         for r in taken:
             queued.remove(r)
         return [(r, delivered.append) for r in taken]
 
     results = eng.transcribe_batch(finals, fetch_partials=fetch)
-    assert calls == [eng.max_batch, eng.max_batch]  # after tokens 4 and 8 of 12, not after the last
+    assert calls == [(eng.max_batch, 0.0)] * 2  # after tokens 4 and 8 of 12, not after the last
     assert [r.info["path"] for r in delivered] == ["partial_ctc"] and delivered[0].text.startswith("Q")
     assert delivered[0].text == eng.transcribe_batch([partial])[0].text
     assert [r.partial_mode for r in queued] == ["llm", "ctc"]  # not servable mid-decode: left queued
@@ -606,3 +606,11 @@ def test_ctc_partials_are_served_between_decode_steps(tiny):
     assert isinstance(delivered[-1], RuntimeError)
     with pytest.raises(ValueError):
         make_engine(tiny, interleave_every=-1)
+    with pytest.raises(ValueError):
+        make_engine(tiny, interleave_every=4, interleave_min_wait_s=-0.1)
+    # The engine passes its minimum wait on: the worker decides from the queue's ages.
+    waiting = make_engine(tiny, decode_backend="loop", force_new_tokens=12, speculative=False, interleave_every=4,
+                          interleave_min_wait_s=0.25)
+    calls.clear()
+    waiting.transcribe_batch(finals, fetch_partials=fetch)
+    assert calls == [(waiting.max_batch, 0.25)] * 2

@@ -245,6 +245,19 @@ def test_take_partials_takes_only_accepted_partials_oldest_first():
     assert sorted(t for _, t in s.take_batch(100.0)) == ["b", "e"]
 
 
+def test_take_partials_with_a_minimum_wait_takes_all_once_the_oldest_has_waited_it():
+    s = BatchScheduler(max_batch=8, max_wait=10.0)
+    s.submit(ctc_partial("llm", mode="llm"), 0.0, "llm")  # oldest, but not one the engine accepts
+    s.submit(ctc_partial("a"), 1.0, "a")
+    s.submit(ctc_partial("b"), 1.2, "b")
+    is_ctc = lambda r: r.partial_mode == "ctc"  # noqa: E731
+    assert s.take_partials(8, is_ctc, now=1.25, min_wait=0.3) == []  # "a" has waited 0.25 s
+    assert [t for _, t in s.take_partials(8, is_ctc, now=1.3, min_wait=0.3)] == ["a", "b"]  # "b" rides along
+    assert s.stats.interleaved == 2 and len(s) == 1
+    with pytest.raises(ValueError):
+        s.take_partials(8, is_ctc, min_wait=0.3)  # an age needs a clock
+
+
 class InterleavingEngine(CountingEngine):
     """Decodes finals slowly; between 'steps' serves the partials the worker hands it."""
 

@@ -188,8 +188,9 @@ class Engine(abc.ABC):
         whole batch is; the returned list still holds every result.
 
         Engines that declare ``capabilities.interleaved_partials`` also accept ``fetch_partials``, a
-        callable ``(accept, limit)`` returning up to ``limit`` queued requests for which
-        ``accept(request)`` is true, each as ``(request, deliver)``; the engine calls it between
+        callable ``(accept, limit, min_wait=0.0)`` returning up to ``limit`` queued requests for which
+        ``accept(request)`` is true, each as ``(request, deliver)``, or none unless the oldest of them
+        has waited ``min_wait`` seconds; the engine calls it between
         steps of its decode and must call every ``deliver`` exactly once, with an
         :class:`InferenceResult` or the exception that failed it. Those requests are not part of
         the returned list.

@@ -249,6 +249,9 @@ class GraniteEngine(Engine):
             0 (default) never does. On one H200 at 400 streams, partials otherwise waited 0.7 s (p50)
             behind decode batches of ~0.2 s. Opt-in until measured on a GPU
             (``gpu_server_bench --interleave-every 4`` against 0 in one call).
+        interleave_min_wait_s: with ``interleave_every``, serve partials at a step boundary only
+            once the oldest queued one has waited this long (0: whenever any is queued). Every
+            serving lengthens the finals' batch; see ``docs/gpu_server.md`` for the measured trade.
     """
 
     def __init__(
@@ -283,6 +286,7 @@ class GraniteEngine(Engine):
         decode_options: dict | None = None,
         encoder_backend: str = "auto",
         interleave_every: int = 0,
+        interleave_min_wait_s: float = 0.0,
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -311,6 +315,8 @@ class GraniteEngine(Engine):
             raise ValueError("encoder_backend must be 'auto', 'eager' or 'graphs'")
         if interleave_every < 0:
             raise ValueError("interleave_every must be >= 0")
+        if not interleave_min_wait_s >= 0:
+            raise ValueError("interleave_min_wait_s must be >= 0")
 
         model.eval()
         self.model = model
@@ -351,6 +357,7 @@ class GraniteEngine(Engine):
             raise ValueError("encoder_backend='graphs' needs a CUDA device and encoder_batching='padded'")
         self.encoder_backend = encoder_backend
         self.interleave_every = int(interleave_every)
+        self.interleave_min_wait_s = float(interleave_min_wait_s)
         self._encoder_graphs = None
         self._projector_graphs = None
         self.max_batch = int(max_batch)
@@ -898,7 +905,7 @@ class GraniteEngine(Engine):
         Safe mid-decode: the finals were projected before the decode began (the encoder graphs'
         shared output buffer may now be overwritten) and the decoder's state is not touched.
         """
-        taken = fetch_partials(self._accepts_interleaved, self.max_batch)
+        taken = fetch_partials(self._accepts_interleaved, self.max_batch, self.interleave_min_wait_s)
         if not taken:
             return
         try:
