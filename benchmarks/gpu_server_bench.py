@@ -422,6 +422,12 @@ def summarize_batches(log: list[dict]) -> dict:
     }
 
 
+def _session_settings(args):
+    from stream_server.session import SessionSettings
+
+    return SessionSettings(refresh_waiting_partials=args.partial_refresh == "on")
+
+
 def _device_worker_class():
     from stream_server.worker import InferenceWorker
 
@@ -490,7 +496,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
     pool = WorkerPool(workers)
     settings = ServerSettings(host="127.0.0.1", port=0, max_sessions=100_000, max_sessions_per_ip=100_000,
                               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                              realtime_factor=0, idle_timeout_s=0)
+                              realtime_factor=0, idle_timeout_s=0, session=_session_settings(args))
     server = StreamServer(engines[0], settings, f"gpu_server_bench, {n_workers} worker(s)", worker=pool)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -618,7 +624,8 @@ def server_process_main(index: int, args_dict: dict, port: int, ready, stop) -> 
                                                                args.max_queue, final_reserve=args.max_queue))
         settings = ServerSettings(host="127.0.0.1", port=port, max_sessions=100_000, max_sessions_per_ip=100_000,
                                   max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                                  realtime_factor=0, idle_timeout_s=0, reuse_port=True)
+                                  realtime_factor=0, idle_timeout_s=0, reuse_port=True,
+                                  session=_session_settings(args))
         server = StreamServer(engine, settings, f"gpu_server_bench process {index}", worker=worker)
         await server.start()
         ready.put((index, os.getpid()))
@@ -770,6 +777,9 @@ def main(argv=None) -> int:
     ap.add_argument("--interleave-every", type=int, default=0,
                     help="serve queued CTC partials after every N decode steps of a batch of finals (0: never, "
                          "the engine's default)")
+    ap.add_argument("--partial-refresh", default="on", choices=("on", "off"),
+                    help="sessions refresh a partial still waiting in the queue with newer audio (SessionSettings."
+                         "refresh_waiting_partials; off: the behaviour before it)")
     ap.add_argument("--interleave-min-wait-ms", type=float, default=0.0,
                     help="with --interleave-every: serve them only once the oldest has waited this long")
     ap.add_argument("--switch-interval-ms", type=float, default=None,

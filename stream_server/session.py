@@ -96,6 +96,11 @@ class SessionSettings:
             then; if speech resumes it is discarded. Takes up to ``silence_ms - early_final_s``
             off every final's latency, at the cost of one wasted decode per pause in
             ``[early_final_s, silence_ms)``. 0 disables.
+        refresh_waiting_partials: while a partial waits in the inference queue, ask again every
+            ``partial_interval`` with the newer audio, as a ``refresh_only`` request that takes the
+            waiting one's place (or is dropped if it has started). Under load the engine then
+            works on audio at most one interval old instead of audio as old as the queue's wait;
+            the GPU work is the same. Off: a partial runs on the audio it was asked with.
     """
 
     default_config: StreamConfig = field(default_factory=StreamConfig)
@@ -104,6 +109,7 @@ class SessionSettings:
     min_partial_audio_s: float = 0.5
     max_session_s: float = 4 * 3600.0
     early_final_s: float = 0.2
+    refresh_waiting_partials: bool = True
 
 
 @dataclass
@@ -113,8 +119,11 @@ class _Utterance:
     config: StreamConfig
     stabilizer: PartialStabilizer = field(default_factory=PartialStabilizer)
     end: int | None = None
-    last_partial_at: int = 0  # sample position of the last partial request
-    partial_in_flight: bool = False
+    last_partial_at: int = 0  # audio end of the newest partial that is queued, running or answered
+    pending_partials: list[InferenceRequest] = field(default_factory=list)  # submitted, outcome not known yet
+    next_refresh_at: int = 0  # sample position before which a waiting partial is not refreshed again
+    answered_partial_end: int = 0  # audio end of the newest partial that ran (answered or failed)
+    shown_partial_end: int = 0  # audio end of the newest partial sent; older ones arriving later are dropped
     final_request: InferenceRequest | None = None  # the final this utterance waits for
     final_text: str | None = None
     final_error: dict | None = None
@@ -365,7 +374,7 @@ class Session:
         for event in events:
             if isinstance(event, SpeechStarted):
                 utterance = _Utterance(self._next_utterance_id, event.start, self.config)
-                utterance.last_partial_at = event.start
+                utterance.last_partial_at = utterance.answered_partial_end = event.start
                 self._next_utterance_id += 1
                 self._open = utterance
                 actions.append(
@@ -417,18 +426,30 @@ class Session:
     def _maybe_partial(self) -> list[Action]:
         utterance = self._open
         config = utterance.config if utterance else None
-        if utterance is None or not config.partials or utterance.partial_in_flight:
+        if utterance is None or not config.partials:
             return []
         if utterance.early_request is not None:
             return []  # the speaker paused and the final is on its way; a partial would only add silence
+        pending = utterance.pending_partials
+        if len(pending) >= 2:
+            return []  # a refresh whose fate is not known yet
         interval = int(config.partial_interval * SAMPLE_RATE)
         if self._position - utterance.last_partial_at < interval:
             return []
+        if pending and (not self.settings.refresh_waiting_partials or self._position < utterance.next_refresh_at):
+            return []
         if self._position - utterance.start < self.settings.min_partial_audio_s * SAMPLE_RATE:
             return []
+        request = self._request(utterance, "partial", self._position)
+        if pending:
+            # One is submitted and not answered. If it still waits in the queue, this one takes its
+            # place (same work, fresher audio): under load a partial would otherwise reach the
+            # engine as stale as its wait. If it has started, the scheduler drops this one unrun.
+            request.refresh_only = True
+            utterance.next_refresh_at = self._position + interval
         utterance.last_partial_at = self._position
-        utterance.partial_in_flight = True
-        return [Submit(self._request(utterance, "partial", self._position))]
+        pending.append(request)
+        return [Submit(request)]
 
     def _request(self, utterance: _Utterance, kind: str, end: int, prefix: str | None = None) -> InferenceRequest:
         config = utterance.config
@@ -475,8 +496,16 @@ class Session:
         utterance = self._open
         if utterance is None or utterance.utterance_id != request.utterance_id:
             return actions  # the utterance ended meanwhile; its final supersedes this partial
-        utterance.partial_in_flight = False
-        if result is not None:
+        utterance.pending_partials = [r for r in utterance.pending_partials if r is not request]
+        end = utterance.start + len(request.audio)
+        if result is not None or error is not None:
+            utterance.answered_partial_end = max(utterance.answered_partial_end, end)
+        # Superseded (result and error None): replaced by a fresher one, or a refresh dropped because
+        # its predecessor had started; the cadence then counts from the newest that is still alive.
+        utterance.last_partial_at = max([utterance.start + len(r.audio) for r in utterance.pending_partials]
+                                        + [utterance.answered_partial_end])
+        if result is not None and end > utterance.shown_partial_end:
+            utterance.shown_partial_end = end
             text, stable = utterance.stabilizer.update(result.text, request.duration)
             actions.append(
                 Send({"type": "partial", "utterance_id": utterance.utterance_id, "text": text, "stable_text": stable,

@@ -1,8 +1,8 @@
 """The inference worker: one per device, shared by every session.
 
 :class:`BatchScheduler` is the pure queueing policy (testable without threads): finals before
-partials, a newer partial for an utterance replaces a queued older one, bounded depth, and dynamic
-batching (up to ``max_batch`` requests, waiting at most ``max_wait`` for a batch to fill).
+partials, a newer partial for an utterance replaces a queued older one (a ``refresh_only`` one
+does nothing else), bounded depth, and dynamic batching (up to ``max_batch`` requests, waiting at most ``max_wait`` for a batch to fill).
 
 :class:`InferenceWorker` is the thin shell: a thread that takes batches from the scheduler, runs
 the blocking engine, and resolves asyncio futures on the event loop. Inference never runs on the
@@ -43,7 +43,8 @@ class QueueFull(Exception):
 
 
 class Superseded(Exception):
-    """A newer partial for the same utterance replaced this one, or its session went away."""
+    """A newer partial for the same utterance replaced this one, a ``refresh_only`` partial found
+    nothing queued to replace, or its session went away."""
 
 
 @dataclass
@@ -57,6 +58,7 @@ class _Entry:
 class SchedulerStats:
     submitted: int = 0
     replaced: int = 0
+    refreshes_dropped: int = 0  # refresh_only partials that found nothing queued to replace
     rejected: int = 0
     interleaved: int = 0  # partials taken by take_partials (served inside another batch)
     batches: int = 0
@@ -96,7 +98,8 @@ class BatchScheduler:
         """Queue a request.
 
         Returns:
-            Tokens of queued requests this one replaced (they will never run).
+            Tokens of requests that will never run: queued ones this one replaced, or this one's own
+            ``token`` when it is a ``refresh_only`` partial that found nothing queued to replace.
 
         Raises:
             QueueFull: the queue is at its bound for this kind of request.
@@ -104,6 +107,9 @@ class BatchScheduler:
         replaced: list[object] = []
         if request.kind == "partial":
             key = (request.session_id, request.utterance_id)
+            if request.refresh_only and key not in self._partials:
+                self.stats.refreshes_dropped += 1
+                return [token]
             old = self._partials.pop(key, None)
             if old is not None:
                 replaced.append(old.token)

@@ -23,7 +23,11 @@ def pcm(samples):
 
 
 class Harness:
-    """Executes Submit actions on the fake engine immediately (or holds them) and records events."""
+    """Executes Submit actions on the fake engine immediately (or holds them) and records events.
+
+    Held requests stand for queued ones: a ``refresh_only`` partial replaces the held partial of its
+    utterance, or is dropped when none is held, as the worker's scheduler does.
+    """
 
     def __init__(self, session, engine, hold=False):
         self.session, self.engine, self.hold = session, engine, hold
@@ -37,10 +41,20 @@ class Harness:
                 self.closed = action
             elif isinstance(action, Submit):
                 if self.hold:
-                    self.held.append(action.request)
+                    self._queue(action.request)
                 else:
                     result = self.engine.transcribe_batch([action.request])[0]
                     self.run(self.session.inference_done(action.request, result))
+
+    def _queue(self, request):
+        if request.refresh_only:
+            waiting = [r for r in self.held if r.kind == "partial" and r.utterance_id == request.utterance_id]
+            if not waiting:
+                self.run(self.session.inference_done(request, None))  # superseded: nothing to refresh
+                return
+            self.held.remove(waiting[0])
+            self.run(self.session.inference_done(waiting[0], None))  # superseded by the refresh
+        self.held.append(request)
 
     def release(self):
         held, self.held = self.held, []
@@ -366,3 +380,57 @@ def test_failed_early_final_is_asked_again_at_the_end():
     h.release()
     [final] = h.of("final")
     assert final["text"] == engine.text_for(again) and not [e for e in h.events if e["type"] == "error"]
+
+
+# ---- partials under load: a waiting partial is refreshed, not left to go stale -------------------
+
+
+def _until_partial_asked(h):
+    """Feed speech 100 ms at a time until the session asks for its first partial; return it."""
+    buzz = _buzz(3.0)
+    for i in range(0, len(buzz), RATE // 10):
+        h.feed(buzz[i : i + RATE // 10])
+        asked = [r for r in h.held if r.kind == "partial"]
+        if asked:
+            [request] = asked
+            return request
+    raise AssertionError("no partial was asked for in 3 s of speech")
+
+
+def test_a_partial_still_waiting_in_the_queue_is_refreshed_with_newer_audio(engine):
+    session = new_session(engine)
+    h = Harness(session, engine, hold=True)  # held = queued: the worker is busy with others
+    h.run(start(session))
+    first = _until_partial_asked(h)
+    assert not first.refresh_only
+    h.feed(_buzz(1.0))  # two more intervals of audio while it waits
+    [waiting] = [r for r in h.held if r.kind == "partial"]
+    assert waiting.refresh_only and len(waiting.audio) >= len(first.audio) + RATE
+    h.release()
+    [partial] = h.of("partial")
+    assert partial["end"] - partial["start"] == pytest.approx(len(waiting.audio) / RATE, abs=1e-3)
+
+
+def test_a_refresh_of_a_started_partial_is_dropped_and_the_cadence_resumes_when_it_answers(engine):
+    session = new_session(engine)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session))
+    running = _until_partial_asked(h)
+    h.held.remove(running)  # the worker took it: a refresh finds nothing queued
+    h.feed(_buzz(1.0))
+    assert not [r for r in h.held if r.kind == "partial"], "no second partial runs beside the first"
+    h.run(session.inference_done(running, InferenceResult("w0")))
+    # Its answer is a second of audio old: the next partial is asked for at once, on all the audio.
+    [following] = [r for r in h.held if r.kind == "partial"]
+    assert not following.refresh_only and len(following.audio) >= len(running.audio) + RATE
+    assert [p["text"] for p in h.of("partial")] == ["w0"]
+
+
+
+def test_without_refreshes_a_waiting_partial_keeps_the_audio_it_was_asked_with(engine):
+    session = new_session(engine, refresh_waiting_partials=False)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session))
+    first = _until_partial_asked(h)
+    h.feed(_buzz(1.0))
+    assert [r for r in h.held if r.kind == "partial"] == [first]

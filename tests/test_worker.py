@@ -305,3 +305,35 @@ async def test_partials_are_answered_between_the_decode_steps_of_a_final_batch()
     finally:
         engine.release.set()
         worker.stop()
+
+
+def test_a_refresh_replaces_the_waiting_partial_in_its_place_or_is_dropped_when_none_waits():
+    s = BatchScheduler(max_batch=8, max_wait=10.0)
+    s.submit(ctc_partial("a", 0), 0.0, "a0")
+    s.submit(ctc_partial("b", 0), 0.5, "b0")
+    refresh = ctc_partial("a", 0, seconds=1.5)
+    refresh.refresh_only = True
+    assert s.submit(refresh, 1.0, "a1") == ["a0"]  # the waiting one is replaced ...
+    assert [t for _, t in s.take_partials(1, lambda r: True)] == ["a1"]  # ... in its place in line
+    late = ctc_partial("a", 0, seconds=2.0)
+    late.refresh_only = True
+    assert s.submit(late, 2.0, "a2") == ["a2"] and len(s) == 1  # "a" has started: nothing to refresh
+    assert s.stats.refreshes_dropped == 1
+
+
+async def test_a_refresh_of_a_partial_the_worker_has_started_fails_as_superseded():
+    engine = InterleavingEngine()
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=8, max_wait=0.01))
+    worker.start()
+    try:
+        running = worker.submit(ctc_partial("a", 0, seconds=0.85, mode="llm"))  # decodes until released
+        await asyncio.sleep(0.05)
+        refresh = ctc_partial("a", 0, seconds=1.35, mode="llm")
+        refresh.refresh_only = True
+        with pytest.raises(Superseded):
+            await asyncio.wait_for(worker.submit(refresh), 5)
+        engine.release.set()
+        assert (await asyncio.wait_for(running, 5)).text == "w0 w1"
+    finally:
+        engine.release.set()
+        worker.stop()

@@ -125,6 +125,9 @@ class InferenceRequest:
         prefix: text the hypothesis must start with (the already published ``stable_text``).
         partial_mode: ``"llm"`` or ``"ctc"`` for partials; ignored for finals.
         request_id: unique per session, assigned by the session.
+        refresh_only: a partial that only replaces its utterance's partial while that one still waits
+            in the queue (the same work, on fresher audio); if none is queued (it has started, or
+            finished) the scheduler drops this one unrun, as superseded. Engines ignore it.
     """
 
     session_id: str
@@ -138,6 +141,7 @@ class InferenceRequest:
     prefix: str = ""
     partial_mode: str = "llm"
     request_id: int = 0
+    refresh_only: bool = False
 
     @property
     def duration(self) -> float:
