@@ -246,9 +246,10 @@ class GraniteEngine(Engine):
             where allowed).
         interleave_every: with the ``loop``/``graphs`` decode backends, serve queued CTC partials
             (the worker's ``fetch_partials``) after every this many decode steps of a batch of finals;
-            0 (default) never does. On one H200 at 400 streams, partials otherwise waited 0.7 s (p50)
-            behind decode batches of ~0.2 s. Opt-in until measured on a GPU
-            (``gpu_server_bench --interleave-every 4`` against 0 in one call).
+            0 (default) never does. Measured on one H200 at 400 streams (``docs/gpu_server.md``,
+            fourth session): the partials' lag fell (p95 1.8 → 0.9 s) but the finals' batches
+            stretched (p95 final 0.8 → 2.2–2.5 s at N = 2–4, 1.35 s at N = 8), so it stays off; the
+            session's partial refresh met both bounds instead.
         interleave_min_wait_s: with ``interleave_every``, serve partials at a step boundary only
             once the oldest queued one has waited this long (0: whenever any is queued). Every
             serving lengthens the finals' batch; see ``docs/gpu_server.md`` for the measured trade.
