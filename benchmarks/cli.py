@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-batch", type=int, default=8)
     server.add_argument("--early-final-ms", type=float, default=200.0,
                         help="server's early finals: decode at this much pause (0: only at the VAD's end of speech)")
+    server.add_argument("--partial-refresh", default="on", choices=("on", "off"),
+                        help="server's refresh of partials still waiting in its queue (serve --partial-refresh)")
     server.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                         help="what-if runs: WhisperEngine constructor override, e.g. final_window_s=10 "
                              "(implies --server inprocess); repeatable")
@@ -383,10 +385,12 @@ async def _with_server(args, body):
         return await body(args.url, None, {"mode": "external", "url": args.url})
     if args.server == "inprocess" or args.engine_option:
         async with servers.granite_inprocess(args.engine, args.model, args.cpu_threads, args.max_batch,
-                                             args.device, _engine_options(args), args.early_final_ms) as handle:
+                                             args.device, _engine_options(args), args.early_final_ms,
+                                             args.partial_refresh) as handle:
             return await body(handle.url, handle.pid, handle.info)
     with servers.granite_subprocess(args.engine, args.model, args.cpu_threads, args.max_batch, args.device,
-                                    log_path=args.out / "server.log", early_final_ms=args.early_final_ms) as handle:
+                                    log_path=args.out / "server.log", early_final_ms=args.early_final_ms,
+                                    partial_refresh=args.partial_refresh) as handle:
         return await body(handle.url, handle.pid, handle.info)
 
 

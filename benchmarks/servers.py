@@ -54,7 +54,7 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
 async def granite_inprocess(engine_name: str = "whisper", model: str | None = None, cpu_threads: int = 2,
                             max_batch: int = 8, device: str = "auto",
                             engine_options: dict | None = None,
-                            early_final_ms: float = 200.0) -> AsyncIterator[ServerHandle]:
+                            early_final_ms: float = 200.0, partial_refresh: str = "on") -> AsyncIterator[ServerHandle]:
     from stream_server.engines import load_engine
     from stream_server.server import ServerSettings, StreamServer
     from stream_server.session import SessionSettings
@@ -78,23 +78,26 @@ async def granite_inprocess(engine_name: str = "whisper", model: str | None = No
     # realtime_factor=0: load tests replay audio ×K faster than real time on purpose.
     # max_sessions_per_ip: every benchmark client comes from 127.0.0.1.
     settings = ServerSettings(port=0, max_batch=max_batch, realtime_factor=0, max_sessions_per_ip=4096,
-                              session=SessionSettings(early_final_s=early_final_ms / 1000.0))
+                              session=SessionSettings(early_final_s=early_final_ms / 1000.0,
+                                                      refresh_waiting_partials=partial_refresh == "on"))
     async with StreamServer(engine, settings, reason) as server:
         yield ServerHandle(server.url, os.getpid(), "granite-stream (in-process)",
                            {"engine": engine.capabilities.to_wire(), "reason": reason, "mode": "inprocess",
                             "model_path": str(getattr(engine, "model_path", "")),
-                            "engine_options": engine_options or {}, "early_final_ms": early_final_ms})
+                            "engine_options": engine_options or {}, "early_final_ms": early_final_ms,
+                            "partial_refresh": partial_refresh})
 
 
 @contextlib.contextmanager
 def granite_subprocess(engine_name: str = "whisper", model: str | None = None, cpu_threads: int = 2,
                        max_batch: int = 8, device: str = "auto", log_path: Path | None = None,
-                       early_final_ms: float = 200.0):
+                       early_final_ms: float = 200.0, partial_refresh: str = "on"):
     port = free_port()
     cmd = [sys.executable, "-m", "stream_server.cli", "serve", "--log-level", "WARNING", "--realtime-factor", "0",
            "--port", str(port),
            "--engine", engine_name, "--cpu-threads", str(cpu_threads), "--max-batch", str(max_batch),
-           "--device", device, "--max-sessions-per-ip", "4096", "--early-final-ms", str(early_final_ms)]
+           "--device", device, "--max-sessions-per-ip", "4096", "--early-final-ms", str(early_final_ms),
+           "--partial-refresh", partial_refresh]
     if model:
         cmd += ["--model", model]
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL

@@ -116,6 +116,7 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
     session = SessionSettings(
         limits=ProtocolLimits(max_utterance_s=config.max_utterance_s), max_frame_bytes=config.max_frame_bytes,
         max_session_s=config.max_session_s, early_final_s=config.early_final_ms / 1000.0,
+        refresh_waiting_partials=config.partial_refresh == "on",
     )
     certfile = Path(config.certfile) if config.certfile else None
     return ServerSettings(

@@ -79,6 +79,10 @@ def test_server_settings_follow_the_config(tmp_path):
     assert settings.access.api_keys == frozenset({"a" * 20})
     assert settings.access.allowed_origins == frozenset({"https://x.example"})
     assert settings.session.max_session_s == 60 and settings.realtime_factor == 0
+    assert settings.session.refresh_waiting_partials  # on unless asked otherwise
+    assert not server_settings(load_config({"partial_refresh": "off"}, {})).session.refresh_waiting_partials
+    with pytest.raises(ConfigError, match="partial_refresh"):
+        load_config({"partial_refresh": "sometimes"}, {})
 
 
 def test_json_logs_carry_the_session_id():
