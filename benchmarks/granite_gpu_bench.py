@@ -46,38 +46,11 @@ SR = 16000
 
 # ---------------------------------------------------------------------------------------------- model
 def full_tokenizer(vocab_size: int = 100353):
-    """Byte-level tokenizer with ``vocab_size`` ids: bytes 0–255, fillers, then the special tokens.
+    """Byte-level tokenizer with ``vocab_size`` ids: bytes 0–255, fillers, then the special tokens
+    (``<|audio|>`` = vocab_size − 1 = 100352, granite-4.0-1b-speech's audio token id)."""
+    from stream_server.engines.granite_tiny import build_tiny_tokenizer
 
-    ``<|end_of_text|>`` (eos/bos) = vocab_size − 4, ``<|pad|>`` = vocab_size − 3,
-    ``<|audio|>`` = vocab_size − 1 (100352, granite-4.0-1b-speech's audio token id).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from stream_server.engines.granite_tiny import CHAT_TEMPLATE, _byte_of
-
-    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
-    vocab = {ch: i for i, ch in enumerate(byte_chars)}
-    for i in range(len(vocab), vocab_size - 4):
-        vocab[f"<f{i}>"] = i
-    specials = ["<|end_of_text|>", "<|pad|>", "<|unused|>", "<|audio|>"]
-    for j, s in enumerate(specials):
-        vocab[s] = vocab_size - 4 + j
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|end_of_text|>",
-        eos_token="<|end_of_text|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=["<|audio|>"],
-        padding_side="left",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    assert fast.convert_tokens_to_ids("<|audio|>") == vocab_size - 1, "audio token id"
-    assert len(fast) == vocab_size, len(fast)
-    return fast
+    return build_tiny_tokenizer(vocab_size)
 
 
 def full_config(tokenizer):
@@ -254,6 +227,7 @@ def main(argv=None) -> int:
     import transformers
 
     info = {
+        "argv": sys.argv[1:],  # the flags (e.g. --encoder-graphs) decide which paths the figures are of
         "device": device,
         "card": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -322,8 +296,6 @@ def main(argv=None) -> int:
 
     # -- breakdown of the fast path at batch 1
     def breakdown():
-        from stream_server.engines.granite import _Work  # noqa: F401  (engine internals, bench only)
-
         r = {}
         works = [fast._prepare(0, q) for q in reqs([utt])]
 

@@ -39,18 +39,30 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(vocab_size: int | None = None):
     """Byte-level BPE tokenizer (no merges) with Granite-like special tokens and chat template.
 
+    Args:
+        vocab_size: ``None`` for the tiny model's 259 ids; else exactly this many ids (the full
+            model's 100,353 for speed runs): the bytes, fillers ``<fN>``, then the specials last.
+
     Returns:
-        A ``PreTrainedTokenizerFast`` with ids 0–255 for the bytes, then
-        ``<|end_of_text|>`` (256), ``<|pad|>`` (257), ``<|audio|>`` (258).
+        A ``PreTrainedTokenizerFast``. Without ``vocab_size``: ids 0–255 for the bytes, then
+        ``<|end_of_text|>`` (256), ``<|pad|>`` (257), ``<|audio|>`` (258). With it:
+        ``<|end_of_text|>`` (eos/bos) = vocab_size − 4, ``<|pad|>`` = vocab_size − 3,
+        ``<|unused|>`` = vocab_size − 2, ``<|audio|>`` = vocab_size − 1 (100352 for the full size,
+        granite-4.0-1b-speech's audio token id).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: _byte_of(c))
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
     vocab = {ch: i for i, ch in enumerate(byte_chars)}
+    if vocab_size is not None:
+        for i in range(len(vocab), vocab_size - 4):
+            vocab[f"<f{i}>"] = i
+        for j, special in enumerate(["<|end_of_text|>", "<|pad|>", "<|unused|>", "<|audio|>"]):
+            vocab[special] = vocab_size - 4 + j
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -63,6 +75,8 @@ def build_tiny_tokenizer():
         padding_side="left",
     )
     fast.chat_template = CHAT_TEMPLATE
+    if vocab_size is not None and (fast.convert_tokens_to_ids("<|audio|>") != vocab_size - 1 or len(fast) != vocab_size):
+        raise RuntimeError(f"tokenizer layout: audio id {fast.convert_tokens_to_ids('<|audio|>')}, {len(fast)} ids")
     return fast
 
 
