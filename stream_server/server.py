@@ -172,7 +172,8 @@ class _Metrics:
 
 
 class _EngineCollector:
-    """Engine counters (e.g. Granite's speculative-decoding paths) and GPU memory, read at scrape time."""
+    """Engine counters (e.g. Granite's speculative-decoding paths), inference queue counters and GPU
+    memory, read at scrape time."""
 
     def __init__(self, server: "StreamServer"):
         self.server = server
@@ -194,6 +195,21 @@ class _EngineCollector:
         for key, value in sorted(totals.items()):
             events.add_metric([key], value)
         yield events
+        queue = CounterMetricFamily(
+            "granite_stream_queue_events",
+            "Inference queue counters by event: submitted, replaced (a queued partial replaced by a newer one, "
+            "e.g. a refresh), refreshes_dropped (its partial had started), rejected (queue full), interleaved "
+            "(partials served between decode steps), batches",
+            labels=["event"],
+        )
+        queued: collections.Counter = collections.Counter()
+        for worker in workers:
+            stats = getattr(getattr(worker, "scheduler", None), "stats", None)
+            for key in ("submitted", "replaced", "refreshes_dropped", "rejected", "interleaved", "batches"):
+                queued[key] += getattr(stats, key, 0)
+        for key, value in sorted(queued.items()):
+            queue.add_metric([key], value)
+        yield queue
         restarts = CounterMetricFamily("granite_stream_worker_restarts", "Worker threads restarted")
         restarts.add_metric([], getattr(self.server.worker, "restarts", 0))
         yield restarts

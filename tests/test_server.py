@@ -76,6 +76,9 @@ async def test_real_speech_streams_concurrently_with_low_wer(whisper_engine, ast
         )
         status, _, body = (await http_get(server.port, "/metrics"))
         assert status == 200 and b"granite_stream_finals_total" in body
+    submitted = re.search(rb'^granite_stream_queue_events_total\{event="submitted"\} (\S+)$', body, re.M)
+    finals_sent = sum(e["type"] == "final" for events in results for e in events)
+    assert submitted and float(submitted.group(1)) >= finals_sent > 0  # every final went through the queue
     references, hypotheses = [], []
     for clip, events in zip(clips, results):
         kinds = [e["type"] for e in events]
