@@ -437,7 +437,9 @@ def _device_worker_class():
 
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
-            # Submit times by future; those of superseded partials are never popped (a bench lasts minutes).
+            # Submit times by future, popped when its batch starts; those that never run (superseded
+            # partials) are pruned once old. A refresh's wait counts from the refresh, i.e. it is the
+            # age of the audio that runs, not the time since the stream first asked.
             self._submitted_at: dict[int, float] = {}
             self.batch_log: list[dict] = []  # one entry per engine call: what waited how long for what
             self.interleaved_waits: list[float] = []  # partials served between decode steps
@@ -456,7 +458,13 @@ def _device_worker_class():
 
         def submit(self, request):
             future = super().submit(request)
-            self._submitted_at[id(future)] = time.monotonic()
+            now = time.monotonic()
+            self._submitted_at[id(future)] = now
+            if len(self._submitted_at) > 50_000:  # nothing queues for a minute in a level that counts
+                # list() copies in one C call: the worker thread pops from this dict meanwhile.
+                for key, at in list(self._submitted_at.items()):
+                    if now - at >= 60.0:
+                        self._submitted_at.pop(key, None)
             return future
 
         def _run_batch(self, batch) -> None:
