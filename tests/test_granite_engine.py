@@ -614,3 +614,31 @@ def test_ctc_partials_are_served_between_decode_steps(tiny):
     calls.clear()
     waiting.transcribe_batch(finals, fetch_partials=fetch)
     assert calls == [(waiting.max_batch, 0.25)] * 2
+
+
+def test_compiled_decode_step_serves_more_shapes_than_dynamos_default_limit(tiny):
+    # torch._dynamo compiles a function for at most 8 input shapes by default; a server's decode
+    # meets more batch x capacity buckets than that, and with fullgraph=True the 9th shape failed the
+    # whole batch (FailOnRecompileLimitHit, seen on an H100). The "eager" backend traces through
+    # dynamo like inductor does; this backend only counts the graphs it is given and runs them as
+    # traced, without generating code, so this runs on the CPU in seconds.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled_graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_graphs.append(tuple(x.shape for x in example_inputs if hasattr(x, "shape"))[:1])
+        return graph_module.forward
+
+    options = {"fused": True, "compile_step": True, "compile_backend": counting_backend}
+    compiled = make_engine(tiny, decode_backend="loop", force_new_tokens=3, speculative=False, decode_options=options)
+    plain = make_engine(tiny, decode_backend="loop", force_new_tokens=3, speculative=False,
+                        decode_options={"fused": True})
+    assert compiled.decoder.compile_step and not plain.decoder.compile_step
+    for i, (rows, seconds) in enumerate([(1, 0.6), (1, 0.9), (2, 0.6), (2, 1.2), (3, 0.7), (1, 1.5),
+                                         (4, 0.8), (2, 1.7), (1, 2.0), (3, 1.9), (5, 0.9)]):
+        requests = [req(tone(seconds + 0.05 * r, 300.0 + 40 * r, 100 * i + r), "final", r) for r in range(rows)]
+        got = compiled.transcribe_batch(requests)
+        assert [r.info["token_ids"] for r in got] == [r.info["token_ids"] for r in plain.transcribe_batch(requests)]
+    assert len(compiled_graphs) > 8  # compiled for more shapes than dynamo's default limit, all equal to eager

@@ -102,6 +102,26 @@ class _Prefill:
     graph: object = None
 
 
+COMPILED_SHAPES = 256  # distinct (batch, capacity) buckets a compiled decode step may be compiled for
+
+
+def _allow_recompiles(shapes: int) -> None:
+    """Let torch._dynamo compile one function for ``shapes`` input shapes (process-wide setting).
+
+    The default limit (8 per function) is below the batch x capacity buckets a server meets, and
+    ``dynamic=False`` is what keeps each bucket's kernels specialised (and CUDA-graph capturable).
+    """
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(int(getattr(cfg, name)), shapes))
+            break
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(int(cfg.accumulated_recompile_limit), 2 * shapes)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -155,13 +175,18 @@ class StaticGreedyDecoder:
             Only for plain ``nn.Linear`` projections without bias (no LoRA); otherwise the model's modules
             are called. Default: on with ``use_graphs``.
         compile_step: ``torch.compile`` the fused layer used by the decode step (CUDA; one compile per
-            batch/capacity bucket) — fuses the elementwise work into a few kernels.
+            batch/capacity bucket, a few seconds each) — fuses the elementwise work into a few
+            kernels. Raises torch._dynamo's process-wide recompile limits (default 8 shapes per
+            function: a server meets more buckets than that); a shape past them runs uncompiled.
+        compile_backend: the ``torch.compile`` backend for ``compile_step`` (a name or a backend
+            callable; tests pass one that runs the traced graphs without generating code).
         max_graphs: decode states (one per batch/capacity bucket) kept, least recently used dropped.
         sync_every: with EOS stopping, how many steps run between checks that every row is done.
     """
 
     def __init__(self, model, *, use_graphs: bool = False, fused: bool | None = None, compile_step: bool = False,
-                 max_graphs: int = 8, sync_every: int = 8, prompt_quantum: int | None = None) -> None:
+                 compile_backend="inductor", max_graphs: int = 8, sync_every: int = 8,
+                 prompt_quantum: int | None = None) -> None:
         self.model = model
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
@@ -192,7 +217,12 @@ class StaticGreedyDecoder:
             with torch.no_grad():
                 self._fused_weights = [self._fuse(layer) for layer in self.lm.layers[: self.n_layers]]
         self.compile_step = bool(compile_step) and self._fused_weights is not None
-        self._layer_step = torch.compile(_fused_layer, dynamic=False, fullgraph=True) if self.compile_step else _fused_layer
+        self._layer_step = _fused_layer
+        if self.compile_step:
+            _allow_recompiles(COMPILED_SHAPES)
+            # Not fullgraph=True: with it, a shape beyond the recompile limit fails the whole batch
+            # (seen on an H100 at 400 streams: FailOnRecompileLimitHit); without, it runs eagerly.
+            self._layer_step = torch.compile(_fused_layer, dynamic=False, backend=compile_backend)
 
     def _can_fuse(self) -> bool:
         if getattr(self.model, "_hf_peft_config_loaded", False):
