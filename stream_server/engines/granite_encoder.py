@@ -30,6 +30,21 @@ from .granite_decode import batch_bucket, capture_cuda_graph
 from .granite_features import max_samples_for_frames
 
 
+def _replay_padded(graph: torch.cuda.CUDAGraph, static_in: torch.Tensor, rows: torch.Tensor,
+                   device: torch.device) -> None:
+    """Copy ``rows`` into the first rows of the graph's static input, zero the rest, replay.
+
+    The replay runs on the *current* device's stream, so it is made ``device``'s: a worker thread's
+    current device is cuda:0 unless set, and an engine may live on cuda:1.
+    """
+    n = int(rows.shape[0])
+    with torch.cuda.device(device):
+        static_in[:n].copy_(rows)
+        if n < static_in.shape[0]:
+            static_in[n:].zero_()
+        graph.replay()
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -103,13 +118,7 @@ class EncoderGraphs:
             return self.encoder(features).last_hidden_state
         key = (batch_bucket(batch), frames)
         entry = self._graphs.get(key) or self._capture(*key)
-        # Replay runs on the *current* device's stream: make it this encoder's (a worker thread's
-        # current device is cuda:0 unless set, and an engine may live on cuda:1).
-        with torch.cuda.device(self.device):
-            entry.static_in[:batch].copy_(features)
-            if batch < key[0]:
-                entry.static_in[batch:].zero_()
-            entry.graph.replay()
+        _replay_padded(entry.graph, entry.static_in, features, self.device)
         self.replays += 1
         assert self._out is not None
         return self._out[:batch, :frames]
@@ -189,11 +198,7 @@ class WindowGraphs:
             self.eager_calls += 1
             return self.fn(items)
         graph, static_in, static_out = self._graphs.get(key) or self._capture(key)
-        with torch.cuda.device(self.device):  # replay on this device's stream (see EncoderGraphs)
-            static_in[:n].copy_(items)
-            if n < key:
-                static_in[n:].zero_()
-            graph.replay()
+        _replay_padded(graph, static_in, items, self.device)
         self.replays += 1
         return static_out[:n]
 
