@@ -621,7 +621,8 @@ class RayServeWorker:
         future: asyncio.Future = self._loop.create_future()
         replaced = self.scheduler.submit(request, time.monotonic(), future)
         for old in replaced:
-            settle_future(old, exc=Superseded("replaced by a newer request"))
+            settle_future(old, exc=Superseded("replaced by a newer request" if old is not future
+                                              else "refresh dropped: the partial it would replace has started"))
         self._pump()
         return future
 

@@ -284,7 +284,8 @@ class InferenceWorker:
             replaced = self.scheduler.submit(request, time.monotonic(), future)
             self._cond.notify()
         for old in replaced:
-            self._resolve(old, exc=Superseded("replaced by a newer request"))
+            self._resolve(old, exc=Superseded("replaced by a newer request" if old is not future
+                                              else "refresh dropped: the partial it would replace has started"))
         return future
 
     def cancel_session(self, session_id: str) -> None:
@@ -347,10 +348,16 @@ class InferenceWorker:
             # Something killed the thread itself (not an engine error, those are handled per batch).
             # Put the batch back so its utterances are not lost when ensure_alive() restarts us.
             log.exception("inference worker thread crashed")
+            superseded: list[object] = []
             with self._cond:
                 for request, token in batch:
                     if not token.done():
-                        self.scheduler.submit(request, time.monotonic(), token)
+                        # It was taken once: queue it as a plain request (a refresh with nothing left
+                        # to replace would be dropped unanswered), and answer whatever it displaces.
+                        request.refresh_only = False
+                        superseded += self.scheduler.submit(request, time.monotonic(), token)
+            for old in superseded:
+                self._resolve(old, exc=Superseded("replaced by a request re-queued after a worker crash"))
             raise
 
     def _fetch_partials(self, accept, limit: int, min_wait: float = 0.0) -> list[tuple[InferenceRequest, Callable]]:

@@ -151,6 +151,31 @@ async def test_dead_worker_thread_is_restarted_and_its_batch_requeued():
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_refresh_in_the_batch_of_a_dead_worker_thread_is_answered_after_the_restart():
+    from tests.fakes import CrashOnceEngine
+
+    engine = CrashOnceEngine()
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=4, max_wait=0.05))
+    worker.start()
+    try:
+        waiting = worker.submit(ctc_partial("s", 0))
+        refresh = ctc_partial("s", 0, seconds=1.5)
+        refresh.refresh_only = True
+        fresh = worker.submit(refresh)  # replaces the waiting one before the batch is taken
+        with pytest.raises(Superseded):
+            await asyncio.wait_for(waiting, 5)
+        for _ in range(100):
+            if not worker.alive:
+                break
+            await asyncio.sleep(0.01)
+        assert not worker.alive  # the refresh's batch killed the thread; it was put back
+        assert worker.ensure_alive()
+        assert (await asyncio.wait_for(fresh, 5)).text == "w0 w1 w2"  # not dropped as a refresh
+    finally:
+        worker.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 async def test_pool_spreads_sessions_and_survives_one_worker_dying():
     from stream_server.worker import WorkerPool
     from tests.fakes import CrashOnceEngine
