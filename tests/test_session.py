@@ -32,6 +32,8 @@ class Harness:
     def __init__(self, session, engine, hold=False):
         self.session, self.engine, self.hold = session, engine, hold
         self.events, self.closed, self.held = [], None, []
+        self.dropped_refreshes = []  # refresh_only partials that found nothing held to replace
+        self.deferred = None  # a list: "superseded" answers wait there until deliver_deferred()
 
     def run(self, actions):
         for action in actions:
@@ -50,11 +52,25 @@ class Harness:
         if request.refresh_only:
             waiting = [r for r in self.held if r.kind == "partial" and r.utterance_id == request.utterance_id]
             if not waiting:
-                self.run(self.session.inference_done(request, None))  # superseded: nothing to refresh
+                self.dropped_refreshes.append(request)
+                self._superseded(request)  # nothing to refresh
                 return
             self.held.remove(waiting[0])
-            self.run(self.session.inference_done(waiting[0], None))  # superseded by the refresh
+            self._superseded(waiting[0])  # replaced by the refresh
         self.held.append(request)
+
+    def _superseded(self, request):
+        # The worker answers "superseded" through the event loop, i.e. a little later; deferred
+        # answers let a test look at the session in between.
+        if self.deferred is not None:
+            self.deferred.append(request)
+        else:
+            self.run(self.session.inference_done(request, None))
+
+    def deliver_deferred(self):
+        deferred, self.deferred = self.deferred or [], None
+        for request in deferred:
+            self.run(self.session.inference_done(request, None))
 
     def release(self):
         held, self.held = self.held, []
@@ -434,3 +450,30 @@ def test_without_refreshes_a_waiting_partial_keeps_the_audio_it_was_asked_with(e
     first = _until_partial_asked(h)
     h.feed(_buzz(1.0))
     assert [r for r in h.held if r.kind == "partial"] == [first]
+
+
+def test_a_running_partial_gets_one_refresh_attempt_per_interval_not_one_per_frame(engine):
+    session = new_session(engine)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session))
+    running = _until_partial_asked(h)
+    h.held.remove(running)  # started: every refresh is dropped until it answers
+    h.feed(_buzz(2.0))  # 20 frames of 100 ms, 4 intervals of 0.5 s
+    assert 3 <= len(h.dropped_refreshes) <= 4
+
+
+def test_no_third_partial_is_asked_for_while_a_replacement_is_unconfirmed(engine):
+    session = new_session(engine)
+    h = Harness(session, engine, hold=True)
+    h.run(start(session))
+    first = _until_partial_asked(h)
+    h.deferred = []  # the queue's answers lag: the replaced one is not yet reported superseded
+    h.feed(_buzz(0.6))
+    [refresh] = [r for r in h.held if r.kind == "partial"]
+    assert refresh.refresh_only and h.deferred == [first]
+    h.feed(_buzz(1.0))  # two more intervals: no further refresh while two are unaccounted for
+    assert [r for r in h.held if r.kind == "partial"] == [refresh] and h.deferred == [first]
+    h.deliver_deferred()
+    h.feed(_buzz(0.6))
+    [newest] = [r for r in h.held if r.kind == "partial"]
+    assert newest is not refresh and newest.refresh_only and len(newest.audio) > len(refresh.audio)
