@@ -441,6 +441,7 @@ def _device_worker_class():
             # partials) are pruned once old. A refresh's wait counts from the refresh, i.e. it is the
             # age of the audio that runs, not the time since the stream first asked.
             self._submitted_at: dict[int, float] = {}
+            self._prune_above = 50_000
             self.batch_log: list[dict] = []  # one entry per engine call: what waited how long for what
             self.interleaved_waits: list[float] = []  # partials served between decode steps
             take = self.scheduler.take_partials
@@ -460,11 +461,12 @@ def _device_worker_class():
             future = super().submit(request)
             now = time.monotonic()
             self._submitted_at[id(future)] = now
-            if len(self._submitted_at) > 50_000:  # nothing queues for a minute in a level that counts
+            if len(self._submitted_at) > self._prune_above:  # nothing waits 30 s in a level that counts
                 # list() copies in one C call: the worker thread pops from this dict meanwhile.
                 for key, at in list(self._submitted_at.items()):
-                    if now - at >= 60.0:
+                    if now - at >= 30.0:
                         self._submitted_at.pop(key, None)
+                self._prune_above = max(50_000, 2 * len(self._submitted_at))  # amortised: no scan per submit
             return future
 
         def _run_batch(self, batch) -> None:

@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     import transformers
 
     info = {
-        "argv": sys.argv[1:],  # the flags (e.g. --encoder-graphs) decide which paths the figures are of
+        "argv": list(sys.argv[1:] if argv is None else argv),  # the flags (e.g. --encoder-graphs) decide which paths the figures are of
         "device": device,
         "card": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -197,9 +197,9 @@ class _EngineCollector:
         yield events
         queue = CounterMetricFamily(
             "granite_stream_queue_events",
-            "Inference queue counters by event: submitted, replaced (a queued partial replaced by a newer one, "
-            "e.g. a refresh), refreshes_dropped (its partial had started), rejected (queue full), interleaved "
-            "(partials served between decode steps), batches",
+            "Inference queue counters by event: submitted, replaced (a queued partial that never ran: replaced "
+            "by a refresh, or by its utterance's final), refreshes_dropped (its partial was already running), "
+            "rejected (queue full), interleaved (partials served between decode steps), batches",
             labels=["event"],
         )
         queued: collections.Counter = collections.Counter()
