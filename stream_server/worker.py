@@ -2,7 +2,8 @@
 
 :class:`BatchScheduler` is the pure queueing policy (testable without threads): finals before
 partials, a newer partial for an utterance replaces a queued older one (a ``refresh_only`` one
-does nothing else), bounded depth, and dynamic batching (up to ``max_batch`` requests, waiting at most ``max_wait`` for a batch to fill).
+does nothing else), bounded depth, and dynamic batching (up to ``max_batch`` requests, waiting at
+most ``max_wait`` for a batch to fill).
 
 :class:`InferenceWorker` is the thin shell: a thread that takes batches from the scheduler, runs
 the blocking engine, and resolves asyncio futures on the event loop. Inference never runs on the
@@ -349,15 +350,21 @@ class InferenceWorker:
             # Put the batch back so its utterances are not lost when ensure_alive() restarts us.
             log.exception("inference worker thread crashed")
             superseded: list[object] = []
+            refused: list[tuple[object, QueueFull]] = []
             with self._cond:
                 for request, token in batch:
                     if not token.done():
                         # It was taken once: queue it as a plain request (a refresh with nothing left
                         # to replace would be dropped unanswered), and answer whatever it displaces.
                         request.refresh_only = False
-                        superseded += self.scheduler.submit(request, time.monotonic(), token)
+                        try:
+                            superseded += self.scheduler.submit(request, time.monotonic(), token)
+                        except QueueFull as full:  # answered, not lost, and the crash still reported
+                            refused.append((token, full))
             for old in superseded:
                 self._resolve(old, exc=Superseded("replaced by a request re-queued after a worker crash"))
+            for token, full in refused:
+                self._resolve(token, exc=full)
             raise
 
     def _fetch_partials(self, accept, limit: int, min_wait: float = 0.0) -> list[tuple[InferenceRequest, Callable]]:
