@@ -100,7 +100,8 @@ class SessionSettings:
             ``partial_interval`` with the newer audio, as a ``refresh_only`` request that takes the
             waiting one's place (or is dropped if it has started). Under load the engine then
             works on audio at most one interval old instead of audio as old as the queue's wait;
-            the GPU work is the same. Off: a partial runs on the audio it was asked with.
+            nothing extra runs (a replaced request never started). Off: a partial runs on the
+            audio it was asked with.
     """
 
     default_config: StreamConfig = field(default_factory=StreamConfig)
@@ -443,7 +444,7 @@ class Session:
         request = self._request(utterance, "partial", self._position)
         if pending:
             # One is submitted and not answered. If it still waits in the queue, this one takes its
-            # place (same work, fresher audio): under load a partial would otherwise reach the
+            # place (one partial either way, on fresher audio): under load it would otherwise reach the
             # engine as stale as its wait. If it has started, the scheduler drops this one unrun.
             request.refresh_only = True
             utterance.next_refresh_at = self._position + interval

@@ -74,7 +74,7 @@ class ServeConfig:
     early_final_ms: float = _opt(200.0, "decode an utterance's final once a pause reaches this, before the VAD's silence_ms "
                                  "ends it; published if the pause lasts, discarded if speech resumes (0: off)", "worker")
     partial_refresh: str = _opt("on", "while a partial waits in the inference queue, replace it every partial_interval with "
-                                "one on the newer audio (the same work; under load partials come fresher and a little "
+                                "one on the newer audio (nothing extra runs; under load partials come fresher and a little "
                                 "less often); off: it runs on the audio it was asked with", "worker", ("on", "off"))
     max_sessions: int = _opt(256, "concurrent sessions; more get HTTP 503", "limits")
     max_sessions_per_ip: int = _opt(32, "concurrent sessions per client address; more get HTTP 429", "limits")
