@@ -930,9 +930,8 @@ class GraniteEngine(Engine):
             num_beams=1,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
-            min_length=0,
             use_cache=True,
-        )
+        )  # no min_length: min_new_tokens (below) decides, and setting both logs a warning per call
         settings.update(self.generate_kwargs)
         settings.update(
             max_new_tokens=max_new,
