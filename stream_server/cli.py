@@ -132,7 +132,8 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
 def granite_options(config: ServeConfig) -> dict:
     """The settings that become :class:`~stream_server.engines.granite.GraniteEngine` arguments."""
     return {"encoder_batching": config.granite_encoder_batching, "interleave_every": config.granite_interleave_every,
-            "interleave_min_wait_s": config.granite_interleave_min_wait_ms / 1000.0}
+            "interleave_min_wait_s": config.granite_interleave_min_wait_ms / 1000.0,
+            "decode_options": {"max_graphs": config.granite_decode_max_graphs}}
 
 
 def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:

@@ -66,6 +66,10 @@ class ServeConfig:
                                          "of finals instead of after the whole batch (0: off; on one GPU at 400 "
                                          "streams it cut partial lag but pushed finals past 1 s, docs/gpu_server.md); "
                                          "local inference only", "engine")
+    granite_decode_max_graphs: int = _opt(8, "Granite on CUDA: decode states kept (one per batch x KV-capacity bucket, "
+                                          "each a captured graph plus its KV cache); a state evicted and needed "
+                                          "again is captured again under load. More cost GPU memory; the measured "
+                                          "400-stream configuration used 32 (docs/deployment.md)", "engine")
     granite_interleave_min_wait_ms: float = _opt(0.0, "Granite, with granite_interleave_every: serve them only once the "
                                                  "oldest has waited this long (0: whenever any is queued)", "engine")
     max_batch: int = _opt(8, "largest inference batch across sessions", "worker")

@@ -608,6 +608,8 @@ def test_ctc_partials_are_served_between_decode_steps(tiny):
         make_engine(tiny, interleave_every=-1)
     with pytest.raises(ValueError):
         make_engine(tiny, interleave_every=4, interleave_min_wait_s=-0.1)
+    with pytest.raises(ValueError, match="max_graphs"):
+        make_engine(tiny, decode_options={"max_graphs": 0})
     # The engine passes its minimum wait on: the worker decides from the queue's ages.
     waiting = make_engine(tiny, decode_backend="loop", force_new_tokens=12, speculative=False, interleave_every=4,
                           interleave_min_wait_s=0.25)

@@ -114,9 +114,9 @@ def test_granite_settings_reach_the_engine(monkeypatch):
 
     monkeypatch.setattr(granite_module, "GraniteEngine", Recorder)
     config = load_config({"granite_encoder_batching": "padded", "granite_interleave_every": "4", "max_batch": "16",
-                          "granite_interleave_min_wait_ms": "250"}, {})
+                          "granite_interleave_min_wait_ms": "250", "granite_decode_max_graphs": "32"}, {})
     load_engine("granite", None, "cpu", 0, config.max_batch, granite_options(config))
     assert seen["encoder_batching"] == "padded" and seen["interleave_every"] == 4 and seen["max_batch"] == 16
-    assert seen["interleave_min_wait_s"] == 0.25
+    assert seen["interleave_min_wait_s"] == 0.25 and seen["decode_options"] == {"max_graphs": 32}
     with pytest.raises(ConfigError, match="granite_encoder_batching"):
         load_config({"granite_encoder_batching": "sloppy"}, {})

@@ -318,6 +318,8 @@ class GraniteEngine(Engine):
             raise ValueError("interleave_every must be >= 0")
         if not interleave_min_wait_s >= 0:
             raise ValueError("interleave_min_wait_s must be >= 0")
+        if int((decode_options or {}).get("max_graphs", 1)) < 1:
+            raise ValueError("decode_options['max_graphs'] must be >= 1")
 
         model.eval()
         self.model = model
