@@ -57,13 +57,16 @@ def serve_command(args, model_dir: Path, port: int) -> list[str]:
             *args.serve_arg]
 
 
-def metrics(port: int) -> dict:
-    """The engine and queue counters from ``/metrics``."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    keep = ("granite_stream_engine_events_total", "granite_stream_queue_events_total", "granite_stream_finals_total",
+COUNTERS = ("granite_stream_engine_events_total", "granite_stream_queue_events_total", "granite_stream_finals_total",
             "granite_stream_partials_total", "granite_stream_errors_total")
+GAUGES = ("granite_stream_gpu_memory_bytes",)
+
+
+def metrics(port: int) -> dict:
+    """The engine and queue counters and the GPU memory gauge from ``/metrics``."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-            if line.startswith(keep)}
+            if line.startswith(COUNTERS + GAUGES)}
 
 
 def main(argv=None) -> int:
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
                     row = {"streams": n, "wall_s": round(time.perf_counter() - started, 1)}
                     row.update(summarize_level(results, chunks))
                     after = metrics(port)
-                    row["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in after}
+                    row["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(COUNTERS)}
+                    row["server_gauges"] = {k: after[k] for k in after if k.startswith(GAUGES)}
                     out["levels"].append(row)
                     fl, pl = row["final_latency"], row["partial_lag"]
                     print(f"{n:5d} streams | final p50 {fl['p50']} p95 {fl['p95']} ({row['clips_finalized']}/"
