@@ -20,7 +20,7 @@ from .protocol import ProtocolLimits, StreamConfig
 from .session import Send, Session, SessionSettings
 from .driver import SessionDriver
 from .logs import configure_logging
-from .settings import ConfigError, ServeConfig, add_arguments, cli_values, load_config, render
+from .settings import ConfigError, ServeConfig, add_arguments, cli_values, load_config, render, seconds_list
 from .worker import BatchScheduler, InferenceWorker, WorkerPool
 
 if TYPE_CHECKING:
@@ -133,7 +133,8 @@ def granite_options(config: ServeConfig) -> dict:
     """The settings that become :class:`~stream_server.engines.granite.GraniteEngine` arguments."""
     return {"encoder_batching": config.granite_encoder_batching, "interleave_every": config.granite_interleave_every,
             "interleave_min_wait_s": config.granite_interleave_min_wait_ms / 1000.0,
-            "decode_options": {"max_graphs": config.granite_decode_max_graphs}}
+            "decode_options": {"max_graphs": config.granite_decode_max_graphs},
+            "warm_decode_seconds": seconds_list(config.granite_warm_decode_seconds)}
 
 
 def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:

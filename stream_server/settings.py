@@ -70,6 +70,10 @@ class ServeConfig:
                                           "each a captured graph plus its KV cache); a state evicted and needed "
                                           "again is captured again under load. More cost GPU memory; the measured "
                                           "400-stream configuration used 32 (docs/deployment.md)", "engine")
+    granite_warm_decode_seconds: str = _opt("3,6,12", "Granite on CUDA: at startup, decode a batch of each size up to "
+                                            "max_batch for each of these utterance lengths (s), so that the decode "
+                                            "states live traffic needs are captured before it arrives (empty: off)",
+                                            "engine")
     granite_interleave_min_wait_ms: float = _opt(0.0, "Granite, with granite_interleave_every: serve them only once the "
                                                  "oldest has waited this long (0: whenever any is queued)", "engine")
     max_batch: int = _opt(8, "largest inference batch across sessions", "worker")
@@ -141,6 +145,31 @@ def _check(config: ServeConfig, source: str, values: Mapping[str, Any]) -> None:
         choices = f.metadata["choices"]
         if f.name in values and choices and getattr(config, f.name) not in choices:
             raise ConfigError(f"{source}: {f.name} must be one of {list(choices)}, got {getattr(config, f.name)!r}")
+    if "granite_warm_decode_seconds" in values:
+        try:
+            seconds_list(config.granite_warm_decode_seconds)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: granite_warm_decode_seconds {exc}") from None
+
+
+def seconds_list(text: str) -> tuple[float, ...]:
+    """``"3,6,12"`` -> ``(3.0, 6.0, 12.0)``; empty -> ``()``.
+
+    Raises:
+        ValueError: an item is not a positive number.
+    """
+    out = []
+    for item in (x.strip() for x in str(text).split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"must be a comma list of seconds, got {item!r}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise ValueError(f"must hold positive finite seconds, got {item!r}")
+        out.append(value)
+    return tuple(out)
 
 
 def load_config(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

@@ -104,3 +104,16 @@ def test_ctc_partials_between_graph_decode_steps_leave_the_finals_unchanged(tiny
     # Compared batch for batch: with padded batching a partial's padding depends on its batch-mates.
     assert [r.text for r in delivered] == [r.text for r in plain.transcribe_batch(partials[:2])
                                            + plain.transcribe_batch(partials[2:])]
+
+
+def test_warmup_captures_the_decode_states_of_every_batch_bucket(tiny_cuda):
+    model, tokenizer = tiny_cuda
+    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", decode_backend="graphs", max_batch=4,
+                        speculative=False, warm_decode_seconds=(1.0, 2.0), decode_options={"max_graphs": 16})
+    eng.warmup()
+    batches = {key[0] for key in eng.decoder._states}
+    assert {1, 2, 4} <= batches and eng.decoder.captures >= 3
+    assert not any(eng.stats().values())  # warm-up decodes are not counted as traffic
+    captures = eng.decoder.captures
+    eng.transcribe_batch([InferenceRequest("s", i, "final", _tone(1.0, 500.0, i)) for i in range(3)])
+    assert eng.decoder.captures == captures  # a batch of 3 (bucket 4) of 1 s was warmed: no capture under load

@@ -610,6 +610,8 @@ def test_ctc_partials_are_served_between_decode_steps(tiny):
         make_engine(tiny, interleave_every=4, interleave_min_wait_s=-0.1)
     with pytest.raises(ValueError, match="max_graphs"):
         make_engine(tiny, decode_options={"max_graphs": 0})
+    with pytest.raises(ValueError, match="warm_decode_seconds"):
+        make_engine(tiny, warm_decode_seconds=(3.0, 0.0))
     # The engine passes its minimum wait on: the worker decides from the queue's ages.
     waiting = make_engine(tiny, decode_backend="loop", force_new_tokens=12, speculative=False, interleave_every=4,
                           interleave_min_wait_s=0.25)
@@ -648,3 +650,11 @@ def test_compiled_decode_step_serves_more_shapes_than_dynamos_default_limit(tiny
             assert got == [r.info["token_ids"] for r in plain.transcribe_batch(requests)]
     torch._dynamo.reset()
     assert len(compiled_graphs) > 8  # compiled for more shapes than dynamo's default limit, all equal to eager
+
+
+def test_warmup_leaves_the_path_counters_at_zero(tiny):
+    eng = make_engine(tiny, speculative=False)
+    eng.warmup()
+    assert not any(eng.stats().values())  # its decodes are not traffic
+    eng.transcribe_batch([req(tone(0.8, 700.0, 3))])
+    assert eng.stats()["autoregressive"] == 1

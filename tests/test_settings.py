@@ -114,9 +114,15 @@ def test_granite_settings_reach_the_engine(monkeypatch):
 
     monkeypatch.setattr(granite_module, "GraniteEngine", Recorder)
     config = load_config({"granite_encoder_batching": "padded", "granite_interleave_every": "4", "max_batch": "16",
-                          "granite_interleave_min_wait_ms": "250", "granite_decode_max_graphs": "32"}, {})
+                          "granite_interleave_min_wait_ms": "250", "granite_decode_max_graphs": "32",
+                          "granite_warm_decode_seconds": " 2.5, 8 "}, {})
     load_engine("granite", None, "cpu", 0, config.max_batch, granite_options(config))
     assert seen["encoder_batching"] == "padded" and seen["interleave_every"] == 4 and seen["max_batch"] == 16
     assert seen["interleave_min_wait_s"] == 0.25 and seen["decode_options"] == {"max_graphs": 32}
+    assert seen["warm_decode_seconds"] == (2.5, 8.0)
+    for bad in ("3,x", "0", "-1,2", "nan"):
+        with pytest.raises(ConfigError, match="granite_warm_decode_seconds"):
+            load_config({"granite_warm_decode_seconds": bad}, {})
+    assert granite_options(load_config({"granite_warm_decode_seconds": ""}, {}))["warm_decode_seconds"] == ()
     with pytest.raises(ConfigError, match="granite_encoder_batching"):
         load_config({"granite_encoder_batching": "sloppy"}, {})

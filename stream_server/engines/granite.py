@@ -250,6 +250,10 @@ class GraniteEngine(Engine):
             fourth session): the partials' lag fell (p95 1.8 → 0.9 s) but the finals' batches
             stretched (p95 final 0.8 → 2.2–2.5 s at N = 2–4, 1.35 s at N = 8), so it stays off; the
             session's partial refresh met both bounds instead.
+        warm_decode_seconds: with the ``graphs`` decode backend, :meth:`warmup` decodes a batch of
+            every size bucket up to ``max_batch`` for each of these utterance lengths, so the decode
+            states (graph + KV cache per batch x capacity bucket) live traffic needs are captured
+            before it arrives; a capture under load stalls its batch. Empty: none.
         interleave_min_wait_s: with ``interleave_every``, serve partials at a step boundary only
             once the oldest queued one has waited this long (0: whenever any is queued). Every
             serving lengthens the finals' batch; see ``docs/gpu_server.md`` for the measured trade.
@@ -288,6 +292,7 @@ class GraniteEngine(Engine):
         encoder_backend: str = "auto",
         interleave_every: int = 0,
         interleave_min_wait_s: float = 0.0,
+        warm_decode_seconds: Sequence[float] = (3.0, 6.0, 12.0),
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -320,6 +325,8 @@ class GraniteEngine(Engine):
             raise ValueError("interleave_min_wait_s must be >= 0")
         if int((decode_options or {}).get("max_graphs", 1)) < 1:
             raise ValueError("decode_options['max_graphs'] must be >= 1")
+        if any(not s > 0 for s in warm_decode_seconds):
+            raise ValueError("warm_decode_seconds must be positive")
 
         model.eval()
         self.model = model
@@ -361,6 +368,7 @@ class GraniteEngine(Engine):
         self.encoder_backend = encoder_backend
         self.interleave_every = int(interleave_every)
         self.interleave_min_wait_s = float(interleave_min_wait_s)
+        self.warm_decode_seconds = tuple(float(s) for s in warm_decode_seconds)
         self._encoder_graphs = None
         self._projector_graphs = None
         self.max_batch = int(max_batch)
@@ -418,8 +426,10 @@ class GraniteEngine(Engine):
     # ------------------------------------------------------------------ public API
     def warmup(self, graph_seconds: float = 12.0) -> None:
         """One tiny decode, then (with ``encoder_backend="graphs"``) capture the encoder and projector
-        graphs for every batch bucket and every length up to ``graph_seconds``, so that captures do not
-        stall live traffic (each costs two runs of its shape); longer utterances capture on first use."""
+        graphs for every batch bucket and every length up to ``graph_seconds``, and (with the
+        ``graphs`` decode backend) the decode states of ``warm_decode_seconds``, so that captures do
+        not stall live traffic (each costs two runs of its shape); other shapes capture on first use.
+        The engine's path counters are zeroed afterwards."""
         super().warmup()
         encoder_graphs = self.encoder_graphs
         if encoder_graphs is not None:
@@ -427,6 +437,32 @@ class GraniteEngine(Engine):
             encoder_graphs.warm(list(range(step, encoder_graphs.bucket_frames(int(graph_seconds * 50)) + 1, step)))
             window = self.model.model.projector.window_size
             self.projector_graphs.warm(up_to=self.max_batch * -(-int(graph_seconds * 50) // window))
+        self._warm_decode()
+        self._stats = {key: 0 for key in self._stats}  # warm-up decodes are not traffic
+
+    def _warm_decode(self) -> None:
+        """Decode a batch of each size bucket for each ``warm_decode_seconds`` length (graphs backend).
+
+        Smallest batches first: the decoder keeps its most recently used states, and under load the
+        large batches are the ones that matter. Speculation is off meanwhile so that every row
+        reaches the decoder (a draft accepted from silence would skip it).
+        """
+        if self.decode_backend != "graphs" or not self.warm_decode_seconds:
+            return
+        from .granite_decode import batch_bucket
+
+        sizes = sorted({batch_bucket(b) for b in range(1, self.max_batch + 1)})
+        language = self.capabilities.languages[0] if self.capabilities.languages else None
+        speculative, self.speculative = self.speculative, False
+        try:
+            for rows in sizes:
+                rows = min(rows, self.max_batch)
+                for seconds in self.warm_decode_seconds:
+                    audio = np.zeros(int(seconds * SAMPLE_RATE), np.float32)
+                    self.transcribe_batch([InferenceRequest("warmup", i, "final", audio, language=language)
+                                           for i in range(rows)])
+        finally:
+            self.speculative = speculative
 
     def stats(self) -> dict:
         """Final-request decode paths (``ctc_accept``, ``verify_accept``, ``autoregressive``) and partial counts."""
