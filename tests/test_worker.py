@@ -129,6 +129,15 @@ async def test_a_failing_request_in_a_batch_fails_alone():
         worker.stop()
 
 
+async def _until_dead(worker, timeout=1.0):
+    """Wait for the worker thread to die (a CrashOnceEngine kills it on its first batch)."""
+    for _ in range(int(timeout / 0.01)):
+        if not worker.alive:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the worker thread did not die")
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 async def test_dead_worker_thread_is_restarted_and_its_batch_requeued():
     from tests.fakes import CrashOnceEngine
@@ -138,11 +147,7 @@ async def test_dead_worker_thread_is_restarted_and_its_batch_requeued():
     worker.start()
     try:
         future = worker.submit(req("s", 0, "final"))
-        for _ in range(100):
-            if not worker.alive:
-                break
-            await asyncio.sleep(0.01)
-        assert not worker.alive
+        await _until_dead(worker)
         assert worker.ensure_alive() and worker.restarts == 1
         result = await asyncio.wait_for(future, 5)
         assert result.text == "w0 w1"
@@ -164,11 +169,7 @@ async def test_a_refresh_in_the_batch_of_a_dead_worker_thread_is_answered_after_
         fresh = worker.submit(refresh)  # replaces the waiting one before the batch is taken
         with pytest.raises(Superseded):
             await asyncio.wait_for(waiting, 5)
-        for _ in range(100):
-            if not worker.alive:
-                break
-            await asyncio.sleep(0.01)
-        assert not worker.alive  # the refresh's batch killed the thread; it was put back
+        await _until_dead(worker)  # the refresh's batch killed the thread; it was put back
         assert worker.ensure_alive()
         assert (await asyncio.wait_for(fresh, 5)).text == "w0 w1 w2"  # not dropped as a refresh
     finally:
