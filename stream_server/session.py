@@ -120,10 +120,9 @@ class _Utterance:
     config: StreamConfig
     stabilizer: PartialStabilizer = field(default_factory=PartialStabilizer)
     end: int | None = None
-    last_partial_at: int = 0  # audio end of the newest partial that is queued, running or answered
     pending_partials: list[InferenceRequest] = field(default_factory=list)  # submitted, outcome not known yet
     next_refresh_at: int = 0  # sample position before which a waiting partial is not refreshed again
-    answered_partial_end: int = 0  # audio end of the newest partial that ran (answered or failed)
+    answered_partial_end: int = field(init=False)  # audio end of the newest partial that ran (answered or failed)
     shown_partial_end: int = 0  # audio end of the newest partial sent; older ones arriving later are dropped
     final_request: InferenceRequest | None = None  # the final this utterance waits for
     final_text: str | None = None
@@ -131,6 +130,15 @@ class _Utterance:
     language: str | None = None
     early_request: InferenceRequest | None = None  # a final decoded while the silence is still short
     early_outcome: tuple[InferenceResult | None, str | None, str] | None = None  # (result, error, code)
+
+    def __post_init__(self) -> None:
+        self.answered_partial_end = self.start  # none yet: the cadence counts from the utterance's start
+
+    @property
+    def last_partial_at(self) -> int:
+        """Audio end of the newest partial that is queued, running or has run: the partial cadence
+        counts from it. A superseded one (replaced, or a refresh dropped unrun) no longer counts."""
+        return max([self.start + len(r.audio) for r in self.pending_partials] + [self.answered_partial_end])
 
     def early_covers(self, end: int) -> bool:
         """Whether the early final in flight (or answered) was decoded on exactly ``[start, end)``."""
@@ -375,7 +383,6 @@ class Session:
         for event in events:
             if isinstance(event, SpeechStarted):
                 utterance = _Utterance(self._next_utterance_id, event.start, self.config)
-                utterance.last_partial_at = utterance.answered_partial_end = event.start
                 self._next_utterance_id += 1
                 self._open = utterance
                 actions.append(
@@ -448,7 +455,6 @@ class Session:
             # engine as stale as its wait. If it has started, the scheduler drops this one unrun.
             request.refresh_only = True
             utterance.next_refresh_at = self._position + interval
-        utterance.last_partial_at = self._position
         pending.append(request)
         return [Submit(request)]
 
@@ -499,12 +505,8 @@ class Session:
             return actions  # the utterance ended meanwhile; its final supersedes this partial
         utterance.pending_partials = [r for r in utterance.pending_partials if r is not request]
         end = utterance.start + len(request.audio)
-        if result is not None or error is not None:
+        if result is not None or error is not None:  # not when superseded: that one never ran
             utterance.answered_partial_end = max(utterance.answered_partial_end, end)
-        # Superseded (result and error None): replaced by a fresher one, or a refresh dropped because
-        # its predecessor had started; the cadence then counts from the newest that is still alive.
-        utterance.last_partial_at = max([utterance.start + len(r.audio) for r in utterance.pending_partials]
-                                        + [utterance.answered_partial_end])
         if result is not None and end > utterance.shown_partial_end:
             utterance.shown_partial_end = end
             text, stable = utterance.stabilizer.update(result.text, request.duration)
