@@ -395,11 +395,10 @@ def _dump_profile(profiler: "cProfile.Profile", name: str) -> None:
 
 
 def _pct(xs: list[float]) -> dict:
-    if not xs:
-        return {"n": 0}
-    a = np.sort(np.asarray(xs))
-    return {"n": len(a), "p50": round(float(np.quantile(a, 0.5)), 4), "p95": round(float(np.quantile(a, 0.95)), 4),
-            "max": round(float(a[-1]), 4)}
+    """p50, p95, max, mean and n of ``xs`` (the scoring module's percentiles)."""
+    from benchmarks.scoring import percentiles
+
+    return percentiles(xs, qs=(50, 95))
 
 
 def summarize_batches(log: list[dict]) -> dict:
