@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -166,7 +167,7 @@ def seconds_list(text: str) -> tuple[float, ...]:
             value = float(item)
         except ValueError:
             raise ValueError(f"must be a comma list of seconds, got {item!r}") from None
-        if not value > 0 or value != value or value == float("inf"):
+        if not 0 < value < math.inf:  # NaN fails this too
             raise ValueError(f"must hold positive finite seconds, got {item!r}")
         out.append(value)
     return tuple(out)
