@@ -451,12 +451,11 @@ class GraniteEngine(Engine):
             return
         from .granite_decode import batch_bucket
 
-        sizes = sorted({batch_bucket(b) for b in range(1, self.max_batch + 1)})
+        sizes = sorted({min(batch_bucket(b), self.max_batch) for b in range(1, self.max_batch + 1)})
         language = self.capabilities.languages[0] if self.capabilities.languages else None
         speculative, self.speculative = self.speculative, False
         try:
             for rows in sizes:
-                rows = min(rows, self.max_batch)
                 for seconds in self.warm_decode_seconds:
                     audio = np.zeros(int(seconds * SAMPLE_RATE), np.float32)
                     self.transcribe_batch([InferenceRequest("warmup", i, "final", audio, language=language)
