@@ -15,7 +15,7 @@ difference at all. After a multichannel ``start`` it
   ``config.multichannel`` = true),
 * de-interleaves each binary frame into N mono streams (a partial sample frame at the end of a
   binary frame is carried over) and feeds channel ``i`` its own bytes,
-* tags ``speech_started``/``partial``/``final`` and utterance errors with ``"channel": i``, sends
+* tags ``speech_started``/``speech_ended``/``partial``/``final`` and utterance errors with ``"channel": i``, sends
   answers that concern the whole stream (``configured``, protocol errors) once,
 * broadcasts ``configure``/``finalize``/``stop`` (and the server's ``end_stream``) to every channel,
   and sends one ``end`` (utterances summed over channels) once every channel has finished, then
@@ -37,7 +37,7 @@ from .protocol import BAD_AUDIO, BAD_CONFIG, INTERNAL, OVERLOADED, ProtocolError
 from .session import Action, Close, Send, Session, SessionSettings, State
 
 _BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1}
-_CHANNEL_EVENTS = {"speech_started", "partial", "final"}
+_CHANNEL_EVENTS = {"speech_started", "speech_ended", "partial", "final"}
 _CHANNEL_ERRORS = {BAD_AUDIO, OVERLOADED}  # errors about one channel's audio or inference
 
 

@@ -394,6 +394,13 @@ class Session:
                 self._open = None
                 utterance.end = max(event.end, utterance.start)
                 self._finishing.append(utterance)
+                # The VAD (or finalize/stop) decided: the one moment speech ends. Adapters announce
+                # it from this event (an early final is submitted at a short pause too, so the
+                # shape of an inference request says nothing about the end of speech).
+                actions.append(
+                    Send({"type": "speech_ended", "utterance_id": utterance.utterance_id,
+                          "end": round_time(utterance.end / SAMPLE_RATE)})
+                )
                 early, outcome = utterance.early_request, utterance.early_outcome
                 covered = utterance.early_covers(utterance.end)
                 utterance.early_request = utterance.early_outcome = None

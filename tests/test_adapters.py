@@ -99,13 +99,9 @@ class Harness:
                 self.feed(out.key, self.sessions[out.key].receive_bytes(out.data))
 
     def feed(self, key, actions):
-        session = self.sessions[key]
         for action in actions:
             if isinstance(action, Submit):
                 request = action.request
-                if request.kind == "final" and not request.prefix:
-                    ch = session.channel_of(request.session_id)
-                    self.run(self.t.speech_ended(key, ch, request.utterance_id, request.duration))
                 if self.hold and request.kind == "final":
                     self.held.append((key, request))
                 else:
@@ -373,6 +369,61 @@ def test_openai_server_vad_items_with_deltas_that_add_up_to_the_transcript():
     assert len(first_deltas) >= 2 and events.index(first_deltas[0]) < stopped_at  # streamed during speech
 
 
+
+# A pause longer than the early final's 200 ms and shorter than the VAD's 500 ms end-of-speech
+# silence: the session decodes a final speculatively, speech resumes, and the utterance goes on.
+# The end of speech must be announced once, after the second phrase, when the VAD decides.
+SHORT_PAUSE_S = 0.35
+PHRASE_END_S = 0.5 + 1.2 + SHORT_PAUSE_S + 1.0  # where the second phrase stops
+
+
+def short_pause_speech(rate: int) -> np.ndarray:
+    return np.concatenate([quiet(0.5, rate), buzz(1.2, rate), quiet(SHORT_PAUSE_S, rate), buzz(1.0, rate),
+                           quiet(1.5, rate)])
+
+
+def fed_until(h, send, audio: np.ndarray, rate: int, encode, is_end) -> list[float]:
+    """Feed ``audio`` in 100 ms steps; the stream positions (s) at which an end-of-speech reply came."""
+    ends = []
+    step = rate // 10
+    for i in range(0, len(audio), step):
+        for reply in send(h, encode(audio[i : i + step])):
+            if is_end(reply):
+                ends.append((i + step) / rate)
+    return ends
+
+
+def test_short_pause_has_an_early_final_that_is_discarded():
+    """The premise of the short-pause adapter tests: the 350 ms pause makes the session submit an
+    early final that speech then overrides, and the utterance goes on as one."""
+    engine = CountingEngine()
+    session = MultichannelSession("s", engine.capabilities, SessionSettings())
+    events, closes = [], []
+    run_session(session, engine, session.receive_text(json.dumps({"type": "start"})), events, closes)
+    audio = short_pause_speech(16000)
+    for i in range(0, len(audio), 1600):
+        run_session(session, engine, session.receive_bytes(pcm16(audio[i : i + 1600])), events, closes)
+    finals = [b for batch in engine.batches for b in batch if b.kind == "final"]
+    assert len(finals) == 2 and finals[0].duration < 2.2 < finals[1].duration  # the early one, then the real one
+    assert [e["type"] for e in events if e["type"] != "partial"] == ["ready", "speech_started", "speech_ended", "final"]
+    [ended] = [e for e in events if e["type"] == "speech_ended"]
+    assert ended["end"] >= PHRASE_END_S - 0.05
+
+
+def test_openai_short_pause_stops_speech_once_per_item_after_the_vad_decides():
+    h = openai_harness()
+    ends = fed_until(h, append, short_pause_speech(24000), 24000, pcm16,
+                     lambda e: e["type"] in ("input_audio_buffer.speech_stopped", "input_audio_buffer.committed"))
+    events = h.replies[1:]
+    kinds = [e["type"] for e in events if not e["type"].endswith(".delta")]
+    assert kinds == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                     "input_audio_buffer.committed", "conversation.item.input_audio_transcription.completed"]
+    [stopped] = [e for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    assert stopped["audio_end_ms"] >= (PHRASE_END_S - 0.05) * 1000
+    # Announced only once the silence after the second phrase reached the VAD's 500 ms.
+    assert len(ends) == 2 and min(ends) >= PHRASE_END_S + 0.5
+
+
 def test_openai_manual_commit_makes_one_item_of_everything_since_the_last_commit():
     h = openai_harness()
     h.text({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}}})
@@ -583,6 +634,32 @@ def test_deepgram_results_speech_started_utterance_end_and_metadata():
     assert h.hangup == Hangup(1000, "end of stream")
 
 
+def test_deepgram_short_pause_is_one_speech_final_and_one_utterance_end():
+    h = deepgram_harness("encoding=linear16&sample_rate=16000&interim_results=true&vad_events=true"
+                         "&utterance_end_ms=1000")
+
+    def is_end(m):
+        return m["type"] == "UtteranceEnd" or (m["type"] == "Results" and m["is_final"])
+
+    audio = np.concatenate([short_pause_speech(16000), quiet(1.0)])
+    ends = fed_until(h, lambda h_, data: h_.binary(data), audio, 16000, pcm16, is_end)
+    for message in h.replies:
+        dg_validate(message)
+    assert [m["type"] for m in h.replies if m["type"] != "Results"] == ["SpeechStarted", "UtteranceEnd"]
+    [final] = [m for m in h.replies if m["type"] == "Results" and m["is_final"]]
+    assert final["speech_final"] is True and final["from_finalize"] is False
+    assert final["start"] + final["duration"] >= PHRASE_END_S - 0.05
+    assert len(ends) == 2 and min(ends) >= PHRASE_END_S + 0.5
+
+
+def test_deepgram_finalize_in_a_short_pause_is_from_finalize():
+    """Finalize while an early final is in flight: the final is the client's, not endpointing's."""
+    h = deepgram_harness("encoding=linear16&sample_rate=16000")
+    h.binary(pcm16(np.concatenate([quiet(0.5), buzz(1.2), quiet(SHORT_PAUSE_S)])))
+    [final] = h.text({"type": "Finalize"})
+    assert final["is_final"] and final["from_finalize"] and not final["speech_final"]
+
+
 def test_deepgram_finalize_marks_from_finalize_and_no_interims_without_interim_results():
     h = deepgram_harness("encoding=linear16&sample_rate=16000")
     h.binary(pcm16(np.concatenate([quiet(0.5), buzz(1.5)])))
@@ -708,6 +785,23 @@ def test_twilio_transcribes_each_track_separately():
     assert end["event"] == "end" and end["tracks"]["inbound"]["utterances"] == 1
     assert end["tracks"]["outbound"]["audio_seconds"] == pytest.approx(4.2, abs=0.01)
     assert h.hangup == Hangup(1000, "end of stream")
+
+
+def test_twilio_short_pause_ends_speech_once_after_the_vad_decides():
+    h = Harness(TwilioTranslator(CountingEngine().capabilities, SessionSettings()), CountingEngine())
+    h.text(twilio_start(tracks=("inbound",)))
+    audio = short_pause_speech(8000)
+    ends = []
+    encoded = encode_mulaw(audio)
+    for i in range(0, len(encoded), 160):
+        for reply in h.text(twilio_media("inbound", encoded[i : i + 160], i // 160 + 1, i // 8)):
+            if reply["event"] == "speech_ended" or (reply["event"] == "transcript" and reply["is_final"]):
+                ends.append((i + 160) / 8000)
+    kinds = [r["event"] for r in h.replies if not (r["event"] == "transcript" and not r["is_final"])]
+    assert kinds == ["speech_started", "speech_ended", "transcript"]
+    [ended] = [r for r in h.replies if r["event"] == "speech_ended"]
+    assert ended["track"] == "inbound" and ended["utterance_id"] == 0 and ended["end"] >= PHRASE_END_S - 0.05
+    assert len(ends) == 2 and min(ends) >= PHRASE_END_S + 0.5
 
 
 def test_twilio_gap_in_a_track_keeps_it_on_the_call_clock():

@@ -32,7 +32,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from ..protocol import IDLE_TIMEOUT, error_event
-from ..session import Close, Send, Submit
+from ..session import Close, Send
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
@@ -115,13 +115,6 @@ class Translator(Protocol):
 
     def native_closed(self, key: str, code: int, reason: str) -> list[Out]:
         """The session under ``key`` ended (after its ``end``, or on a fatal error)."""
-
-    def speech_ended(self, key: str, channel: int, utterance_id: int, duration: float) -> list[Out]:
-        """The VAD ended an utterance (its final is being decoded); ``duration`` is its length in seconds.
-
-        Protocol v1 has no event for this moment (the ``final`` follows once decoded); adapters
-        whose protocol announces the end of speech (OpenAI's ``speech_stopped``) use it.
-        """
 
 
 # ---- helpers for translators ----------------------------------------------------------------------
@@ -268,23 +261,12 @@ async def serve_translator(server: "StreamServer", ws: "ServerConnection", trans
                 if driver is None:
                     continue
                 if isinstance(out, StreamText):
-                    feed(out.key, driver, driver.session.receive_text(out.text))
+                    driver.text(out.text)
                 else:
-                    feed(out.key, driver, driver.session.receive_bytes(out.data))
+                    driver.audio(out.data)
                     seconds = driver.session.audio_seconds
                     server.metrics.audio_seconds.inc(max(0.0, seconds - counted.get(out.key, 0.0)))
                     counted[out.key] = seconds
-
-    def feed(key: str, driver: "SessionDriver", actions: list) -> None:
-        # Dispatch one action at a time so that the end of an utterance (the first Submit of its
-        # final, which only a direct input can produce) is reported in order with the events.
-        for action in actions:
-            if isinstance(action, Submit) and action.request.kind == "final" and not action.request.prefix:
-                request = action.request
-                channel_of = getattr(driver.session, "channel_of", None)
-                channel = channel_of(request.session_id) if channel_of else 0
-                run(call(translator.speech_ended, key, channel, request.utterance_id, request.duration))
-            driver.dispatch([action])
 
     def emitter(key: str):
         def emit(action: Send | Close) -> None:
@@ -309,7 +291,7 @@ async def serve_translator(server: "StreamServer", ws: "ServerConnection", trans
                 )
                 live = [(k, d) for k, d in drivers.items() if not d.closed.is_set()]
                 for key, driver in live:
-                    feed(key, driver, driver.session.end_stream(notice, 1001, "idle timeout"))
+                    driver.dispatch(driver.session.end_stream(notice, 1001, "idle timeout"))
                 if not live:
                     enqueue(Hangup(1001, "idle timeout"))
                 break

@@ -278,14 +278,14 @@ class DeepgramTranslator:
 
     # ---- native events --------------------------------------------------------------------------
 
-    def speech_ended(self, key: str, channel: int, utterance_id: int, duration: float) -> list[Out]:
-        if self._forcing is not None:
-            self._forced[(channel, utterance_id)] = self._forcing
-        return []
-
     def native_event(self, key: str, event: dict) -> list[Out]:
         kind = event.get("type")
         channel = event.get("channel", 0)
+        if kind == "speech_ended":
+            # Ended by the client's Finalize/CloseStream (this very message), not by endpointing.
+            if self._forcing is not None:
+                self._forced[(channel, event["utterance_id"])] = self._forcing
+            return []
         if kind == "speech_started":
             self._starts[(channel, event["utterance_id"])] = event["start"]
             self._armed.discard(channel)

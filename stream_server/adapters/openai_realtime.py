@@ -333,6 +333,8 @@ class RealtimeTranscriptionTranslator:
         kind = event.get("type")
         if kind == "speech_started":
             return self._speech_started(event)
+        if kind == "speech_ended":
+            return self._speech_ended(event)
         if kind == "partial":
             item = self._items.get(event["utterance_id"])
             return [] if item is None else self._deltas(item, event["utterance_id"], event["stable_text"])
@@ -352,11 +354,11 @@ class RealtimeTranscriptionTranslator:
         self.closed = True
         return [Hangup(code, reason)]
 
-    def speech_ended(self, key: str, channel: int, utterance_id: int, duration: float) -> list[Out]:
-        item = self._items.get(utterance_id)
-        if item is None or self.config.manual or item.discarded:
+    def _speech_ended(self, event: dict) -> list[Out]:
+        item = self._items.get(event["utterance_id"])
+        if item is None or self.config.manual or item.discarded or item.stopped:
             return []
-        return self._speech_stopped(item, self._utterance_start.get(utterance_id, item.start) + duration)
+        return self._speech_stopped(item, event["end"])
 
     def _speech_started(self, event: dict) -> list[Out]:
         uid, start = event["utterance_id"], event["start"]
@@ -387,13 +389,10 @@ class RealtimeTranscriptionTranslator:
         item = self._items.get(uid)
         if item is None:
             return []
-        outs: list[Out] = []
-        if not self.config.manual and not item.stopped and not item.discarded:
-            # Ended without passing through speech_ended (a server drain): announce it now.
-            outs += self._speech_stopped(item, event["end"])
+        # Every final follows its utterance's speech_ended (the session sends one for each ended
+        # utterance, drains included), so the item is already stopped and committed here.
         item.finals[uid] = event["text"]
-        if not item.discarded:
-            outs += self._deltas(item, uid, event["text"], final=True)
+        outs: list[Out] = [] if item.discarded else self._deltas(item, uid, event["text"], final=True)
         return outs + self._maybe_complete(item)
 
     def _native_error(self, event: dict) -> list[Out]:

@@ -15,7 +15,8 @@ parameters belong to the application and are ignored.
 
 Transcripts go back on the same socket as JSON text frames (shapes in ``docs/protocol.md``):
 ``{"event": "transcript", "streamSid", "callSid", "track", "utterance_id", "is_final", "text",
-"stable_text"?, "start", "end", "language"?}``, ``speech_started``, ``error`` and, after ``stop``,
+"stable_text"?, "start", "end", "language"?}``, ``speech_started``, ``speech_ended`` (the VAD's end of an
+utterance, once; its ``transcript`` with ``is_final`` follows), ``error`` and, after ``stop``,
 ``end``. Times are seconds from the start of the stream on each track's clock; a gap in a track's
 media (by its ``timestamp``) is filled with silence, up to 10 s per gap, so both tracks stay on the
 call's clock.
@@ -181,6 +182,8 @@ class TwilioTranslator:
             return []
         if kind == "speech_started":
             return [self._event("speech_started", track=track, utterance_id=event["utterance_id"], start=event["start"])]
+        if kind == "speech_ended":
+            return [self._event("speech_ended", track=track, utterance_id=event["utterance_id"], end=event["end"])]
         if kind == "partial":
             return [self._event("transcript", track=track, utterance_id=event["utterance_id"], is_final=False,
                                 text=event["text"], stable_text=event["stable_text"], start=event["start"],
@@ -204,9 +207,6 @@ class TwilioTranslator:
             state["closed"] = True
             state["close"] = (code, reason)
         return self._maybe_end()
-
-    def speech_ended(self, key: str, channel: int, utterance_id: int, duration: float) -> list[Out]:
-        return []
 
     def _maybe_end(self) -> list[Out]:
         if self.closed:
