@@ -157,11 +157,14 @@ class InferenceResult:
         text: the full hypothesis (it starts with the request's ``prefix`` when the engine honours prefixes).
         language: the language that was recognised or assumed.
         info: engine-specific facts, e.g. ``{"path": "ctc_accept"}`` for Granite's speculative decoding.
+        truncated: the decode used its whole new-token budget without ending, so the text may be cut
+            short (the final event then says ``"truncated": true``).
     """
 
     text: str
     language: str | None = None
     info: dict = field(default_factory=dict)
+    truncated: bool = False
 
 
 class Engine(abc.ABC):

@@ -39,13 +39,16 @@ Japanese, hence ``ctc_languages``). That is the default here; a checkpoint with 
 character inventory passes ``ctc_vocab`` (a sequence whose item ``i`` is the text of class ``i``,
 item ``blank_id`` ignored), e.g. read from a ``ctc_vocab.json`` shipped next to the weights.
 
-Prompts (instruction strings):
+Prompts (instruction strings): one table, :data:`PROMPT_SOURCES`, each entry with the reference
+it is copied from (the model only follows the wording it was trained on; an unfamiliar one can
+make it fall back to transcription). :class:`GranitePrompts` takes its defaults from that table.
 
-* transcribe: ``can you transcribe the speech into a written format?`` — granite-4.0-1b-speech
-  model card and IBM's speculative decoding notebook;
-* translate: ``Translate the speech to {language}.`` — the wording used for granite-4.0-1b-speech
-  by mlx-audio's port; IBM's granite-speech library uses the same sentence (lower-case);
-* keywords: `` Keywords: A, B`` appended to the instruction — model card's keyword-biasing section.
+Self-speculative finals follow the paper (Saon et al., "Self-Speculative Decoding for LLM-based
+ASR with CTC Encoder Drafts", arXiv 2603.11243): (1) accept the CTC draft when its entropy is low,
+(2) else verify it in one teacher-forced LLM pass, (3) else resume greedy decoding after the
+longest verified prefix of the draft (``resume_from_draft``; IBM's notebook restarts from scratch,
+``resume_from_draft=False``). With keywords the draft is never accepted unseen: the LLM pass
+that decides sees the ``Keywords:`` prompt.
 """
 
 from __future__ import annotations
@@ -62,12 +65,15 @@ import torch
 
 from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
 from .granite_features import GraniteFeatureExtractor
+from .whisper import collapse_repeats, looks_repetitive
 
 __all__ = [
     "DEFAULT_MODEL_ID",
     "GraniteEngine",
     "GraniteModelNotFoundError",
     "GranitePrompts",
+    "GraniteCheckpointError",
+    "PROMPT_SOURCES",
     "load_granite",
 ]
 
@@ -77,6 +83,8 @@ FALLBACK_CHAT_TEMPLATE = "USER: {content}\n ASSISTANT:"
 
 LANGUAGES = ("en", "fr", "de", "es", "pt", "ja")
 LANGUAGE_NAMES = {
+    # en/fr/de/pt/es as vLLM's granite_speech.py ISO639_1_SUPPORTED_LANGS spells them; the other
+    # three are not in a reference table (vLLM passes an unknown code through unchanged).
     "en": "English",
     "fr": "French",
     "de": "German",
@@ -91,11 +99,128 @@ TRANSLATION_PAIRS = tuple((src, "en") for src in ("fr", "de", "es", "pt", "ja"))
 )
 CTC_LANGUAGES = ("en", "fr", "de", "es", "pt")
 
-PATHS = ("ctc_accept", "verify_accept", "autoregressive")
+KNOWN_CTC_CLASSES = 348
+"""granite-4.0-1b-speech's CTC head: class ``i`` is ``chr(i)``, blank 0 (U+0001..U+015B)."""
+
+DEFAULT_TOKENS_PER_SECOND = 8.0
+DEFAULT_TOKENS_PER_SECOND_BY_LANGUAGE = {"ja": 16.0, "zh": 12.0}
+"""New-token budget rates by *output* language. Granite's BPE spends about one token per
+Japanese or Chinese character (several characters per second of speech) where it spends one per
+English word or word piece, so ``8 x seconds + 20`` cut long Japanese finals. Not measured on real
+weights (none here); twice / 1.5x the default rate, leaving the EOS to end the decode."""
+
+PATHS = ("ctc_accept", "verify_accept", "resumed", "autoregressive")
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """One instruction string and the reference it is copied from."""
+
+    text: str
+    source: str
+
+
+PROMPT_SOURCES: dict[str, PromptSource] = {
+    "transcribe": PromptSource(
+        "can you transcribe the speech into a written format?",
+        "vLLM vllm/model_executor/models/granite_speech.py, GraniteSpeechForConditionalGeneration."
+        "get_generation_prompt (task_type 'transcribe'); IBM granite-speech-models "
+        "notebooks/speculative_decoding_notebook.ipynb (text_instruction)",
+    ),
+    "translate": PromptSource(
+        "translate the speech to {language}",
+        "vLLM vllm/model_executor/models/granite_speech.py, GraniteSpeechForConditionalGeneration."
+        "get_generation_prompt (task_type 'translate': f'{audio_tok}translate the speech to "
+        "{full_lang_name_to}'); IBM's granite-speech library ends the same sentence with a period",
+    ),
+    "keywords": PromptSource(
+        "Keywords: {keywords}",
+        "granite-4.0-1b-speech model card, 'Keyword list biasing': 'Can you transcribe the speech "
+        "into a written format? Keywords: ...' (appended after the instruction, ', '-joined)",
+    ),
+}
+"""Every instruction the engine sends, with its source (``<|audio|>`` comes first, then the text)."""
 
 
 class GraniteModelNotFoundError(FileNotFoundError):
     """The Granite checkpoint is not available locally (the hub is never contacted)."""
+
+
+class GraniteCheckpointError(ValueError):
+    """The checkpoint loads, but this engine would serve it wrongly (missing LoRA, other features)."""
+
+
+def check_checkpoint(model) -> None:
+    """Refuse a model the engine would serve silently degraded.
+
+    A config with ``has_lora_adapter: true`` (granite-speech-3.x) needs its LoRA adapter, which
+    transformers loads only with peft installed; without it the LLM runs without the adapter and
+    transcribes badly (transformers merely logs a warning). With the adapter loaded the engine
+    keeps it on, as transformers' ``generate`` does whenever audio features are given (every
+    decode here has audio).
+
+    Raises:
+        GraniteCheckpointError: the adapter is declared but not loaded.
+    """
+    if getattr(model.config, "has_lora_adapter", False) and not getattr(model, "_hf_peft_config_loaded", False):
+        try:
+            import peft  # noqa: F401
+
+            why = "no adapter was loaded with it (adapter_config.json and the adapter weights missing?)"
+        except ImportError:
+            why = "peft is not installed, so transformers loaded it without the adapter (pip install peft)"
+        raise GraniteCheckpointError(
+            "this Granite Speech checkpoint declares a LoRA adapter (has_lora_adapter: true) but "
+            f"{why}; it would transcribe badly, so it is refused")
+
+
+FEATURE_SETTINGS = {"sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 160, "n_mels": 80}
+"""The mel settings :class:`GraniteFeatureExtractor` implements (HF's extractor defaults)."""
+
+
+def check_preprocessor(preprocessor: dict, config) -> None:
+    """Refuse a ``preprocessor_config.json`` whose feature settings differ from the engine's.
+
+    The engine computes the features itself (torch only, :mod:`granite_features`) with
+    :data:`FEATURE_SETTINGS` and the model config's projector window and downsampling; a checkpoint
+    trained on other features would get inputs it never saw.
+
+    Raises:
+        GraniteCheckpointError: naming each differing setting.
+    """
+    found = dict(preprocessor.get("melspec_kwargs") or {})
+    # Newer transformers save the constructor's arguments at the top level instead.
+    for key, name in (("sampling_rate", "sample_rate"), ("n_fft", "n_fft"), ("win_length", "win_length"),
+                      ("hop_length", "hop_length"), ("n_mels", "n_mels"), ("feature_size", "n_mels")):
+        if key in preprocessor:
+            found.setdefault(name, preprocessor[key])
+    bad = [f"{key}={found[key]!r} (engine: {value!r})" for key, value in FEATURE_SETTINGS.items()
+           if key in found and found[key] != value]
+    for key, attr in (("projector_window_size", "window_size"), ("projector_downsample_rate", "downsample_rate")):
+        want = getattr(config, attr, None)
+        if key in preprocessor and want is not None and int(preprocessor[key]) != int(want):
+            bad.append(f"{key}={preprocessor[key]!r} (model config {attr}: {want!r})")
+    if bad:
+        raise GraniteCheckpointError("preprocessor_config.json does not match the engine's features: " + ", ".join(bad))
+
+
+def _read_preprocessor(source: str, looks_like_path: bool, local_files_only: bool) -> dict | None:
+    """The checkpoint's ``preprocessor_config.json``, or ``None`` where it has none."""
+    import json
+
+    if looks_like_path:
+        path = os.path.join(source, "preprocessor_config.json")
+        if not os.path.isfile(path):
+            return None
+    else:
+        from transformers.utils import cached_file
+
+        path = cached_file(source, "preprocessor_config.json", local_files_only=local_files_only,
+                           _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 @dataclass(frozen=True)
@@ -108,9 +233,9 @@ class GranitePrompts:
         keywords: appended when keywords are given; ``{keywords}`` is ``", "``-joined.
     """
 
-    transcribe: str = "can you transcribe the speech into a written format?"
-    translate: str = "Translate the speech to {language}."
-    keywords: str = "Keywords: {keywords}"
+    transcribe: str = PROMPT_SOURCES["transcribe"].text
+    translate: str = PROMPT_SOURCES["translate"].text
+    keywords: str = PROMPT_SOURCES["keywords"].text
 
 
 def load_granite(
@@ -130,6 +255,8 @@ def load_granite(
 
     Raises:
         GraniteModelNotFoundError: the directory or cached checkpoint does not exist.
+        GraniteCheckpointError: it would be served wrongly (:func:`check_checkpoint`,
+            :func:`check_preprocessor`).
     """
     from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
 
@@ -157,6 +284,10 @@ def load_granite(
                 f"reachable (`hf download {source}`) and copy the cache (HF_HOME), or pass the checkpoint directory"
             )
         raise GraniteModelNotFoundError(f"{msg}. [transformers: {str(exc).splitlines()[0]}]") from exc
+    preprocessor = _read_preprocessor(source, looks_like_path, local_files_only)
+    if preprocessor is not None:
+        check_preprocessor(preprocessor, model.config)
+    check_checkpoint(model)
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -183,7 +314,10 @@ class _Work:
     ctc_text: str | None = None
     ctc_entropy: float | None = None
     prefix_ids: list[int] | None = None  # the prefix tokenized, on first use (CTC partials never need it)
+    draft_ids: list[int] = field(default_factory=list)  # the CTC draft's tokens after the prefix (verified drafts)
+    resume_ids: list[int] = field(default_factory=list)  # verified draft tokens the decode continues after
     budget: int = 0
+    truncated: bool = False
     path: str = ""
     text: str | None = None
     info: dict = field(default_factory=dict)
@@ -207,7 +341,11 @@ class GraniteEngine(Engine):
         local_files_only: passed to ``from_pretrained``; keep ``True`` (no downloads).
         model_label: the ``model`` string announced in the capabilities (default: the id/path).
         max_batch: announced largest batch.
-        tokens_per_second, extra_new_tokens: new-token budget ``ceil(seconds * tps) + extra``.
+        tokens_per_second, extra_new_tokens: new-token budget ``ceil(seconds * tps) + extra``, ``tps``
+            taken from ``tokens_per_second_by_language`` for the output language (the target
+            language of a translation) when listed there (default
+            :data:`DEFAULT_TOKENS_PER_SECOND_BY_LANGUAGE`). A decode that uses its whole budget
+            without ending is reported with ``InferenceResult.truncated``.
         force_new_tokens: generate exactly this many tokens per LLM decode (EOS suppressed, no
             speculation) — for benchmarks; ``None`` for normal decoding.
         force_tokens_per_second: like ``force_new_tokens`` but proportional to the audio: exactly
@@ -220,7 +358,16 @@ class GraniteEngine(Engine):
             entropy reduced with ``"max"`` (IBM) or ``"mean"`` is ≤ the threshold (IBM uses 0.7 with max).
         verify_threshold: accept the draft after teacher-forced scoring when every token's
             probability is ≥ this (IBM uses 0.1).
-        ctc_vocab: text of each CTC class (see the module docstring); ``None`` = ``chr(class)``.
+        resume_from_draft: when verification rejects a draft, decode greedily after its longest
+            prefix of tokens that passed (the paper's step 3; path ``resumed``) instead of from
+            scratch (IBM's notebook; ``False``). The tokens equal ``generate`` on the prompt followed
+            by that prefix.
+        repetition_guard: a final whose text loops (:func:`~stream_server.engines.whisper.looks_repetitive`,
+            the Whisper engine's test) is published with the repeats collapsed, and counted in
+            :meth:`stats` as ``repetition_loops``.
+        ctc_vocab: text of each CTC class (see the module docstring); ``None`` = ``chr(class)``, which
+            is only trusted for the known 348-class head (:data:`KNOWN_CTC_CLASSES`): a head of any
+            other size without a vocabulary is not used (no CTC partials, no speculation).
         ctc_blank_id: the CTC blank class.
         ctc_languages: languages whose CTC transcripts are usable (CTC partials and speculation);
             other languages fall back to the LLM.
@@ -270,8 +417,9 @@ class GraniteEngine(Engine):
         local_files_only: bool = True,
         model_label: str | None = None,
         max_batch: int = 8,
-        tokens_per_second: float = 8.0,
+        tokens_per_second: float = DEFAULT_TOKENS_PER_SECOND,
         extra_new_tokens: int = 20,
+        tokens_per_second_by_language: dict[str, float] | None = None,
         force_new_tokens: int | None = None,
         force_tokens_per_second: float | None = None,
         force_min_tokens: int = 4,
@@ -279,6 +427,8 @@ class GraniteEngine(Engine):
         ctc_entropy_threshold: float = 0.7,
         ctc_entropy_reduce: str = "max",
         verify_threshold: float = 0.1,
+        resume_from_draft: bool = True,
+        repetition_guard: bool = True,
         ctc_vocab: Sequence[str] | None = None,
         ctc_blank_id: int = 0,
         ctc_languages: Sequence[str] = CTC_LANGUAGES,
@@ -327,6 +477,13 @@ class GraniteEngine(Engine):
             raise ValueError("decode_options['max_graphs'] must be >= 1")
         if any(not s > 0 for s in warm_decode_seconds):
             raise ValueError("warm_decode_seconds must be positive")
+        rates = dict(DEFAULT_TOKENS_PER_SECOND_BY_LANGUAGE if tokens_per_second_by_language is None
+                     else tokens_per_second_by_language)
+        if not tokens_per_second > 0 or any(not r > 0 for r in rates.values()):
+            raise ValueError("tokens per second must be > 0")
+        if not 0.0 <= verify_threshold <= 1.0:
+            raise ValueError("verify_threshold must be a probability in [0, 1]")
+        check_checkpoint(model)
 
         model.eval()
         self.model = model
@@ -339,7 +496,10 @@ class GraniteEngine(Engine):
         self.audio_token_id = int(self.config.audio_token_id)
 
         self.tokens_per_second = float(tokens_per_second)
+        self.tokens_per_second_by_language = {k: float(v) for k, v in rates.items()}
         self.extra_new_tokens = int(extra_new_tokens)
+        self.resume_from_draft = bool(resume_from_draft)
+        self.repetition_guard = bool(repetition_guard)
         self.force_new_tokens = force_new_tokens
         self.force_tokens_per_second = None if force_tokens_per_second is None else float(force_tokens_per_second)
         self.force_min_tokens = int(force_min_tokens)
@@ -374,7 +534,11 @@ class GraniteEngine(Engine):
         self.max_batch = int(max_batch)
 
         encoder = model.model.encoder
-        self.has_ctc = isinstance(getattr(encoder, "out", None), torch.nn.Linear)
+        head = getattr(encoder, "out", None)
+        # chr(class) is IBM's mapping for the 348-class character head; another head's classes mean
+        # something else, and reading them as code points would publish garbage partials.
+        self.has_ctc = isinstance(head, torch.nn.Linear) and (
+            self.ctc_vocab is not None or int(head.out_features) == KNOWN_CTC_CLASSES)
         self.speculative = bool(speculative) and self.has_ctc
         text_config = self.config.text_config
         self.logits_scaling = float(getattr(text_config, "logits_scaling", 1.0) or 1.0)
@@ -395,7 +559,7 @@ class GraniteEngine(Engine):
 
         self._prompt_cache: dict[str, tuple[list[int], list[int]]] = {}
         self._stats: dict[str, int] = {p: 0 for p in PATHS}
-        self._stats.update({"partial_llm": 0, "partial_ctc": 0})
+        self._stats.update({"partial_llm": 0, "partial_ctc": 0, "truncated": 0, "repetition_loops": 0})
 
         self.capabilities = EngineCapabilities(
             name="granite",
@@ -532,7 +696,7 @@ class GraniteEngine(Engine):
 
     def _sequence(self, w: _Work, extra: Sequence[int] = ()) -> list[int]:
         before, after = self._prompt_ids(self.instruction(w.req))
-        return before + [self.audio_token_id] * w.n_tokens + after + self._prefix_ids(w) + list(extra)
+        return before + [self.audio_token_id] * w.n_tokens + after + self._prefix_ids(w) + w.resume_ids + list(extra)
 
     # ------------------------------------------------------------------ main flow
     def _transcribe(self, requests: list[InferenceRequest], on_result=None, fetch_partials=None) -> list[InferenceResult]:
@@ -571,6 +735,7 @@ class GraniteEngine(Engine):
                 draft = w.ctc_text or ""
                 if (
                     draft
+                    and not req.keywords  # the LLM must see the keywords before a draft is final
                     and draft.startswith(req.prefix)
                     and w.ctc_entropy is not None
                     and w.ctc_entropy <= self.ctc_entropy_threshold
@@ -585,9 +750,15 @@ class GraniteEngine(Engine):
             for w, accepted in zip(verify, self._verify(verify)):
                 if accepted:
                     w.path = "verify_accept"
+                    continue
+                kept = int(w.info.get("verify_prefix_tokens", 0))
+                if self.resume_from_draft and kept > 0:
+                    # The paper's step 3: greedy decoding resumes after the verified part of the draft.
+                    w.path = "resumed"
+                    w.resume_ids = w.draft_ids[:kept]
                 else:
                     w.path = "autoregressive"
-                    llm.append(w)
+                llm.append(w)
         if llm:
             self._project(llm)
             self._generate(llm, fetch_partials)
@@ -606,7 +777,7 @@ class GraniteEngine(Engine):
                 self._stats[w.path] += 1
             w.info["path"] = w.path
             lang = (req.target_language or "en") if req.task == "translate" else req.language
-            w.result = InferenceResult(text=w.text or req.prefix, language=lang, info=w.info)
+            w.result = InferenceResult(text=w.text or req.prefix, language=lang, info=w.info, truncated=w.truncated)
         return w.result
 
     def _prepare(self, index: int, req: InferenceRequest) -> _Work:
@@ -627,7 +798,9 @@ class GraniteEngine(Engine):
         elif self.force_tokens_per_second is not None:
             w.budget = max(self.force_min_tokens, int(round(n / SAMPLE_RATE * self.force_tokens_per_second)))
         else:
-            w.budget = int(math.ceil(n / SAMPLE_RATE * self.tokens_per_second)) + self.extra_new_tokens
+            output_language = (req.target_language or "en") if req.task == "translate" else req.language
+            rate = self.tokens_per_second_by_language.get(output_language, self.tokens_per_second)
+            w.budget = int(math.ceil(n / SAMPLE_RATE * rate)) + self.extra_new_tokens
         return w
 
     # ------------------------------------------------------------------ encoder / CTC / projector
@@ -844,12 +1017,15 @@ class GraniteEngine(Engine):
     def _verify(self, works: list[_Work]) -> list[bool]:
         """Teacher-forced scoring of each CTC draft: accept when every draft token is likely enough."""
         drafts = [self._draft_tokens(w) for w in works]
+        for w, d in zip(works, drafts):
+            w.draft_ids = list(d)
         accepted = [False] * len(works)
         rows = [i for i, d in enumerate(drafts) if d]
         if not rows:
             return accepted
         seqs = [self._sequence(works[i], drafts[i]) for i in rows]
         embeds, mask, positions = self._embed_batch(seqs, [works[i].audio_embeds for i in rows])
+        self._adapter_on()
         hidden = self.model.model.language_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state
@@ -873,6 +1049,8 @@ class GraniteEngine(Engine):
             n = len(drafts[i])
             p = token_probs[start : start + n]
             works[i].info["verify_min_prob"] = float(p.min())
+            passed = (p >= self.verify_threshold).int()
+            works[i].info["verify_prefix_tokens"] = int(passed.cumprod(0).sum())  # leading tokens that passed
             if self.debug_token_ids:
                 works[i].info["verify_token_probs"] = p.tolist()
                 works[i].info["verify_is_argmax"] = is_argmax[start : start + n].tolist()
@@ -917,10 +1095,9 @@ class GraniteEngine(Engine):
     def _generate(self, works: list[_Work], fetch_partials=None) -> None:
         seqs = [self._sequence(w) for w in works]
         embeds, mask, _ = self._embed_batch(seqs, [w.audio_embeds for w in works])
-        max_new = max(w.budget for w in works)
+        max_new = max(self._budget_left(w) for w in works)
         forced = self._forced
-        if getattr(self.model, "_hf_peft_config_loaded", False):
-            self.model.enable_adapters()  # the LoRA is meant to be on whenever audio is in the prompt
+        self._adapter_on()
         if self.decode_backend in ("loop", "graphs") and not self.generate_kwargs:
             between = None
             if fetch_partials is not None and self.capabilities.interleaved_partials:
@@ -987,21 +1164,47 @@ class GraniteEngine(Engine):
             out = out[:, -max_new:]
         return out
 
+    def _adapter_on(self) -> None:
+        """Switch a loaded LoRA adapter on: every LLM pass here has audio in its prompt, and
+        transformers' ``generate`` enables the adapter whenever audio features are given."""
+        if getattr(self.model, "_hf_peft_config_loaded", False):
+            self.model.enable_adapters()
+
+    @staticmethod
+    def _budget_left(w: _Work) -> int:
+        """New tokens the decode may still produce (a resumed decode has spent some on the draft)."""
+        return max(1, w.budget - len(w.resume_ids))
+
     def _finish(self, works: list[_Work], out: torch.Tensor, forced: bool) -> None:
         eos = set(self.eos_ids)
         for w, row in zip(works, out.tolist()):
-            tokens = row[: w.budget]
+            budget = self._budget_left(w)
+            tokens = row[:budget]
+            ended = forced
             if not forced:
                 for k, t in enumerate(tokens):
                     if t in eos:
                         tokens = tokens[:k]
+                        ended = True
                         break
-            cont = self._continuation(self._prefix_ids(w), tokens)
+            # The decoder stops early only once every row has ended, so a row without EOS ran to its budget.
+            w.truncated = not ended and len(tokens) == budget
+            answer = w.resume_ids + tokens
+            cont = self._continuation(self._prefix_ids(w), answer)
+            if self.repetition_guard and not forced and looks_repetitive(cont):
+                cont = collapse_repeats(cont)
+                w.info["repetition_collapsed"] = True
+                if w.req.kind == "final":
+                    self._stats["repetition_loops"] += 1
+            if w.truncated and w.req.kind == "final":
+                self._stats["truncated"] += 1
             prefix = w.req.prefix
             w.text = prefix + cont.rstrip() if prefix else cont.strip()
             w.info["new_tokens"] = len(tokens)
+            if w.resume_ids:
+                w.info["resumed_tokens"] = len(w.resume_ids)
             if self.debug_token_ids:
-                w.info["token_ids"] = tokens
+                w.info["token_ids"] = answer
 
     def _prefix_ids(self, w: _Work) -> list[int]:
         if w.prefix_ids is None:

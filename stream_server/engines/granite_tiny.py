@@ -10,23 +10,37 @@ same family as Granite's real tokenizer) plus the special tokens ``<|end_of_text
 ``<|pad|>`` and ``<|audio|>`` (whose id is ``config.audio_token_id``), with a chat template that
 renders ``USER: {content}\\n ASSISTANT:`` like granite-4.0-1b-speech's.
 
-To make the random model's output depend on the audio (so batching and prefix tests mean
-something), the tiny config departs from Granite's µP settings: initialiser range 0.2 for the LLM
-and projector, ``embedding_multiplier = residual_multiplier = 1``, attention multiplier 0.35,
-untied LM head, and a CTC head scaled ×30 (sharper CTC posteriors).
+The LLM uses granite-4.0-1b-speech's µP multipliers (:data:`REAL_TEXT_MULTIPLIERS`:
+``embedding_multiplier`` 12, ``residual_multiplier`` 0.22, ``logits_scaling`` 8, and
+``attention_multiplier = 1 / head_dim``, which is 1/128 for the real 128-wide heads and 1/8 here)
+and an untied LM head, so that code which forgets a multiplier (or reads the head from the
+embeddings) gives different tokens and logits than transformers, and the tests catch it. To make
+the random model's output depend on the audio (so batching and prefix tests mean something) the
+weights are initialised wider than Granite's (range 0.2) and the CTC head is scaled ×30 (sharper
+CTC posteriors).
 
-The encoder's CTC head has :data:`TINY_CTC_CLASSES` classes so that the engine's default
-CTC vocabulary (class ``i`` → ``chr(i)``, blank ``0``, IBM's convention) covers ``a``–``z``.
+The encoder's CTC head has :data:`TINY_CTC_CLASSES` = 348 classes, the real head's size, so that
+the engine's default CTC vocabulary (class ``i`` → ``chr(i)``, blank ``0``, IBM's convention) applies.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["build_tiny_granite", "build_tiny_tokenizer", "tiny_granite_config", "TINY_CTC_CLASSES"]
+__all__ = ["build_tiny_granite", "build_tiny_tokenizer", "tiny_granite_config", "TINY_CTC_CLASSES",
+           "REAL_TEXT_MULTIPLIERS"]
 
-TINY_CTC_CLASSES = 128
-"""CTC classes of the tiny encoder: code points 1..127 plus blank 0."""
+TINY_CTC_CLASSES = 348
+"""CTC classes of the tiny encoder: granite-4.0-1b-speech's 348 (code points 1..347 plus blank 0)."""
+
+REAL_TEXT_MULTIPLIERS = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0}
+"""granite-4.0-1b-speech's LLM multipliers (``attention_multiplier`` is 1/head_dim = 0.0078125 there).
+
+Source: not a stored copy of the checkpoint's config.json (none is reachable here) but two
+agreeing secondary ones: IBM's speculative-decoding notebook prints ``Logits scaling: 8`` for
+ibm-granite/granite-4.0-1b-speech, and a GGML port's notes (CrispASR HISTORY.md, "Granite Speech
+4.0-1B") list embedding 12.0, attention 0.0078125 = 1/head_dim, residual 0.22, logits 8.0; the
+same values as granite-3.x/4.x Granite LLM configs (embedding 12, residual 0.22)."""
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -110,10 +124,8 @@ def tiny_granite_config(tokenizer, ctc_classes: int = TINY_CTC_CLASSES):
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
-            "embedding_multiplier": 1.0,
-            "logits_scaling": 8.0,
-            "residual_multiplier": 1.0,
-            "attention_multiplier": 0.35,
+            **REAL_TEXT_MULTIPLIERS,
+            "attention_multiplier": 1.0 / (32 // 4),  # 1 / head_dim, as the real 0.0078125 = 1/128
             "initializer_range": 0.2,
             "rms_norm_eps": 1e-5,
             "bos_token_id": eos_id,
