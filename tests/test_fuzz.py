@@ -1,8 +1,9 @@
 """Property-based fuzzing of the session core (≥ 1,000 cases) and of the server over a real socket (≥ 200).
 
-Invariants, whatever the client sends:
+Invariants, whatever the client sends and whatever the engine answers:
 - nothing raises; every `error` event has a known code and a message;
-- `stable_text` is a prefix of `text` and never retracts within an utterance;
+- `stable_text` is never revised within an utterance: each partial's `stable_text` extends the previous
+  one word for word, and it leads (word for word) the `text` of every later partial and the final;
 - nothing is lost: once the stream ends, every `speech_started` has exactly one `final` or one
   `error` naming its utterance, and `end` comes last.
 """
@@ -10,14 +11,16 @@ Invariants, whatever the client sends:
 import asyncio
 import json
 import math
+import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from stream_server.engines.base import InferenceResult
 from stream_server.session import Close, Send, Session, SessionSettings, State, Submit
 from tests.fakes import CountingEngine
 from tests.test_vad import voiced
@@ -82,16 +85,64 @@ def binary_frames(draw):
     return data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data
 
 
+# Engine answers. A real recogniser's hypotheses of a growing utterance do not always extend each other:
+# an early partial mishears a word, the final decoded freely (without the stable prefix) disagrees with
+# what the partials agreed on. Each answer keeps some words of the utterance's previous hypothesis and
+# replaces the rest, from a small vocabulary with case and punctuation variants ("ten," / "Ten" agree,
+# "ten" / "10" do not), so runs of agreeing hypotheses make words stable and later ones contradict them.
+VOCABULARY = ("go", "Go,", "forward", "for", "ward", "ten", "Ten.", "10", "meters", "metres.")
+# Half the answers keep the whole previous hypothesis (so that words can become stable), half keep 0-2 words.
+KEEP = (0, 1, 2, 99, 99, 99)
+answers = st.tuples(st.sampled_from(KEEP), st.lists(st.sampled_from(VOCABULARY), max_size=3))
+
+
+class Hypotheses:
+    """Per-utterance answers built from (keep, tail) edits of the previous hypothesis."""
+
+    def __init__(self):
+        self.last: dict[tuple[str, int], list[str]] = {}
+
+    def answer(self, request, edit) -> InferenceResult:
+        keep, tail = edit
+        key = (request.session_id, request.utterance_id)
+        words = self.last.get(key, [])[:keep] + list(tail)
+        self.last[key] = words
+        return InferenceResult(text=" ".join(words), language=request.language)
+
+
+class ContradictingEngine(CountingEngine):
+    """The server-side counterpart of :class:`Hypotheses`: the edits come from a seeded generator."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.hypotheses = Hypotheses()
+        self.rng = random.Random(seed)
+
+    def transcribe_batch(self, requests):
+        with self.lock:
+            self.batches.append(list(requests))
+            edits = [(self.rng.choice(KEEP), self.rng.choices(VOCABULARY, k=self.rng.randint(0, 3)))
+                     for _ in requests]
+            return [self.hypotheses.answer(r, e) for r, e in zip(requests, edits)]
+
+
 # Most cases open with a valid start (with random options), so the audio path is exercised too.
 operations = st.builds(
     lambda lead, ops: ([("text", json.dumps({"type": "start", **lead}))] if lead is not None else []) + ops,
     st.one_of(st.none(), st.just({}), config_fields.filter(lambda c: "extra_field" not in c)),
     st.lists(
         st.one_of(text_messages().map(lambda t: ("text", t)), binary_frames().map(lambda b: ("bytes", b)),
-                  binary_frames().map(lambda b: ("bytes", b)), st.just(("complete", None)), st.just(("fail", None))),
+                  binary_frames().map(lambda b: ("bytes", b)), answers.map(lambda a: ("complete", a)),
+                  st.just(("fail", None))),
         max_size=25,
     ),
 )
+
+
+def words_lead(prefix: str, text: str) -> bool:
+    """Whether ``prefix``'s words are the first words of ``text`` (exactly: they were published)."""
+    lead = prefix.split()
+    return text.split()[: len(lead)] == lead
 
 
 class Checker:
@@ -99,6 +150,7 @@ class Checker:
         self.stable = {}
         self.started, self.finished = [], []
         self.events = []
+        self.stable_finals = 0  # finals of utterances whose partials had made words stable
 
     def see(self, event):
         self.events.append(event)
@@ -111,12 +163,13 @@ class Checker:
             self.started.append(event["utterance_id"])
         elif kind == "partial":
             uid = event["utterance_id"]
-            assert event["text"].startswith(event["stable_text"])
-            assert event["stable_text"].startswith(self.stable.get(uid, ""))
+            assert words_lead(event["stable_text"], event["text"]), event
+            assert words_lead(self.stable.get(uid, ""), event["stable_text"]), ("stable text revised", self.stable, event)
             self.stable[uid] = event["stable_text"]
         elif kind == "final":
             uid = event["utterance_id"]
-            assert event["text"].startswith(self.stable.get(uid, ""))
+            assert words_lead(self.stable.get(uid, ""), event["text"]), ("final drops stable words", self.stable, event)
+            self.stable_finals += bool(self.stable.get(uid))
             self.finished.append(uid)
         for key in ("start", "end", "audio_seconds"):
             if key in event:
@@ -126,7 +179,16 @@ class Checker:
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(operations)
 def test_session_core_survives_any_input(ops):
+    check = drive_session(ops)
+    event(f"utterances: {min(len(check.started), 3)}")
+    event(f"errors: {min(sum(e['type'] == 'error' for e in check.events), 3)}")
+    event(f"finals after stable words: {min(check.stable_finals, 2)}")
+
+
+def drive_session(ops) -> Checker:
+    """Feed ``ops`` to a session, answer its requests in order, end the stream; check every event."""
     engine = CountingEngine()
+    hypotheses = Hypotheses()
     session = Session("fuzz", engine.capabilities, SessionSettings(max_frame_bytes=30000))
     check, pending = Checker(), []
 
@@ -147,24 +209,68 @@ def test_session_core_survives_any_input(ops):
         elif pending:
             request = pending.pop(0)
             if op == "complete":
-                run(session.inference_done(request, engine.transcribe_batch([request])[0]))
+                run(session.inference_done(request, hypotheses.answer(request, payload)))
             else:
                 run(session.inference_done(request, None, "injected failure"))
     if session.state == State.STREAMING:
         run(session.receive_text('{"type":"stop"}'))
-    while pending:
+    while pending:  # the rest are answered with words unlike any before: they contradict what is stable
         request = pending.pop(0)
         run(session.inference_done(request, engine.transcribe_batch([request])[0]))
-    from hypothesis import event
-
-    event(f"utterances: {min(len(check.started), 3)}")
-    event(f"errors: {min(sum(e['type'] == 'error' for e in check.events), 3)}")
     if session.state == State.CLOSED and check.events and check.events[-1]["type"] == "end":
         assert sorted(check.finished) == sorted(check.started), (check.started, check.finished)
         assert [e["type"] for e in check.events].count("end") == 1
     else:
         assert not check.started, ("a stream with speech must have ended with finals and `end`", session.state,
                                    [(e["type"], e.get("code")) for e in check.events])
+    return check
+
+
+def pcm16(signal: np.ndarray) -> bytes:
+    return (np.clip(signal, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+# The stable-text contract needs utterances whose partials agree for a while and are then contradicted:
+# a valid start with partials, then rounds of audio (mostly speech, some pauses, a finalize now and
+# then), each followed by up to two engine answers or failures for the oldest requests.
+FRAMES = {"speech": lambda s: ("bytes", pcm16(voiced(s))), "pause": lambda s: ("bytes", bytes(int(32000 * s))),
+          "finalize": lambda s: ("text", '{"type":"finalize"}')}
+frame_ops = st.builds(lambda kind, seconds: FRAMES[kind](seconds),
+                      st.sampled_from(["speech"] * 8 + ["pause", "finalize"]), st.sampled_from([0.2, 0.3, 0.5, 0.8]))
+answer_ops = st.one_of(answers.map(lambda a: ("complete", a)), answers.map(lambda a: ("complete", a)),
+                       answers.map(lambda a: ("complete", a)), st.just(("fail", None)))
+stable_text_cases = st.builds(
+    lambda interval, rounds: [("text", json.dumps({"type": "start", "partials": True, "partial_interval": interval}))]
+    + [op for frame, replies in rounds for op in [frame, *replies]],
+    st.sampled_from([0.2, 0.3, 0.5]),
+    st.lists(st.tuples(frame_ops, st.lists(answer_ops, max_size=2)), min_size=4, max_size=30),
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(stable_text_cases)
+def test_stable_text_is_never_revised_whatever_the_engine_answers(ops):
+    check = drive_session(ops)
+    event(f"finals after stable words: {min(check.stable_finals, 2)}")
+
+
+def test_stable_words_survive_hypotheses_that_contradict_them():
+    """The fuzz's contract on one hand-made case: partials agree on "go forward", then a partial and
+    the final say otherwise; the published stable words stay, and lead both."""
+    def speech(seconds):
+        return ("bytes", pcm16(voiced(seconds)))
+
+    ops = [("text", json.dumps({"type": "start", "partials": True, "partial_interval": 0.3})), speech(0.3)]
+    for words in (["go", "forward", "ten"], ["Go,", "forward", "ten", "meters"], ["go", "forward", "10"],
+                  ["for", "ward", "ten", "metres."]):
+        ops += [speech(0.3), ("complete", (0, words))]
+    ops += [("text", '{"type":"stop"}'), ("complete", (0, ["metres.", "for", "ward"]))]
+    check = drive_session(ops)
+    partials = [(e["text"], e["stable_text"]) for e in check.events if e["type"] == "partial"]
+    assert partials == [("go forward ten", ""), ("Go, forward ten meters", ""), ("go forward 10", "go forward"),
+                        ("go forward ten metres.", "go forward")]
+    # After the stable words, the final's own from the position they end at (it has none in common).
+    assert [e["text"] for e in check.events if e["type"] == "final"] == ["go forward ward"]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -199,7 +305,7 @@ def socket_server():
     from stream_server.server import ServerSettings, StreamServer
 
     loop = asyncio.new_event_loop()
-    server = StreamServer(CountingEngine(), ServerSettings(port=0, realtime_factor=0))
+    server = StreamServer(ContradictingEngine(), ServerSettings(port=0, realtime_factor=0))
     loop.run_until_complete(server.start())
     yield server, loop
     loop.run_until_complete(server.close())
