@@ -8,6 +8,10 @@ Sources (fetched by this module, sha256-pinned, cached, never committed):
 * PyPI sdist ``pocketsphinx==5.1.1`` (``pip download``): ``test/data/librivox`` (five
   16 kHz LibriVox read-speech clips, set ``librivox``) and ``test/data/goforward.raw``
   (16 kHz s16le, set ``goforward``).
+* Built here from the two above (no download of its own, never committed): set ``stress-en``,
+  dev phrases joined by 150-400 ms pauses into 12-29 s monologues (one utterance spans several
+  phrases; two of three chains outrun the default 20 s utterance cut) and the LibriVox clips as
+  one reading; see :func:`stress_plan`.  Cached under ``built/stress-en-v<N>/``.
 
 Dev/eval rule for the Asterisk sets, per language: take the prompts whose transcript
 has at least 6 whitespace-separated words and does not start with ``[`` and whose wav
@@ -207,7 +211,8 @@ _ASTERISK: dict[str, _AsteriskLang] = {
 }
 
 DEFAULT_SETS: tuple[str, ...] = ("asterisk-en", "asterisk-es", "asterisk-fr", "librivox")
-ALL_SETS: tuple[str, ...] = DEFAULT_SETS + ("goforward",)
+STRESS_SET = "stress-en"
+ALL_SETS: tuple[str, ...] = DEFAULT_SETS + ("goforward", STRESS_SET)
 SPLITS: tuple[str, ...] = ("dev", "eval")
 
 MIN_WORDS = 6
@@ -228,6 +233,8 @@ def _set_artifacts(name: str) -> list[_Artifact]:
         return [_ARTIFACTS[lang.wav_package], _ARTIFACTS[lang.text_package]]
     if name in ("librivox", "goforward"):
         return [_ARTIFACTS["pocketsphinx"]]
+    if name == STRESS_SET:
+        return _set_artifacts("asterisk-en") + _set_artifacts("librivox")
     raise ValueError(f"unknown data set {name!r}; known: {', '.join(ALL_SETS)}")
 
 
@@ -546,6 +553,8 @@ def fetch_all(sets: Iterable[str] = DEFAULT_SETS, progress: bool = True) -> None
                 arts.append(a)
     for a in arts:
         _ensure_unpacked(a, progress)
+    if STRESS_SET in sets:
+        _ensure_stress(progress)
 
 
 # --------------------------------------------------------------------------------------
@@ -642,16 +651,179 @@ def _load_pocketsphinx(name: str, progress: bool) -> list[Clip]:
 def load_set(name: str, split: str = "dev", progress: bool = True) -> list[Clip]:
     """Clips of a built-in set, fetched on demand, in a deterministic order (sorted by
     name).  ``split="eval"`` (held-out) exists only for the Asterisk sets; ``librivox``
-    (all 5 clips) and ``goforward`` (1 clip) only have ``dev``."""
+    (all 5 clips), ``goforward`` (1 clip) and ``stress-en`` (built from asterisk-en dev and
+    librivox on first use) only have ``dev``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if name in _ASTERISK:
         return _load_asterisk(name, split, progress)
-    if name in ("librivox", "goforward"):
+    if name in ("librivox", "goforward", STRESS_SET):
         if split != "dev":
             raise ValueError(f"set {name!r} has only a 'dev' split")
-        return _load_pocketsphinx(name, progress)
+        return _load_stress(progress) if name == STRESS_SET else _load_pocketsphinx(name, progress)
     raise ValueError(f"unknown data set {name!r}; known: {', '.join(ALL_SETS)}")
+
+
+# --------------------------------------------------------------------------------------
+# The stress set: dev speech joined by pauses shorter than the end-of-speech silence
+# --------------------------------------------------------------------------------------
+
+STRESS_VERSION = 1
+STRESS_GAP_S = (0.15, 0.40)
+"""Pauses between joined phrases: shorter than the VAD's default ``silence_ms`` (500 ms), so one
+utterance spans several phrases, as in a monologue."""
+STRESS_CHAIN_TARGETS_S = (12.0, 24.0, 28.0)
+"""Chains are grown phrase by phrase until they reach these lengths, in turn: one under the
+default ``max_utterance_s`` (20 s), two over it (so the longest-utterance cut is exercised)."""
+STRESS_MAX_CHAIN_S = 29.0
+"""No chain outgrows this: the offline reference decodes each clip in one 30 s Whisper window."""
+STRESS_CHAINS = 6
+STRESS_MAX_PHRASE_S = 10.0
+_STRESS_TRIM_DBFS = -45.0
+_STRESS_TRIM_KEEP_S = 0.05
+
+
+@dataclass(frozen=True)
+class StressItem:
+    """One stress clip before it is written: its source clips and the pause after each but the last."""
+
+    name: str
+    sources: tuple[Clip, ...]
+    gaps_s: tuple[float, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(c.text for c in self.sources)
+
+
+def stress_plan(asterisk_dev: Sequence[Clip], librivox: Sequence[Clip],
+                durations: Callable[[Clip], float] | None = None) -> list[StressItem]:
+    """What the ``stress-en`` set is made of (a pure function of its inputs).
+
+    * ``chain-NN``: consecutive ``asterisk-en`` dev prompts (in set order, those of at most
+      :data:`STRESS_MAX_PHRASE_S`), grown until each reaches its target in
+      :data:`STRESS_CHAIN_TARGETS_S` (cycled) without passing :data:`STRESS_MAX_CHAIN_S`;
+      :data:`STRESS_CHAINS` chains.
+    * ``librivox-reading``: the five LibriVox clips in order, as one reading (~26 s).
+
+    Each pause is drawn uniformly from :data:`STRESS_GAP_S` (10 ms steps) by a generator seeded
+    with the item's name, so the set is the same on every machine.
+    """
+    durations = durations or audio_duration
+    phrases = [c for c in asterisk_dev if durations(c) <= STRESS_MAX_PHRASE_S]
+    items: list[StressItem] = []
+    i = 0
+    for k in range(STRESS_CHAINS):
+        target = STRESS_CHAIN_TARGETS_S[k % len(STRESS_CHAIN_TARGETS_S)]
+        chain: list[Clip] = []
+        total = 0.0
+        while i < len(phrases) and total < target:
+            step = durations(phrases[i]) + (STRESS_GAP_S[1] if chain else 0.0)
+            if total + step > STRESS_MAX_CHAIN_S:
+                break
+            chain.append(phrases[i])
+            total += step
+            i += 1
+        if len(chain) < 2:
+            break
+        items.append(_stress_item(f"chain-{k:02d}", chain))
+    if librivox:
+        items.append(_stress_item("librivox-reading", list(librivox)))
+    return items
+
+
+def _stress_item(name: str, sources: Sequence[Clip]) -> StressItem:
+    import random
+
+    rng = random.Random(f"{STRESS_SET}/v{STRESS_VERSION}/{name}")
+    lo, hi = STRESS_GAP_S
+    gaps = tuple(round(rng.uniform(lo, hi), 2) for _ in range(len(sources) - 1))
+    return StressItem(name, tuple(sources), gaps)
+
+
+def _trim_silence(x, rate: int):
+    """The clip without its leading and trailing near-silence (10 ms frames under -45 dBFS), keeping
+    50 ms each side: the pause between joined phrases is then the drawn gap, not the gap plus
+    whatever padding each recording has."""
+    import numpy as np
+
+    frame = rate // 100
+    n = len(x) // frame
+    if n == 0:
+        return x
+    rms = np.sqrt((x[: n * frame].reshape(n, frame).astype(np.float64) ** 2).mean(axis=1))
+    loud = np.flatnonzero(20 * np.log10(rms + 1e-12) > _STRESS_TRIM_DBFS)
+    if len(loud) == 0:
+        return x
+    keep = int(_STRESS_TRIM_KEEP_S * rate)
+    return x[max(0, loud[0] * frame - keep): min(len(x), (loud[-1] + 1) * frame + keep)]
+
+
+def _stress_audio(item: StressItem):
+    """The item's samples (float32) at its sources' common rate: trimmed phrases, zero-filled pauses."""
+    import numpy as np
+
+    parts, rate = [], None
+    for k, clip in enumerate(item.sources):
+        x, r = read_audio(clip)
+        if rate not in (None, r):
+            raise DatasetError(f"{item.name}: sources at {rate} and {r} Hz")
+        rate = r
+        parts.append(_trim_silence(x, r))
+        if k < len(item.gaps_s):
+            parts.append(np.zeros(int(round(item.gaps_s[k] * r)), np.float32))
+    return np.concatenate(parts).astype(np.float32), int(rate)
+
+
+def _stress_dir() -> Path:
+    return data_dir() / "built" / f"{STRESS_SET}-v{STRESS_VERSION}"
+
+
+def _write_wav(path: Path, x, rate: int) -> None:
+    import numpy as np
+
+    pcm = (np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def _ensure_stress(progress: bool) -> Path:
+    """Build the ``stress-en`` WAVs and their index from the fetched dev sets, once (atomically)."""
+    root = _stress_dir()
+    if (root / "clips.json").is_file():
+        return root
+    fetch_all(["asterisk-en", "librivox"], progress=progress)
+    with _cache_lock(data_dir()):
+        if (root / "clips.json").is_file():
+            return root
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=root.parent))
+        try:
+            _log(f"building {STRESS_SET} from asterisk-en (dev) and librivox", progress)
+            index = []
+            for item in stress_plan(_load_asterisk("asterisk-en", "dev", progress),
+                                    _load_pocketsphinx("librivox", progress)):
+                x, rate = _stress_audio(item)
+                _write_wav(tmp / f"{item.name}.wav", x, rate)
+                index.append({"name": item.name, "text": item.text, "sample_rate": rate,
+                              "sources": [c.id for c in item.sources], "gaps_s": list(item.gaps_s)})
+            (tmp / "clips.json").write_text(json.dumps(index, indent=1) + "\n")
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _load_stress(progress: bool) -> list[Clip]:
+    root = _ensure_stress(progress)
+    index = json.loads((root / "clips.json").read_text())
+    return [Clip(id=f"{STRESS_SET}/{e['name']}", audio_path=root / f"{e['name']}.wav", text=e["text"],
+                 language="en", sample_rate=int(e["sample_rate"]), set=STRESS_SET) for e in index]
 
 
 # --------------------------------------------------------------------------------------

@@ -394,3 +394,61 @@ def test_complete_cache_is_a_noop(monkeypatch: pytest.MonkeyPatch, asterisk_spli
     monkeypatch.setattr(datasets, "sha256_file", boom)
     datasets.fetch_all(datasets.ALL_SETS, progress=False)
     assert datasets.load_set("asterisk-fr", progress=False) == asterisk_splits["asterisk-fr"][0]
+
+
+# --------------------------------------------------------------------------------------
+# The stress set: phrases joined by pauses shorter than the end-of-speech silence
+# --------------------------------------------------------------------------------------
+
+
+def test_stress_plan_is_deterministic_and_bounded() -> None:
+    phrases = [Clip(f"asterisk-en/p{i:03d}", Path(f"/x/p{i}.wav"), f"phrase {i}", "en", 8000, "asterisk-en")
+               for i in range(80)]
+    durations = {c.id: 2.0 + (i % 7) for i, c in enumerate(phrases)}
+    durations["asterisk-en/p003"] = 31.0  # a long prompt is not a phrase: left out
+    books = [Clip(f"librivox/b{i}", Path(f"/x/b{i}.wav"), f"book {i}", "en", 16000, "librivox") for i in range(5)]
+    durations.update({c.id: 5.0 for c in books})
+    plan = datasets.stress_plan(phrases, books, durations=lambda c: durations[c.id])
+    assert plan == datasets.stress_plan(phrases, books, durations=lambda c: durations[c.id])
+    chains = [item for item in plan if item.name.startswith("chain-")]
+    assert len(chains) == datasets.STRESS_CHAINS
+    used = [c.id for item in chains for c in item.sources]
+    assert "asterisk-en/p003" not in used and used == sorted(used) and len(used) == len(set(used))
+    totals = [sum(durations[c.id] for c in item.sources) + sum(item.gaps_s) for item in chains]
+    assert max(totals) <= datasets.STRESS_MAX_CHAIN_S
+    assert any(t > 20.0 for t in totals) and any(t < 20.0 for t in totals)  # the default cut, both sides
+    for item in plan:
+        assert len(item.gaps_s) == len(item.sources) - 1
+        assert all(0.15 <= g <= 0.40 for g in item.gaps_s)
+        assert item.text == " ".join(c.text for c in item.sources)
+    assert plan[-1].name == "librivox-reading" and plan[-1].sources == tuple(books)
+
+
+@pytest.mark.slow
+def test_stress_set_built_from_dev_data(asterisk_en_dev: list[Clip], librivox_clips: list[Clip]) -> None:
+    """The built audio holds the drawn pauses, and the VAD keeps each chain as one utterance until
+    the longest-utterance cut (no end of speech inside a chain of prompts)."""
+    import soxr
+
+    from vad import SpeechEnded, VadSegmenter
+
+    clips = load_set(datasets.STRESS_SET, progress=False)
+    index = {e["name"]: e for e in json.loads((clips[0].audio_path.parent / "clips.json").read_text())}
+    assert [c.id.split("/", 1)[1] for c in clips] == list(index)
+    assert set(s for e in index.values() for s in e["sources"]) <= {c.id for c in asterisk_en_dev + librivox_clips}
+    for clip in clips:
+        entry = index[clip.id.split("/", 1)[1]]
+        x, rate = read_audio(clip)
+        assert rate == entry["sample_rate"] and len(x) / rate <= datasets.STRESS_MAX_CHAIN_S
+        zero_runs = np.diff(np.flatnonzero(np.diff(np.r_[0, (x == 0).astype(np.int8), 0])))[::2] / rate
+        for gap in entry["gaps_s"]:  # each pause is there, as digital silence of its drawn length
+            assert np.any(np.abs(zero_runs - gap) < 0.01), (clip.id, gap)
+        segmenter = VadSegmenter()
+        ends = [e for e in segmenter.feed(soxr.resample(x, rate, 16000).astype(np.float32))
+                if isinstance(e, SpeechEnded)]
+        silences = [e for e in ends if e.reason == "silence"]
+        if "chain-" in clip.id:  # clean prompts: only the cut ends an utterance inside a chain
+            assert not silences, (clip.id, ends)
+        else:  # a reading has its own pauses at sentence ends; most joins still do not end speech
+            assert len(silences) < len(entry["gaps_s"]) / 2, (clip.id, ends)
+    assert sum(datasets.audio_duration(c) > 20.0 for c in clips) >= 3
