@@ -686,3 +686,229 @@ def test_warmup_leaves_the_path_counters_at_zero(tiny):
     assert not any(eng.stats().values())  # its decodes are not traffic
     eng.transcribe_batch([req(tone(0.8, 700.0, 3))])
     assert eng.stats()["autoregressive"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# (7) issue 18: behave like the references on every task
+
+
+def test_keywords_are_seen_by_the_llm_before_a_draft_is_final(tiny, monkeypatch):
+    """A confident CTC draft is final only without keywords; with them, the LLM pass that decides
+    (verification here) has the ``Keywords:`` prompt in its input."""
+    eng = make_engine(tiny, ctc_entropy_threshold=math.inf, verify_threshold=0.0)
+    audio = tone(1.1, 350.0, 20)
+    plain = eng.transcribe_batch([req(audio)])[0]
+    assert plain.info["path"] == "ctc_accept"
+    seen: list[list[int]] = []
+    original = eng._embed_batch
+    monkeypatch.setattr(eng, "_embed_batch", lambda seqs, feats: (seen.extend(seqs), original(seqs, feats))[1])
+    r = eng.transcribe_batch([req(audio, keywords=("Granite",))])[0]
+    assert r.info["path"] == "verify_accept" and r.text == plain.text
+    keywords = eng._encode("? Keywords: Granite")
+    assert any(any(seq[i : i + len(keywords)] == keywords for i in range(len(seq))) for seq in seen)
+
+
+def _hf_greedy_after(model, tokenizer, eng, audio, forced: list[int], n_new: int) -> list[int]:
+    """transformers' generate on the transcription prompt followed by ``forced`` token ids."""
+    feats = GraniteFeatureExtractor.from_config(model.config)(audio)
+    prompt = eng.prompt_text(eng.instruction(req(audio)))
+    ids = tokenizer.encode(prompt.replace("<|audio|>", "<|audio|>" * feats.audio_embed_sizes[0]),
+                           add_special_tokens=False) + list(forced)
+    input_ids = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             input_features=feats.input_features, max_new_tokens=n_new, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def test_rejected_draft_resumes_after_its_verified_prefix(tiny, monkeypatch):
+    """The paper's step 3: the tokens equal a forced-prefix ``generate`` (draft tokens that passed,
+    then greedy); IBM's notebook restarts from scratch instead (``resume_from_draft=False``)."""
+    model, tokenizer = tiny
+    audio = tone(1.3, 520.0, 30)
+    probe = make_engine(tiny, ctc_entropy_threshold=-1.0, verify_threshold=0.0)
+    feats = GraniteFeatureExtractor.from_config(model.config)(audio)
+    prompt = probe.prompt_text(probe.instruction(req(audio)))
+    ids = tokenizer.encode(prompt.replace("<|audio|>", "<|audio|>" * feats.audio_embed_sizes[0]),
+                           add_special_tokens=False)
+
+    def next_logits(forced):
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids + forced]), input_features=feats.input_features).logits[0, -1]
+
+    # A draft that is not the greedy decode (its first token is the runner-up), whose third token
+    # is the least likely one: a threshold between them lets exactly two tokens pass.
+    head = [int(next_logits([]).topk(2).indices[1])]
+    head.append(int(next_logits(head).argmax()))
+    worst = int(next_logits(head).argmin())
+    draft = head + [worst] + head
+
+    def fixed_draft(w):
+        w.info["draft"] = tokenizer.decode(draft)
+        return list(draft)
+
+    monkeypatch.setattr(probe, "_draft_tokens", fixed_draft)
+    probs = probe.transcribe_batch([req(audio)])[0].info["verify_token_probs"]
+    threshold = min(probs[:2])
+    assert probs[2] < threshold  # the draft fails at its third token
+
+    budget = math.ceil(1.3 * 8) + 20
+    for resume in (True, False):
+        eng = make_engine(tiny, ctc_entropy_threshold=-1.0, verify_threshold=threshold, resume_from_draft=resume,
+                          repetition_guard=False)  # (the random model loops: the guard would change the text)
+        monkeypatch.setattr(eng, "_draft_tokens", fixed_draft)
+        r = eng.transcribe_batch([req(audio)])[0]
+        if resume:
+            assert r.info["path"] == "resumed" and r.info["resumed_tokens"] == 2
+            assert r.info["token_ids"] == head + _hf_greedy_after(model, tokenizer, eng, audio, head, budget - 2)
+        else:
+            assert r.info["path"] == "autoregressive" and "resumed_tokens" not in r.info
+            assert r.info["token_ids"] == _hf_greedy_after(model, tokenizer, eng, audio, [], budget)
+        assert r.text == tokenizer.decode(r.info["token_ids"], skip_special_tokens=True).strip()
+    assert eng.stats()["autoregressive"] == 1
+
+
+def test_token_budget_follows_the_output_language_and_reports_truncation(tiny):
+    eng = make_engine(tiny, speculative=False)
+    audio = tone(1.0, 500.0, 3)
+    results = eng.transcribe_batch([
+        req(audio, "final", 0),
+        req(audio, "final", 1, language="ja"),
+        req(audio, "final", 2, task="translate", language="en", target_language="ja"),
+        req(audio, "final", 3, task="translate", language="ja", target_language="en"),
+    ])
+    # 8 tokens/s by default, 16 for Japanese output; + 20 each
+    assert [r.info["new_tokens"] for r in results] == [28, 36, 36, 28]
+    assert all(r.truncated for r in results)  # the random model never ends on its own
+    assert eng.stats()["truncated"] == 4
+    with pytest.raises(ValueError):
+        make_engine(tiny, tokens_per_second_by_language={"ja": 0.0})
+
+
+def test_finish_flags_truncation_and_collapses_repetition_loops(tiny):
+    from stream_server.engines.whisper import collapse_repeats, looks_repetitive
+
+    eng = make_engine(tiny)
+    looping = eng._prepare(0, req(tone(5.0, 500.0, 3)))
+    ending = eng._prepare(1, req(tone(5.0, 500.0, 4), i=1))
+    budget = looping.budget
+    loop_tokens = eng._encode(" go forward" * 20)[:budget]
+    end_tokens = eng._encode(" go forward ten meters") + [eng.eos_ids[0]]
+    out = torch.full((2, budget), eng.pad_id, dtype=torch.long)
+    out[0] = torch.tensor(loop_tokens)
+    out[1, : len(end_tokens)] = torch.tensor(end_tokens)
+    eng._finish([looping, ending], out, forced=False)
+    raw = tokenizer_text = eng.tokenizer.decode(loop_tokens).strip()
+    assert looks_repetitive(raw) and looping.text == collapse_repeats(tokenizer_text) and len(looping.text) < len(raw)
+    assert looping.truncated and looping.info["repetition_collapsed"]
+    assert ending.text == "go forward ten meters" and not ending.truncated and "repetition_collapsed" not in ending.info
+    assert eng.stats()["repetition_loops"] == 1 and eng.stats()["truncated"] == 1
+    assert eng._result(looping).truncated and not eng._result(ending).truncated
+    off = make_engine(tiny, repetition_guard=False)
+    again = off._prepare(0, req(tone(5.0, 500.0, 3)))
+    off._finish([again], out[:1], forced=False)
+    assert again.text == raw and off.stats()["repetition_loops"] == 0
+
+
+def test_ctc_greedy_decoding_of_hand_built_logits(tiny, monkeypatch):
+    """Collapse repeats, drop blanks, map class i to chr(i); entropy per frame reduced over the valid
+    frames only. Known answers, not the engine compared with itself."""
+    eng = make_engine(tiny)
+    classes = 348
+    rows = ["hh_el_llo__ ww_orrldd", "n_o_oo_"]  # '_' = blank (class 0); row 1 is shorter
+    lengths = [len(r) for r in rows]
+    logits = torch.zeros(2, max(lengths), classes)
+    for b, row in enumerate(rows):
+        for t, ch in enumerate(row):
+            logits[b, t, 0 if ch == "_" else ord(ch)] = 20.0
+        logits[b, len(row):, ord("x")] = 20.0  # padding frames past the length: must be ignored
+    logits[0, 2] = 0.0  # one uniform frame (argmax: class 0, a blank) of entropy log(348)
+    monkeypatch.setattr(eng, "ctc_logits", lambda hidden: logits)
+    confident = -(20.0 - math.log(math.exp(20.0) + classes - 1)) * math.exp(20.0) / (math.exp(20.0) + classes - 1) - (
+        classes - 1) * (1 / (math.exp(20.0) + classes - 1)) * math.log(1 / (math.exp(20.0) + classes - 1))
+    (text0, h0), (text1, h1) = eng._ctc_rows(torch.zeros(2, max(lengths), 1), lengths)
+    assert (text0, text1) == ("hello world", "noo")
+    assert h0 == pytest.approx(math.log(classes), rel=1e-5)  # "max" over frames: the uniform one
+    assert h1 == pytest.approx(confident, rel=1e-3)
+    eng.ctc_entropy_reduce = "mean"
+    (_, m0), _ = eng._ctc_rows(torch.zeros(2, max(lengths), 1), lengths)
+    assert m0 == pytest.approx((math.log(classes) + (lengths[0] - 1) * confident) / lengths[0], rel=1e-4)
+    # all blanks: no text, and an infinite entropy so that no draft is accepted from it
+    logits[1, :, :] = 0.0
+    logits[1, :, 0] = 20.0
+    assert eng._ctc_rows(torch.zeros(2, max(lengths), 1), lengths)[1] == ("", math.inf)
+
+
+def test_ctc_head_is_used_only_when_its_classes_are_known(tiny):
+    from stream_server.engines.granite_tiny import build_tiny_granite as build
+
+    model, tokenizer = build(seed=1, ctc_classes=42)  # not the 348-class character head
+    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="odd")
+    assert not eng.has_ctc and not eng.speculative and eng.capabilities.partial_modes == ("llm",)
+    r = eng.transcribe_batch([req(tone(0.8, 400.0, 2))])[0]
+    assert r.info["path"] == "autoregressive"
+    with_vocab = GraniteEngine(model=model, tokenizer=tokenizer, ctc_vocab=["<b>"] + list("abcdefghijklmnopqrstuvwxyz0123456789 .,'?"))
+    assert with_vocab.has_ctc and with_vocab.capabilities.partial_modes == ("llm", "ctc")
+    assert make_engine(tiny).has_ctc  # 348 classes: IBM's chr(class) mapping
+
+
+def test_lora_checkpoint_without_its_adapter_is_refused(tiny):
+    from stream_server.engines.granite import GraniteCheckpointError
+
+    model, tokenizer = tiny
+    model.config.has_lora_adapter = True
+    try:
+        with pytest.raises(GraniteCheckpointError, match="LoRA adapter.*(peft|adapter)"):
+            GraniteEngine(model=model, tokenizer=tokenizer)
+    finally:
+        model.config.has_lora_adapter = False
+
+
+def test_preprocessor_config_must_match_the_engine_features(tiny, tmp_path):
+    import json
+
+    from stream_server.engines.granite import GraniteCheckpointError, check_preprocessor
+
+    model, tokenizer = tiny
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    good = {"melspec_kwargs": {"sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 160, "n_mels": 80},
+            "projector_window_size": 15, "projector_downsample_rate": 5, "sampling_rate": 16000}
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(good))
+    GraniteEngine(str(ckpt), speculative=False)  # matching: loads
+    bad = dict(good, melspec_kwargs=dict(good["melspec_kwargs"], hop_length=320))
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(bad))
+    with pytest.raises(GraniteCheckpointError, match="hop_length=320"):
+        GraniteEngine(str(ckpt))
+    with pytest.raises(GraniteCheckpointError, match="n_mels=128"):  # newer transformers: top-level keys
+        check_preprocessor({"n_mels": 128, "projector_window_size": 15}, model.config)
+    with pytest.raises(GraniteCheckpointError, match="projector_window_size=10"):
+        check_preprocessor(dict(good, projector_window_size=10), model.config)
+
+
+@pytest.mark.parametrize("options", [{"fused": False}, {"fused": True}])
+def test_loop_decoder_logits_match_a_transformers_forward(tiny, options):
+    """Not only the argmax: every step's logits equal transformers' forward over prompt + tokens so far
+    (µP multipliers, untied head, left padding of a two-row batch)."""
+    model, _ = tiny
+    n_new = 6
+    eng = make_engine(tiny, speculative=False, force_new_tokens=n_new, decode_backend="loop",
+                      decode_options={**options, "record_logits": True})
+    reqs = [req(tone(0.7, 200.0, 0), "final", 0), req(tone(1.9, 800.0, 1), "final", 1)]
+    tokens = torch.tensor([r.info["token_ids"] for r in eng.transcribe_batch(reqs)])
+    recorded = torch.stack(eng.decoder.logits_log, dim=1)  # (B, n_new, V)
+    assert recorded.shape[1] == n_new
+    with torch.inference_mode():
+        works = [eng._prepare(i, r) for i, r in enumerate(reqs)]
+        eng._encode_audio(works)
+        eng._project(works)
+        embeds, mask, _ = eng._embed_batch([eng._sequence(w) for w in works], [w.audio_embeds for w in works])
+        full = torch.cat([embeds, model.get_input_embeddings()(tokens[:, :-1])], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(tokens[:, :-1])], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        ref = model(inputs_embeds=full, attention_mask=full_mask, position_ids=positions).logits
+    t0 = embeds.shape[1]
+    torch.testing.assert_close(recorded, ref[:, t0 - 1 :].float(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(recorded.argmax(-1), tokens)

@@ -182,11 +182,14 @@ class StaticGreedyDecoder:
             callable; tests pass one that runs the traced graphs without generating code).
         max_graphs: decode states (one per batch/capacity bucket) kept, least recently used dropped.
         sync_every: with EOS stopping, how many steps run between checks that every row is done.
+        record_logits: keep every step's logits (``lm_head`` output, before EOS suppression) in
+            :attr:`logits_log`, a list of (B, V) float32 tensors, for tests that compare them with a
+            transformers forward pass. Eager only (a replayed graph would not append).
     """
 
     def __init__(self, model, *, use_graphs: bool = False, fused: bool | None = None, compile_step: bool = False,
                  compile_backend="inductor", max_graphs: int = 8, sync_every: int = 8,
-                 prompt_quantum: int | None = None) -> None:
+                 prompt_quantum: int | None = None, record_logits: bool = False) -> None:
         self.model = model
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
@@ -201,6 +204,9 @@ class StaticGreedyDecoder:
         self.dtype = param.dtype
         if use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        if record_logits and use_graphs:
+            raise ValueError("record_logits needs the eager loop (use_graphs=False)")
+        self.logits_log: list[torch.Tensor] | None = [] if record_logits else None
         self.use_graphs = use_graphs
         self.max_graphs = int(max_graphs)
         self.sync_every = max(1, int(sync_every))
@@ -300,6 +306,8 @@ class StaticGreedyDecoder:
         return torch.where(allowed, self._zero, self._neg)
 
     def _pick(self, st: _State, logits: torch.Tensor, pad_id: int, eos_t: torch.Tensor) -> torch.Tensor:
+        if self.logits_log is not None:
+            self.logits_log.append(logits.float().clone())
         logits = logits.float() + st.eos_bias
         nxt = logits.argmax(-1)
         nxt = torch.where(st.finished, torch.full_like(nxt, pad_id), nxt)
