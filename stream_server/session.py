@@ -126,6 +126,7 @@ class _Utterance:
     shown_partial_end: int = 0  # audio end of the newest partial sent; older ones arriving later are dropped
     final_request: InferenceRequest | None = None  # the final this utterance waits for
     final_text: str | None = None
+    final_truncated: bool = False  # the engine's decode hit its token budget
     final_error: dict | None = None
     language: str | None = None
     early_request: InferenceRequest | None = None  # a final decoded while the silence is still short
@@ -272,6 +273,7 @@ class Session:
     def _settle_final(self, utterance: _Utterance, result: InferenceResult | None, error: str | None, code: str) -> None:
         if result is not None:
             utterance.final_text = utterance.stabilizer.finish(result.text)
+            utterance.final_truncated = result.truncated
             utterance.language = result.language or utterance.config.language
         else:
             utterance.final_error = error_event(
@@ -544,6 +546,8 @@ class Session:
                 }
                 if config.task == "translate":
                     event["target_language"] = config.target_language or "en"
+                if utterance.final_truncated:
+                    event["truncated"] = True
                 actions.append(Send(event))
             self.utterances_finalized += 1
         return actions + self._maybe_end()

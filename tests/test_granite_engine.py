@@ -912,3 +912,36 @@ def test_loop_decoder_logits_match_a_transformers_forward(tiny, options):
     t0 = embeds.shape[1]
     torch.testing.assert_close(recorded, ref[:, t0 - 1 :].float(), rtol=1e-4, atol=1e-4)
     assert torch.equal(recorded.argmax(-1), tokens)
+
+
+def test_a_final_that_hit_its_budget_says_truncated_on_the_wire(tiny):
+    """Engine result -> session -> the final event: ``"truncated": true`` (absent otherwise)."""
+    import json
+
+    from stream_server.engines.base import InferenceResult
+    from stream_server.session import Send, Session, SessionSettings, Submit
+    from tests.test_vad import voiced
+
+    eng = make_engine(tiny, speculative=False)
+
+    def finals(engine_answer):
+        session = Session("s", eng.capabilities, SessionSettings())
+        events = []
+
+        def run(actions):
+            for action in actions:
+                if isinstance(action, Send):
+                    events.append(action.event)
+                elif isinstance(action, Submit):
+                    run(session.inference_done(action.request, engine_answer(action.request)))
+
+        run(session.receive_text(json.dumps({"type": "start", "partials": False,
+                                             "audio": {"encoding": "pcm_f32le", "sample_rate": 16000}})))
+        run(session.receive_bytes(np.concatenate([np.zeros(8000, np.float32), voiced(1.0).astype(np.float32)]).tobytes()))
+        run(session.receive_text('{"type":"finalize"}'))
+        return [e for e in events if e["type"] == "final"]
+
+    [final] = finals(lambda request: eng.transcribe_batch([request])[0])  # the random model never stops
+    assert final["truncated"] is True
+    [final] = finals(lambda request: InferenceResult(text="done", language="en"))
+    assert "truncated" not in final and final["text"] == "done"
