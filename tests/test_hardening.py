@@ -320,6 +320,34 @@ async def test_missing_or_wrong_key_and_foreign_origin_are_refused():
             pass
 
 
+async def raw_get(port: int, target: str) -> tuple[int, bytes]:
+    """GET ``target`` byte for byte (HTTP clients normalise paths such as ``/../x``); returns (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_static_files_never_leave_the_web_root(tmp_path):
+    web, secret = tmp_path / "web", b"top secret " + KEY.encode()
+    web.mkdir()
+    (web / "index.html").write_text("<!doctype html><title>demo</title>")
+    (tmp_path / "secret.txt").write_bytes(secret)
+    (web / "leak.txt").symlink_to(tmp_path / "secret.txt")  # a file link out of the root
+    (web / "out").symlink_to(tmp_path, target_is_directory=True)  # a folder link out of the root
+    (web / "alias.html").symlink_to(web / "index.html")  # a link that stays inside is fine
+    async with StreamServer(CountingEngine(), ServerSettings(port=0, web_root=web)) as server:
+        status, body = await raw_get(server.port, "/alias.html")
+        assert status == 200 and b"demo" in body
+        for target in ("/../secret.txt", "/./../secret.txt", "/web/../../secret.txt", "/leak.txt", "/out/secret.txt",
+                       "/out/web/leak.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt"):
+            status, body = await raw_get(server.port, target)
+            assert status == 404 and secret not in body, (target, status, body[:80])
+
+
 async def test_per_ip_session_limit():
     async with StreamServer(CountingEngine(), ServerSettings(port=0, max_sessions_per_ip=2)) as server:
         first, second = await connect(server.url), await connect(server.url)
