@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import json
 import logging
@@ -22,12 +21,10 @@ import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import prometheus_client
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .engines.base import Engine, InferenceRequest
@@ -36,14 +33,13 @@ from .driver import SessionDriver
 from .logs import current_session
 from .multichannel import MultichannelSession
 from . import memory
-from .protocol import IDLE_TIMEOUT, SHUTTING_DOWN, error_event
-from .session import Close, Send, SessionSettings
+from .protocol import SHUTTING_DOWN, error_event
+from .connection import TranslatorFactory, native_translator, serve_connection
+from .session import Send, SessionSettings
 from .worker import BatchScheduler, InferenceWorker, WorkerPool
 from .adapters import install_adapters
 
 log = logging.getLogger(__name__)
-
-RouteHandler = Callable[["StreamServer", ServerConnection], Awaitable[None]]
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web_demo"
 LISTEN_PATH = "/v1/listen"
@@ -111,6 +107,8 @@ class ServerSettings:
             0 never.
         reuse_port: bind with ``SO_REUSEPORT`` so that several server processes share the port (the
             kernel spreads new connections over them).
+        handshake_timeout_s: a connection whose HTTP request (WebSocket upgrade or plain HTTP) is not
+            complete this long after it opened is closed; it holds no session slot meanwhile.
     """
 
     host: str = "127.0.0.1"
@@ -133,6 +131,7 @@ class ServerSettings:
     log_transcripts: bool = False
     memory_trim_s: float = 60.0
     reuse_port: bool = False
+    handshake_timeout_s: float = 10.0
 
 
 class _Metrics:
@@ -263,7 +262,7 @@ class StreamServer:
         self._supervisor: asyncio.Task | None = None
         self._started_at = time.monotonic()
         self.draining = False
-        self.routes: dict[str, RouteHandler] = {LISTEN_PATH: StreamServer._handle_native}
+        self.routes: dict[str, TranslatorFactory] = {LISTEN_PATH: native_translator}
         self.port: int | None = None
         install_adapters(self)  # OpenAI Realtime, Deepgram and Twilio routes (stream_server/adapters)
 
@@ -282,6 +281,7 @@ class StreamServer:
             max_size=max(self.settings.session.max_frame_bytes, self.settings.session.limits.max_text_bytes) + 1024,
             ping_interval=20,
             ping_timeout=20,
+            open_timeout=self.settings.handshake_timeout_s,
             reuse_port=self.settings.reuse_port or None,
         )
         self._started_at = time.monotonic()
@@ -308,7 +308,7 @@ class StreamServer:
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
 
     async def drain(self, deadline_s: float | None = None) -> int:
-        """Graceful shutdown: refuse new sessions, finish open ones, then :meth:`close`.
+        """Graceful shutdown: refuse new sessions (HTTP 503), finish open ones, then :meth:`close`.
 
         Every open session is ended as if its client had sent ``stop``: open audio is finalized,
         finals and ``end`` are sent, and the connection closes with 1001. Sessions still waiting
@@ -318,10 +318,9 @@ class StreamServer:
             How many sessions had not finished by the deadline.
         """
         deadline_s = self.settings.drain_deadline_s if deadline_s is None else deadline_s
+        # Keep listening while draining: new upgrades get HTTP 503 "shutting down" and /readyz says
+        # draining (so a load balancer takes this server out), instead of a refused connection.
         self.draining = True
-        if self._server is not None:
-            # Stop accepting without touching established connections (close_connections=False).
-            self._server.close(close_connections=False)
         notice = error_event(SHUTTING_DOWN, "the server is shutting down; open audio is being finalized")
         for driver in list(self._sessions.values()):
             driver.dispatch(driver.session.end_stream(notice, 1001, "server shutting down"))
@@ -465,13 +464,13 @@ class StreamServer:
 
     # ---- WebSocket sessions -------------------------------------------------------------------
 
-    def add_route(self, path: str, handler: RouteHandler) -> None:
+    def add_route(self, path: str, translator: TranslatorFactory) -> None:
         """Serve another WebSocket protocol at ``path`` (protocol adapters use this).
 
-        ``handler(server, ws)`` runs for each connection; it drives sessions through
-        :meth:`open_session` and :meth:`release_session` like the native handler does.
+        ``translator(server, ws)`` makes the translator of each connection; the one connection
+        shell (:func:`~stream_server.connection.serve_connection`) runs it like the native route's.
         """
-        self.routes[path] = handler
+        self.routes[path] = translator
 
     def open_session(self, emit, session_settings: SessionSettings | None = None, client_ip: str = "") -> SessionDriver:
         """Create a registered session and its driver; ``emit`` receives its Send/Close actions."""
@@ -508,77 +507,7 @@ class StreamServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         path = ws.request.path.split("?", 1)[0]
-        await self.routes[path](self, ws)
-
-    async def _handle_native(self, ws: ServerConnection) -> None:
-        """Protocol v1: text frames are control messages, binary frames audio, events go out as JSON."""
-        outbox: asyncio.Queue = asyncio.Queue()
-        writer = asyncio.create_task(self._writer(ws, outbox))
-        closing: list[asyncio.Future] = []
-
-        def emit(action) -> None:
-            if outbox.qsize() >= self.settings.outbox_limit:
-                if not driver.closed.is_set():
-                    log.warning("session %s: client is not reading; closing", driver.session.session_id)
-                    driver.abandon()
-                    # Not through the outbox: the writer is stuck behind the client's full buffers.
-                    closing.append(asyncio.ensure_future(ws.close(1008, "client too slow: outgoing queue full")))
-                return
-            outbox.put_nowait(action)
-
-        driver = self.open_session(emit, client_ip=_client_ip(ws))
-        try:
-            await self._read_loop(ws, driver, writer)
-        finally:
-            self.release_session(driver)
-            outbox.put_nowait(None)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer, timeout=5)
-
-    async def _read_loop(self, ws: ServerConnection, driver: SessionDriver, writer: asyncio.Task) -> None:
-        """Feed one connection's frames to its session, with the idle timeout and the rate limit.
-
-        Returns when the client is gone, or once the session has closed and its last events are sent.
-        """
-        session = driver.session
-        settings = self.settings
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        received_seconds = 0.0
-        idle = settings.idle_timeout_s or None
-        try:
-            # One timeout moved forward per message: wait_for per frame made a timer (and on
-            # Python 3.11 a task) for every 20-100 ms of audio of every stream.
-            async with asyncio.timeout(idle and loop.time() + idle) as deadline:
-                while not driver.closed.is_set():
-                    try:
-                        message = await ws.recv()
-                    except ConnectionClosed:
-                        return
-                    if idle:
-                        deadline.reschedule(loop.time() + idle)
-                    if isinstance(message, str):
-                        driver.text(message)
-                        continue
-                    driver.audio(message)
-                    self.metrics.audio_seconds.inc(max(0.0, session.audio_seconds - received_seconds))
-                    received_seconds = session.audio_seconds
-                    if settings.realtime_factor:
-                        ahead = received_seconds / settings.realtime_factor - settings.burst_s - (loop.time() - began)
-                        if ahead > 0:
-                            if idle:
-                                deadline.reschedule(loop.time() + ahead + idle)  # our own pause is not idleness
-                            await asyncio.sleep(ahead)
-        except TimeoutError:
-            notice = error_event(
-                IDLE_TIMEOUT, f"nothing received for {settings.idle_timeout_s:g} s; ending the session", True
-            )
-            driver.dispatch(session.end_stream(notice, 1001, "idle timeout"))
-        if driver.abandoned:
-            return  # dropped (e.g. a client that does not read): nothing more will be sent
-        # The session is ending on our side (stop, drain, limit): wait for its finals to go out.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(writer), timeout=max(settings.drain_deadline_s, 30.0))
+        await serve_connection(self, ws, self.routes[path](self, ws))
 
     def count_event(self, event: dict) -> None:
         """Count a native event in the metrics as it leaves for a client (any protocol)."""
@@ -592,22 +521,6 @@ class StreamServer:
 
     def _observe_inference(self, request: InferenceRequest, seconds: float) -> None:
         self.metrics.inference_seconds.labels(request.kind).observe(seconds)
-
-    async def _writer(self, ws: ServerConnection, outbox: asyncio.Queue) -> None:
-        """The only coroutine that sends on ``ws``, so events leave in the order sessions made them."""
-        while True:
-            action = await outbox.get()
-            if action is None:
-                return
-            try:
-                if isinstance(action, Send):
-                    self.count_event(action.event)
-                    await ws.send(json.dumps(action.event, ensure_ascii=False))
-                elif isinstance(action, Close):
-                    await ws.close(action.code, action.reason)
-                    return
-            except ConnectionClosed:
-                return
 
     def _observe_batch(self, requests: list[InferenceRequest], seconds: float) -> None:
         # Called on the worker thread; prometheus_client metrics are thread-safe.

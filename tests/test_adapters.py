@@ -1,7 +1,7 @@
 """Protocol adapters and native multichannel, with the fake engine: translation both ways, error paths.
 
 The translators are sans-I/O, so most tests drive them directly through :class:`Harness`, which
-carries out their outputs against real sessions the way ``serve_translator`` does (minus sockets
+carries out their outputs against real sessions the way ``serve_connection`` does (minus sockets
 and the worker thread). A few tests go over real sockets with the official SDK clients
 (``openai``, ``deepgram-sdk``) against a real server with the fake engine.
 
@@ -990,18 +990,13 @@ async def test_adapters_use_the_servers_api_keys_and_sdks_can_present_them():
 
 
 async def test_drain_finishes_adapter_streams_and_a_translator_bug_closes_1011():
-    from stream_server.adapters.base import serve_translator
-
     async with StreamServer(CountingEngine(), ServerSettings(port=0)) as server:
 
         class Broken(TwilioTranslator):
             def client_text(self, text):
                 raise RuntimeError("bug")
 
-        async def broken(server_, ws):
-            await serve_translator(server_, ws, Broken(CountingEngine().capabilities))
-
-        server.add_route("/broken", broken)
+        server.add_route("/broken", lambda server_, ws: Broken(CountingEngine().capabilities))
         from websockets.exceptions import ConnectionClosedError
 
         async with connect(f"ws://127.0.0.1:{server.port}/broken") as ws:

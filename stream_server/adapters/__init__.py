@@ -1,6 +1,7 @@
 """Drop-in protocol adapters: foreign streaming-ASR APIs translated onto the native session core.
 
-Each adapter is a sans-I/O translator (see :mod:`.base`) plus a route on the server's port:
+Each adapter is a sans-I/O translator (see :mod:`.base`) plus a route on the server's port, run by
+the connection shell every route shares (:mod:`stream_server.connection`):
 
 ========================  ===========================================  ==========================
 path                      protocol                                     module
@@ -23,16 +24,16 @@ if TYPE_CHECKING:
     from ..server import StreamServer
 
 ROUTES = {
-    openai_realtime.ROUTE: openai_realtime.handle,
-    deepgram.ROUTE: deepgram.handle,
-    twilio.ROUTE: twilio.handle,
+    openai_realtime.ROUTE: openai_realtime.translator,
+    deepgram.ROUTE: deepgram.translator,
+    twilio.ROUTE: twilio.translator,
 }
 
 
 def install_adapters(server: "StreamServer") -> None:
-    """Register every adapter's WebSocket route on ``server``."""
-    for path, handler in ROUTES.items():
-        server.add_route(path, handler)
+    """Register every adapter's WebSocket route (its translator factory) on ``server``."""
+    for path, translator in ROUTES.items():
+        server.add_route(path, translator)
 
 
 __all__ = ["ROUTES", "install_adapters"]

@@ -49,6 +49,7 @@ from .base import (
     audio_chunks,
     native,
     parse_wav_header,
+    query_params,
 )
 
 ROUTE = "/deepgram/v1/listen"
@@ -396,9 +397,6 @@ def _words(text: str, start: float, end: float) -> list[dict]:
     return words
 
 
-async def handle(server, ws) -> None:
+def translator(server, ws) -> DeepgramTranslator:
     """The ``/deepgram/v1/listen`` route."""
-    from .base import query_params, serve_translator
-
-    translator = DeepgramTranslator(server.engine.capabilities, server.settings.session, query_params(ws.request.path))
-    await serve_translator(server, ws, translator)
+    return DeepgramTranslator(server.engine.capabilities, server.settings.session, query_params(ws.request.path))

@@ -37,7 +37,9 @@ from typing import Any
 from ..engines.base import EngineCapabilities
 from ..protocol import StreamConfig
 from ..session import Send, Session, SessionSettings, State
-from .base import OpenStream, Out, Reply, Hangup, alaw_to_pcm16, audio_chunks, decode_base64, native, new_id
+from .base import (
+    Hangup, OpenStream, Out, Reply, alaw_to_pcm16, audio_chunks, decode_base64, native, new_id, query_params,
+)
 
 ROUTE = "/v1/realtime"
 KEY = "main"
@@ -620,11 +622,8 @@ def _parse_turn_detection(value: Any, config: TranscriptionConfig, where: str) -
     return replace(config, turn_detection=merged)
 
 
-async def handle(server, ws) -> None:
+def translator(server, ws) -> RealtimeTranscriptionTranslator:
     """The ``/v1/realtime`` route."""
-    from .base import query_params, serve_translator
-
-    translator = RealtimeTranscriptionTranslator(
+    return RealtimeTranscriptionTranslator(
         server.engine.capabilities, server.settings.session, query_params(ws.request.path)
     )
-    await serve_translator(server, ws, translator)

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..engines.base import EngineCapabilities
 from ..session import SessionSettings
-from .base import Hangup, OpenStream, Out, Reply, audio_chunks, decode_base64, native
+from .base import Hangup, OpenStream, Out, Reply, audio_chunks, decode_base64, native, query_params
 
 ROUTE = "/v1/twilio"
 TRACKS = ("inbound", "outbound")
@@ -236,9 +236,6 @@ class TwilioTranslator:
         return self._event("error", **fields, **extra)
 
 
-async def handle(server, ws) -> None:
+def translator(server, ws) -> TwilioTranslator:
     """The ``/v1/twilio`` route."""
-    from .base import query_params, serve_translator
-
-    translator = TwilioTranslator(server.engine.capabilities, server.settings.session, query_params(ws.request.path))
-    await serve_translator(server, ws, translator)
+    return TwilioTranslator(server.engine.capabilities, server.settings.session, query_params(ws.request.path))
