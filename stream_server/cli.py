@@ -20,7 +20,8 @@ from .protocol import ProtocolLimits, StreamConfig
 from .session import Send, Session, SessionSettings
 from .driver import SessionDriver
 from .logs import configure_logging
-from .settings import ConfigError, ServeConfig, add_arguments, cli_values, load_config, render, seconds_list
+from .settings import (ConfigError, ServeConfig, add_arguments, cli_values, load_config_and_sources,
+                       render, resolve_preset, seconds_list)
 from .worker import BatchScheduler, InferenceWorker, WorkerPool
 
 if TYPE_CHECKING:
@@ -81,14 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             try:
-                config = load_config(cli_values(args), toml_path=args.config)
+                config, explicit = load_config_and_sources(cli_values(args), toml_path=args.config)
             except ConfigError as exc:
                 print(f"granite-stream: {exc}", file=sys.stderr)
                 return 2
+            config, why = resolve_preset(config, explicit)
             if args.print_config:
-                print(render(config, args.print_config_format))
+                print(render(config, args.print_config_format, why))
                 return 0
             configure_logging(config.log_level, config.log_format)
+            log.info("settings: %s", why)
             if config.processes > 1:
                 return run_processes(config, argv[argv.index("serve") + 1 :])
             return asyncio.run(_serve(config))
@@ -131,10 +134,14 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
 
 def granite_options(config: ServeConfig) -> dict:
     """The settings that become :class:`~stream_server.engines.granite.GraniteEngine` arguments."""
+    compile_step = {"off": False, "on": True, "auto": "auto"}[config.granite_compile_step]
     return {"encoder_batching": config.granite_encoder_batching, "interleave_every": config.granite_interleave_every,
             "interleave_min_wait_s": config.granite_interleave_min_wait_ms / 1000.0,
-            "decode_options": {"max_graphs": config.granite_decode_max_graphs},
-            "warm_decode_seconds": seconds_list(config.granite_warm_decode_seconds)}
+            "decode_options": {"max_graphs": config.granite_decode_max_graphs, "compile_step": compile_step},
+            "warm_decode_seconds": seconds_list(config.granite_warm_decode_seconds),
+            "speculative": config.granite_speculation == "on",
+            "ctc_entropy_threshold": config.granite_ctc_entropy_threshold,
+            "verify_threshold": config.granite_verify_threshold}
 
 
 def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:

@@ -37,6 +37,11 @@ class ServeConfig:
                       "engine")
     device: str = _opt("auto", "auto, cpu or cuda", "engine", ("auto", "cpu", "cuda"))
     gpus: int = _opt(0, "workers on GPUs 0..N-1, one engine each (0: one worker on --device)", "engine")
+    preset: str = _opt("auto", "auto: when Granite serves on a CUDA device (local inference), the measured GPU "
+                       "configuration (GPU_PRESET: padded encoder batching, batch 64, queue 8192, decode states sized "
+                       "from free GPU memory, compiled decode step where faster, 1000 sessions) for every setting no "
+                       "source gave; elsewhere the defaults below. gpu / cpu force one. --print-config says which and why",
+                       "engine", ("auto", "gpu", "cpu"))
     cpu_threads: int = _opt(0, "engine CPU threads (0: library default)", "engine")
     processes: int = _opt(1, "server processes sharing the port (SO_REUSEPORT, Linux), each with its own event loop "
                           "and engine; with gpus > 1 process i gets GPU i mod gpus; limits and /metrics are per process",
@@ -70,7 +75,20 @@ class ServeConfig:
     granite_decode_max_graphs: int = _opt(8, "Granite on CUDA: decode states kept (one per batch x KV-capacity bucket, "
                                           "each a captured graph plus its KV cache); a state evicted and needed "
                                           "again is captured again under load. More cost GPU memory; the measured "
-                                          "400-stream configuration used 32 (docs/deployment.md)", "engine")
+                                          "400-stream configuration used 32 (docs/deployment.md); 0: as many as half "
+                                          "the free GPU memory holds at startup (8 to 64)", "engine")
+    granite_compile_step: str = _opt("off", "Granite on CUDA: torch.compile the decode step (on), or compile it and "
+                                     "keep it only if a timed decode at warm-up is faster than the uncompiled one "
+                                     "(auto)", "engine", ("off", "on", "auto"))
+    granite_speculation: str = _opt("on", "Granite finals: self-speculative decoding with the CTC draft (on), or always "
+                                    "autoregressive (off). The paper (arXiv 2603.11243) measured 4.4x the RTFx of greedy "
+                                    "decoding for +12 % relative WER; docs/granite_gpu.md", "engine", ("on", "off"))
+    granite_ctc_entropy_threshold: float = _opt(0.7, "Granite speculation: accept the CTC draft unverified when its "
+                                                "largest frame entropy (nats) is at most this (IBM: 0.7; lower: more "
+                                                "LLM verification, slower, closer to greedy)", "engine")
+    granite_verify_threshold: float = _opt(0.1, "Granite speculation: a verified draft is accepted when every token's "
+                                           "LLM probability is at least this (IBM: 0.1; higher: more decoding, slower, "
+                                           "closer to greedy); 0..1", "engine")
     granite_warm_decode_seconds: str = _opt("3,6,12", "Granite on CUDA: at startup, decode a batch of each size up to "
                                             "max_batch for each of these utterance lengths (s), so that the decode "
                                             "states live traffic needs are captured before it arrives (empty: off)",
@@ -146,6 +164,11 @@ def _check(config: ServeConfig, source: str, values: Mapping[str, Any]) -> None:
         choices = f.metadata["choices"]
         if f.name in values and choices and getattr(config, f.name) not in choices:
             raise ConfigError(f"{source}: {f.name} must be one of {list(choices)}, got {getattr(config, f.name)!r}")
+    if "granite_verify_threshold" in values and not 0.0 <= config.granite_verify_threshold <= 1.0:
+        raise ConfigError(f"{source}: granite_verify_threshold must be between 0 and 1, got "
+                          f"{config.granite_verify_threshold!r}")
+    if "granite_decode_max_graphs" in values and config.granite_decode_max_graphs < 0:
+        raise ConfigError(f"{source}: granite_decode_max_graphs must be >= 0 (0: from free GPU memory)")
     if "granite_warm_decode_seconds" in values:
         try:
             seconds_list(config.granite_warm_decode_seconds)
@@ -175,7 +198,13 @@ def seconds_list(text: str) -> tuple[float, ...]:
 
 def load_config(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
                 toml_path: Path | str | None = None) -> ServeConfig:
-    """Merge the sources into one :class:`ServeConfig`.
+    """Merge the sources into one :class:`ServeConfig` (the preset unresolved; see :func:`load_config_and_sources`)."""
+    return load_config_and_sources(cli, env, toml_path)[0]
+
+
+def load_config_and_sources(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                            toml_path: Path | str | None = None) -> tuple[ServeConfig, frozenset[str]]:
+    """Merge the sources into one :class:`ServeConfig`, and name the settings some source gave.
 
     Args:
         cli: flag values that were given on the command line (absent flags must be left out).
@@ -185,8 +214,13 @@ def load_config(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | N
 
     Raises:
         ConfigError: unknown TOML keys, wrong types or values, a missing TOML file.
+
+    Returns:
+        ``(config, explicit)``: ``explicit`` holds the fields set by the TOML file, the environment or
+        a flag (a preset changes only the others).
     """
     env = os.environ if env is None else env
+    explicit: set[str] = set()
     types = _field_types()
     config = ServeConfig()
     toml_path = toml_path or env.get(ENV_PREFIX + "CONFIG") or None
@@ -205,6 +239,7 @@ def load_config(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | N
         values = {k: _convert(k, types[k], v, str(path)) for k, v in data.items()}
         config = dataclasses.replace(config, **values)
         _check(config, str(path), values)
+        explicit.update(values)
     values = {}
     for name, kind in types.items():
         raw = env.get(ENV_PREFIX + name.upper())
@@ -212,10 +247,66 @@ def load_config(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | N
             values[name] = _convert(name, kind, raw, f"${ENV_PREFIX}{name.upper()}")
     config = dataclasses.replace(config, **values)
     _check(config, "environment", values)
+    explicit.update(values)
     values = {k: _convert(k, types[k], v, f"--{k.replace('_', '-')}") for k, v in (cli or {}).items() if v is not None}
     config = dataclasses.replace(config, **values)
     _check(config, "command line", values)
-    return config
+    explicit.update(values)
+    return config, frozenset(explicit)
+
+
+GPU_PRESET: dict[str, Any] = {
+    "granite_encoder_batching": "padded",
+    "max_batch": 64,
+    "max_queue": 8192,
+    "granite_decode_max_graphs": 0,
+    "granite_compile_step": "auto",
+    "max_sessions": 1000,
+}
+"""The configuration measured at 400 real-time streams on one GPU (docs/deployment.md,
+docs/gpu_server.md), applied on a CUDA device to the settings no source gave. The measured runs
+kept 32 decode states; 0 sizes them from the card's free memory instead (an H100's 80 GB gives
+about that many at batch 64)."""
+
+
+def resolve_preset(config: ServeConfig, explicit: frozenset[str] | set[str] = frozenset(),
+                   cuda_available=None) -> tuple[ServeConfig, str]:
+    """Apply the preset: the GPU configuration where Granite serves on a CUDA device, else the defaults.
+
+    Args:
+        config: merged settings (``preset`` may be ``auto``).
+        explicit: the settings a source gave; the preset never overrides them.
+        cuda_available: callable telling whether a CUDA device is present (default: torch's, imported
+            only when the answer matters); tests pass their own.
+
+    Returns:
+        ``(config, why)``: ``preset`` is resolved to ``gpu`` or ``cpu``; ``why`` is one line naming
+        the reason and every setting the preset changed.
+    """
+    choice = config.preset
+    if choice == "auto":
+        if config.inference != "local":
+            return dataclasses.replace(config, preset="cpu"), "preset cpu: inference runs in a Ray pool (its replicas have their own settings)"
+        if config.engine == "whisper":
+            return dataclasses.replace(config, preset="cpu"), "preset cpu: the Whisper engine was asked for"
+        if config.device == "cpu":
+            return dataclasses.replace(config, preset="cpu"), "preset cpu: --device cpu"
+        if cuda_available is None:
+            from .engines import cuda_available
+        if not cuda_available():
+            return dataclasses.replace(config, preset="cpu"), "preset cpu: no CUDA device"
+        reason = f"preset gpu: a CUDA device is present and engine {config.engine} serves Granite there"
+    else:
+        reason = f"preset {choice}: asked for"
+    if choice == "cpu":
+        return config, reason
+    changed = {k: v for k, v in GPU_PRESET.items() if k not in explicit}
+    kept = sorted(k for k in GPU_PRESET if k in explicit)
+    config = dataclasses.replace(config, preset="gpu", **changed)
+    detail = ", ".join(f"{k}={v!r}" for k, v in changed.items()) or "nothing (every preset setting was given)"
+    if kept:
+        detail += f"; kept as given: {', '.join(kept)}"
+    return config, f"{reason}; set {detail}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -242,8 +333,10 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in fields(ServeConfig) if getattr(args, f.name, None) is not None}
 
 
-def render(config: ServeConfig, fmt: str = "toml") -> str:
-    """The effective settings as TOML, JSON, or the README's markdown table (defaults, not values)."""
+def render(config: ServeConfig, fmt: str = "toml", why: str = "") -> str:
+    """The effective settings as TOML, JSON, or the README's markdown table (defaults, not values).
+
+    ``why`` (the preset's reason, :func:`resolve_preset`) heads the TOML as a comment."""
     if fmt == "json":
         return json.dumps(config.to_dict(), indent=2)
     if fmt == "markdown":
@@ -253,7 +346,7 @@ def render(config: ServeConfig, fmt: str = "toml") -> str:
             rows.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | "
                         f"{default} | {f.metadata['help']} |")
         return "\n".join(rows)
-    lines = ["[serve]"]
+    lines = [f"# {why}", "[serve]"] if why else ["[serve]"]
     for key, value in config.to_dict().items():
         lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines)

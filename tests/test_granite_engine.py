@@ -637,7 +637,7 @@ def test_ctc_partials_are_served_between_decode_steps(tiny):
     with pytest.raises(ValueError):
         make_engine(tiny, interleave_every=4, interleave_min_wait_s=-0.1)
     with pytest.raises(ValueError, match="max_graphs"):
-        make_engine(tiny, decode_options={"max_graphs": 0})
+        make_engine(tiny, decode_options={"max_graphs": -1})
     with pytest.raises(ValueError, match="warm_decode_seconds"):
         make_engine(tiny, warm_decode_seconds=(3.0, 0.0))
     # The engine passes its minimum wait on: the worker decides from the queue's ages.
@@ -945,3 +945,40 @@ def test_a_final_that_hit_its_budget_says_truncated_on_the_wire(tiny):
     assert final["truncated"] is True
     [final] = finals(lambda request: InferenceResult(text="done", language="en"))
     assert "truncated" not in final and final["text"] == "done"
+
+
+def test_compiled_step_auto_keeps_the_faster_and_decodes_the_same(tiny):
+    import torch._dynamo
+
+    def counting_backend(graph_module, example_inputs):
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    options = {"fused": True, "compile_step": "auto", "compile_backend": counting_backend}
+    reqs = [req(tone(0.8, 300.0, 1), "final", 0), req(tone(1.1, 700.0, 2), "final", 1)]
+    plain = make_engine(tiny, decode_backend="loop", force_new_tokens=4, speculative=False, decode_options={"fused": True})
+    expected = [r.info["token_ids"] for r in plain.transcribe_batch(reqs)]
+    for compiled_s, eager_s, kept in ((2.0, 1.0, "eager"), (1.0, 2.0, "compiled")):
+        eng = make_engine(tiny, decode_backend="loop", force_new_tokens=4, speculative=False, decode_options=options)
+        timings = iter([compiled_s, eager_s])
+        assert eng._choose_compile_step(measure=lambda: next(timings))
+        assert eng.compile_choice == {"compiled_s": compiled_s, "eager_s": eager_s, "kept": kept}
+        assert eng.decoder.compile_step == (kept == "compiled")
+        assert [r.info["token_ids"] for r in eng.transcribe_batch(reqs)] == expected
+    assert eng._time_decode(repeats=1) > 0  # the real timer runs (a full batch, speculation restored)
+    assert eng.speculative is False and not plain._choose_compile_step()  # not "auto": nothing to choose
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="compile_step"):
+        make_engine(tiny, decode_options={"compile_step": "sometimes"})
+
+
+def test_decode_states_are_sized_from_free_memory(tiny):
+    from stream_server.engines.granite_decode import decode_states_for_memory
+
+    gib = 1 << 30
+    assert decode_states_for_memory(130 * gib, int(1.34 * gib)) == 48  # an H200, batch 64 x 12 s states
+    assert decode_states_for_memory(70 * gib, int(1.34 * gib)) == 26  # an H100
+    assert decode_states_for_memory(4 * gib, gib) == 8 and decode_states_for_memory(10**15, gib) == 64
+    eng = make_engine(tiny, decode_backend="loop", decode_options={"max_graphs": 0})
+    assert eng.decode_states_for_free_memory() == 8  # off CUDA: the old default
+    assert eng.decoder.max_graphs == 8

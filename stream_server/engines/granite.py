@@ -386,7 +386,10 @@ class GraniteEngine(Engine):
             (``"graphs"`` on CUDA, ``"generate"`` elsewhere). The loop is plain greedy: when
             ``generate_kwargs`` is non-empty, ``generate`` is used whatever the backend.
         decode_options: extra keyword arguments for the ``StaticGreedyDecoder`` (e.g.
-            ``{"compile_step": True}``, ``{"fused": False}``).
+            ``{"compile_step": True}``, ``{"fused": False}``). ``max_graphs=0`` sizes the decode states
+            from the free GPU memory (:meth:`decode_states_for_free_memory`); ``compile_step="auto"``
+            compiles the step and keeps it only if a decode timed at :meth:`warmup` is faster
+            (:attr:`compile_choice`).
         encoder_backend: ``"eager"``, ``"graphs"`` (the encoder replayed from CUDA graphs per batch and
             1 s length bucket, :class:`~stream_server.engines.granite_encoder.EncoderGraphs`; needs CUDA
             and ``encoder_batching="padded"``, whose approximation it shares) or ``"auto"`` (graphs
@@ -473,8 +476,10 @@ class GraniteEngine(Engine):
             raise ValueError("interleave_every must be >= 0")
         if not interleave_min_wait_s >= 0:
             raise ValueError("interleave_min_wait_s must be >= 0")
-        if int((decode_options or {}).get("max_graphs", 1)) < 1:
-            raise ValueError("decode_options['max_graphs'] must be >= 1")
+        if int((decode_options or {}).get("max_graphs", 1)) < 0:
+            raise ValueError("decode_options['max_graphs'] must be >= 1, or 0 (from free GPU memory)")
+        if (decode_options or {}).get("compile_step", False) not in (False, True, "auto"):
+            raise ValueError("decode_options['compile_step'] must be False, True or 'auto'")
         if any(not s > 0 for s in warm_decode_seconds):
             raise ValueError("warm_decode_seconds must be positive")
         rates = dict(DEFAULT_TOKENS_PER_SECOND_BY_LANGUAGE if tokens_per_second_by_language is None
@@ -531,6 +536,7 @@ class GraniteEngine(Engine):
         self.warm_decode_seconds = tuple(float(s) for s in warm_decode_seconds)
         self._encoder_graphs = None
         self._projector_graphs = None
+        self.compile_choice: dict | None = None  # with compile_step "auto": the warm-up timing that decided
         self.max_batch = int(max_batch)
 
         encoder = model.model.encoder
@@ -602,6 +608,8 @@ class GraniteEngine(Engine):
             window = self.model.model.projector.window_size
             self.projector_graphs.warm(up_to=self.max_batch * -(-int(graph_seconds * 50) // window))
         self._warm_decode()
+        if self._choose_compile_step():
+            self._warm_decode()  # the switch dropped the captured states
         self._stats = {key: 0 for key in self._stats}  # warm-up decodes are not traffic
 
     def _warm_decode(self) -> None:
@@ -626,6 +634,54 @@ class GraniteEngine(Engine):
                                            for i in range(rows)])
         finally:
             self.speculative = speculative
+
+    def _choose_compile_step(self, measure=None) -> bool:
+        """With ``decode_options["compile_step"] == "auto"``: time a decode with the compiled step and
+        one without, keep the faster (:attr:`compile_choice` records both), and say whether the
+        decoder's captured states were dropped by the switch.
+
+        Args:
+            measure: ``() -> seconds`` for one timed decode under the current step (tests pass their
+                own); default :meth:`_time_decode`.
+        """
+        if self.decode_options.get("compile_step") != "auto" or self.decode_backend not in ("loop", "graphs"):
+            return False
+        decoder = self.decoder
+        if decoder._compiled_layer is None:  # not fusable (LoRA, biases): nothing to choose
+            return False
+        measure = measure or self._time_decode
+        decoder.use_compiled(True)
+        compiled_s = measure()
+        decoder.use_compiled(False)
+        eager_s = measure()
+        keep = compiled_s < eager_s
+        decoder.use_compiled(keep)
+        self.compile_choice = {"compiled_s": compiled_s, "eager_s": eager_s, "kept": "compiled" if keep else "eager"}
+        return True
+
+    def _time_decode(self, repeats: int = 3) -> float:
+        """Median seconds of one decode of a full batch of the longest warm-up length (speculation off)."""
+        import time
+
+        seconds = max(self.warm_decode_seconds or (6.0,))
+        language = self.capabilities.languages[0] if self.capabilities.languages else None
+        audio = np.zeros(int(seconds * SAMPLE_RATE), np.float32)
+        batch = [InferenceRequest("warmup", i, "final", audio, language=language) for i in range(self.max_batch)]
+        speculative, self.speculative = self.speculative, False
+        times = []
+        try:
+            for i in range(repeats + 1):  # the first run captures (or compiles): not timed
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                self.transcribe_batch(batch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if i:
+                    times.append(time.perf_counter() - start)
+        finally:
+            self.speculative = speculative
+        return sorted(times)[len(times) // 2]
 
     def stats(self) -> dict:
         """Final-request decode paths (``ctc_accept``, ``verify_accept``, ``autoregressive``) and partial counts."""
@@ -1087,10 +1143,38 @@ class GraniteEngine(Engine):
         if self._decoder is None:
             from .granite_decode import StaticGreedyDecoder
 
+            options = dict(self.decode_options)
+            if int(options.get("max_graphs", 8)) == 0:
+                options["max_graphs"] = self.decode_states_for_free_memory()
             self._decoder = StaticGreedyDecoder(
-                self.model, use_graphs=self.decode_backend == "graphs", **self.decode_options
+                self.model, use_graphs=self.decode_backend == "graphs", **options
             )
         return self._decoder
+
+    def decode_states_for_free_memory(self) -> int:
+        """Decode states (``max_graphs``) that half the device's free memory holds, 8 to 64 (8 off CUDA).
+
+        Sized for the largest state traffic needs: the batch bucket of ``max_batch`` with the KV
+        capacity of the longest ``warm_decode_seconds`` utterance (prompt, audio tokens and budget).
+        """
+        from .granite_decode import batch_bucket, capacity_bucket, decode_states_for_memory
+
+        if self.device.type != "cuda":
+            return 8
+        free, _ = torch.cuda.mem_get_info(self.device)
+        text = self.config.text_config
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        seconds = max(self.warm_decode_seconds or (12.0,))
+        samples = int(seconds * SAMPLE_RATE)
+        rate = max([self.tokens_per_second, *self.tokens_per_second_by_language.values()])
+        prompt = self.features.num_audio_tokens(samples) + 64  # + the instruction and chat template
+        capacity = capacity_bucket(prompt + math.ceil(seconds * rate) + self.extra_new_tokens)
+        rows = batch_bucket(self.max_batch)
+        itemsize = torch.tensor([], dtype=self.dtype).element_size()
+        kv = 2 * int(text.num_hidden_layers) * rows * int(text.num_key_value_heads) * capacity * head_dim * itemsize
+        prefill = rows * prompt * (int(text.hidden_size) + prompt) * itemsize  # embeddings + additive mask
+        return decode_states_for_memory(free, kv + prefill)
 
     def _generate(self, works: list[_Work], fetch_partials=None) -> None:
         seqs = [self._sequence(w) for w in works]

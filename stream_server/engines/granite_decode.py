@@ -37,7 +37,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["StaticGreedyDecoder", "batch_bucket", "capacity_bucket"]
+__all__ = ["StaticGreedyDecoder", "batch_bucket", "capacity_bucket", "decode_states_for_memory"]
 
 
 def batch_bucket(b: int) -> int:
@@ -69,6 +69,19 @@ def capture_cuda_graph(fn, device: torch.device, pool, warmups: int = 1):
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             value = fn()
     return graph, value
+
+
+def decode_states_for_memory(free_bytes: int, state_bytes: int, fraction: float = 0.5, low: int = 8,
+                             high: int = 64) -> int:
+    """How many decode states to keep: as many of ``state_bytes`` as ``fraction`` of the free memory
+    holds, within ``[low, high]`` (the rest is for activations, the encoder graphs, fragmentation).
+
+    ``state_bytes`` should be the largest state traffic needs (largest batch bucket x the capacity of
+    the longest warmed utterance); smaller buckets cost less, so the count errs on the safe side.
+    """
+    if state_bytes <= 0:
+        return high
+    return max(low, min(high, int(free_bytes * fraction) // int(state_bytes)))
 
 
 def capacity_bucket(n: int, quantum: int = 64) -> int:
@@ -176,7 +189,8 @@ class StaticGreedyDecoder:
             are called. Default: on with ``use_graphs``.
         compile_step: ``torch.compile`` the fused layer used by the decode step (CUDA; one compile per
             batch/capacity bucket, a few seconds each) — fuses the elementwise work into a few
-            kernels. Raises torch._dynamo's process-wide recompile limits (default 8 shapes per
+            kernels. ``"auto"`` compiles too, and lets the owner switch back with :meth:`use_compiled`
+            (the engine times both at warm-up and keeps the faster). Raises torch._dynamo's process-wide recompile limits (default 8 shapes per
             function: a server meets more buckets than that); a shape past them runs uncompiled.
         compile_backend: the ``torch.compile`` backend for ``compile_step`` (a name or a backend
             callable; tests pass one that runs the traced graphs without generating code).
@@ -222,13 +236,26 @@ class StaticGreedyDecoder:
         if fused and self._can_fuse():
             with torch.no_grad():
                 self._fused_weights = [self._fuse(layer) for layer in self.lm.layers[: self.n_layers]]
+        self.compile_mode = "auto" if compile_step == "auto" else bool(compile_step)
         self.compile_step = bool(compile_step) and self._fused_weights is not None
         self._layer_step = _fused_layer
+        self._compiled_layer = None
         if self.compile_step:
             _allow_recompiles(COMPILED_SHAPES)
             # Not fullgraph=True: with it, a shape beyond the recompile limit fails the whole batch
             # (seen on an H100 at 400 streams: FailOnRecompileLimitHit); without, it runs eagerly.
-            self._layer_step = torch.compile(_fused_layer, dynamic=False, backend=compile_backend)
+            self._compiled_layer = torch.compile(_fused_layer, dynamic=False, backend=compile_backend)
+            self._layer_step = self._compiled_layer
+
+    def use_compiled(self, compiled: bool) -> None:
+        """Run the decode step compiled or not (only where it was built compiled); captured states are
+        dropped, since each graph has one of the two step functions baked in."""
+        compiled = bool(compiled) and self._compiled_layer is not None
+        if compiled == self.compile_step:
+            return
+        self.compile_step = compiled
+        self._layer_step = self._compiled_layer if compiled else _fused_layer
+        self._states.clear()
 
     def _can_fuse(self) -> bool:
         if getattr(self.model, "_hf_peft_config_loaded", False):
