@@ -137,6 +137,176 @@ def test_granite_settings_reach_the_engine(monkeypatch):
         load_config({"granite_encoder_batching": "sloppy"}, {})
 
 
+# ---- every setting reaches the object that uses it ---------------------------------------------
+
+class _Captured(Exception):
+    """Raised by the fake StreamServer's start(): everything the serve command built is recorded by then."""
+
+
+def _serve_and_capture(argv: list[str], monkeypatch) -> dict:
+    """Run ``granite-stream serve ARGV`` up to the point where it would listen, and return what it built.
+
+    Only the outermost seams are faked: the engine loader, the StreamServer class, the Ray pool's
+    connect_pool, the child-process spawn of --processes, the glibc calls and the logging setup.
+    Everything between the flags and those seams is the real code.
+    """
+    import signal
+    import subprocess
+
+    import stream_server.cli as cli
+    import stream_server.engines as engines
+    import stream_server.ray_pool as ray_pool
+    import stream_server.server as server_module
+    from stream_server import memory
+    from tests.fakes import CountingEngine
+
+    seen: dict = {"load_engine": [], "spawned": []}
+
+    def load_engine(name, model, device, cpu_threads, max_batch, granite=None):
+        seen["load_engine"].append(dict(name=name, model=model, device=device, cpu_threads=cpu_threads,
+                                        max_batch=max_batch, granite=granite))
+        return CountingEngine(max_batch=max_batch or 8), "faked"  # an engine bounds its worker's batches
+
+    class Server:
+        def __init__(self, engine, settings, reason="", worker=None):
+            seen.update(settings=settings, worker=worker)
+
+        async def start(self):
+            raise _Captured
+
+    class Pool:
+        engine, description = CountingEngine(), "faked pool"
+
+    def connect_pool(settings):
+        seen["ray"] = settings
+        return Pool()
+
+    class Child:
+        def __init__(self, cmd, env):
+            seen["spawned"].append((cmd, env))
+
+        def poll(self):
+            raise KeyboardInterrupt  # ends the supervisor loop once every child is spawned
+
+    monkeypatch.setattr(engines, "cuda_available", lambda: False)  # what `auto` choices ask, on any machine
+    monkeypatch.setattr(cli, "load_engine", load_engine)
+    monkeypatch.setattr(server_module, "StreamServer", Server)
+    monkeypatch.setattr(ray_pool, "connect_pool", connect_pool)
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    monkeypatch.setattr(memory, "limit_arenas", lambda n: seen.__setitem__("arenas", n))
+    monkeypatch.setattr(memory, "fix_mmap_threshold", lambda n: seen.__setitem__("mmap_threshold", n))
+    monkeypatch.setattr(cli, "configure_logging", lambda level, fmt="text", *a: seen.__setitem__("logging", (level, fmt)))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # --processes sets its own
+    try:
+        try:
+            status = main(["serve", *argv])
+        except _Captured:
+            status = None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    seen["status"] = status
+    return seen
+
+
+def _scheduler(seen):
+    return seen["worker"].scheduler
+
+
+# For each setting: (extra flags it needs to matter, a value other than its default, what it must
+# become where it is used). The values are given as flag strings, so they also go through parsing.
+RUNTIME = {
+    "host": ([], "10.1.2.3", lambda s: s["settings"].host, "10.1.2.3"),
+    "port": ([], "9123", lambda s: s["settings"].port, 9123),
+    "engine": ([], "whisper", lambda s: s["load_engine"][0]["name"], "whisper"),
+    "model": ([], "/models/x", lambda s: s["load_engine"][0]["model"], "/models/x"),
+    "device": ([], "cpu", lambda s: s["load_engine"][0]["device"], "cpu"),
+    "gpus": ([], "3", lambda s: [c["device"] for c in s["load_engine"]], ["cuda:0", "cuda:1", "cuda:2"]),
+    "cpu_threads": ([], "3", lambda s: s["load_engine"][0]["cpu_threads"], 3),
+    "processes": ([], "3", lambda s: [c[c.index("serve") + 1:] for c, _ in s["spawned"]],
+                  [["--processes", "3", "--processes", "1", "--reuse-port"]] * 3),
+    "reuse_port": ([], None, lambda s: s["settings"].reuse_port, True),
+    "inference": ([], "ray", lambda s: "ray" in s and "settings" in s, True),
+    "ray_address": (["--inference", "ray"], "ray://head:10001", lambda s: s["ray"].address, "ray://head:10001"),
+    "ray_app": (["--inference", "ray"], "captions", lambda s: s["ray"].app_name, "captions"),
+    "ray_deploy": (["--inference", "ray"], "never", lambda s: s["ray"].deploy, "never"),
+    "ray_min_replicas": (["--inference", "ray", "--ray-max-replicas", "5"], "3", lambda s: s["ray"].min_replicas, 3),
+    "ray_max_replicas": (["--inference", "ray"], "4", lambda s: s["ray"].max_replicas, 4),
+    "ray_target_ongoing": (["--inference", "ray"], "7.5", lambda s: s["ray"].target_ongoing_requests, 7.5),
+    "ray_gpus_per_replica": (["--inference", "ray"], "0.5", lambda s: s["ray"].gpus_per_replica, 0.5),
+    "ray_cpus_per_replica": (["--inference", "ray"], "2", lambda s: s["ray"].cpus_per_replica, 2.0),
+    "ray_max_inflight": (["--inference", "ray"], "40", lambda s: s["ray"].max_inflight, 40),
+    "ray_local_cpus": (["--inference", "ray"], "6", lambda s: s["ray"].local_num_cpus, 6),
+    "granite_encoder_batching": ([], "padded", lambda s: s["load_engine"][0]["granite"]["encoder_batching"], "padded"),
+    "granite_interleave_every": ([], "4", lambda s: s["load_engine"][0]["granite"]["interleave_every"], 4),
+    "granite_decode_max_graphs": ([], "32", lambda s: s["load_engine"][0]["granite"]["decode_options"]["max_graphs"],
+                                  32),
+    "granite_warm_decode_seconds": ([], "2.5,8", lambda s: s["load_engine"][0]["granite"]["warm_decode_seconds"],
+                                    (2.5, 8.0)),
+    "granite_interleave_min_wait_ms": ([], "250", lambda s: s["load_engine"][0]["granite"]["interleave_min_wait_s"],
+                                       0.25),
+    "granite_compile_step": ([], "on", lambda s: s["load_engine"][0]["granite"]["decode_options"]["compile_step"], True),
+    "granite_speculation": ([], "off", lambda s: s["load_engine"][0]["granite"]["speculative"], False),
+    "granite_ctc_entropy_threshold": ([], "0.5", lambda s: s["load_engine"][0]["granite"]["ctc_entropy_threshold"], 0.5),
+    "granite_verify_threshold": ([], "0.3", lambda s: s["load_engine"][0]["granite"]["verify_threshold"], 0.3),
+    # gpu: GPU_PRESET's measured configuration for every setting not given (settings.py)
+    "preset": ([], "gpu", lambda s: (_scheduler(s).max_batch, _scheduler(s).max_queue, s["settings"].max_sessions),
+               (64, 8192, 1000)),
+    "max_batch": ([], "16", lambda s: (s["load_engine"][0]["max_batch"], _scheduler(s).max_batch), (16, 16)),
+    "max_wait_ms": ([], "20", lambda s: _scheduler(s).max_wait, 0.02),
+    "max_queue": ([], "64", lambda s: (_scheduler(s).max_queue, s["settings"].max_queue), (64, 64)),
+    "early_final_ms": ([], "350", lambda s: s["settings"].session.early_final_s, 0.35),
+    "partial_refresh": ([], "off", lambda s: s["settings"].session.refresh_waiting_partials, False),
+    "max_sessions": ([], "10", lambda s: s["settings"].max_sessions, 10),
+    "max_sessions_per_ip": ([], "3", lambda s: s["settings"].max_sessions_per_ip, 3),
+    "max_frame_bytes": ([], "4096", lambda s: s["settings"].session.max_frame_bytes, 4096),
+    "max_utterance_s": ([], "12", lambda s: s["settings"].session.limits.max_utterance_s, 12.0),
+    "max_session_s": ([], "60", lambda s: s["settings"].session.max_session_s, 60.0),
+    "idle_timeout_s": ([], "7", lambda s: s["settings"].idle_timeout_s, 7.0),
+    "realtime_factor": ([], "0", lambda s: s["settings"].realtime_factor, 0.0),
+    "drain_deadline_s": ([], "3", lambda s: s["settings"].drain_deadline_s, 3.0),
+    "api_keys_file": ([], "{keys}", lambda s: s["settings"].access.api_keys, frozenset({"a" * 24})),
+    "allowed_origins": ([], "https://a.example, https://b.example", lambda s: s["settings"].access.allowed_origins,
+                        frozenset({"https://a.example", "https://b.example"})),
+    "certfile": ([], "/tls/chain.pem", lambda s: (s["settings"].certfile, s["settings"].keyfile),
+                 (Path("/tls/chain.pem"), Path("/tls/chain.pem"))),
+    "keyfile": (["--certfile", "/tls/chain.pem"], "/tls/key.pem", lambda s: s["settings"].keyfile,
+                Path("/tls/key.pem")),
+    "malloc_arenas": ([], "5", lambda s: s["arenas"], 5),
+    "malloc_mmap_threshold_kb": ([], "512", lambda s: s["mmap_threshold"], 512 * 1024),
+    "memory_trim_s": ([], "5", lambda s: s["settings"].memory_trim_s, 5.0),
+    "log_transcripts": ([], None, lambda s: s["settings"].log_transcripts, True),
+    "log_format": ([], "json", lambda s: s["logging"][1], "json"),
+    "log_level": ([], "DEBUG", lambda s: s["logging"][0], "DEBUG"),
+}
+
+
+def test_every_setting_has_a_runtime_check():
+    """A new setting must say here where it lands (or this fails), so none can be parsed and then ignored."""
+    assert {f.name for f in dataclasses.fields(ServeConfig)} - set(RUNTIME) == set()
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ServeConfig)])
+def test_every_setting_reaches_the_object_that_uses_it(name, tmp_path, monkeypatch):
+    if name not in RUNTIME:
+        pytest.fail(f"setting {name!r} has no entry in RUNTIME: say where it must arrive")
+    for f in dataclasses.fields(ServeConfig):  # the settings must not come from this machine's environment
+        monkeypatch.delenv(f"GRANITE_STREAM_{f.name.upper()}", raising=False)
+    monkeypatch.delenv("GRANITE_STREAM_CONFIG", raising=False)
+    keys = tmp_path / "keys"
+    keys.write_text("a" * 24 + "\n")
+    context, value, observe, expected = RUNTIME[name]
+    field = next(f for f in dataclasses.fields(ServeConfig) if f.name == name)
+    flag = "--" + name.replace("_", "-")
+    argv = context + ([flag] if value is None else [flag, value.format(keys=keys)])
+    default = _serve_and_capture(context, monkeypatch)
+    given = _serve_and_capture(argv, monkeypatch)
+    assert observe(given) == expected, (name, observe(given))
+    assert observe(default) != expected, f"{name}: the test value must differ from what the default gives"
+    if field.type == "bool":  # the flag form: present means true
+        assert getattr(load_config({name: True}, {}), name) is True
+
+
 def test_gpu_preset_is_the_measured_configuration_on_cuda_only():
     """The served path is the measured path: on a CUDA device the GPU preset fills every setting no
     source gave; on the CPU the defaults stay. Device detection is faked at the settings level."""
