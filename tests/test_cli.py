@@ -52,3 +52,120 @@ def test_transcribe_rejects_unknown_caption_formats(librivox_clips):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2 and "docx" in result.stderr
+
+
+# ---- serve --engine auto: which engine, and why, in the log and on /readyz ---------------------------
+
+
+def _serve_auto(monkeypatch, capsys) -> tuple[dict, list[dict]]:
+    """Run ``granite-stream serve --engine auto`` in this process until /readyz answers, then SIGTERM it.
+
+    Returns /readyz's JSON and the JSON log lines. Device detection and Granite loading are faked by the
+    callers at the seams auto-selection itself uses (``engines.cuda_available``, ``engines._granite``).
+    """
+    import json
+    import logging
+    import os
+    import signal
+    import threading
+    import time
+    import urllib.request
+
+    import stream_server.server as server_module
+    from stream_server import memory
+    from stream_server.cli import main
+
+    servers = []
+
+    class Recorded(server_module.StreamServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+
+    monkeypatch.setattr(server_module, "StreamServer", Recorded)
+    monkeypatch.setattr(memory, "limit_arenas", lambda n: False)  # glibc state of this test process: left alone
+    monkeypatch.setattr(memory, "fix_mmap_threshold", lambda n: False)
+    ready: dict = {}
+
+    def probe() -> None:
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not (servers and servers[0].port):
+                time.sleep(0.05)
+            if servers and servers[0].port:
+                with urllib.request.urlopen(f"http://127.0.0.1:{servers[0].port}/readyz", timeout=30) as response:
+                    ready.update(json.loads(response.read()))
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the serve command's own shutdown path
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        status = main(["serve", "--engine", "auto", "--port", "0", "--cpu-threads", "2", "--log-format", "json"])
+    finally:
+        prober.join(30)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+    assert status == 0 and ready, "the server did not answer /readyz"
+    logs = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    return ready, logs
+
+
+def _engine_line(logs: list[dict]) -> str:
+    return next(entry["message"] for entry in logs if entry["message"].startswith("engine: "))
+
+
+def test_auto_without_cuda_serves_bundled_whisper_and_says_why(monkeypatch, capsys):
+    from stream_server import engines
+
+    monkeypatch.setattr(engines, "cuda_available", lambda: False)
+    monkeypatch.setattr(engines, "_granite", lambda *a, **k: pytest.fail("auto tried Granite without CUDA"))
+    ready, logs = _serve_auto(monkeypatch, capsys)
+    reason = "auto: no CUDA GPU, so the bundled Whisper serves on the CPU"
+    assert (ready["engine"]["name"], ready["engine"]["model"], ready["reason"]) == ("whisper", "tiny.en", reason)
+    assert _engine_line(logs) == f"engine: whisper tiny.en — {reason}"
+
+
+def test_auto_with_cuda_serves_granite_and_says_why(monkeypatch, capsys):
+    import dataclasses
+
+    from stream_server import engines
+    from tests.fakes import CountingEngine
+
+    asked = []
+
+    def granite(model, device, max_batch, options=None):
+        asked.append((model, device))
+        engine = CountingEngine()
+        engine.capabilities = dataclasses.replace(engine.capabilities, name="granite",
+                                                  model=model or engines.DEFAULT_GRANITE_MODEL)
+        return engine
+
+    monkeypatch.setattr(engines, "cuda_available", lambda: True)
+    monkeypatch.setattr(engines, "_granite", granite)
+    ready, logs = _serve_auto(monkeypatch, capsys)
+    reason = "auto: a CUDA GPU is present and Granite weights loaded"
+    assert asked == [(None, "cuda")]
+    assert (ready["engine"]["name"], ready["reason"]) == ("granite", reason)
+    assert _engine_line(logs) == f"engine: granite {engines.DEFAULT_GRANITE_MODEL} — {reason}"
+
+
+def test_auto_falls_back_to_whisper_when_granite_cannot_load(monkeypatch, capsys):
+    from stream_server import engines
+
+    def granite(*args, **kwargs):
+        raise OSError("ibm-granite/granite-4.0-1b-speech is not in the local cache")
+
+    monkeypatch.setattr(engines, "cuda_available", lambda: True)
+    monkeypatch.setattr(engines, "_granite", granite)
+    ready, logs = _serve_auto(monkeypatch, capsys)
+    reason = ("auto: Granite failed to load (OSError: ibm-granite/granite-4.0-1b-speech is not in the local cache); "
+              "bundled Whisper serves")
+    assert (ready["engine"]["name"], ready["reason"]) == ("whisper", reason)
+    assert _engine_line(logs) == f"engine: whisper tiny.en — {reason}"
+    assert any(e["level"] == "WARNING" and "Granite could not be loaded" in e["message"] for e in logs)
