@@ -1,4 +1,9 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, and the rule that CI fails rather than skips.
+
+Under CI (``$CI`` set to anything but empty, 0, false or no; ``.ci/run`` sets it) a skipped test or
+module is reported as a failure: a missing browser, data set or optional package means the run
+did not test what it claims. Only tests marked ``gpu`` (they need a CUDA device, which CI machines
+do not have) may skip there.
 
 Real-speech data fixtures (session-scoped) use ``benchmarks.datasets``: the data is
 fetched into the cache (``$GRANITE_STREAM_DATA`` or ``~/.cache/granite-stream/data``)
@@ -17,6 +22,40 @@ import pytest
 
 from benchmarks import datasets
 from benchmarks.datasets import Clip
+
+
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; the only tests that may skip under CI")
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def _fail_skip(report, what: str) -> None:
+    report.outcome = "failed"
+    report.longrepr = (f"{what} was skipped under CI ({_skip_reason(report)}); CI must run it: install what it "
+                       "needs (scripts/setup, scripts/setup-system, scripts/fetch_data) or mark it gpu if it needs CUDA")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("gpu") is None:
+        _fail_skip(report, item.nodeid)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    report = yield
+    if IN_CI and report.skipped:  # a module that skips itself (pytest.skip(allow_module_level=True))
+        _fail_skip(report, collector.nodeid)
+    return report
 
 
 def _load(name: str, split: str = "dev") -> list[Clip]:

