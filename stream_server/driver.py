@@ -14,8 +14,9 @@ from typing import Callable
 
 from .engines.base import InferenceRequest
 from .protocol import OVERLOADED
+from .multichannel import MultichannelSession
 from .session import Action, Close, Send, Session, State, Submit
-from .worker import InferenceWorker, QueueFull, Superseded
+from .worker import InferencePool, QueueFull, Superseded
 
 Emit = Callable[[Send | Close], None]
 InferenceObserver = Callable[[InferenceRequest, float], None]
@@ -31,7 +32,7 @@ class SessionDriver:
         on_inference: optional ``(request, seconds from submit to result)`` observer.
     """
 
-    def __init__(self, session: Session, worker: InferenceWorker, emit: Emit,
+    def __init__(self, session: Session | MultichannelSession, worker: InferencePool, emit: Emit,
                  on_inference: InferenceObserver | None = None):
         self.session = session
         self.worker = worker
@@ -65,7 +66,7 @@ class SessionDriver:
         if self.session.state != State.CLOSED:
             self.session.connection_lost()
         # A multichannel session submits under one id per channel (see multichannel.py).
-        for session_id in getattr(self.session, "session_ids", (self.session.session_id,)):
+        for session_id in self.session.session_ids:
             self.worker.cancel_session(session_id)
         for task in self._inflight:
             task.cancel()

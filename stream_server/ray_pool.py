@@ -46,7 +46,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .engines.base import Engine, EngineCapabilities, InferenceRequest, InferenceResult
-from .worker import BatchScheduler, QueueFull, Superseded, settle_future
+from .worker import (
+    QUEUE_EVENTS, BatchObserver, BatchScheduler, PoolStatus, QueueFull, Superseded, WorkerStatus, decode_isolated,
+    settle_future,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,21 +232,8 @@ class InferenceReplica:
     def _decode_sync(self, requests: list[InferenceRequest]) -> list:
         started = time.monotonic()
         try:
-            try:
-                results: list = list(self.engine.transcribe_batch(requests))
-                if len(results) != len(requests):
-                    raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
-            except Exception as exc:  # noqa: BLE001 - isolate: retry one by one, only lone failures fail
-                log.warning("engine failed on a batch of %d (%s: %s)", len(requests), type(exc).__name__, exc)
-                if len(requests) == 1:
-                    results = [_Failed(exc)]
-                else:
-                    results = []
-                    for request in requests:
-                        try:
-                            results.extend(self.engine.transcribe_batch([request]))
-                        except Exception as single:  # noqa: BLE001
-                            results.append(_Failed(single))
+            outcomes, _ = decode_isolated(self.engine, requests)
+            results: list = [_Failed(o) if isinstance(o, BaseException) else o for o in outcomes]
             elapsed = time.monotonic() - started
             for result in results:
                 if isinstance(result, InferenceResult):
@@ -645,7 +635,23 @@ class RayServeWorker:
 
     def load(self) -> list[dict]:
         """For ``/readyz``'s ``workers``: this gateway's view of the pool."""
-        return [{"pool": self.description, **self.stats(), "alive": self.alive}]
+        return [status.to_wire() for status in self.status().workers]
+
+    def status(self) -> PoolStatus:
+        stats = self.stats()
+        gateway = WorkerStatus(self.description, self.queue_depth, self.last_batch_at, self.alive, self.restarts,
+                               {"pool": self.description, **stats})
+        engine_stats = {k: v for k, v in self.engine.stats().items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return PoolStatus(
+            alive=gateway.alive, queue_depth=gateway.queue_depth, max_queue=self.scheduler.max_queue,
+            restarts=self.restarts, workers=(gateway,), engine_stats=engine_stats,
+            queue_events={key: getattr(self.scheduler.stats, key) for key in QUEUE_EVENTS},
+        )
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        """Nothing to observe here: batches run inside the replicas (their time is in each result's
+        ``info["pool"]``)."""
 
     def _counters(self) -> dict:
         return {"pool_completed": self.completed, "pool_retries": self.retries, "pool_failures": self.failures}

@@ -36,7 +36,7 @@ from . import memory
 from .protocol import SHUTTING_DOWN, error_event
 from .connection import TranslatorFactory, native_translator, serve_connection
 from .session import Send, SessionSettings
-from .worker import BatchScheduler, InferenceWorker, WorkerPool
+from .worker import BatchScheduler, InferencePool, InferenceWorker
 from .adapters import install_adapters
 
 log = logging.getLogger(__name__)
@@ -180,18 +180,12 @@ class _EngineCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        status = self.server.worker.status()
         events = CounterMetricFamily(
             "granite_stream_engine_events", "Engine counters by event (e.g. speculative decoding paths)",
             labels=["event"],
         )
-        workers = getattr(self.server.worker, "workers", [self.server.worker])
-        totals: collections.Counter = collections.Counter()
-        for worker in workers:
-            engine = getattr(worker, "engine", None)
-            for key, value in (engine.stats() if engine is not None else {}).items():
-                if isinstance(value, (int, float)):
-                    totals[key] += value
-        for key, value in sorted(totals.items()):
+        for key, value in sorted(status.engine_stats.items()):
             events.add_metric([key], value)
         yield events
         queue = CounterMetricFamily(
@@ -201,16 +195,11 @@ class _EngineCollector:
             "rejected (queue full), interleaved (partials served between decode steps), batches",
             labels=["event"],
         )
-        queued: collections.Counter = collections.Counter()
-        for worker in workers:
-            stats = getattr(getattr(worker, "scheduler", None), "stats", None)
-            for key in ("submitted", "replaced", "refreshes_dropped", "rejected", "interleaved", "batches"):
-                queued[key] += getattr(stats, key, 0)
-        for key, value in sorted(queued.items()):
+        for key, value in sorted(status.queue_events.items()):
             queue.add_metric([key], value)
         yield queue
         restarts = CounterMetricFamily("granite_stream_worker_restarts", "Worker threads restarted")
-        restarts.add_metric([], getattr(self.server.worker, "restarts", 0))
+        restarts.add_metric([], status.restarts)
         yield restarts
         memory = _gpu_memory_bytes()
         if memory is not None:
@@ -236,12 +225,13 @@ class StreamServer:
         engine: the speech engine (owned by the server's worker from :meth:`start` on).
         settings: server settings.
         engine_reason: why this engine serves (logged and shown on ``/readyz``).
-        worker: the inference worker; default: one :class:`InferenceWorker` on ``engine``. A
-            :class:`WorkerPool` (one worker per GPU) or a remote pool with the same interface also fits.
+        worker: the inference pool (:class:`~stream_server.worker.InferencePool`); default: one
+            :class:`InferenceWorker` on ``engine``. A :class:`WorkerPool` (one worker per GPU) or
+            the Ray Serve pool's gateway also fits.
     """
 
     def __init__(self, engine: Engine, settings: ServerSettings | None = None, engine_reason: str = "",
-                 worker: InferenceWorker | WorkerPool | None = None):
+                 worker: InferencePool | None = None):
         self.engine = engine
         self.settings = settings or ServerSettings()
         self.engine_reason = engine_reason
@@ -251,10 +241,8 @@ class StreamServer:
                 engine,
                 BatchScheduler(self.settings.max_batch, self.settings.max_wait_ms / 1000.0, self.settings.max_queue),
             )
-        for local in getattr(worker, "workers", [worker]):
-            if isinstance(local, InferenceWorker):
-                local.on_batch = self._observe_batch
-        self.worker = worker
+        worker.observe_batches(self._observe_batch)
+        self.worker: InferencePool = worker
         self.metrics.registry.register(_EngineCollector(self))
         self._server: Server | None = None
         self._sessions: dict[str, SessionDriver] = {}
@@ -341,7 +329,7 @@ class StreamServer:
         while True:
             await asyncio.sleep(0.5)
             self.worker.ensure_alive()
-            self.metrics.queue_depth.set(self.worker.queue_depth)
+            self.metrics.queue_depth.set(self.worker.status().queue_depth)
             if self.settings.memory_trim_s > 0 and loop.time() - last_trim >= self.settings.memory_trim_s:
                 last_trim = loop.time()
                 # malloc_trim walks every arena under its lock: milliseconds, so off the event loop.
@@ -383,7 +371,7 @@ class StreamServer:
         if path == "/readyz":
             return self._readyz()
         if path == "/metrics":
-            self.metrics.queue_depth.set(self.worker.queue_depth)
+            self.metrics.queue_depth.set(self.worker.status().queue_depth)
             body = prometheus_client.generate_latest(self.metrics.registry)
             return _response(HTTPStatus.OK, body, prometheus_client.CONTENT_TYPE_LATEST)
         return self._static(path, request)
@@ -398,7 +386,8 @@ class StreamServer:
             return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down: not accepting new sessions\n")
         if len(self._sessions) >= self.settings.max_sessions:
             return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded: too many sessions\n")
-        if self.worker.queue_depth >= self.worker.scheduler.max_queue:
+        queue = self.worker.status()
+        if queue.queue_depth >= queue.max_queue:
             return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded: inference queue is full\n")
         ip = _client_ip(connection)
         if self.settings.max_sessions_per_ip and self._per_ip[ip] >= self.settings.max_sessions_per_ip:
@@ -408,27 +397,25 @@ class StreamServer:
     def _readyz(self) -> Response:
         """Ready = every worker thread runs, none is stuck (work queued but no batch finished for
         ``STUCK_AFTER_S``), and the server is not draining."""
-        workers = getattr(self.worker, "workers", [self.worker])
+        pool = self.worker.status()
         now = time.monotonic()
         stuck = [
-            i for i, w in enumerate(workers)
-            if getattr(w, "queue_depth", 0) > 0 and now - max(getattr(w, "last_batch_at", 0.0), self._started_at)
-            > STUCK_AFTER_S
+            i for i, w in enumerate(pool.workers)
+            if w.queue_depth > 0 and now - max(w.last_batch_at, self._started_at) > STUCK_AFTER_S
         ]
-        ready = self.worker.alive and not self.draining and not stuck
+        ready = pool.alive and not self.draining and not stuck
         body = {
             "ready": ready,
             "engine": self.engine.capabilities.to_wire(),
             "reason": self.engine_reason,
-            "queue_depth": self.worker.queue_depth,
+            "queue_depth": pool.queue_depth,
             "sessions": len(self._sessions),
-            "worker_restarts": self.worker.restarts,
+            "worker_restarts": pool.restarts,
             "stuck_workers": stuck,
             "draining": self.draining,
             "pid": os.getpid(),  # with --processes, which process answered
+            "workers": [w.to_wire() for w in pool.workers],
         }
-        if hasattr(self.worker, "load"):
-            body["workers"] = self.worker.load()
         status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
         return _response(status, json.dumps(body).encode(), "application/json")
 

@@ -187,6 +187,11 @@ class Session:
         """Finals not yet answered (partials are not counted: they may be dropped)."""
         return len(self._finishing)
 
+    @property
+    def session_ids(self) -> list[str]:
+        """Every session id this session's inference requests carry (see ``MultichannelSession``)."""
+        return [self.session_id]
+
     def receive_text(self, text: str) -> list[Action]:
         """Handle one JSON control message.
 

@@ -19,11 +19,147 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection, Mapping, Protocol, Sequence
 
 from .engines.base import Engine, InferenceRequest, InferenceResult
 
 log = logging.getLogger(__name__)
+
+BatchObserver = Callable[[list[InferenceRequest], float], None]
+"""``(requests, seconds)`` after every engine call (called on the worker thread)."""
+
+QUEUE_EVENTS = ("submitted", "replaced", "refreshes_dropped", "rejected", "interleaved", "batches")
+"""The scheduler counters a pool reports (see :class:`SchedulerStats`)."""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker (or one remote pool seen through its gateway), as ``/readyz`` reports it.
+
+    Attributes:
+        name: the engine's model, or the remote pool's description.
+        queue_depth: requests queued (and, for a remote pool, in flight).
+        last_batch_at: ``time.monotonic()`` when its last batch finished (0: none yet); the server's
+            stuck-worker check compares it with ``queue_depth``.
+        alive: its thread (or the remote pool's health check) is running.
+        restarts: times its thread (or health monitor) was restarted.
+        detail: further facts for ``/readyz`` (sessions pinned, busy seconds, retries, …).
+    """
+
+    name: str
+    queue_depth: int
+    last_batch_at: float
+    alive: bool
+    restarts: int
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        return {"engine": self.name, "queue_depth": self.queue_depth, "alive": self.alive,
+                "restarts": self.restarts, **self.detail}
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """What the server reads of its inference pool (``/readyz``, ``/metrics``, admission).
+
+    Attributes:
+        alive: every worker is alive.
+        queue_depth: requests queued over all workers.
+        max_queue: the queue bound past which new sessions are refused.
+        restarts: worker restarts, summed.
+        workers: one entry per worker.
+        engine_stats: the engines' numeric counters (:meth:`Engine.stats`), summed over workers.
+        queue_events: the schedulers' counters (:data:`QUEUE_EVENTS`), summed over workers.
+    """
+
+    alive: bool
+    queue_depth: int
+    max_queue: int
+    restarts: int
+    workers: tuple[WorkerStatus, ...]
+    engine_stats: Mapping[str, float]
+    queue_events: Mapping[str, int]
+
+
+class InferencePool(Protocol):
+    """The inference side as the server and the session drivers use it.
+
+    Implemented by :class:`InferenceWorker` (one engine on a thread), :class:`WorkerPool` (one
+    worker per GPU) and :class:`stream_server.ray_pool.RayServeWorker` (a Ray Serve pool). All
+    methods but :meth:`stop` are called on the event loop given to :meth:`start`.
+    """
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start serving; results are delivered on ``loop`` (default: the running loop)."""
+        ...
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop; queued requests fail with :class:`Superseded`. Callable from any thread."""
+        ...
+
+    def submit(self, request: InferenceRequest) -> asyncio.Future:
+        """Queue a request; the future resolves to an :class:`InferenceResult` or fails with
+        :class:`Superseded` or the engine's exception. Raises :class:`QueueFull` at the bound."""
+        ...
+
+    def cancel_session(self, session_id: str) -> None:
+        """Forget every queued request of a session (its futures fail with :class:`Superseded`)."""
+        ...
+
+    def ensure_alive(self) -> bool:
+        """Restart what died (a worker thread, a health monitor); True if something was restarted."""
+        ...
+
+    def status(self) -> PoolStatus:
+        """A snapshot of the pool's state."""
+        ...
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        """Call ``observer`` after every engine call this pool runs locally (metrics)."""
+        ...
+
+
+def decode_isolated(
+    engine: Engine, requests: Sequence[InferenceRequest], answered: Collection[int] = (), **hooks
+) -> tuple[list[InferenceResult | BaseException | None], bool]:
+    """Run one batch on ``engine`` so that a failure fails only the requests that fail alone.
+
+    If the batch raises (a bad input, or memory pressure such as CUDA out-of-memory that a smaller
+    batch avoids), every request not in ``answered`` is retried on its own. Used by the local
+    worker and the Ray replica alike.
+
+    Args:
+        engine: the engine (called on the caller's thread).
+        requests: the batch.
+        answered: indices already answered during the batch (early results); checked after the
+            batch ran, so the engine's ``on_result`` hook may add to it.
+        hooks: passed to the batch call only (``on_result``, ``fetch_partials``), never to retries.
+
+    Returns:
+        ``(outcomes, failed)``: per request its result, the exception that failed it alone, or
+        ``None`` for one in ``answered``; ``failed`` says whether the batch call itself failed.
+    """
+    try:
+        results = list(engine.transcribe_batch(requests, **hooks))
+        if len(results) != len(requests):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
+        return [None if i in answered else result for i, result in enumerate(results)], False
+    except Exception as exc:  # noqa: BLE001 - one bad batch must not fail every request in it
+        log.warning("engine failed on a batch of %d (%s: %s)", len(requests), type(exc).__name__, exc)
+        if len(requests) == 1:
+            return [None if 0 in answered else exc], True
+        outcomes: list[InferenceResult | BaseException | None] = []
+        for index, request in enumerate(requests):
+            if index in answered:
+                outcomes.append(None)
+                continue
+            try:
+                [result] = engine.transcribe_batch([request])
+            except Exception as single:  # noqa: BLE001
+                outcomes.append(single)
+            else:
+                outcomes.append(result)
+        return outcomes, True
 
 
 def settle_future(future: asyncio.Future, result: InferenceResult | None = None, exc: BaseException | None = None) -> None:
@@ -217,9 +353,6 @@ class BatchScheduler:
         return [(entry.request, entry.token) for _, entry in chosen]
 
 
-BatchObserver = Callable[[list[InferenceRequest], float], None]
-
-
 class InferenceWorker:
     """Runs an engine on a dedicated thread, fed by :class:`BatchScheduler`.
 
@@ -323,13 +456,18 @@ class InferenceWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _run(self) -> None:
-        device = getattr(self.engine, "device", None)
-        if getattr(device, "type", None) == "cuda":
-            import torch
+    def worker_status(self, **detail: object) -> WorkerStatus:
+        return WorkerStatus(self.engine.capabilities.model, self.queue_depth, self.last_batch_at, self.alive,
+                            self.restarts, {"busy_seconds": round(self.busy_seconds, 3), **detail})
 
-            # CUDA-graph capture and replay use the current device's streams; a new thread's is cuda:0.
-            torch.cuda.set_device(device)
+    def status(self) -> PoolStatus:
+        return _pool_status([self], [self.worker_status()])
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        self.on_batch = observer
+
+    def _run(self) -> None:
+        self.engine.bind_thread()
         batch: list[tuple[InferenceRequest, object]] = []
         try:
             while True:
@@ -395,37 +533,19 @@ class InferenceWorker:
                 delivered.add(index)
                 self._resolve(batch[index][1], result=result)
 
-        try:
-            capabilities = self.engine.capabilities
-            hooks = {}
-            if capabilities.early_results:
-                hooks["on_result"] = early
-            if capabilities.interleaved_partials:
-                hooks["fetch_partials"] = self._fetch_partials
-            results = self.engine.transcribe_batch(requests, **hooks)
-            if len(results) != len(requests):
-                raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
-        except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
-            self.failures += 1
-            log.warning("engine failed on a batch of %d (%s: %s)", len(requests), type(exc).__name__, exc)
-            if len(batch) == 1:
-                self._resolve(batch[0][1], exc=exc)
-            else:
-                # Isolate the failure (a bad input, or memory pressure such as CUDA OOM that a smaller
-                # batch avoids): retry one by one, so only the requests that fail alone fail.
-                for index, (request, future) in enumerate(batch):
-                    if index in delivered:
-                        continue  # already answered before the failure
-                    try:
-                        [result] = self.engine.transcribe_batch([request])
-                    except Exception as single_exc:  # noqa: BLE001
-                        self._resolve(future, exc=single_exc)
-                    else:
-                        self._resolve(future, result=result)
-        else:
-            for index, ((_, fut), result) in enumerate(zip(batch, results)):
-                if index not in delivered:
-                    self._resolve(fut, result=result)
+        capabilities = self.engine.capabilities
+        hooks: dict = {}
+        if capabilities.early_results:
+            hooks["on_result"] = early
+        if capabilities.interleaved_partials:
+            hooks["fetch_partials"] = self._fetch_partials
+        outcomes, failed = decode_isolated(self.engine, requests, delivered, **hooks)
+        self.failures += failed
+        for (_, future), outcome in zip(batch, outcomes):
+            if isinstance(outcome, BaseException):
+                self._resolve(future, exc=outcome)
+            elif outcome is not None:
+                self._resolve(future, result=outcome)
         elapsed = time.monotonic() - started
         self.busy_seconds += elapsed
         self.last_batch_at = time.monotonic()
@@ -512,9 +632,30 @@ class WorkerPool:
 
     def load(self) -> list[dict]:
         """Per-worker sessions, queue depth and busy time (for /readyz and metrics)."""
-        return [
-            {"engine": w.engine.capabilities.model, "sessions": self._sessions_per_worker[id(w)],
-             "queue_depth": w.queue_depth, "busy_seconds": round(w.busy_seconds, 3), "alive": w.alive,
-             "restarts": w.restarts}
-            for w in self.workers
-        ]
+        return [status.to_wire() for status in self.status().workers]
+
+    def status(self) -> PoolStatus:
+        return _pool_status(
+            self.workers, [w.worker_status(sessions=self._sessions_per_worker[id(w)]) for w in self.workers]
+        )
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        for worker in self.workers:
+            worker.observe_batches(observer)
+
+
+def _pool_status(workers: Sequence[InferenceWorker], statuses: list[WorkerStatus]) -> PoolStatus:
+    """Sum local workers' engines and schedulers into one :class:`PoolStatus`."""
+    engine_stats: collections.Counter = collections.Counter()
+    queue_events: collections.Counter = collections.Counter()
+    for worker in workers:
+        for key, value in worker.engine.stats().items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                engine_stats[key] += value
+        for key in QUEUE_EVENTS:
+            queue_events[key] += getattr(worker.scheduler.stats, key)
+    return PoolStatus(
+        alive=all(s.alive for s in statuses), queue_depth=sum(s.queue_depth for s in statuses),
+        max_queue=workers[0].scheduler.max_queue, restarts=sum(s.restarts for s in statuses),
+        workers=tuple(statuses), engine_stats=dict(engine_stats), queue_events=dict(queue_events),
+    )

@@ -203,6 +203,14 @@ class Engine(abc.ABC):
         the returned list.
         """
 
+    def bind_thread(self) -> None:
+        """Called on the inference worker's thread before its first batch (and after a restart).
+
+        The default does nothing; an engine whose library keeps per-thread state (the current CUDA
+        device: CUDA-graph capture and replay use its streams, and a new thread's is cuda:0) sets it
+        here.
+        """
+
     def warmup(self) -> None:
         """Run one tiny decode so the first real request does not pay for lazy initialisation."""
         self.transcribe_batch(

@@ -594,6 +594,11 @@ class GraniteEngine(Engine):
         return self.force_new_tokens is not None or self.force_tokens_per_second is not None
 
     # ------------------------------------------------------------------ public API
+    def bind_thread(self) -> None:
+        if self.device.type == "cuda":
+            # CUDA-graph capture and replay use the current device's streams; a new thread's is cuda:0.
+            torch.cuda.set_device(self.device)
+
     def warmup(self, graph_seconds: float = 12.0) -> None:
         """One tiny decode, then (with ``encoder_backend="graphs"``) capture the encoder and projector
         graphs for every batch bucket and every length up to ``graph_seconds``, and (with the
