@@ -982,3 +982,34 @@ def test_decode_states_are_sized_from_free_memory(tiny):
     eng = make_engine(tiny, decode_backend="loop", decode_options={"max_graphs": 0})
     assert eng.decode_states_for_free_memory() == 8  # off CUDA: the old default
     assert eng.decoder.max_graphs == 8
+
+
+def test_drafts_are_scored_by_the_decoders_prefill_like_transformers(tiny, monkeypatch):
+    """With the loop/graphs backends the verify pass runs the decoder's prefill (a graph replay on
+    CUDA) instead of transformers' eager forward: the same hidden states, the same token probabilities."""
+    audio = [tone(1.1, 350.0, 20), tone(0.9, 1200.0, 21)]
+    reqs = [req(a, "final", i) for i, a in enumerate(audio)]
+    ref = make_engine(tiny, ctc_entropy_threshold=-1.0, verify_threshold=0.0, decode_backend="generate")
+    fast = make_engine(tiny, ctc_entropy_threshold=-1.0, verify_threshold=0.0, decode_backend="loop")
+    assert fast._fast_verify and not ref._fast_verify
+    eager_lm = []
+    original = fast.model.model.language_model.forward
+    monkeypatch.setattr(fast.model.model.language_model, "forward",
+                        lambda *a, **k: (eager_lm.append(1), original(*a, **k))[1])
+    got = fast.transcribe_batch(reqs)
+    monkeypatch.undo()
+    want = ref.transcribe_batch(reqs)
+    assert not eager_lm  # transformers' forward was not used
+    assert [r.info["path"] for r in got] == [r.info["path"] for r in want] == ["verify_accept"] * 2
+    for g, w in zip(got, want):
+        assert g.info["verify_token_probs"] == pytest.approx(w.info["verify_token_probs"], rel=1e-4, abs=1e-7)
+    # and directly: the decoder's hidden states equal transformers' last_hidden_state, left padding included
+    with torch.inference_mode():
+        works = [fast._prepare(i, r) for i, r in enumerate(reqs)]
+        fast._encode_audio(works)
+        fast._project(works)
+        embeds, mask, positions = fast._embed_batch([fast._sequence(w) for w in works], [w.audio_embeds for w in works])
+        hf = fast.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        ours = fast.decoder.hidden_states(embeds, mask, pad_token_id=fast.pad_id, eos_token_ids=fast.eos_ids)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], hf[real], rtol=1e-4, atol=1e-4)

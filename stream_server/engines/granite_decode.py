@@ -104,6 +104,7 @@ class _State:
     eos_bias: torch.Tensor  # (V,) additive logits bias (-inf on EOS when forced)
     graph: object = None  # captured step
     prefill: dict = field(default_factory=dict)  # prompt bucket -> _Prefill
+    score: dict = field(default_factory=dict)  # prompt bucket -> _Prefill whose graph returns all hidden states
 
 
 @dataclass
@@ -113,6 +114,7 @@ class _Prefill:
     mask: torch.Tensor  # (B, 1, T, T) additive
     slots: torch.Tensor  # (T,) = arange(T)
     graph: object = None
+    hidden: torch.Tensor | None = None  # (B, T, H) final-norm hidden states (score passes only)
 
 
 COMPILED_SHAPES = 256  # distinct (batch, capacity) buckets a compiled decode step may be compiled for
@@ -429,7 +431,72 @@ class StaticGreedyDecoder:
             st.prefill[t] = p
         return p
 
+    def _fill_prompt(self, p: _Prefill, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Copy left-padded prompts into a prefill's static buffers (extra left padding up to its
+        length, filler rows for the batch bucket); returns the (B_bucket, T) real-token mask."""
+        dev = self.device
+        b, t0, _ = inputs_embeds.shape
+        bb, t = p.embeds.shape[:2]
+        mask = torch.zeros((bb, t), dtype=torch.bool, device=dev)
+        mask[:b, t - t0 :] = attention_mask.to(dev).bool()
+        mask[b:, -1] = True  # bucket filler rows: one real token, so no row attends to nothing
+        p.embeds.zero_()
+        p.embeds[:b, t - t0 :] = inputs_embeds.to(dev, self.dtype)
+        p.positions.copy_((mask.long().cumsum(-1) - 1).clamp_(min=0))
+        idx = torch.arange(t, device=dev)
+        causal = idx[None, :] <= idx[:, None]  # (T, T) query t sees key j <= t; each position sees itself
+        allowed = (causal[None] & mask[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)[None]
+        p.mask.copy_(self._additive(allowed)[:, None])
+        return mask
+
+    def _score_pass(self, st: _State, p: _Prefill) -> torch.Tensor:
+        t = p.embeds.shape[1]
+        return self._layers_forward(st, p.embeds * self.emb_mult, p.positions, p.slots, p.mask, t)
+
     # ------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, pad_token_id: int,
+                      eos_token_ids) -> torch.Tensor:
+        """The LM's final-norm hidden states of left-padded prompts: what ``lm_head`` reads, one pass.
+
+        The same computation as the decode's prefill (so, with ``use_graphs``, one replay of a
+        graph captured per batch x prompt-length bucket instead of transformers' eager forward, whose
+        launches dominate a short pass). The engine scores speculative drafts with it.
+
+        Args:
+            inputs_embeds: (B, T, H) before ``embedding_multiplier``; attention_mask: (B, T), left padding.
+            pad_token_id, eos_token_ids: as for :meth:`generate` (they key the decode state it borrows).
+
+        Returns:
+            (B, T, H), aligned with ``inputs_embeds`` (a copy, not the graph's static buffer).
+        """
+        context = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with context:
+            b, t0, _ = inputs_embeds.shape
+            eos_t = torch.tensor(sorted(int(e) for e in eos_token_ids), dtype=torch.long, device=self.device)
+            bb = batch_bucket(b) if self.use_graphs else b
+            t = -(-t0 // self.prompt_quantum) * self.prompt_quantum
+            cap = capacity_bucket(t) if self.use_graphs else t
+            st = self._state(bb, cap, int(pad_token_id), eos_t)
+            p = st.score.get(t)
+            if p is None:
+                p = self._new_prefill(bb, t)
+                if self.use_graphs:
+                    p.mask.fill_(0)
+                    if self._pool is None:
+                        self._pool = torch.cuda.graph_pool_handle()
+                    p.graph, p.hidden = capture_cuda_graph(lambda: self._score_pass(st, p), self.device, self._pool,
+                                                           warmups=2)
+                    self.captures += 1
+                st.score[t] = p
+            self._fill_prompt(p, inputs_embeds, attention_mask)
+            if p.graph is not None:
+                p.graph.replay()
+                hidden = p.hidden
+            else:
+                hidden = self._score_pass(st, p)
+            return hidden[:b, t - t0 :].clone()
+
     @torch.inference_mode()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                  eos_token_ids, pad_token_id: int, suppress_eos: bool = False,
@@ -471,16 +538,7 @@ class StaticGreedyDecoder:
         st = self._state(bb, cap, pad_id, eos_t)
         p = self._prefill_for(st, bb, t, pad_id, eos_t)
 
-        mask = torch.zeros((bb, t), dtype=torch.bool, device=dev)
-        mask[:b, t - t0 :] = attention_mask.to(dev).bool()
-        mask[b:, -1] = True  # bucket filler rows: one real token, so no row attends to nothing
-        p.embeds.zero_()
-        p.embeds[:b, t - t0 :] = inputs_embeds.to(dev, self.dtype)
-        p.positions.copy_((mask.long().cumsum(-1) - 1).clamp_(min=0))
-        idx = torch.arange(t, device=dev)
-        causal = idx[None, :] <= idx[:, None]  # (T, T) query t sees key j <= t; each position sees itself
-        allowed = (causal[None] & mask[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)[None]
-        p.mask.copy_(self._additive(allowed)[:, None])
+        mask = self._fill_prompt(p, inputs_embeds, attention_mask)
 
         # reset the state in place (the captured graphs hold these addresses)
         st.valid.zero_()
