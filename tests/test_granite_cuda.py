@@ -144,5 +144,6 @@ def test_gpu_preset_engine_options_run_on_cuda(tiny_cuda):
     assert 8 <= eng.decoder.max_graphs <= 64
     eng.warmup()
     assert eng.compile_choice is not None and eng.compile_choice["kept"] in ("compiled", "eager")
+    assert any(state.score for state in eng.decoder._states.values())  # the verify pass was captured too
     results = eng.transcribe_batch([InferenceRequest("s", i, "final", _tone(1.0, 500.0, i)) for i in range(3)])
     assert all(isinstance(r.text, str) for r in results)

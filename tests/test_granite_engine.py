@@ -1013,3 +1013,13 @@ def test_drafts_are_scored_by_the_decoders_prefill_like_transformers(tiny, monke
         ours = fast.decoder.hidden_states(embeds, mask, pad_token_id=fast.pad_id, eos_token_ids=fast.eos_ids)
     real = mask.bool()
     torch.testing.assert_close(ours[real], hf[real], rtol=1e-4, atol=1e-4)
+
+
+def test_warm_verify_runs_the_scoring_pass_of_a_typical_draft(tiny, monkeypatch):
+    eng = make_engine(tiny, decode_backend="loop")
+    shapes = []
+    original = eng.decoder.hidden_states
+    monkeypatch.setattr(eng.decoder, "hidden_states", lambda e, m, **k: (shapes.append(tuple(e.shape)), original(e, m, **k))[1])
+    eng._warm_verify(2, 3.0)
+    prompt = len(eng._sequence(eng._prepare(0, req(np.zeros(48000, np.float32)))))
+    assert shapes == [(2, prompt + 12, 32)]  # 3 s of speech: 30 audio tokens in the prompt + a 12-token draft

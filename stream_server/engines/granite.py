@@ -637,8 +637,21 @@ class GraniteEngine(Engine):
                     audio = np.zeros(int(seconds * SAMPLE_RATE), np.float32)
                     self.transcribe_batch([InferenceRequest("warmup", i, "final", audio, language=language)
                                            for i in range(rows)])
+                    if speculative and self._fast_verify:
+                        self._warm_verify(rows, seconds)
         finally:
             self.speculative = speculative
+
+    def _warm_verify(self, rows: int, seconds: float, draft_tokens_per_second: float = 4.0) -> None:
+        """Capture the draft-scoring pass for ``rows`` utterances of ``seconds`` with a typical draft
+        (about 4 tokens per second of speech); other prompt lengths capture on first use."""
+        request = InferenceRequest("warmup", 0, "final", np.zeros(int(seconds * SAMPLE_RATE), np.float32))
+        w = self._prepare(0, request)
+        length = len(self._sequence(w)) + int(seconds * draft_tokens_per_second)
+        hidden = int(self.config.text_config.hidden_size)
+        embeds = torch.zeros((rows, length, hidden), dtype=self.dtype, device=self.device)
+        mask = torch.ones((rows, length), dtype=torch.long, device=self.device)
+        self.decoder.hidden_states(embeds, mask, pad_token_id=self.pad_id, eos_token_ids=self.eos_ids)
 
     def _choose_compile_step(self, measure=None) -> bool:
         """With ``decode_options["compile_step"] == "auto"``: time a decode with the compiled step and
