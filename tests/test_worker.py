@@ -10,6 +10,16 @@ from stream_server.worker import BatchScheduler, InferenceWorker, QueueFull, Sup
 from tests.fakes import CountingEngine
 
 
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition()`` until true (bounded): the worker thread's progress, not a guessed sleep."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
 def req(session="s", utterance=0, kind="partial", seconds=1.0):
     return InferenceRequest(session, utterance, kind, np.zeros(int(seconds * 16000), np.float32))
 
@@ -99,7 +109,7 @@ async def test_replaced_and_cancelled_requests_fail_with_superseded():
     worker.start()
     try:
         blocker = worker.submit(req("x", 0, "final"))
-        await asyncio.sleep(0.05)  # the worker is now busy with the blocker
+        await until(lambda: engine.batches, "the worker to be busy with the blocker")
         first = worker.submit(req("s", 0))
         second = worker.submit(req("s", 0))
         other = worker.submit(req("t", 0))
@@ -129,13 +139,9 @@ async def test_a_failing_request_in_a_batch_fails_alone():
         worker.stop()
 
 
-async def _until_dead(worker, timeout=1.0):
+async def _until_dead(worker, timeout=10.0):
     """Wait for the worker thread to die (a CrashOnceEngine kills it on its first batch)."""
-    for _ in range(int(timeout / 0.01)):
-        if not worker.alive:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the worker thread did not die")
+    await until(lambda: not worker.alive, "the worker thread to die", timeout)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -189,10 +195,7 @@ async def test_pool_spreads_sessions_and_survives_one_worker_dying():
         assert len(workers) == 2
         assert [entry["sessions"] for entry in pool.load()] == [2, 2]
         futures = [pool.submit(req(f"s{i}", 0, "final")) for i in range(4)]
-        for _ in range(100):  # the fragile worker's thread dies on its first batch
-            if not pool.workers[1].alive:
-                break
-            await asyncio.sleep(0.01)
+        await _until_dead(pool.workers[1])  # the fragile worker's thread dies on its first batch
         assert pool.workers[0].alive
         pool.ensure_alive()
         results = await asyncio.wait_for(asyncio.gather(*futures), 5)
@@ -296,7 +299,7 @@ class InterleavingEngine(CountingEngine):
 
     def transcribe_batch(self, requests, on_result=None, fetch_partials=None):
         results = CountingEngine.transcribe_batch(self, requests)
-        for _ in range(200):  # the decode's steps
+        for _ in range(3000):  # the decode's steps: until released (bounded, 30 s: a loaded machine is slow)
             if self.release.is_set():
                 break
             for request, deliver in fetch_partials(lambda r: r.partial_mode == "ctc", 8):
@@ -315,7 +318,7 @@ async def test_partials_are_answered_between_the_decode_steps_of_a_final_batch()
     worker.start()
     try:
         final = worker.submit(req("a", 0, "final", seconds=1.0))
-        await asyncio.sleep(0.05)  # the final's batch is decoding now
+        await until(lambda: engine.batches, "the final's batch to be decoding")
         partial = worker.submit(ctc_partial("b", 0, seconds=0.85))
         failing = worker.submit(ctc_partial("c", 99))
         llm_partial = worker.submit(ctc_partial("d", 0, seconds=0.85, mode="llm"))
@@ -353,7 +356,7 @@ async def test_a_refresh_of_a_partial_the_worker_has_started_fails_as_superseded
     worker.start()
     try:
         running = worker.submit(ctc_partial("a", 0, seconds=0.85, mode="llm"))  # decodes until released
-        await asyncio.sleep(0.05)
+        await until(lambda: engine.batches, "the partial to be decoding")
         refresh = ctc_partial("a", 0, seconds=1.35, mode="llm")
         refresh.refresh_only = True
         with pytest.raises(Superseded):
