@@ -16,7 +16,12 @@ Measured in one run, baseline (``decode_backend="generate"``) against the fast p
   over a ``--draft-tokens``-token draft; random weights make the CTC draft junk, so the draft is
   cut to that length) and the CTC-accept path (encoder + CTC only);
 * ``varlen``: a batch of utterances of different lengths vs the same utterances one by one
-  (left padding), tokens compared for each backend and between backends.
+  (left padding), tokens compared for each backend and between backends;
+* ``served``: batch-1 final of the engine exactly as ``granite-stream serve`` builds it on a GPU
+  (the GPU preset's options, :func:`stream_server.cli.granite_options`, then ``warmup()``: graph
+  captures and the compiled-step choice), same utterance and forced length as ``b1``;
+* ``spec`` also times a rejected draft that resumes after half its tokens (the paper's step 3,
+  ``resumed``) against the same rejection decoded from scratch (``restart``).
 
 Timings: warm-up first, ``torch.cuda.synchronize()`` around each call, median of ``--repeats``.
 
@@ -77,7 +82,7 @@ def full_config(tokenizer):
             "bos_token_id": eos,
             "eos_token_id": eos,
             "pad_token_id": tokenizer.pad_token_id,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": False,  # untied LM head, as the tiny test model (issue 18)
         },
         encoder_config={
             "input_dim": 160,
@@ -108,7 +113,7 @@ def full_config(tokenizer):
         has_lora_adapter=False,
         downsample_rate=5,
         window_size=15,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
 
 
@@ -192,6 +197,19 @@ class DraftCutEngine(GraniteEngine):
         return ids
 
 
+class ResumeEngine(DraftCutEngine):
+    """Bench-only: every draft is rejected after its first ``keep`` tokens (random weights give no
+    natural rejection point), so the resumed decode's cost can be timed."""
+
+    keep = 15
+
+    def _verify(self, works):
+        super()._verify(works)
+        for w in works:
+            w.info["verify_prefix_tokens"] = min(self.keep, len(w.draft_ids))
+        return [False] * len(works)
+
+
 def first_diff(a: list[int], b: list[int]) -> int:
     """Index of the first differing token (len if equal)."""
     for i, (x, y) in enumerate(zip(a, b)):
@@ -212,7 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=10, help="timed repeats of the fast path (baseline: a third)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--draft-tokens", type=int, default=30)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: b1,breakdown,b64,spec,varlen")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: b1,breakdown,b64,spec,varlen,served")
     ap.add_argument("--compile", action="store_true",
                     help="also measure the graphs backend with a torch.compile'd decode layer (CUDA)")
     ap.add_argument("--encoder-graphs", action="store_true",
@@ -371,6 +389,13 @@ def main(argv=None) -> int:
         r["draft_tokens"] = out.get("draft_tokens")
         r["ctc_accept"] = timeit(lambda: ctc_eng.transcribe_batch(reqs([utt])), device, args.warmup, args.repeats)
         r["ctc_path"] = ctc_eng.transcribe_batch(reqs([utt]))[0].info.get("path")
+        ResumeEngine.draft_tokens, ResumeEngine.keep = args.draft_tokens, args.draft_tokens // 2
+        for label, resume in (("resumed", True), ("restart", False)):
+            eng = engine(fast_backend, cls=ResumeEngine, force_new_tokens=None, speculative=True,
+                         ctc_entropy_threshold=-1.0, verify_threshold=0.0, resume_from_draft=resume)
+            r[label] = timeit(lambda: eng.transcribe_batch(reqs([utt])), device, args.warmup, args.repeats)
+            out = eng.transcribe_batch(reqs([utt]))[0].info
+            r[label].update(path=out.get("path"), new_tokens=out.get("new_tokens"), resumed_tokens=out.get("resumed_tokens"))
         return r
 
     section("spec", spec)
@@ -397,6 +422,30 @@ def main(argv=None) -> int:
         return r
 
     section("varlen", varlen)
+
+    # -- the served configuration: what `granite-stream serve --engine granite --model DIR` builds on a GPU
+    def served():
+        from stream_server.cli import granite_options
+        from stream_server.settings import load_config_and_sources, resolve_preset
+
+        config, why = resolve_preset(*load_config_and_sources({"engine": "granite"}, {}),
+                                     cuda_available=lambda: device == "cuda")
+        options = granite_options(config)
+        eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="bench", debug_token_ids=True,
+                            max_batch=config.max_batch, force_new_tokens=args.tokens, **options)
+        t0 = time.perf_counter()
+        eng.warmup()
+        sync(device)
+        r = {"preset": why, "warmup_s": time.perf_counter() - t0, "options": {k: repr(v) for k, v in options.items()},
+             "compile_choice": eng.compile_choice, "decode_backend": eng.decode_backend,
+             "encoder_backend": eng.encoder_backend,
+             "max_graphs": eng.decoder.max_graphs if eng.decode_backend != "generate" else None}
+        r["b1"] = timeit(lambda: eng.transcribe_batch(reqs([utt])), device, args.warmup, args.repeats)
+        r["b1_tokens_equal_generate"] = (eng.transcribe_batch(reqs([utt]))[0].info["token_ids"]
+                                         == base.transcribe_batch(reqs([utt]))[0].info["token_ids"])
+        return r
+
+    section("served", served)
 
     # -- graphs + torch.compile'd decode layer
     def compiled():
@@ -470,11 +519,18 @@ def print_table(r: dict, fast: str) -> None:
         s = r["spec"]
         rows.append(("verify-accept path", "", med(s, "verify_accept"), f"{s.get('draft_tokens')} draft tok, {s.get('verify_path')}"))
         rows.append(("ctc-accept path", "", med(s, "ctc_accept"), str(s.get("ctc_path"))))
+        for label in ("resumed", "restart"):
+            if label in s:
+                rows.append((f"rejected draft, {label}", "", med(s, label),
+                             f"{s[label].get('new_tokens')} new tok after {s[label].get('resumed_tokens') or 0}"))
     if "varlen" in r and "generate" in r["varlen"]:
         v = r["varlen"]
         n = v["rows"]
         rows.append(("varlen batch == single", f"{v['generate']['rows_equal_batch_vs_single']}/{n}",
                      f"{v[fast]['rows_equal_batch_vs_single']}/{n}", ""))
+    if "served" in r and "b1" in r["served"]:
+        v = r["served"]
+        rows.append(("served config: batch-1", "", med(v, "b1"), f"{v.get('compile_choice')}, max_graphs {v.get('max_graphs')}"))
     c = r.get("compiled") or {}
     if "b1" in c:
         rows.append(("graphs+compile: batch-1", "", med(c, "b1"), f"tokens == generate: {c.get('b1_tokens_equal_generate')}"))
