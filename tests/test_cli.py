@@ -86,17 +86,20 @@ def _serve_auto(monkeypatch, capsys) -> tuple[dict, list[dict]]:
     monkeypatch.setattr(memory, "limit_arenas", lambda n: False)  # glibc state of this test process: left alone
     monkeypatch.setattr(memory, "fix_mmap_threshold", lambda n: False)
     ready: dict = {}
+    returned = threading.Event()
 
     def probe() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not returned.is_set() and not (servers and servers[0].port):
+            time.sleep(0.05)
+        if returned.is_set() or not (servers and servers[0].port):
+            return  # serve failed before listening: nothing to stop (main's error shows in the test)
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not (servers and servers[0].port):
-                time.sleep(0.05)
-            if servers and servers[0].port:
-                with urllib.request.urlopen(f"http://127.0.0.1:{servers[0].port}/readyz", timeout=30) as response:
-                    ready.update(json.loads(response.read()))
+            with urllib.request.urlopen(f"http://127.0.0.1:{servers[0].port}/readyz", timeout=30) as response:
+                ready.update(json.loads(response.read()))
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # the serve command's own shutdown path
+            if not returned.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)  # the serve command's own shutdown path
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -106,7 +109,9 @@ def _serve_auto(monkeypatch, capsys) -> tuple[dict, list[dict]]:
     try:
         status = main(["serve", "--engine", "auto", "--port", "0", "--cpu-threads", "2", "--log-format", "json"])
     finally:
-        prober.join(30)
+        returned.set()
+        signal.signal(signal.SIGTERM, lambda *_: None)  # a late SIGTERM from the prober must not end pytest
+        prober.join(60)
         root.handlers[:] = handlers
         root.setLevel(level)
         for sig, handler in signals.items():
