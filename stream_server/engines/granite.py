@@ -19,18 +19,21 @@ Pipeline per request (``transcribe_batch``):
    ``fetch_partials``) instead of waiting for the whole decode.
 4. **Finals (task ``transcribe``) — self-speculative decoding**: the greedy CTC transcript is a draft.
    If the CTC entropy (per frame, in nats, reduced over frames with ``max`` as IBM does, or
-   ``mean``) is ≤ ``ctc_entropy_threshold`` the draft is accepted (``ctc_accept``); otherwise the
-   LLM scores the draft's tokens in one teacher-forced forward pass and accepts it when every
-   token's probability (softmax of the logits divided by the LM's ``logits_scaling``) is
-   ≥ ``verify_threshold`` (``verify_accept``); otherwise the utterance is decoded
-   autoregressively (``autoregressive``). :meth:`GraniteEngine.stats` counts the three paths.
+   ``mean``) is ≤ ``ctc_entropy_threshold`` and the request has no keywords, the draft is accepted
+   (``ctc_accept``); otherwise the LLM scores the draft's tokens in one teacher-forced pass (the
+   decoder's prefill with the ``loop``/``graphs`` backends, transformers' forward otherwise) and
+   accepts it when every token's probability (softmax of the logits divided by the LM's
+   ``logits_scaling``) is ≥ ``verify_threshold`` (``verify_accept``); otherwise greedy decoding
+   resumes after the draft's longest passing prefix (``resumed``) or, with none, decodes from the
+   prompt (``autoregressive``). :meth:`GraniteEngine.stats` counts the paths.
 5. **LLM** — the user turn is ``<|audio|>`` (expanded to one placeholder per projector output)
    followed by the instruction, rendered with the tokenizer's chat template (``USER: {content}\\n
    ASSISTANT:`` for granite-4.0-1b-speech, also the fallback); the request's ``prefix`` is appended
    after the assistant tag so greedy decoding continues it. Rows are left-padded into one
    ``generate`` call (greedy); each row's new-token budget is ``ceil(seconds * tokens_per_second)
-   + extra_new_tokens`` unless ``force_new_tokens`` fixes it (benchmarks: exactly N tokens, EOS
-   suppressed).
+   + extra_new_tokens`` (the rate of the output language) unless ``force_new_tokens`` fixes it
+   (benchmarks: exactly N tokens, EOS suppressed). A decode that spends its budget is reported
+   ``truncated``; a looping final is published with its repeats collapsed.
 
 CTC vocabulary: Granite Speech's encoder is trained on character targets and IBM decodes class
 ``i`` as the Unicode code point ``chr(i)`` with blank ``0`` (granite-4.0-1b-speech has 348 classes,
@@ -702,7 +705,9 @@ class GraniteEngine(Engine):
         return sorted(times)[len(times) // 2]
 
     def stats(self) -> dict:
-        """Final-request decode paths (``ctc_accept``, ``verify_accept``, ``autoregressive``) and partial counts."""
+        """Counters: final decode paths (``ctc_accept``, ``verify_accept``, ``resumed``, ``autoregressive``),
+        partials (``partial_ctc``, ``partial_llm``), finals that hit their budget (``truncated``) and
+        finals whose loops were collapsed (``repetition_loops``)."""
         return dict(self._stats)
 
     def close(self) -> None:
