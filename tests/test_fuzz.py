@@ -4,8 +4,8 @@ Invariants, whatever the client sends and whatever the engine answers:
 - nothing raises; every `error` event has a known code and a message;
 - `stable_text` is never revised within an utterance: each partial's `stable_text` extends the previous
   one word for word, and it leads (word for word) the `text` of every later partial and the final;
-- nothing is lost: once the stream ends, every `speech_started` has exactly one `final` or one
-  `error` naming its utterance, and `end` comes last.
+- nothing is lost: once the stream ends, every `speech_started` has exactly one `speech_ended`, in
+  utterance order, then exactly one `final` or one `error` naming its utterance, and `end` comes last.
 """
 
 import asyncio
@@ -148,7 +148,7 @@ def words_lead(prefix: str, text: str) -> bool:
 class Checker:
     def __init__(self):
         self.stable = {}
-        self.started, self.finished = [], []
+        self.started, self.ended, self.finished = [], [], []
         self.events = []
         self.stable_finals = 0  # finals of utterances whose partials had made words stable
 
@@ -158,9 +158,14 @@ class Checker:
         if kind == "error":
             assert event["code"] in ERROR_CODES and event["message"]
             if "utterance_id" in event:
-                self.finished.append(event["utterance_id"])
+                self.finish(event["utterance_id"], event)
         elif kind == "speech_started":
             self.started.append(event["utterance_id"])
+        elif kind == "speech_ended":
+            uid = event["utterance_id"]
+            assert uid in self.started and uid not in self.ended, ("speech_ended twice or unstarted", self.ended, event)
+            assert all(uid > other for other in self.ended), ("speech_ended out of utterance order", self.ended, event)
+            self.ended.append(uid)
         elif kind == "partial":
             uid = event["utterance_id"]
             assert words_lead(event["stable_text"], event["text"]), event
@@ -170,10 +175,15 @@ class Checker:
             uid = event["utterance_id"]
             assert words_lead(self.stable.get(uid, ""), event["text"]), ("final drops stable words", self.stable, event)
             self.stable_finals += bool(self.stable.get(uid))
-            self.finished.append(uid)
+            self.finish(uid, event)
         for key in ("start", "end", "audio_seconds"):
             if key in event:
                 assert math.isfinite(event[key]) and event[key] >= 0
+
+    def finish(self, uid, event):
+        assert uid in self.ended, ("a final or error before its speech_ended", self.ended, event)
+        assert uid not in self.finished, ("a second final or error", self.finished, event)
+        self.finished.append(uid)
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -218,7 +228,8 @@ def drive_session(ops) -> Checker:
         request = pending.pop(0)
         run(session.inference_done(request, engine.transcribe_batch([request])[0]))
     if session.state == State.CLOSED and check.events and check.events[-1]["type"] == "end":
-        assert sorted(check.finished) == sorted(check.started), (check.started, check.finished)
+        assert sorted(check.finished) == sorted(check.ended) == sorted(check.started), (
+            check.started, check.ended, check.finished)
         assert [e["type"] for e in check.events].count("end") == 1
     else:
         assert not check.started, ("a stream with speech must have ended with finals and `end`", session.state,
@@ -294,7 +305,7 @@ def test_server_survives_any_input_over_a_socket(socket_server, ops):
                 pass
         assert check.events[0]["type"] == "ready"
         assert check.events[-1]["type"] == "end"
-        assert sorted(check.finished) == sorted(check.started)
+        assert sorted(check.finished) == sorted(check.ended) == sorted(check.started)
 
     loop.run_until_complete(scenario())
     assert server.worker.alive
