@@ -21,7 +21,7 @@ import numpy as np
 from vad import SpeechEnded, SpeechStarted, VadSegmenter
 
 from .audio import AudioDecoder, SampleHistory
-from .engines.base import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult
+from .engines.base import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word
 from .protocol import (
     ALREADY_STARTED,
     BAD_AUDIO,
@@ -44,6 +44,7 @@ from .protocol import (
     round_time,
 )
 from .stabilizer import PartialStabilizer
+from .timing import final_words, words_to_wire
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class _Utterance:
     final_request: InferenceRequest | None = None  # the final this utterance waits for
     final_text: str | None = None
     final_truncated: bool = False  # the engine's decode hit its token budget
+    final_words: list[Word] | None = None  # the final text's words on the stream clock, if timed
+    final_confidence: float | None = None
     final_error: dict | None = None
     language: str | None = None
     early_request: InferenceRequest | None = None  # a final decoded while the silence is still short
@@ -279,6 +282,11 @@ class Session:
         if result is not None:
             utterance.final_text = utterance.stabilizer.finish(result.text)
             utterance.final_truncated = result.truncated
+            utterance.final_confidence = result.confidence
+            utterance.final_words = final_words(
+                utterance.final_text, result.words, utterance.start / SAMPLE_RATE,
+                (utterance.end or utterance.start) / SAMPLE_RATE,
+            )
             utterance.language = result.language or utterance.config.language
         else:
             utterance.final_error = error_event(
@@ -553,6 +561,12 @@ class Session:
                     event["target_language"] = config.target_language or "en"
                 if utterance.final_truncated:
                     event["truncated"] = True
+                if utterance.final_words is not None:
+                    event["words"] = words_to_wire(utterance.final_words)
+                    if utterance.final_confidence is not None:
+                        event["confidence"] = utterance.final_confidence
+                else:
+                    event["timing"] = "utterance"  # the engine could not time this final's words
                 actions.append(Send(event))
             self.utterances_finalized += 1
         return actions + self._maybe_end()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import threading
 import time
 
-from stream_server.engines.base import Engine, EngineCapabilities, InferenceResult
+from stream_server.engines.base import Engine, EngineCapabilities, InferenceResult, Word
 
 
 class CountingEngine(Engine):
-    def __init__(self, delay: float = 0.0, max_batch: int = 8, fail_on: set[int] | None = None, **caps):
+    def __init__(self, delay: float = 0.0, max_batch: int = 8, fail_on: set[int] | None = None,
+                 timed: bool = False, **caps):
         self.capabilities = EngineCapabilities(
             name="fake", model="counting", languages=caps.pop("languages", ("en", "fr")),
             tasks=caps.pop("tasks", ("transcribe", "translate")),
@@ -23,6 +24,7 @@ class CountingEngine(Engine):
         self.delay = delay
         self.batches: list[list] = []
         self.fail_on = fail_on or set()
+        self.timed = timed  # finals of transcriptions carry words: "w<i>" over [0.4 i, 0.4 i + 0.4), scored
         self.lock = threading.Lock()
 
     def text_for(self, request) -> str:
@@ -44,8 +46,15 @@ class CountingEngine(Engine):
             text = self.text_for(r)
             if r.prefix and not text.startswith(r.prefix):
                 text = (r.prefix + " " + " ".join(text.split()[len(r.prefix.split()):])).strip()
-            out.append(InferenceResult(text=text, language=r.language))
+            out.append(InferenceResult(text=text, language=r.language, **self.timing(r, text)))
         return out
+
+    def timing(self, request, text: str) -> dict:
+        """Words and confidence like a real engine's, for finals of transcriptions when ``timed``."""
+        if not self.timed or request.kind != "final" or request.task != "transcribe":
+            return {}
+        words = tuple(Word(w, 0.4 * i, 0.4 * i + 0.4, 0.5 + 0.1 * (i % 5)) for i, w in enumerate(text.split()))
+        return {"words": words, "confidence": round(sum(w.confidence for w in words) / len(words), 3) if words else None}
 
 
 class WorkerCrash(BaseException):

@@ -24,8 +24,11 @@ speech) and, at the end of the stream, ``Metadata``. Client messages ``KeepAlive
 ``CloseStream`` (or an empty binary frame, Deepgram's legacy close) and ``Configure``
 (``keyterms``) are understood.
 
-The engine does not give word timestamps or confidences: ``words`` spread the utterance's span
-over its words in proportion to their length, and confidences are 1.0.
+Finals the engine timed (the native final's ``words``: Whisper's transcriptions) carry those words
+with their real ``start``/``end``/``confidence``/``punctuated_word``, and the alternative's
+``confidence`` is the final's. Results the engine did not time or score (interim results,
+translations, Granite finals) spread their span over the words in proportion to their length with
+confidence 0 (Deepgram's schema has no "unknown").
 """
 
 from __future__ import annotations
@@ -333,6 +336,11 @@ class DeepgramTranslator:
     def _results(self, event: dict, channel: int, is_final: bool, forced: str | None = None) -> Reply:
         start, end = event["start"], event["end"]
         text = event["text"]
+        timed = event.get("words")
+        words = _timed_words(timed) if timed is not None else _words(text, start, end)
+        confidence = event.get("confidence")
+        if confidence is None:  # not scored (interim results, translations): see docs/protocol.md
+            confidence = 0.0
         return Reply({
             "type": "Results",
             "channel_index": [channel, self.output_channels],
@@ -341,7 +349,7 @@ class DeepgramTranslator:
             "is_final": is_final,
             "speech_final": is_final and forced is None and self.endpointing,
             "from_finalize": forced == "finalize",
-            "channel": {"alternatives": [{"transcript": text, "confidence": 1.0, "words": _words(text, start, end)}]},
+            "channel": {"alternatives": [{"transcript": text, "confidence": confidence, "words": words}]},
             "metadata": {"request_id": self.request_id, "model_info": self.model_info, "model_uuid": self.model_uuid},
         })
 
@@ -380,8 +388,21 @@ class DeepgramTranslator:
                       "message": original[:1000]})
 
 
+def _plain(token: str) -> str:
+    """Deepgram's ``word``: lower case, without punctuation (``punctuated_word`` keeps it)."""
+    return re.sub(r"[^\w'-]", "", token.lower()) or token.lower()
+
+
+def _timed_words(words: list[dict]) -> list[dict]:
+    """A native final's timed ``words`` in Deepgram's shape (an unscored word gets confidence 0)."""
+    return [{"word": _plain(w["word"]), "start": w["start"], "end": w["end"],
+             "confidence": 0.0 if w["confidence"] is None else w["confidence"], "punctuated_word": w["word"]}
+            for w in words]
+
+
 def _words(text: str, start: float, end: float) -> list[dict]:
-    """Words with times spread over ``[start, end]`` by length (the engine gives no word timings)."""
+    """Words with times spread over ``[start, end]`` by length, unscored (confidence 0): for results
+    the engine did not time (interim results, translations, Granite finals)."""
     tokens = text.split()
     if not tokens:
         return []
@@ -390,8 +411,7 @@ def _words(text: str, start: float, end: float) -> list[dict]:
     words, at = [], start
     for token, weight in zip(tokens, weights):
         span = (end - start) * weight / total
-        plain = re.sub(r"[^\w'-]", "", token.lower()) or token.lower()
-        words.append({"word": plain, "start": round(at, 3), "end": round(at + span, 3), "confidence": 1.0,
+        words.append({"word": _plain(token), "start": round(at, 3), "end": round(at + span, 3), "confidence": 0.0,
                       "punctuated_word": token})
         at += span
     return words

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -46,6 +47,7 @@ KEY = "main"
 
 _FORMATS = ("audio/pcm", "audio/pcmu", "audio/pcma")
 _BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+LOGPROBS = "item.input_audio_transcription.logprobs"
 _MIN_COMMIT_S = 0.1  # the API refuses to commit less than 100 ms of audio
 _MANUAL_SILENCE_MS = 5000  # turn_detection null: the native VAD only splits very long pauses
 _CONVERSATION_EVENTS = (
@@ -81,6 +83,7 @@ class TranscriptionConfig:
         "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
     })
     delay: str | None = None
+    logprobs: bool = False  # include: ["item.input_audio_transcription.logprobs"]
 
     @property
     def manual(self) -> bool:
@@ -129,7 +132,7 @@ class TranscriptionConfig:
                 "format": fmt, "transcription": transcription, "noise_reduction": None,
                 "turn_detection": copy.deepcopy(self.turn_detection),
             }},
-            "include": [],
+            "include": [LOGPROBS] if self.logprobs else [],
         }
 
     def beta_session_object(self, session_id: str) -> dict:
@@ -141,7 +144,7 @@ class TranscriptionConfig:
             "input_audio_transcription": {"model": self.model, "language": self.language, "prompt": self.prompt},
             "turn_detection": copy.deepcopy(self.turn_detection),
             "input_audio_noise_reduction": None,
-            "include": [],
+            "include": [LOGPROBS] if self.logprobs else [],
             "modalities": ["text"],
         }
 
@@ -152,6 +155,7 @@ class _Item:
     start: float
     utterances: list[int] = field(default_factory=list)
     finals: dict[int, str] = field(default_factory=dict)
+    words: dict[int, list[dict]] = field(default_factory=dict)  # the finals' timed words, where given
     failed: dict | None = None
     emitted: str = ""  # the deltas sent so far, concatenated
     end: float | None = None
@@ -394,6 +398,8 @@ class RealtimeTranscriptionTranslator:
         # Every final follows its utterance's speech_ended (the session sends one for each ended
         # utterance, drains included), so the item is already stopped and committed here.
         item.finals[uid] = event["text"]
+        if event.get("words") is not None:
+            item.words[uid] = event["words"]
         outs: list[Out] = [] if item.discarded else self._deltas(item, uid, event["text"], final=True)
         return outs + self._maybe_complete(item)
 
@@ -456,9 +462,12 @@ class RealtimeTranscriptionTranslator:
             outs.append(self._event("conversation.item.input_audio_transcription.delta", item_id=item.item_id,
                                     content_index=0, delta=transcript[len(item.emitted):]))
         seconds = max(0.0, (item.end if item.end is not None else self.position) - item.start)
+        extra: dict[str, Any] = {}
+        if self.config.logprobs:
+            extra["logprobs"] = _logprobs(item)
         outs.append(self._event("conversation.item.input_audio_transcription.completed", item_id=item.item_id,
                                 content_index=0, transcript=transcript,
-                                usage={"type": "duration", "seconds": round(seconds, 3)}))
+                                usage={"type": "duration", "seconds": round(seconds, 3)}, **extra))
         return outs
 
     def _forget(self, item: _Item) -> None:
@@ -475,6 +484,24 @@ class RealtimeTranscriptionTranslator:
     def _error(self, exc: ApiError, event_id: str | None = None) -> Reply:
         return self._event("error", error={"type": exc.kind, "code": exc.code, "message": exc.message,
                                            "param": exc.param, "event_id": event_id})
+
+
+def _logprobs(item: _Item) -> list[dict] | None:
+    """The item's ``logprobs``: one entry per scored word of its finals, in order, the token being the
+    word with its leading space as in the transcript. ``None`` when no final of the item was scored
+    (translations, engines that do not time words); unscored words (kept from stable text) are left
+    out."""
+    entries: list[dict] = []
+    scored = False
+    for uid in item.utterances:
+        for word in item.words.get(uid) or ():
+            if word["confidence"] is None:
+                continue
+            scored = True
+            token = (" " if entries else "") + word["word"]
+            entries.append({"token": token, "bytes": list(token.encode("utf-8")),
+                            "logprob": round(math.log(max(word["confidence"], 1e-6)), 4)})
+    return entries if scored else None
 
 
 # ---- session.update parsing -----------------------------------------------------------------------
@@ -514,10 +541,19 @@ def _parse_session(session: dict, base: TranscriptionConfig) -> TranscriptionCon
                     raise ApiError("'noise_reduction' must be an object or null", param=f"{where}.noise_reduction")
             if "turn_detection" in source:
                 config = _parse_turn_detection(source["turn_detection"], config, f"{where}.turn_detection")
+    return _parse_include(session, config)
+
+
+def _parse_include(session: dict, config: TranscriptionConfig) -> TranscriptionConfig:
     include = session.get("include")
-    if include is not None and (not isinstance(include, list) or not all(isinstance(x, str) for x in include)):
+    if include is None:
+        return config
+    if not isinstance(include, list) or not all(isinstance(x, str) for x in include):
         raise ApiError("'session.include' must be a list of strings", param="session.include")
-    return config
+    unknown = [x for x in include if x != LOGPROBS]
+    if unknown:
+        raise ApiError(f"Invalid value: {unknown[0]!r}. Supported values are: '{LOGPROBS}'.", param="session.include")
+    return replace(config, logprobs=LOGPROBS in include)
 
 
 def _parse_beta_session(session: dict, base: TranscriptionConfig) -> TranscriptionConfig:
@@ -535,7 +571,7 @@ def _parse_beta_session(session: dict, base: TranscriptionConfig) -> Transcripti
         config = _parse_transcription(session["input_audio_transcription"], config, "session.input_audio_transcription")
     if "turn_detection" in session:
         config = _parse_turn_detection(session["turn_detection"], config, "session.turn_detection")
-    return config
+    return _parse_include(session, config)
 
 
 def _parse_format(value: Any, config: TranscriptionConfig, where: str) -> TranscriptionConfig:

@@ -189,9 +189,10 @@ class TwilioTranslator:
                                 text=event["text"], stable_text=event["stable_text"], start=event["start"],
                                 end=event["end"])]
         if kind == "final":
+            timing = {k: event[k] for k in ("words", "confidence", "timing", "truncated") if k in event}
             return [self._event("transcript", track=track, utterance_id=event["utterance_id"], is_final=True,
                                 text=event["text"], start=event["start"], end=event["end"],
-                                language=event.get("language"))]
+                                language=event.get("language"), **timing)]
         if kind == "error":
             if not state["ready"]:
                 state["failed"] = True  # its start was refused: drop the track's media from now on

@@ -149,6 +149,23 @@ class InferenceRequest:
         return len(self.audio) / SAMPLE_RATE
 
 
+@dataclass(frozen=True)
+class Word:
+    """One word of a result, timed within the request's audio.
+
+    Attributes:
+        word: the word as it appears in the text, punctuation attached (``"Hello,"``).
+        start, end: seconds from the start of the request's audio.
+        confidence: the model's probability for the word (0-1; for a word of several tokens, the
+            mean of its tokens'), or ``None`` when the model did not score it.
+    """
+
+    word: str
+    start: float
+    end: float
+    confidence: float | None = None
+
+
 @dataclass
 class InferenceResult:
     """What an engine returns for one request.
@@ -159,12 +176,17 @@ class InferenceResult:
         info: engine-specific facts, e.g. ``{"path": "ctc_accept"}`` for Granite's speculative decoding.
         truncated: the decode used its whole new-token budget without ending, so the text may be cut
             short (the final event then says ``"truncated": true``).
+        words: ``text``'s words in order, timed and scored (joined with spaces they give ``text``),
+            or ``None`` where the engine cannot time words (a translation, a partial).
+        confidence: the utterance's confidence (0-1), or ``None``.
     """
 
     text: str
     language: str | None = None
     info: dict = field(default_factory=dict)
     truncated: bool = False
+    words: tuple[Word, ...] | None = None
+    confidence: float | None = None
 
 
 class Engine(abc.ABC):

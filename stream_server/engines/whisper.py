@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
+from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult, Word
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,56 @@ def collapse_repeats(text: str) -> str:
             if changed:
                 break
     return " ".join(words)
+
+
+_TOKENS_PER_SECOND = SAMPLE_RATE / 320  # encoder frames: 10 ms mel hop, stride 2
+
+
+def _words_from_alignment(tokenizer, text_tokens: list[int], alignment, text: str) -> tuple[Word, ...] | None:
+    """Words with times and probabilities from one CTranslate2 alignment (faster-whisper's method:
+    word boundaries where the DTW path jumps to the next token, punctuation merged into its word).
+
+    Returns ``None`` if the words do not rebuild ``text`` (then the final keeps utterance timing).
+    """
+    from faster_whisper.transcribe import merge_punctuations
+
+    words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
+    if len(word_tokens) <= 1:
+        return None
+    pairs = np.asarray(alignment.alignments)
+    if len(pairs) == 0:
+        return None
+    text_indices, time_indices = pairs[:, 0], pairs[:, 1]
+    jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
+    jump_times = time_indices[jumps] / _TOKENS_PER_SECOND
+    boundaries = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
+    probabilities = np.asarray(alignment.text_token_probs)
+    entries = [
+        {"word": word, "tokens": toks, "start": float(jump_times[min(a, len(jump_times) - 1)]),
+         "end": float(jump_times[min(b, len(jump_times) - 1)]), "probability": float(np.mean(probabilities[a:b]))}
+        for word, toks, a, b in zip(words, word_tokens, boundaries[:-1], boundaries[1:])
+    ]
+    merge_punctuations(entries, "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、")
+    # Whisper's word pieces carry their leading space; pieces without one ("-sposed" after " old")
+    # belong to the word before, so the words split the text exactly at its spaces.
+    grouped: list[list[dict]] = []
+    for entry in entries:
+        if not entry["word"]:
+            continue
+        if entry["word"].startswith(" ") or not grouped:
+            grouped.append([entry])
+        else:
+            grouped[-1].append(entry)
+    timed = []
+    for group in grouped:
+        weights = [max(1, len(e["tokens"])) for e in group]
+        probability = float(np.average([e["probability"] for e in group], weights=weights))
+        start, end = group[0]["start"], max(group[-1]["end"], group[0]["start"])
+        timed.append(Word("".join(e["word"] for e in group).strip(), round(start, 3), round(end, 3),
+                          round(probability, 3)))
+    if " ".join(w.word for w in timed) != text:
+        return None
+    return tuple(timed)
 
 
 def default_tiny_en_path() -> Path:
@@ -155,6 +205,8 @@ class WhisperEngine(Engine):
         beam_size: 1 is greedy decoding.
         onednn_cache: bound on oneDNN's per-shape kernel cache (process-wide; the environment's
             ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` wins); the default of 1,024 let RSS creep for hours.
+        word_timestamps: time and score the words of every transcribed final (one aligning decoder
+            pass over its text, no second encoder pass).
     """
 
     def __init__(
@@ -170,6 +222,7 @@ class WhisperEngine(Engine):
         max_batch: int = 8,
         beam_size: int = 1,
         onednn_cache: int = 16,
+        word_timestamps: bool = True,
     ):
         from .. import memory
 
@@ -197,6 +250,7 @@ class WhisperEngine(Engine):
         self.final_window_s = final_window_s
         self.partial_window_s = partial_window_s
         self.beam_size = beam_size
+        self.word_timestamps = word_timestamps
         self.repetition_retries = 0
         self._lock = threading.Lock()  # CTranslate2 models are thread-safe, but we keep one caller for fairness
         name = model or "tiny.en"
@@ -281,7 +335,48 @@ class WhisperEngine(Engine):
         for i, (request, language) in enumerate(zip(requests, languages)):
             if looks_repetitive(texts[i]):
                 texts[i] = self._retry_repetitive(request, language)
-        return [InferenceResult(text=t, language=lang) for t, lang in zip(texts, languages)]
+        timed: list[tuple[Word, ...] | None] = [None] * len(requests)
+        if self.word_timestamps and requests[0].kind == "final":
+            timed = self._word_timings(requests, languages, texts, encoded)
+        return [
+            InferenceResult(text=t, language=lang, words=w,
+                            confidence=None if not w else round(float(np.mean([x.confidence for x in w])), 3))
+            for t, lang, w in zip(texts, languages, timed)
+        ]
+
+    def _word_timings(self, requests: Sequence[InferenceRequest], languages: list[str], texts: list[str],
+                      encoded) -> list[tuple[Word, ...] | None]:
+        """Time and score each final's words against the audio it was decoded from.
+
+        CTranslate2's ``align`` runs the decoder once over the text (teacher forcing) and aligns its
+        cross-attention to the encoder frames with DTW, as faster-whisper's ``word_timestamps`` does;
+        its token probabilities score the words. Translations are not aligned (the text is in
+        another language than the audio): they get ``None``.
+        """
+        out: list[tuple[Word, ...] | None] = [None] * len(requests)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        tokens: dict[int, list[int]] = {}
+        for i, (request, language, text) in enumerate(zip(requests, languages, texts)):
+            if request.task != "transcribe" or not text.strip():
+                continue
+            tokenizer = self._tokenizer(request.task, language)
+            tokens[i] = tokenizer.encode(" " + text)
+            groups.setdefault(tuple(tokenizer.sot_sequence), []).append(i)
+        hop = self.features.hop_length
+        for start_sequence, members in groups.items():
+            features = encoded
+            if len(members) != len(requests):  # align only these rows of the encoder output
+                rows = np.asarray(encoded.to_device(self._ct2.Device.cpu))[members]
+                features = self._ct2.StorageView.from_array(np.ascontiguousarray(rows))
+                if encoded.device != "cpu":
+                    features = features.to_device(self._ct2.Device.cuda)
+            frames = [min(len(requests[i].audio) // hop, int(MAX_WINDOW_S * SAMPLE_RATE) // hop) for i in members]
+            with self._lock:
+                aligned = self.model.align(features, list(start_sequence), [tokens[i] for i in members], frames)
+            for i, alignment in zip(members, aligned):
+                tokenizer = self._tokenizer(requests[i].task, languages[i])
+                out[i] = _words_from_alignment(tokenizer, tokens[i], alignment, texts[i])
+        return out
 
     def _retry_repetitive(self, request: InferenceRequest, language: str) -> str:
         """Decode one request again without the keyword prompt, in the full window, greedy.
