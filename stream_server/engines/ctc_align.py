@@ -1,0 +1,155 @@
+"""CTC forced alignment (Viterbi) and word timings from it: pure numpy, no model.
+
+Granite's encoder has a character CTC head whose posteriors the engine computes for every
+utterance anyway (CTC partials, speculative drafts). Aligning a final's characters to those
+posteriors gives word times at no second model pass: the best CTC path that emits exactly the
+final's characters (blanks and repeats allowed, as CTC defines), found by Viterbi over the usual
+extended label sequence ``blank, c1, blank, c2, …, cL, blank``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .base import Word
+
+
+@dataclass(frozen=True)
+class CharSpan:
+    """Where one target label was emitted: frames ``[start, end)`` and its mean posterior there."""
+
+    start: int
+    end: int
+    probability: float
+
+
+def best_path(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0) -> tuple[np.ndarray, float] | None:
+    """Viterbi over the extended labels: the most likely frame-by-frame path emitting ``targets``.
+
+    Returns:
+        ``(states, log_score)``: for every frame its state in ``blank, t1, blank, t2, …, blank``
+        (odd states are ``targets[state // 2]``), and the path's summed log posterior; ``None``
+        when no path fits (too few frames: a label repeated back to back needs a blank between).
+    """
+    log_probs = np.asarray(log_probs, dtype=np.float64)
+    frames = log_probs.shape[0]
+    labels = np.asarray(targets, dtype=np.int64)
+    extended = np.full(2 * len(labels) + 1, blank, dtype=np.int64)
+    extended[1::2] = labels
+    states = len(extended)
+    # A skip from s-2 to s is allowed into a label that differs from the label two states back.
+    skip = np.zeros(states, dtype=bool)
+    skip[3::2] = labels[1:] != labels[:-1]
+    neg_inf = -np.inf
+    score = np.full(states, neg_inf)
+    score[: min(2, states)] = log_probs[0, extended[: min(2, states)]]
+    back = np.zeros((frames, states), dtype=np.int8)  # 0: stay, 1: from s-1, 2: from s-2
+    columns = np.arange(states)
+    for t in range(1, frames):
+        step = np.concatenate(([neg_inf], score[:-1]))
+        jump = np.where(skip, np.concatenate(([neg_inf, neg_inf], score[:-2])), neg_inf)
+        candidates = np.stack([score, step, jump])
+        choice = np.argmax(candidates, axis=0)
+        score = candidates[choice, columns] + log_probs[t, extended]
+        back[t] = choice
+    # The path ends on the last label or on the blank after it.
+    last = states - 1 if states == 1 or score[-1] >= score[-2] else states - 2
+    if not np.isfinite(score[last]):
+        return None
+    path = np.empty(frames, dtype=np.int64)
+    state = last
+    for t in range(frames - 1, -1, -1):
+        path[t] = state
+        state -= int(back[t, state])
+    return path, float(score[last])
+
+
+def forced_align(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0) -> list[CharSpan] | None:
+    """Where each of ``targets`` is emitted on the most likely CTC path that emits exactly them.
+
+    Args:
+        log_probs: ``[frames, classes]`` log posteriors (log-softmax of the CTC head).
+        targets: the label sequence to align (no blanks).
+        blank: the blank class.
+
+    Returns:
+        One :class:`CharSpan` per target, in order (the frames the path spends on it, at least one,
+        and its mean posterior over them); ``None`` when no path fits (see :func:`best_path`).
+    """
+    if len(targets) == 0:
+        return []
+    found = best_path(log_probs, targets, blank)
+    if found is None:
+        return None
+    path, _ = found
+    log_probs = np.asarray(log_probs)
+    spans: list[CharSpan] = []
+    for k, label in enumerate(targets):
+        where = np.flatnonzero(path == 2 * k + 1)
+        probability = float(np.mean(np.exp(log_probs[where, label])))
+        spans.append(CharSpan(int(where[0]), int(where[-1]) + 1, probability))
+    return spans
+
+
+def align_words(
+    text: str,
+    log_probs: np.ndarray,
+    label_of: Callable[[str], int | None],
+    frame_s: float,
+    blank: int = 0,
+    token_probability: Callable[[int, int], float | None] | None = None,
+) -> tuple[Word, ...] | None:
+    """Time and score ``text``'s space-separated words from CTC posteriors.
+
+    Args:
+        text: the final's text (single spaces between words).
+        log_probs: ``[frames, classes]`` CTC log posteriors of the utterance's audio.
+        label_of: the CTC class of a character, or ``None`` for one the head cannot emit
+            (punctuation it was not trained on, say): those characters are not aligned and take
+            their word's times.
+        frame_s: seconds per CTC frame.
+        blank: the blank class.
+        token_probability: optional ``(char_start, char_end) -> probability`` of the decoder's tokens
+            covering that span of ``text`` (the LLM's own confidence); combined with the CTC
+            posterior as their geometric mean.
+
+    Returns:
+        One :class:`Word` per word (seconds from the audio's start), or ``None`` when the text has
+        characters to align but none of a word could be placed (the final then keeps utterance timing).
+    """
+    words = text.split(" ")
+    if not text.strip():
+        return ()
+    chars: list[tuple[int, int]] = []  # (label, word index)
+    offsets: list[int] = []
+    position = 0
+    for index, word in enumerate(words):
+        offsets.append(position)
+        if index:  # the space before this word, when the head has a class for it
+            space = label_of(" ")
+            if space is not None:
+                chars.append((space, -1))
+        for char in word:
+            label = label_of(char)
+            if label is not None:
+                chars.append((label, index))
+        position += len(word) + 1
+    spans = forced_align(log_probs, [label for label, _ in chars], blank)
+    if spans is None:
+        return None
+    timed: list[Word] = []
+    for index, word in enumerate(words):
+        mine = [span for span, (_, owner) in zip(spans, chars) if owner == index]
+        if not mine:
+            return None
+        probability = float(np.mean([span.probability for span in mine]))
+        if token_probability is not None:
+            llm = token_probability(offsets[index], offsets[index] + len(word))
+            if llm is not None:
+                probability = float(np.sqrt(probability * llm))
+        timed.append(Word(word, round(mine[0].start * frame_s, 3), round(mine[-1].end * frame_s, 3),
+                          round(probability, 3)))
+    return tuple(timed)
