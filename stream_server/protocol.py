@@ -100,6 +100,8 @@ class StreamConfig:
         partials: ``False`` for no partials, else the partial mode (``"llm"`` or ``"ctc"``).
         partial_interval: seconds of audio between partial hypotheses.
         vad: voice-activity segmentation settings.
+        diarize: label each final with its ``speaker`` (0, 1, … in order of first appearance);
+            needs an engine whose capabilities say ``diarization`` (docs/diarization.md).
     """
 
     task: str = "transcribe"
@@ -109,6 +111,7 @@ class StreamConfig:
     partials: str | bool = "llm"
     partial_interval: float = 0.5
     vad: VadConfig = field(default_factory=VadConfig)
+    diarize: bool = False
 
     def to_wire(self) -> dict:
         return {
@@ -123,10 +126,11 @@ class StreamConfig:
                 "aggressiveness": self.vad.aggressiveness,
                 "max_utterance_s": self.vad.max_utterance_s,
             },
+            "diarize": self.diarize,
         }
 
 
-_CONFIG_FIELDS = {"task", "language", "target_language", "keywords", "partials", "partial_interval", "vad"}
+_CONFIG_FIELDS = {"task", "language", "target_language", "keywords", "partials", "partial_interval", "vad", "diarize"}
 _VAD_FIELDS = {"silence_ms", "aggressiveness", "max_utterance_s"}
 _AUDIO_FIELDS = {"encoding", "sample_rate", "channels"}
 CLIENT_TYPES = ("start", "configure", "finalize", "stop")
@@ -236,6 +240,10 @@ def apply_config(
         changes["partial_interval"] = float(value)
     if "vad" in obj:
         changes["vad"] = _parse_vad(obj["vad"], base.vad, limits)
+    if "diarize" in obj:
+        if not isinstance(obj["diarize"], bool):
+            raise ProtocolError(BAD_CONFIG, f"diarize must be true or false, got {obj['diarize']!r}")
+        changes["diarize"] = obj["diarize"]
     return replace(base, **changes)
 
 

@@ -43,6 +43,7 @@ from .protocol import (
     ready_event,
     round_time,
 )
+from .speakers.clustering import SpeakerSettings, SpeakerTracker
 from .stabilizer import PartialStabilizer
 from .timing import final_words, words_to_wire
 
@@ -103,6 +104,7 @@ class SessionSettings:
             works on audio at most one interval old instead of audio as old as the queue's wait;
             nothing extra runs (a replaced request never started). Off: a partial runs on the
             audio it was asked with.
+        speakers: how finals are labelled with speakers when a client asks for ``diarize``.
     """
 
     default_config: StreamConfig = field(default_factory=StreamConfig)
@@ -112,6 +114,7 @@ class SessionSettings:
     max_session_s: float = 4 * 3600.0
     early_final_s: float = 0.2
     refresh_waiting_partials: bool = True
+    speakers: SpeakerSettings = field(default_factory=SpeakerSettings)
 
 
 @dataclass
@@ -130,6 +133,7 @@ class _Utterance:
     final_truncated: bool = False  # the engine's decode hit its token budget
     final_words: list[Word] | None = None  # the final text's words on the stream clock, if timed
     final_confidence: float | None = None
+    speaker_embeddings: object = field(default=None, repr=False)  # SpeakerEmbeddings of a diarize final; never logged
     final_error: dict | None = None
     language: str | None = None
     early_request: InferenceRequest | None = None  # a final decoded while the silence is still short
@@ -178,6 +182,7 @@ class Session:
         self.utterances_finalized = 0
         self._close = Close(1000, "end of stream")
         self._overload_reported_at: float | None = None  # audio time of the last partial-shedding notice
+        self._speakers: SpeakerTracker | None = None  # this session's speaker centroids (diarize), in memory only
 
     # ---- inputs -------------------------------------------------------------------------------
 
@@ -287,6 +292,7 @@ class Session:
                 utterance.final_text, result.words, utterance.start / SAMPLE_RATE,
                 (utterance.end or utterance.start) / SAMPLE_RATE,
             )
+            utterance.speaker_embeddings = result.speaker
             utterance.language = result.language or utterance.config.language
         else:
             utterance.final_error = error_event(
@@ -301,6 +307,7 @@ class Session:
         self._history.clear()
         self._open = None
         self._finishing.clear()
+        self._speakers = None
 
     # ---- control messages ---------------------------------------------------------------------
 
@@ -369,6 +376,9 @@ class Session:
         )
         if problem:
             raise ProtocolError(BAD_CONFIG, problem)
+        if config.diarize and not self.capabilities.diarization:
+            raise ProtocolError(BAD_CONFIG, f"engine {self.capabilities.name} ({self.capabilities.model}) cannot label "
+                                            "speakers on this server (docs/diarization.md)")
         if config.vad.max_utterance_s > self.settings.limits.max_utterance_s:
             raise ProtocolError(BAD_CONFIG, f"vad.max_utterance_s exceeds {self.settings.limits.max_utterance_s}")
 
@@ -495,6 +505,7 @@ class Session:
             prefix=utterance.stabilizer.stable_text if prefix is None else prefix,
             partial_mode=config.partials or "llm",
             request_id=self._next_id(),
+            diarize=kind == "final" and config.diarize,
         )
 
     def _next_id(self) -> int:
@@ -567,9 +578,23 @@ class Session:
                         event["confidence"] = utterance.final_confidence
                 else:
                     event["timing"] = "utterance"  # the engine could not time this final's words
+                if config.diarize and utterance.speaker_embeddings is not None:
+                    self._label_speaker(event, utterance)
                 actions.append(Send(event))
             self.utterances_finalized += 1
         return actions + self._maybe_end()
+
+    def _label_speaker(self, event: dict, utterance: _Utterance) -> None:
+        # Called in publishing (utterance) order, so labels number speakers by first appearance.
+        if self._speakers is None:
+            self._speakers = SpeakerTracker(self.settings.speakers)
+        attribution = self._speakers.attribute(utterance.speaker_embeddings, event["start"], event["end"])
+        utterance.speaker_embeddings = None  # the centroids keep what is needed; the rest is dropped now
+        event["speaker"] = attribution.speaker
+        if attribution.changes:
+            event["speaker_turns"] = [t.to_wire() for t in attribution.turns]
+        if "words" in event:
+            event["words"] = attribution.label_words(event["words"])
 
     def _maybe_end(self) -> list[Action]:
         if self.state != State.STOPPING or self._finishing:

@@ -705,7 +705,8 @@ def test_deepgram_wav_stream_without_encoding_and_alaw():
 
 
 @pytest.mark.parametrize("query, problem", [
-    ("encoding=linear16&diarize=true", "diarize is not supported"),
+    ("encoding=linear16&diarize=true", "diarize is not available"),  # the engine has no speaker encoder
+    ("encoding=linear16&diarize_model=nova", "diarize_model is not supported"),
     ("encoding=linear16&frobnicate=1", "unknown query parameter"),
     ("encoding=opus", "encoding 'opus' is not supported"),
     ("encoding=linear16&interim_results=maybe", "interim_results must be true or false"),

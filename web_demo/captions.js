@@ -1,5 +1,7 @@
 // Caption export: plain text, SubRip (.srt) and WebVTT (.vtt) from the session's finals.
-// Same output as stream_server/captions.py. A cue is {start, end, text} in seconds.
+// Same output as stream_server/captions.py. A cue is {start, end, text[, speaker]}, times in seconds;
+// a speaker (0-based, from a diarized session) is named "Speaker N" from 1: a "<v Speaker N>" voice
+// span in WebVTT, a "Speaker N: " prefix in SubRip and text.
 
 export function timestamp(seconds, separator) {
   let ms = Math.max(0, Math.round(seconds * 1000));
@@ -12,19 +14,24 @@ export function timestamp(seconds, separator) {
 
 const cues = (finals) => finals.filter((f) => f.text.trim() !== '');
 
+export const speakerName = (speaker) => `Speaker ${Number(speaker) + 1}`;
+const hasSpeaker = (f) => f.speaker !== undefined && f.speaker !== null;
+const prefixed = (f) => (hasSpeaker(f) ? `${speakerName(f.speaker)}: ${f.text.trim()}` : f.text.trim());
+const voiced = (f) => (hasSpeaker(f) ? `<v ${speakerName(f.speaker)}>${f.text.trim()}` : f.text.trim());
+
 export function toText(finals) {
-  return cues(finals).map((f) => `${f.text.trim()}\n`).join('');
+  return cues(finals).map((f) => `${prefixed(f)}\n`).join('');
 }
 
 export function toSrt(finals) {
   return cues(finals)
-    .map((f, i) => `${i + 1}\n${timestamp(f.start, ',')} --> ${timestamp(f.end, ',')}\n${f.text.trim()}\n`)
+    .map((f, i) => `${i + 1}\n${timestamp(f.start, ',')} --> ${timestamp(f.end, ',')}\n${prefixed(f)}\n`)
     .join('\n');
 }
 
 export function toVtt(finals) {
   const blocks = cues(finals).map(
-    (f) => `${timestamp(f.start, '.')} --> ${timestamp(f.end, '.')}\n${f.text.trim()}\n`,
+    (f) => `${timestamp(f.start, '.')} --> ${timestamp(f.end, '.')}\n${voiced(f)}\n`,
   );
   return ['WEBVTT\n', ...blocks].join('\n');
 }

@@ -12,7 +12,7 @@
 
 import { openMicrophone, SAMPLE_RATE } from './audio.js';
 import { StreamClient, listenUrl } from './protocol.js';
-import { FORMATS, download, timestamp } from './captions.js';
+import { FORMATS, download, speakerName, timestamp } from './captions.js';
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -21,6 +21,7 @@ const el = {
   partial: $('partial'), empty: $('empty'), jump: $('jump'),
   language: $('language'), task: $('task'), target: $('target'), targetRow: $('target-row'),
   keywords: $('keywords'), keywordsHint: $('keywords-hint'), silence: $('silence'),
+  diarize: $('diarize'), diarizeHint: $('diarize-hint'),
   silenceOut: $('silence-out'), applied: $('applied'),
   latLast: $('lat-last'), latMedian: $('lat-median'), lag: $('lag'), mic: $('mic'),
   latSilence: $('lat-silence'), clear: $('clear'),
@@ -73,6 +74,11 @@ function applyEngine(engine) {
   el.keywordsHint.textContent = engine.keywords
     ? 'Comma-separated; applied from the next utterance.'
     : `Keyword biasing is not supported by ${engine.name}.`;
+  el.diarize.disabled = !engine.diarization;
+  if (el.diarize.disabled) el.diarize.checked = false;
+  el.diarizeHint.textContent = engine.diarization
+    ? 'Who said what: each caption gets a speaker and a colour (one microphone, several people).'
+    : 'Speaker labels are not available on this server.';
   updateTargets();
 }
 
@@ -121,6 +127,7 @@ function configFields() {
     vad: { silence_ms: Number(el.silence.value) },
   };
   if (!el.keywords.disabled) fields.keywords = parseKeywords();
+  if (el.diarize.checked && !el.diarize.disabled) fields.diarize = true;
   return fields;
 }
 
@@ -224,7 +231,18 @@ function appendFinal(final) {
   item.title = `${clock(final.start)}–${clock(final.end)}`;
   const time = Object.assign(document.createElement('time'), { textContent: clock(final.start) });
   const text = Object.assign(document.createElement('span'), { className: 'text', textContent: final.text });
-  item.append(time, text);
+  item.append(time);
+  if (final.speaker != null) {
+    // One colour per speaker (8 repeat); each turn inside the utterance gets its own badge.
+    const turns = final.turns?.length ? final.turns : [{ speaker: final.speaker }];
+    item.dataset.speaker = String(final.speaker % 8);
+    for (const turn of turns) {
+      const badge = Object.assign(document.createElement('span'), { className: 'speaker', textContent: speakerName(turn.speaker) });
+      badge.dataset.speaker = String(turn.speaker % 8);
+      item.append(badge);
+    }
+  }
+  item.append(text);
   if (final.latency != null) {
     const lat = Object.assign(document.createElement('span'), { className: 'lat', textContent: seconds(final.latency) });
     lat.title = 'Latency: from the end of this utterance’s audio to the arrival of its final caption';
@@ -309,7 +327,10 @@ function onEvent(rec, message, session) {
       const latency = (now - end.at) / 1000;
       if (rec.partial?.session === session && rec.partial.id === message.utterance_id) rec.partial = null;
       renderPartial(rec.partial);
-      appendFinal({ start: streamTime(rec, session, message.start).t, end: end.t, text: message.text, latency });
+      appendFinal({
+        start: streamTime(rec, session, message.start).t, end: end.t, text: message.text, latency,
+        speaker: message.speaker, turns: message.speaker_turns,
+      });
       recordLatency(latency);
       break;
     }
@@ -423,6 +444,7 @@ el.language.addEventListener('change', () => { updateTargets(); settingsChanged(
 el.task.addEventListener('change', () => { updateTargets(); settingsChanged(); });
 el.target.addEventListener('change', settingsChanged);
 el.keywords.addEventListener('change', settingsChanged);
+el.diarize.addEventListener('change', settingsChanged);
 el.silence.addEventListener('input', () => { el.silenceOut.textContent = `${el.silence.value} ms`; });
 el.silence.addEventListener('change', settingsChanged);
 

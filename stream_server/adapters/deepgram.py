@@ -11,9 +11,10 @@ Options come as query parameters (as in Deepgram's API) and are mapped to one na
 ``language`` (BCP-47, reduced to its primary subtag; ``multi`` → detection), ``interim_results``
 (→ ``partials``), ``endpointing`` (ms of silence → ``vad.silence_ms``, clamped to 100–5000;
 ``false`` → 5000 and ``speech_final`` is never set), ``utterance_end_ms``, ``vad_events``,
-``keyterm``/``keywords`` (→ ``keywords``). Formatting options the engine's output already has
+``keyterm``/``keywords`` (→ ``keywords``), ``diarize`` (→ native ``diarize``: each final word
+carries ``speaker``, from the final's ``speaker_turns`` or ``speaker``). Formatting options the engine's output already has
 (``punctuate``, ``smart_format``, …) are accepted without effect; features it cannot provide
-(``diarize``, ``redact``, ``search``, …) and unknown parameters are refused with an ``Error``
+(``diarize_model``, ``redact``, ``search``, …) and unknown parameters are refused with an ``Error``
 message and close 1008 (Deepgram refuses them with HTTP 400 before the upgrade).
 
 Native events become ``Results`` (``partial`` → ``is_final: false``; ``final`` → ``is_final: true``,
@@ -42,6 +43,7 @@ from typing import Any
 
 from ..engines.base import EngineCapabilities
 from ..session import SessionSettings
+from ..speakers.clustering import Attribution, SpeakerTurn
 from .base import (
     Hangup,
     OpenStream,
@@ -66,12 +68,12 @@ _NO_EFFECT = {
     "filler_words", "dictation", "measurements", "mip_opt_out", "no_delay", "language_hint", "token",
 }
 _UNSUPPORTED = {
-    "diarize", "diarize_model", "redact", "search", "replace", "callback", "callback_method", "detect_entities",
+    "diarize_model", "redact", "search", "replace", "callback", "callback_method", "detect_entities",
     "alternatives", "sentiment", "summarize", "topics", "intents", "detect_language", "paragraphs", "utterances",
 }
 _KNOWN = {
     "encoding", "sample_rate", "channels", "multichannel", "language", "interim_results", "endpointing",
-    "utterance_end_ms", "vad_events", "keyterm", "keywords",
+    "utterance_end_ms", "vad_events", "keyterm", "keywords", "diarize",
 } | _NO_EFFECT
 
 
@@ -131,7 +133,7 @@ class DeepgramTranslator:
         self._last_word_end: dict[int, float] = {}
         self._armed: set[int] = set()
         self._configuring = False
-        self.multichannel = self.interim = self.vad_events = False
+        self.multichannel = self.interim = self.vad_events = self.diarize = False
         self.language: str | None = "en"
         self.endpointing, self.silence_ms = True, settings.default_config.vad.silence_ms
         self.utterance_end_ms: int | None = None
@@ -161,6 +163,9 @@ class DeepgramTranslator:
         self.multichannel = _bool(query, "multichannel", False)
         self.interim = _bool(query, "interim_results", False)
         self.vad_events = _bool(query, "vad_events", False)
+        self.diarize = _bool(query, "diarize", False)
+        if self.diarize and not self.capabilities.diarization:
+            raise OptionError("diarize is not available on this server (the speaker encoder is not installed)")
         language = query.get("language", ["en"])[-1].strip()
         self.language = None if language.lower() == "multi" else language.split("-")[0].lower()
         if "endpointing" in query:
@@ -189,6 +194,8 @@ class DeepgramTranslator:
         }
         if self.multichannel:
             fields["multichannel"] = True
+        if self.diarize:
+            fields["diarize"] = True
         return fields
 
     @property
@@ -341,6 +348,8 @@ class DeepgramTranslator:
         confidence = event.get("confidence")
         if confidence is None:  # not scored (interim results, translations): see docs/protocol.md
             confidence = 0.0
+        if is_final and "speaker" in event:
+            words = _label_words(words, event)
         return Reply({
             "type": "Results",
             "channel_index": [channel, self.output_channels],
@@ -415,6 +424,13 @@ def _words(text: str, start: float, end: float) -> list[dict]:
                       "punctuated_word": token})
         at += span
     return words
+
+
+def _label_words(words: list[dict], event: dict) -> list[dict]:
+    """Deepgram's diarized words: ``speaker`` of the native final's turn overlapping the word most,
+    else the final's ``speaker``; ``speaker_confidence`` is not measured, so it is left out."""
+    turns = tuple(SpeakerTurn(t["speaker"], t["start"], t["end"]) for t in event.get("speaker_turns") or ())
+    return Attribution(event["speaker"], turns).label_words(words)
 
 
 def translator(server, ws) -> DeepgramTranslator:

@@ -34,6 +34,7 @@ def load_engine(
     cpu_threads: int = 0,
     max_batch: int | None = None,
     granite_options: Mapping[str, Any] | None = None,
+    speakers: bool = True,
 ) -> tuple[Engine, str]:
     """Build the engine a server or command should use.
 
@@ -45,6 +46,9 @@ def load_engine(
         max_batch: override the engine's batch bound.
         granite_options: extra :class:`~stream_server.engines.granite.GraniteEngine` keyword arguments
             (e.g. ``encoder_batching``, ``interleave_every``) when Granite serves.
+        speakers: wrap the engine in :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`
+            (speaker labels on request; the encoder loads on the first ``diarize`` final, on the
+            engine's device) when torch and the encoder's weights are installed.
 
     Returns:
         ``(engine, reason)`` where ``reason`` says why this engine was chosen.
@@ -55,6 +59,24 @@ def load_engine(
     """
     if name not in ENGINE_NAMES:
         raise ValueError(f"unknown engine {name!r}; choose one of {ENGINE_NAMES}")
+    engine, reason = _load(name, model, device, cpu_threads, max_batch, granite_options)
+    if not speakers:
+        return engine, reason
+    from ..speakers.engine import wrap
+
+    return wrap(engine, _engine_device(engine, device)), reason
+
+
+def _engine_device(engine: Engine, requested: str) -> str:
+    # The speaker encoder runs where the engine runs: Granite knows its torch device; Whisper the
+    # device it was given.
+    device = getattr(engine, "device", None)
+    if device is not None:
+        return str(device)
+    return requested if requested.startswith("cuda") and cuda_available() else "cpu"
+
+
+def _load(name, model, device, cpu_threads, max_batch, granite_options) -> tuple[Engine, str]:
     if name == "granite":
         return _granite(model, device, max_batch, granite_options), "requested with --engine granite"
     if name == "whisper":

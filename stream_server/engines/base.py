@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -43,6 +43,8 @@ class EngineCapabilities:
         interleaved_partials: whether :meth:`Engine.transcribe_batch` accepts ``fetch_partials`` and
             serves partials queued *while* it decodes the batch's finals, between decode steps
             (Granite's CTC partials: ~10 ms each batch, against ~0.2 s for a batch of finals).
+        diarization: whether finals can carry speaker embeddings (``InferenceRequest.diarize``): set
+            by :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`, which wraps any engine.
     """
 
     name: str
@@ -57,6 +59,7 @@ class EngineCapabilities:
     language_detection: bool = False
     early_results: bool = False
     interleaved_partials: bool = False
+    diarization: bool = False
 
     def check(
         self,
@@ -109,6 +112,7 @@ class EngineCapabilities:
             "translation_pairs": [list(p) for p in self.translation_pairs],
             "keywords": self.keywords,
             "partial_modes": list(self.partial_modes),
+            "diarization": self.diarization,
         }
 
 
@@ -128,6 +132,8 @@ class InferenceRequest:
         refresh_only: a partial that only replaces its utterance's partial while that one still waits
             in the queue (the same work, on fresher audio); if none is queued (it has started, or
             finished) the scheduler drops this one unrun, as superseded. Engines ignore it.
+        diarize: a final whose result should carry speaker embeddings (``InferenceResult.speaker``);
+            engines ignore it, the speaker wrapper acts on it.
     """
 
     session_id: str
@@ -142,6 +148,7 @@ class InferenceRequest:
     partial_mode: str = "llm"
     request_id: int = 0
     refresh_only: bool = False
+    diarize: bool = False
 
     @property
     def duration(self) -> float:
@@ -179,6 +186,8 @@ class InferenceResult:
         words: ``text``'s words in order, timed and scored (joined with spaces they give ``text``),
             or ``None`` where the engine cannot time words (a translation, a partial).
         confidence: the utterance's confidence (0-1), or ``None``.
+        speaker: the utterance's :class:`~stream_server.speakers.encoder.SpeakerEmbeddings` for a
+            ``diarize`` final, else ``None``. Session memory only: never sent, never logged (no repr).
     """
 
     text: str
@@ -187,6 +196,7 @@ class InferenceResult:
     truncated: bool = False
     words: tuple[Word, ...] | None = None
     confidence: float | None = None
+    speaker: Any = field(default=None, repr=False, compare=False)
 
 
 class Engine(abc.ABC):

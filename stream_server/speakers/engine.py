@@ -1,0 +1,129 @@
+"""The batching hook: speaker embeddings computed on the inference worker, beside the transcription.
+
+:class:`SpeakerEmbeddingEngine` wraps any :class:`~stream_server.engines.base.Engine`. It runs the
+inner engine's batch, then embeds the audio of the batch's final requests that ask for speaker labels
+(``InferenceRequest.diarize``) in one batched encoder call, and attaches the embeddings to their
+results (``InferenceResult.speaker``, never serialised to clients, never logged). It therefore runs
+wherever the engine runs: on the worker thread, never on the event loop; on the engine's device.
+The encoder loads on the first request that needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from ..engines.base import Engine, InferenceRequest, InferenceResult
+from .encoder import SpeakerEncoder
+
+log = logging.getLogger(__name__)
+
+
+class SpeakerEmbeddingEngine(Engine):
+    """``inner`` plus speaker embeddings for diarized finals.
+
+    Args:
+        inner: the speech engine.
+        device: where the encoder runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``); usually the engine's.
+        encoder_factory: builds the encoder on first use (tests pass a fake); default
+            :class:`~stream_server.speakers.encoder.SpeakerEncoder` on ``device``.
+    """
+
+    def __init__(self, inner: Engine, device: str = "cpu",
+                 encoder_factory: Callable[[], Any] | None = None):
+        self.inner = inner
+        self.capabilities = dataclasses.replace(inner.capabilities, diarization=True)
+        self._factory = encoder_factory or (lambda: SpeakerEncoder(device, threads=1 if device == "cpu" else 0))
+        self._encoder = None
+        self._lock = threading.Lock()
+        self.embedded = 0  # finals embedded
+        self.embed_seconds = 0.0  # time spent embedding them
+
+    @property
+    def encoder(self):
+        """The speaker encoder, loaded on first use."""
+        with self._lock:
+            if self._encoder is None:
+                started = time.perf_counter()
+                self._encoder = self._factory()
+                log.info("speaker encoder loaded in %.2f s", time.perf_counter() - started)
+            return self._encoder
+
+    def transcribe_batch(self, requests: Sequence[InferenceRequest], **hooks) -> list[InferenceResult]:
+        """The inner engine's results, with ``speaker`` embeddings on diarized finals.
+
+        An early result (``on_result``) of a diarized final is embedded before it is handed on, so a
+        final never reaches the session without its embedding; the rest are embedded together after
+        the batch.
+        """
+        on_result = hooks.get("on_result")
+        if on_result is not None:
+            def early(index: int, result: InferenceResult) -> None:
+                if _wants(requests[index]) and result.speaker is None:
+                    self._attach([requests[index]], [result])
+                on_result(index, result)
+
+            hooks = {**hooks, "on_result": early}
+        results = self.inner.transcribe_batch(requests, **hooks)
+        pending = [(r, res) for r, res in zip(requests, results) if _wants(r) and res.speaker is None]
+        if pending:
+            self._attach([r for r, _ in pending], [res for _, res in pending])
+        return results
+
+    def _attach(self, requests: Sequence[InferenceRequest], results: Sequence[InferenceResult]) -> None:
+        started = time.perf_counter()
+        try:
+            embeddings = self.encoder.embed([r.audio for r in requests])
+        except Exception as exc:  # noqa: BLE001 - the transcripts stand; the finals go out unlabelled
+            log.warning("speaker embedding failed for %d finals (%s)", len(requests), type(exc).__name__)
+            return
+        for result, embedding in zip(results, embeddings):
+            result.speaker = embedding
+        self.embedded += len(requests)
+        self.embed_seconds += time.perf_counter() - started
+
+    def warmup(self) -> None:
+        self.inner.warmup()
+
+    def bind_thread(self) -> None:
+        hook = getattr(self.inner, "bind_thread", None)
+        if hook is not None:
+            hook()
+
+    def stats(self) -> dict:
+        stats = dict(self.inner.stats())
+        if self.embedded:
+            stats["speaker_embeddings"] = self.embedded
+            stats["speaker_embed_ms_mean"] = round(1000 * self.embed_seconds / self.embedded, 2)
+        return stats
+
+    def close(self) -> None:
+        self.inner.close()
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
+
+    def __getattr__(self, name: str):
+        # Anything else (engine-specific counters, options) is the inner engine's.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def _wants(request: InferenceRequest) -> bool:
+    return request.kind == "final" and request.diarize
+
+
+def wrap(engine: Engine, device: str = "cpu") -> Engine:
+    """``engine`` wrapped for speaker labels when the encoder can load here, else ``engine`` itself
+    (its capabilities then say ``diarization: false`` and ``diarize`` requests get ``bad_config``)."""
+    from .encoder import available
+
+    problem = available()
+    if problem is not None:
+        log.info("speaker labels unavailable: %s", problem)
+        return engine
+    return SpeakerEmbeddingEngine(engine, device)
