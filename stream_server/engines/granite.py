@@ -134,7 +134,8 @@ PROMPT_SOURCES: dict[str, PromptSource] = {
         "translate the speech to {language}",
         "vLLM vllm/model_executor/models/granite_speech.py, GraniteSpeechForConditionalGeneration."
         "get_generation_prompt (task_type 'translate': f'{audio_tok}translate the speech to "
-        "{full_lang_name_to}'); IBM's granite-speech library ends the same sentence with a period",
+        "{full_lang_name_to}'); IBM's granite-speech library ends the same sentence with a period (as "
+        "issue 18 reports; that library was not among the stored references)",
     ),
     "keywords": PromptSource(
         "Keywords: {keywords}",
