@@ -882,6 +882,10 @@ def test_preprocessor_config_must_match_the_engine_features(tiny, tmp_path):
     (ckpt / "preprocessor_config.json").write_text(json.dumps(bad))
     with pytest.raises(GraniteCheckpointError, match="hop_length=320"):
         GraniteEngine(str(ckpt))
+    (ckpt / "preprocessor_config.json").unlink()  # newer transformers: processor_config.json, nested
+    (ckpt / "processor_config.json").write_text(json.dumps({"feature_extractor": bad, "processor_class": "x"}))
+    with pytest.raises(GraniteCheckpointError, match="hop_length=320"):
+        GraniteEngine(str(ckpt))
     with pytest.raises(GraniteCheckpointError, match="n_mels=128"):  # newer transformers: top-level keys
         check_preprocessor({"n_mels": 128, "projector_window_size": 15}, model.config)
     with pytest.raises(GraniteCheckpointError, match="projector_window_size=10"):

@@ -209,22 +209,32 @@ def check_preprocessor(preprocessor: dict, config) -> None:
 
 
 def _read_preprocessor(source: str, looks_like_path: bool, local_files_only: bool) -> dict | None:
-    """The checkpoint's ``preprocessor_config.json``, or ``None`` where it has none."""
+    """The checkpoint's feature-extractor settings: ``preprocessor_config.json``, else the
+    ``feature_extractor`` (or ``audio_processor``) part of a ``processor_config.json`` (newer
+    transformers save processors that way); ``None`` where it has neither."""
     import json
 
-    if looks_like_path:
-        path = os.path.join(source, "preprocessor_config.json")
-        if not os.path.isfile(path):
-            return None
-    else:
+    def find(name: str) -> str | None:
+        if looks_like_path:
+            path = os.path.join(source, name)
+            return path if os.path.isfile(path) else None
         from transformers.utils import cached_file
 
-        path = cached_file(source, "preprocessor_config.json", local_files_only=local_files_only,
+        return cached_file(source, name, local_files_only=local_files_only,
                            _raise_exceptions_for_missing_entries=False)
-        if path is None:
-            return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+
+    path = find("preprocessor_config.json")
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    path = find("processor_config.json")
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        for key in ("feature_extractor", "audio_processor"):
+            if isinstance(data.get(key), dict):
+                return data[key]
+    return None
 
 
 @dataclass(frozen=True)
