@@ -232,7 +232,8 @@ async def test_controls_follow_engine_capabilities_and_show_server_errors(tmp_pa
             # The captions module formats exactly like the server's Python one.
             finals = [{"start": 0.69, "end": 2.97, "text": "Go forward 10 meters."},
                       {"start": 3.0, "end": 3.5, "text": "  "},
-                      {"start": 3661.0004, "end": 3662.5, "text": " Next, one. "}]
+                      {"start": 3661.0004, "end": 3662.5, "text": " Next, one. "},
+                      {"start": 3663.0, "end": 3664.0, "text": "Said by the second speaker.", "speaker": 1}]
             rendered = await page.evaluate(
                 "async (f) => { const m = await import('./captions.js');"
                 " return [m.toSrt(f), m.toVtt(f), m.toText(f)]; }",
