@@ -37,7 +37,7 @@ class ServeConfig:
                       "engine")
     device: str = _opt("auto", "auto, cpu or cuda", "engine", ("auto", "cpu", "cuda"))
     gpus: int = _opt(0, "workers on GPUs 0..N-1, one engine each (0: one worker on --device)", "engine")
-    preset: str = _opt("auto", "auto: when Granite serves on a CUDA device (local inference), the measured GPU "
+    preset: str = _opt("auto", "auto: with --engine granite on a CUDA device (local inference), the measured GPU "
                        "configuration (GPU_PRESET: padded encoder batching, batch 64, queue 8192, decode states sized "
                        "from free GPU memory, compiled decode step where faster, 1000 sessions) for every setting no "
                        "source gave; elsewhere the defaults below. gpu / cpu force one. --print-config says which and why",
@@ -287,15 +287,17 @@ def resolve_preset(config: ServeConfig, explicit: frozenset[str] | set[str] = fr
     if choice == "auto":
         if config.inference != "local":
             return dataclasses.replace(config, preset="cpu"), "preset cpu: inference runs in a Ray pool (its replicas have their own settings)"
-        if config.engine == "whisper":
-            return dataclasses.replace(config, preset="cpu"), "preset cpu: the Whisper engine was asked for"
+        if config.engine != "granite":
+            # auto may fall back to Whisper on the CPU, where batch 64 and the Granite settings do harm
+            return dataclasses.replace(config, preset="cpu"), (
+                f"preset cpu: engine {config.engine} (the GPU preset needs --engine granite, or --preset gpu)")
         if config.device == "cpu":
             return dataclasses.replace(config, preset="cpu"), "preset cpu: --device cpu"
         if cuda_available is None:
             from .engines import cuda_available
         if not cuda_available():
             return dataclasses.replace(config, preset="cpu"), "preset cpu: no CUDA device"
-        reason = f"preset gpu: a CUDA device is present and engine {config.engine} serves Granite there"
+        reason = "preset gpu: a CUDA device is present and engine granite serves there"
     else:
         reason = f"preset {choice}: asked for"
     if choice == "cpu":

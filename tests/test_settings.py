@@ -257,6 +257,9 @@ RUNTIME = {
     "max_queue": ([], "64", lambda s: (_scheduler(s).max_queue, s["settings"].max_queue), (64, 64)),
     "early_final_ms": ([], "350", lambda s: s["settings"].session.early_final_s, 0.35),
     "partial_refresh": ([], "off", lambda s: s["settings"].session.refresh_waiting_partials, False),
+    "diarize_threshold": ([], "0.7", lambda s: s["settings"].session.speakers.threshold, 0.7),
+    "diarize_max_speakers": ([], "3", lambda s: s["settings"].session.speakers.max_speakers, 3),
+    "diarize_change_threshold": ([], "0.6", lambda s: s["settings"].session.speakers.change_threshold, 0.6),
     "max_sessions": ([], "10", lambda s: s["settings"].max_sessions, 10),
     "max_sessions_per_ip": ([], "3", lambda s: s["settings"].max_sessions_per_ip, 3),
     "max_frame_bytes": ([], "4096", lambda s: s["settings"].session.max_frame_bytes, 4096),
@@ -320,12 +323,14 @@ def test_gpu_preset_is_the_measured_configuration_on_cuda_only():
     cpu, why = resolve_preset(config, explicit, cuda_available=lambda: False)
     assert cpu == dataclasses.replace(config, preset="cpu") and "no CUDA" in why
     # A setting some source gave is kept, and the reason says so.
-    config, explicit = load_config_and_sources({"max_batch": "16"}, {"GRANITE_STREAM_MAX_QUEUE": "100"})
+    config, explicit = load_config_and_sources({"engine": "granite", "max_batch": "16"},
+                                               {"GRANITE_STREAM_MAX_QUEUE": "100"})
     gpu, why = resolve_preset(config, explicit, cuda_available=lambda: True)
     assert (gpu.max_batch, gpu.max_queue, gpu.granite_encoder_batching) == (16, 100, "padded")
     assert "kept as given: max_batch, max_queue" in why
     # Never where Granite is not the GPU engine, and forced either way when asked.
-    for fields in ({"engine": "whisper"}, {"device": "cpu"}, {"inference": "ray"}):
+    for fields in ({"engine": "whisper"}, {"engine": "auto"}, {"engine": "granite", "device": "cpu"},
+                   {"engine": "granite", "inference": "ray"}):
         assert resolve_preset(*load_config_and_sources(fields, {}), cuda_available=lambda: True)[0].preset == "cpu"
     assert resolve_preset(*load_config_and_sources({"preset": "gpu"}, {}), cuda_available=lambda: False)[0].max_batch == 64
     assert resolve_preset(*load_config_and_sources({"preset": "cpu"}, {}), cuda_available=lambda: True)[0].max_batch == 8
@@ -342,6 +347,9 @@ def test_print_config_shows_the_preset_and_why(capsys, monkeypatch):
     assert first.startswith("# preset gpu: a CUDA device is present") and "kept as given: max_queue" in first
     assert 'preset = "gpu"' in out and "max_batch = 64" in out and "max_queue = 50" in out
     monkeypatch.setattr(engines, "cuda_available", lambda: False)
-    assert main(["serve", "--print-config"]) == 0
+    assert main(["serve", "--engine", "granite", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# preset cpu: no CUDA device") and "max_batch = 8" in out
+    monkeypatch.setattr(engines, "cuda_available", lambda: True)
+    assert main(["serve", "--print-config"]) == 0  # engine auto: it may fall back to Whisper on the CPU
+    assert capsys.readouterr().out.startswith("# preset cpu: engine auto")
