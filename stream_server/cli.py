@@ -18,6 +18,7 @@ from .engines import ENGINE_NAMES, load_engine
 from .engines.base import SAMPLE_RATE
 from .protocol import ProtocolLimits, StreamConfig
 from .session import Send, Session, SessionSettings
+from .speakers.clustering import SpeakerSettings
 from .driver import SessionDriver
 from .logs import configure_logging
 from .settings import (ConfigError, ServeConfig, add_arguments, cli_values, load_config_and_sources,
@@ -120,6 +121,8 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
         limits=ProtocolLimits(max_utterance_s=config.max_utterance_s), max_frame_bytes=config.max_frame_bytes,
         max_session_s=config.max_session_s, early_final_s=config.early_final_ms / 1000.0,
         refresh_waiting_partials=config.partial_refresh == "on",
+        speakers=SpeakerSettings(threshold=config.diarize_threshold, max_speakers=config.diarize_max_speakers,
+                                 change_threshold=config.diarize_change_threshold),
     )
     certfile = Path(config.certfile) if config.certfile else None
     return ServerSettings(

@@ -103,6 +103,12 @@ class ServeConfig:
     partial_refresh: str = _opt("on", "while a partial waits in the inference queue, replace it every partial_interval with "
                                 "one on the newer audio (nothing extra runs; under load partials come fresher and a little "
                                 "less often); off: it runs on the audio it was asked with", "worker", ("on", "off"))
+    diarize_threshold: float = _opt(0.84, "speaker labels (diarize): cosine similarity to the nearest speaker below "
+                                    "which an utterance starts a new speaker (docs/diarization.md); -1..1", "diarization")
+    diarize_max_speakers: int = _opt(8, "speaker labels: at most this many speakers per session (then the nearest)",
+                                     "diarization")
+    diarize_change_threshold: float = _opt(0.75, "speaker labels: two stretches of one utterance less similar than "
+                                           "this are a change of speaker (speaker_turns); -1..1", "diarization")
     max_sessions: int = _opt(256, "concurrent sessions; more get HTTP 503", "limits")
     max_sessions_per_ip: int = _opt(32, "concurrent sessions per client address; more get HTTP 429", "limits")
     max_frame_bytes: int = _opt(1 << 20, "largest audio frame (too_large beyond)", "limits")
@@ -167,6 +173,11 @@ def _check(config: ServeConfig, source: str, values: Mapping[str, Any]) -> None:
     if "granite_verify_threshold" in values and not 0.0 <= config.granite_verify_threshold <= 1.0:
         raise ConfigError(f"{source}: granite_verify_threshold must be between 0 and 1, got "
                           f"{config.granite_verify_threshold!r}")
+    for name in ("diarize_threshold", "diarize_change_threshold"):
+        if name in values and not -1.0 <= getattr(config, name) <= 1.0:
+            raise ConfigError(f"{source}: {name} must be a cosine similarity between -1 and 1, got {getattr(config, name)!r}")
+    if "diarize_max_speakers" in values and config.diarize_max_speakers < 1:
+        raise ConfigError(f"{source}: diarize_max_speakers must be >= 1")
     if "granite_decode_max_graphs" in values and config.granite_decode_max_graphs < 0:
         raise ConfigError(f"{source}: granite_decode_max_graphs must be >= 0 (0: from free GPU memory)")
     if "granite_warm_decode_seconds" in values:

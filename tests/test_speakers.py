@@ -359,3 +359,11 @@ async def test_two_speakers_over_a_real_socket_get_two_stable_labels(librivox_cl
     assert [f["speaker"] for f in finals] == [0, 1, 0, 1, 0, 1]
     assert engine.embedded >= 6  # (and an early final that speech resumed over, when one ran)
     assert max(len(json.dumps(f)) for f in finals) < 1000  # no embedding (256 floats) reaches the client
+
+
+def test_serve_refuses_speaker_settings_out_of_range():
+    from stream_server.settings import ConfigError, load_config
+
+    for name, bad in (("diarize_threshold", "1.5"), ("diarize_change_threshold", "-2"), ("diarize_max_speakers", "0")):
+        with pytest.raises(ConfigError, match=name):
+            load_config({name: bad}, {})

@@ -35,12 +35,16 @@ class SpeakerEmbeddingEngine(Engine):
     def __init__(self, inner: Engine, device: str = "cpu",
                  encoder_factory: Callable[[], Any] | None = None):
         self.inner = inner
-        self.capabilities = dataclasses.replace(inner.capabilities, diarization=True)
         self._factory = encoder_factory or (lambda: SpeakerEncoder(device, threads=1 if device == "cpu" else 0))
         self._encoder = None
         self._lock = threading.Lock()
         self.embedded = 0  # finals embedded
         self.embed_seconds = 0.0  # time spent embedding them
+
+    @property
+    def capabilities(self):
+        """The inner engine's, with ``diarization`` (read when asked: the inner engine owns them)."""
+        return dataclasses.replace(self.inner.capabilities, diarization=True)
 
     @property
     def encoder(self):
