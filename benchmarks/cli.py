@@ -5,6 +5,7 @@ Subcommands::
     granite-stream bench [run] [options]      # the benchmark (default subcommand)
     granite-stream bench report RESULTS.json  # re-print the table and redraw the plots
     granite-stream bench install-peers        # install WhisperLive 0.10.0 for --peers whisperlive
+    granite-stream bench diarization [opts]   # speaker labels on single-channel conversations (docs/diarization.md)
 """
 
 from __future__ import annotations
@@ -546,10 +547,18 @@ def main(argv: list[str] | None = None) -> int:
         from .peers import install_peers
 
         return install_peers()
+    if argv[:1] == ["diarization"]:
+        from .diarization import main as diarization_main
+
+        return diarization_main(argv[1:])
     if argv[:1] == ["report"]:
         from .report import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] == ["word-timing"]:
+        from .word_timing import main as word_timing_main
+
+        return word_timing_main(argv[1:])
     if argv[:1] == ["run"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)

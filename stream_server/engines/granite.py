@@ -691,28 +691,32 @@ class GraniteEngine(Engine):
         self.compile_choice = {"compiled_s": compiled_s, "eager_s": eager_s, "kept": "compiled" if keep else "eager"}
         return True
 
-    def _time_decode(self, repeats: int = 3) -> float:
-        """Median seconds of one decode of a full batch of the longest warm-up length (speculation off)."""
+    def _time_decode(self, repeats: int = 3, tokens: int = 32) -> float:
+        """Median seconds of the decoder producing ``tokens`` tokens (EOS suppressed) for a full batch
+        of the longest warm-up length: the step function's cost alone. (A decode of silence through
+        :meth:`transcribe_batch` would end at the model's first EOS and time little of it.)"""
         import time
 
         seconds = max(self.warm_decode_seconds or (6.0,))
         language = self.capabilities.languages[0] if self.capabilities.languages else None
         audio = np.zeros(int(seconds * SAMPLE_RATE), np.float32)
-        batch = [InferenceRequest("warmup", i, "final", audio, language=language) for i in range(self.max_batch)]
-        speculative, self.speculative = self.speculative, False
+        works = [self._prepare(i, InferenceRequest("warmup", i, "final", audio, language=language))
+                 for i in range(self.max_batch)]
+        with torch.inference_mode():
+            self._encode_audio(works)
+            self._project(works)
+            embeds, mask, _ = self._embed_batch([self._sequence(w) for w in works], [w.audio_embeds for w in works])
         times = []
-        try:
-            for i in range(repeats + 1):  # the first run captures (or compiles): not timed
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                start = time.perf_counter()
-                self.transcribe_batch(batch)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                if i:
-                    times.append(time.perf_counter() - start)
-        finally:
-            self.speculative = speculative
+        for i in range(repeats + 1):  # the first run captures (or compiles): not timed
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            self.decoder.generate(embeds, mask, tokens, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id,
+                                  suppress_eos=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if i:
+                times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]
 
     def stats(self) -> dict:
