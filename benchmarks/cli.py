@@ -6,6 +6,7 @@ Subcommands::
     granite-stream bench report RESULTS.json  # re-print the table and redraw the plots
     granite-stream bench install-peers        # install WhisperLive 0.10.0 for --peers whisperlive
     granite-stream bench diarization [opts]   # speaker labels on single-channel conversations (docs/diarization.md)
+    granite-stream bench diarization [opts]   # speaker labels on single-channel conversations (docs/diarization.md)
 """
 
 from __future__ import annotations
@@ -547,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         from .peers import install_peers
 
         return install_peers()
+    if argv[:1] == ["diarization"]:
+        from .diarization import main as diarization_main
+
+        return diarization_main(argv[1:])
     if argv[:1] == ["diarization"]:
         from .diarization import main as diarization_main
 

@@ -1,0 +1,326 @@
+"""``granite-stream bench diarization``: speaker labels on single-channel conversations (docs/diarization.md).
+
+Conversations are built from real speech of distinct dev voices: the Asterisk prompts (one voice
+per language: ``en``, ``es``, ``fr``), the LibriVox reader (``librivox``) and the goforward speaker
+(``goforward``). Each has turns of 2–8 s by randomly chosen speakers (never the same twice in a
+row) with gaps of 0.3–1.5 s, and is band-limited to telephone bandwidth (8 kHz, 300–3400 Hz) so the
+recording channel is no cue: the Asterisk voices are 8 kHz studio prompts, the others 16 kHz.
+
+Each conversation streams at real time through a real socket (``benchmarks.loadgen``) to the real
+server (in this process, Whisper on the CPU unless told otherwise), once with ``"diarize": true``
+and once without, a few conversations at a time. Scored per reference turn: the hypothesis speaker
+is the label covering most of the turn's time (``speaker_turns`` where a final has them, else the
+final's ``speaker``); accuracy is taken under the best one-to-one mapping of labels to true
+speakers. Also: the number of labels against the true number of speakers, the encoder's time per
+final (from the speaker wrapper's counters), and final latency and WER with and without ``diarize``.
+
+``--tune`` instead embeds each reference turn offline and prints attribution accuracy over a grid of
+clustering thresholds (no server): how the defaults of ``SpeakerSettings`` were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .datasets import Clip, load_set
+from .loadgen import PlannedClip, StreamPlan, clip_audio, run_granite_stream
+
+log = logging.getLogger("granite_stream.bench.diarization")
+
+VOICES = {  # voice name -> data set: one speaker each
+    "en": "asterisk-en", "es": "asterisk-es", "fr": "asterisk-fr", "librivox": "librivox", "goforward": "goforward",
+}
+SEND_RATE = 8000  # telephone
+BAND = (300.0, 3400.0)
+TURN_S = (2.0, 8.0)
+GAP_S = (0.3, 1.5)
+
+
+@dataclass(frozen=True)
+class Turn:
+    speaker: str
+    clip: Clip
+    start: float  # seconds on the conversation's clock
+    end: float
+
+
+@dataclass
+class Conversation:
+    index: int
+    speakers: tuple[str, ...]
+    turns: list[Turn]
+    audio: np.ndarray  # float32 at SEND_RATE, band-limited
+
+    def plan(self) -> StreamPlan:
+        clips = [PlannedClip(t.clip, t.start, t.end) for t in self.turns]
+        return StreamPlan(self.index, SEND_RATE, self.audio, clips, "en")
+
+
+def telephone(audio: np.ndarray, rate: int) -> np.ndarray:
+    """``audio`` at ``rate`` as a telephone line carries it: 8 kHz, only 300–3400 Hz."""
+    import soxr
+
+    x = soxr.resample(audio, rate, SEND_RATE, quality="HQ").astype(np.float32) if rate != SEND_RATE else audio
+    spectrum = np.fft.rfft(x)
+    freqs = np.fft.rfftfreq(len(x), 1 / SEND_RATE)
+    spectrum[(freqs < BAND[0]) | (freqs > BAND[1])] = 0
+    return np.fft.irfft(spectrum, len(x)).astype(np.float32)
+
+
+def voice_clips(voices: Sequence[str] = tuple(VOICES)) -> dict[str, list[Clip]]:
+    """Each voice's dev clips lasting 2–8 s (turn length)."""
+    out = {}
+    for voice in voices:
+        clips = load_set(VOICES[voice], "dev", progress=False)
+        out[voice] = [c for c in clips if TURN_S[0] <= len(clip_audio(c, 16000)) / 16000 <= TURN_S[1]]
+        if not out[voice]:
+            raise RuntimeError(f"voice {voice} has no clip of {TURN_S[0]}-{TURN_S[1]} s")
+    return out
+
+
+def build_conversation(index: int, n_speakers: int, n_turns: int, clips: dict[str, list[Clip]],
+                       rng: random.Random) -> Conversation:
+    """A conversation of ``n_turns`` turns among ``n_speakers`` voices drawn from ``clips``."""
+    speakers = tuple(rng.sample(sorted(clips), n_speakers))
+    order = list(speakers)
+    rng.shuffle(order)  # everyone speaks once early, in random order; then random, no immediate repeat
+    while len(order) < n_turns:
+        order.append(rng.choice([s for s in speakers if s != order[-1]]))
+    pieces, turns, at = [np.zeros(int(0.5 * SEND_RATE), np.float32)], [], 0.5
+    for speaker in order[:n_turns]:
+        clip = rng.choice(clips[speaker])
+        audio = telephone(clip_audio(clip, 16000), 16000)
+        turns.append(Turn(speaker, clip, at, at + len(audio) / SEND_RATE))
+        gap = rng.uniform(*GAP_S)
+        pieces += [audio, np.zeros(int(gap * SEND_RATE), np.float32)]
+        at += len(audio) / SEND_RATE + int(gap * SEND_RATE) / SEND_RATE
+    pieces.append(np.zeros(SEND_RATE, np.float32))
+    audio = np.concatenate(pieces)
+    return Conversation(index, speakers, turns, audio / max(1.0, float(np.max(np.abs(audio))) / 0.9))
+
+
+def conversations(count: int, n_speakers: int, n_turns: int, seed: int,
+                  clips: dict[str, list[Clip]]) -> list[Conversation]:
+    rng = random.Random(f"diarization-{seed}-{n_speakers}")
+    return [build_conversation(i, n_speakers, n_turns, clips, rng) for i in range(count)]
+
+
+# ---- scoring ----------------------------------------------------------------------------------------
+
+
+def hypothesis_segments(finals: Sequence[dict]) -> list[tuple[int, float, float]]:
+    """``(speaker, start, end)`` stretches of the finals: their ``speaker_turns``, else the whole final."""
+    segments = []
+    for f in finals:
+        if f.get("speaker") is None:
+            continue
+        turns = f.get("speaker_turns") or [{"speaker": f["speaker"], "start": f["start"], "end": f["end"]}]
+        segments += [(t["speaker"], t["start"], t["end"]) for t in turns]
+    return segments
+
+
+def score(turns: Sequence[Turn], finals: Sequence[dict]) -> dict:
+    """Attribution of the reference turns (best one-to-one label mapping) and the speaker count."""
+    segments = hypothesis_segments(finals)
+    labels = []
+    for t in turns:
+        overlap: dict[int, float] = {}
+        for speaker, a, b in segments:
+            shared = min(b, t.end) - max(a, t.start)
+            if shared > 0:
+                overlap[speaker] = overlap.get(speaker, 0.0) + shared
+        labels.append(max(overlap, key=overlap.__getitem__) if overlap else None)
+    truth = sorted({t.speaker for t in turns})
+    found = sorted({s for s, _, _ in segments})
+    best = 0
+    hyp = found + [None] * max(0, len(truth) - len(found))
+    for perm in itertools.permutations(hyp, len(truth)):
+        mapping = dict(zip(truth, perm))
+        best = max(best, sum(1 for t, label in zip(turns, labels) if label is not None and mapping[t.speaker] == label))
+    return {"turns": len(turns), "correct": best, "accuracy": best / len(turns), "speakers_true": len(truth),
+            "speakers_found": len(found)}
+
+
+def summarize(scores: Sequence[dict]) -> dict:
+    turns = sum(s["turns"] for s in scores)
+    return {
+        "conversations": len(scores),
+        "turns": turns,
+        "accuracy": round(sum(s["correct"] for s in scores) / max(1, turns), 4),
+        "accuracy_per_conversation": {"min": round(min(s["accuracy"] for s in scores), 3),
+                                      "median": round(statistics.median(s["accuracy"] for s in scores), 3)},
+        "speaker_count_right": round(sum(s["speakers_found"] == s["speakers_true"] for s in scores) / len(scores), 3),
+        "speakers_found": [s["speakers_found"] for s in scores],
+    }
+
+
+# ---- offline tuning -------------------------------------------------------------------------------
+
+
+def tune(convs: Sequence[Conversation], grid: Sequence[float]) -> dict:
+    """Attribution accuracy per clustering threshold, each reference turn embedded as one utterance."""
+    import soxr
+
+    from stream_server.speakers.clustering import SpeakerSettings, SpeakerTracker
+    from stream_server.speakers.encoder import SpeakerEncoder
+
+    encoder = SpeakerEncoder("cpu", threads=1)
+    embedded = []
+    for conv in convs:
+        wavs = [soxr.resample(conv.audio[int(t.start * SEND_RATE):int(t.end * SEND_RATE)], SEND_RATE, 16000)
+                for t in conv.turns]
+        embedded.append(encoder.embed(wavs))
+    out = {}
+    for threshold in grid:
+        settings = replace(SpeakerSettings(), threshold=threshold, merge_threshold=max(threshold + 0.05, 0.9))
+        scores = []
+        for conv, embs in zip(convs, embedded):
+            tracker = SpeakerTracker(settings)
+            finals = []
+            for t, e in zip(conv.turns, embs):
+                a = tracker.attribute(e, t.start, t.end)
+                finals.append({"start": t.start, "end": t.end, "speaker": a.speaker,
+                               "speaker_turns": [x.to_wire() for x in a.turns]})
+            scores.append(score(conv.turns, finals))
+        out[threshold] = summarize(scores)
+    return out
+
+
+# ---- streaming run ----------------------------------------------------------------------------------
+
+
+async def stream_all(url: str, convs: Sequence[Conversation], diarize: bool, concurrency: int) -> list:
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(conv: Conversation):
+        async with semaphore:
+            return await run_granite_stream(url, conv.plan(), partials=False,
+                                            extra_start={"diarize": True} if diarize else {})
+
+    return await asyncio.gather(*(one(c) for c in convs))
+
+
+def _finals(slog) -> list[dict]:
+    return [m for _, m in slog.messages if m.get("type") == "final"]
+
+
+def _latencies(slog) -> list[float]:
+    # Final latency: arrival of the final minus the moment its utterance's last audio was sent.
+    out = []
+    for arrived, m in slog.messages:
+        if m.get("type") == "final":
+            out.append(arrived - slog.sent_at(m["end"]))
+    return out
+
+
+def _wer(logs, convs) -> float | None:
+    """WER of the English turns' text (reference: the clips' transcripts; hypothesis: the finals
+    overlapping them), joined per conversation."""
+    from .textnorm import wer_cer
+
+    pairs = []
+    for slog, conv in zip(logs, convs):
+        finals = _finals(slog)
+        for t in conv.turns:
+            if t.clip.language != "en":
+                continue
+            hyp = " ".join(f["text"] for f in finals if min(f["end"], t.end) - max(f["start"], t.start) > 0.5 * (f["end"] - f["start"]))
+            pairs.append((t.clip.text, hyp))
+    return wer_cer(pairs, "en").get("wer") if pairs else None
+
+
+async def run(args) -> dict:
+    from stream_server.engines import load_engine
+    from stream_server.server import ServerSettings, StreamServer
+    from stream_server.session import SessionSettings
+
+    from .servers import machine_info
+
+    clips = voice_clips()
+    sets = {k: conversations(args.conversations, k, args.turns, args.seed, clips) for k in args.speakers}
+    loop = asyncio.get_running_loop()
+    engine, reason = await loop.run_in_executor(None, lambda: load_engine(args.engine, None, args.device, args.cpu_threads))
+    await loop.run_in_executor(None, engine.warmup)
+    settings = ServerSettings(port=0, max_sessions_per_ip=4096, session=SessionSettings())
+    results: dict = {"schema": "granite-stream-bench-diarization/1", "machine": machine_info(), "reason": reason,
+                     "engine": engine.capabilities.to_wire(), "args": {k: str(v) for k, v in vars(args).items()},
+                     "speaker_settings": vars(settings.session.speakers) if hasattr(settings.session.speakers, "__dict__") else {}}
+    async with StreamServer(engine, settings, reason) as server:
+        for k, convs in sets.items():
+            entry: dict = {}
+            for diarize in (True, False):
+                before = (getattr(engine, "embedded", 0), getattr(engine, "embed_seconds", 0.0))
+                started = time.perf_counter()
+                logs = await stream_all(server.url, convs, diarize, args.concurrency)
+                errors = [s.error for s in logs if s.error]
+                lat = [x for s in logs for x in _latencies(s)]
+                run = {"wall_s": round(time.perf_counter() - started, 1), "errors": errors,
+                       "finals": len(lat), "final_latency_s": {"median": round(statistics.median(lat), 3),
+                                                               "p95": round(float(np.percentile(lat, 95)), 3)},
+                       "wer_en": _wer(logs, convs)}
+                if diarize:
+                    scores = [score(c.turns, _finals(s)) for c, s in zip(convs, logs)]
+                    run |= summarize(scores)
+                    embedded = getattr(engine, "embedded", 0) - before[0]
+                    seconds = getattr(engine, "embed_seconds", 0.0) - before[1]
+                    run["embed_ms_per_final"] = round(1000 * seconds / max(1, embedded), 2)
+                    run["finals_embedded"] = embedded
+                    run["finals_with_turns"] = sum(1 for s in logs for f in _finals(s) if f.get("speaker_turns"))
+                entry["diarize" if diarize else "off"] = run
+                log.info("%d speakers, diarize=%s: %s", k, diarize, json.dumps(run))
+            results[f"speakers_{k}"] = entry
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="granite-stream bench diarization", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--speakers", type=lambda v: [int(x) for x in v.split(",")], default=[2, 4],
+                   help="speakers per conversation, comma-separated (at most 5 voices)")
+    p.add_argument("--conversations", type=int, default=10, help="conversations per speaker count")
+    p.add_argument("--turns", type=int, default=8, help="turns per conversation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=int, default=5, help="conversations streamed at once (real time each)")
+    p.add_argument("--engine", default="whisper")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cpu-threads", type=int, default=2)
+    p.add_argument("--tune", action="store_true", help="offline threshold grid instead of the streaming run")
+    p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if any(not 1 <= k <= len(VOICES) for k in args.speakers):
+        p.error(f"--speakers must be within 1-{len(VOICES)}")
+    if args.tune:
+        clips = voice_clips()
+        grid = [round(x, 2) for x in np.arange(0.70, 0.92, 0.02)]
+        results = {k: tune(conversations(args.conversations, k, args.turns, args.seed, clips), grid)
+                   for k in args.speakers}
+        for k, rows in results.items():
+            for threshold, row in rows.items():
+                print(f"{k} speakers threshold {threshold:.2f}: accuracy {row['accuracy']:.3f} "
+                      f"count right {row['speaker_count_right']:.2f} found {row['speakers_found']}")
+    else:
+        results = asyncio.run(run(args))
+        print(json.dumps(results, indent=1, default=str))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
