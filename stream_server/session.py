@@ -132,6 +132,7 @@ class _Utterance:
     final_text: str | None = None
     final_truncated: bool = False  # the engine's decode hit its token budget
     final_words: list[Word] | None = None  # the final text's words on the stream clock, if timed
+    voiced_start: int = 0  # sample index of the VAD's first voiced frame (after the pre-roll)
     final_confidence: float | None = None
     speaker_embeddings: object = field(default=None, repr=False)  # SpeakerEmbeddings of a diarize final; never logged
     final_error: dict | None = None
@@ -290,7 +291,7 @@ class Session:
             utterance.final_confidence = result.confidence
             utterance.final_words = final_words(
                 utterance.final_text, result.words, utterance.start / SAMPLE_RATE,
-                (utterance.end or utterance.start) / SAMPLE_RATE,
+                (utterance.end or utterance.start) / SAMPLE_RATE, utterance.voiced_start / SAMPLE_RATE,
             )
             utterance.speaker_embeddings = result.speaker
             utterance.language = result.language or utterance.config.language
@@ -408,6 +409,7 @@ class Session:
         for event in events:
             if isinstance(event, SpeechStarted):
                 utterance = _Utterance(self._next_utterance_id, event.start, self.config)
+                utterance.voiced_start = event.start if event.voiced is None else event.voiced
                 self._next_utterance_id += 1
                 self._open = utterance
                 actions.append(

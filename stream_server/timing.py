@@ -24,7 +24,8 @@ def _key(word: str) -> str:
     return _KEY.sub("", word.lower())
 
 
-def final_words(text: str, timed: Sequence[Word] | None, offset: float, end: float) -> list[Word] | None:
+def final_words(text: str, timed: Sequence[Word] | None, offset: float, end: float,
+                earliest: float | None = None) -> list[Word] | None:
     """The published ``text``'s words, timed on the stream clock.
 
     Args:
@@ -33,10 +34,13 @@ def final_words(text: str, timed: Sequence[Word] | None, offset: float, end: flo
             the engine could not time words.
         offset: stream time of the request audio's first sample (the utterance's start).
         end: stream time of the utterance's end; no word ends after it.
+        earliest: no word starts before this stream time: where the VAD heard the first voiced
+            frame. The utterance's audio begins with a pre-roll of silence, and Whisper's
+            alignment puts its first word at the very start of the audio it was given.
 
     Returns:
         One :class:`Word` per space-separated word of ``text``, in order, with
-        ``offset <= start <= end_of_word <= end``; ``None`` when ``timed`` is ``None`` or empty while
+        ``max(offset, earliest) <= start <= end_of_word <= end``; ``None`` when ``timed`` is ``None`` or empty while
         ``text`` is not.
     """
     tokens = text.split()
@@ -67,7 +71,7 @@ def final_words(text: str, timed: Sequence[Word] | None, offset: float, end: flo
             placed[k] = Word(tokens[k], before + step * (k - i), before + step * (k - i + 1), None)
         i = j
     words: list[Word] = []
-    floor = offset
+    floor = offset if earliest is None else min(max(offset, earliest), end)
     for word in placed:
         assert word is not None
         start = min(max(word.start, floor), end)

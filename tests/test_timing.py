@@ -135,7 +135,9 @@ def test_final_event_carries_words_on_the_stream_clock():
         words = final["words"]
         assert " ".join(w["word"] for w in words) == final["text"]
         assert all(final["start"] <= w["start"] <= w["end"] <= final["end"] + 1e-9 for w in words)
-        assert words[0]["start"] == pytest.approx(final["start"], abs=0.001)  # the fake's first word starts at 0
+        # The fake's first word starts at 0 of the request audio: moved to the first voiced frame,
+        # after the VAD's 300 ms pre-roll.
+        assert words[0]["start"] == pytest.approx(final["start"] + 0.3, abs=0.001)
         assert final["confidence"] == pytest.approx(np.mean([w["confidence"] for w in words]), abs=0.001)
         assert "timing" not in final
     assert finals[1]["words"][0]["start"] > finals[0]["end"]
@@ -165,7 +167,7 @@ def test_deepgram_results_carry_the_real_word_times_and_confidences():
     words = alternative["words"]
     assert [w["punctuated_word"] for w in words] == alternative["transcript"].split()
     assert [w["confidence"] for w in words] == [0.5 + 0.1 * (i % 5) for i in range(len(words))]
-    assert words[1]["start"] == pytest.approx(words[0]["start"] + 0.4, abs=0.002)
+    assert words[2]["start"] == pytest.approx(words[1]["start"] + 0.4, abs=0.002)
     assert alternative["confidence"] == pytest.approx(np.mean([w["confidence"] for w in words]), abs=0.001)
     interim = [m for m in h.replies if m["type"] == "Results" and not m["is_final"]]
     assert interim and all(m["channel"]["alternatives"][0]["confidence"] == 0.0 for m in interim)  # not scored
@@ -208,3 +210,20 @@ def test_twilio_final_transcripts_carry_words():
     feed_twilio(h, {"inbound": np.concatenate([quiet(0.5, 8000), buzz(1.6, 8000), quiet(1.0, 8000)])})
     [final] = [r for r in h.replies if r["event"] == "transcript" and r["is_final"]]
     assert " ".join(w["word"] for w in final["words"]) == final["text"] and 0 < final["confidence"] <= 1
+
+
+def test_no_word_starts_before_the_first_voiced_frame():
+    # Whisper puts the first word at the start of the audio, which begins with the VAD's pre-roll.
+    words = final_words("Go forward", decoded(("Go", 0.0, 0.5, 0.9), ("forward", 0.5, 0.9, 0.9)),
+                        offset=5.0, end=6.0, earliest=5.3)
+    assert [(w.start, w.end) for w in words] == [(5.3, 5.5), (5.5, 5.9)]
+
+
+def test_the_vad_says_where_voicing_starts():
+    from tests.test_vad import voiced
+    from vad import SpeechStarted, VadConfig, VadSegmenter
+
+    segmenter = VadSegmenter(VadConfig(pre_roll_ms=300))
+    events = segmenter.feed(np.concatenate([np.zeros(16000, np.float32), voiced(1.0)]))
+    [started] = [e for e in events if isinstance(e, SpeechStarted)]
+    assert started.voiced - started.start == 300 * 16 and abs(started.voiced - 16000) <= 30 * 16

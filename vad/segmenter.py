@@ -114,9 +114,15 @@ class VadConfig:
 
 @dataclass(frozen=True)
 class SpeechStarted:
-    """An utterance begins at sample index ``start`` (inclusive)."""
+    """An utterance begins at sample index ``start`` (inclusive).
+
+    ``voiced`` is where its first voiced frame begins (``start`` plus the pre-roll, unless the
+    pre-roll was cut short; equal to ``start`` for the continuation after a max-length cut):
+    nothing before it was classified as speech. ``None`` means unknown, taken as ``start``.
+    """
 
     start: int
+    voiced: int | None = None
 
 
 @dataclass(frozen=True)
@@ -411,7 +417,7 @@ class VadSegmenter:
             return
         first_voiced = next(s for s, v, _ in window if v)
         utt_start = max(first_voiced - p.pre_roll, self._floor)
-        events.append(SpeechStarted(utt_start))
+        events.append(SpeechStarted(utt_start, first_voiced))
         self._utt_start = utt_start
         # On a gated frame the last voiced frame lies behind us; continue the
         # silence count from there so the end comes as it would have.
@@ -472,7 +478,7 @@ class VadSegmenter:
         cut = starts[best_i] + self._params.frame_len // 2
         events.append(SpeechEnded(cut, "max_length"))
         if self._last_voiced_end > cut:
-            events.append(SpeechStarted(cut))
+            events.append(SpeechStarted(cut, cut))
             self._utt_start = cut
             self._floor = cut
             del starts[: best_i + 1]
