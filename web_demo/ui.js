@@ -230,7 +230,8 @@ function appendFinal(final) {
   item.className = final.interrupted ? 'final interrupted' : 'final';
   item.title = `${clock(final.start)}–${clock(final.end)}`;
   const time = Object.assign(document.createElement('time'), { textContent: clock(final.start) });
-  const text = Object.assign(document.createElement('span'), { className: 'text', textContent: final.text });
+  const text = Object.assign(document.createElement('span'), { className: 'text' });
+  renderWords(text, final);
   item.append(time);
   if (final.speaker != null) {
     // One colour per speaker (8 repeat); each turn inside the utterance gets its own badge.
@@ -254,6 +255,27 @@ function appendFinal(final) {
   keepScrolled(() => el.finals.append(item));
   el.empty.hidden = true;
   exportButtons.forEach((b) => (b.disabled = false));
+}
+
+// Words the model was unsure of (an account number, a name) are underlined, with their confidence
+// on hover; the rest is plain text, so a caption reads as before.
+const LOW_CONFIDENCE = 0.5;
+
+function renderWords(container, final) {
+  if (!final.words?.length) {
+    container.textContent = final.text;
+    return;
+  }
+  final.words.forEach((word, i) => {
+    if (i) container.append(' ');
+    if (word.confidence != null && word.confidence < LOW_CONFIDENCE) {
+      const span = Object.assign(document.createElement('span'), { className: 'low', textContent: word.word });
+      span.title = `confidence ${word.confidence.toFixed(2)}`;
+      container.append(span);
+    } else {
+      container.append(word.word);
+    }
+  });
 }
 
 function appendNote(t, message) {
@@ -330,6 +352,9 @@ function onEvent(rec, message, session) {
       appendFinal({
         start: streamTime(rec, session, message.start).t, end: end.t, text: message.text, latency,
         speaker: message.speaker, turns: message.speaker_turns,
+        words: message.words?.map((w) => ({
+          ...w, start: streamTime(rec, session, w.start).t, end: streamTime(rec, session, w.end).t,
+        })),
       });
       recordLatency(latency);
       break;
