@@ -564,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         from .word_timing import main as word_timing_main
 
         return word_timing_main(argv[1:])
+    if argv[:1] == ["word-timing"]:
+        from .word_timing import main as word_timing_main
+
+        return word_timing_main(argv[1:])
     if argv[:1] == ["run"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
