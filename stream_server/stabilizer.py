@@ -8,7 +8,6 @@ word is never made stable: it may be a word cut off by the end of the audio deco
 
 from __future__ import annotations
 
-import difflib
 import unicodedata
 
 
@@ -18,6 +17,41 @@ def _comparable(word: str) -> str:
     return "".join(kept) or word
 
 
+# Word edits between the stable words and the start of a hypothesis, as in word error rate, with
+# hair-thin differences that decide between edit scripts of the same length (see reconcile).
+_SKIPPED = 1.001  # a word of the hypothesis that the stable words skipped
+_CHANGED = 1.002  # a stable word standing for a different word of the hypothesis
+_EXTRA = 1.003  # a stable word with no counterpart in the hypothesis
+
+
+def reconcile(stable: list[str], words: list[str]) -> int:
+    """How many leading words of ``words`` the published ``stable`` words stand for.
+
+    The text to publish is ``stable + words[j:]``. ``j`` is where the best word alignment of
+    ``stable`` against a prefix of ``words`` ends (fewest word edits, case and punctuation aside),
+    so every word of ``words`` after the part the stable words cover is kept, wherever in
+    ``words`` that part ends: "here are the" + "here are some more words" gives "here are the more
+    words", not a jump to a later "the". Between equally short alignments, one where the stable
+    words skipped a word of ``words`` beats one where a stable word stands for another word, which
+    beats one where a stable word stands for nothing: published words are never repeated when the
+    hypothesis can explain them ("Mr. John" + "And so Mr. John Dashwood" gives "Mr. John
+    Dashwood", not "Mr. John Mr. John Dashwood"). Both texts decode the same audio from its start,
+    so a remaining tie goes to the ``j`` closest to ``len(stable)`` ("go forward" + "for ward ten
+    metres" gives "go forward ten metres").
+    """
+    a = [_comparable(w) for w in stable]
+    b = [_comparable(w) for w in words]
+    # row[j]: cost of aligning the stable words seen so far with words[:j].
+    row = [j * _SKIPPED for j in range(len(b) + 1)]
+    for i, word in enumerate(a, 1):
+        prev, row = row, [i * _EXTRA]
+        for j in range(1, len(b) + 1):
+            row.append(min(prev[j] + _EXTRA, row[j - 1] + _SKIPPED,
+                           prev[j - 1] + (0.0 if word == b[j - 1] else _CHANGED)))
+    best = min(row)
+    return min((j for j, cost in enumerate(row) if cost <= best + 1e-9), key=lambda j: (abs(j - len(a)), j))
+
+
 class PartialStabilizer:
     """Tracks one utterance's stable prefix.
 
@@ -25,7 +59,8 @@ class PartialStabilizer:
     :meth:`finish` starts with ``" ".join(stable_words)``.
     """
 
-    def __init__(self, agreement: int = 3, holdback: int = 1, min_audio_s: float = 0.0) -> None:
+    def __init__(self, agreement: int = 3, holdback: int = 1, min_audio_s: float = 2.0,
+                 min_span_s: float = 1.5) -> None:
         """
         Args:
             agreement: how many consecutive hypotheses must agree on a word (LocalAgreement-n). 3 by
@@ -35,14 +70,20 @@ class PartialStabilizer:
             holdback: how many trailing words of the newest hypothesis are never made stable.
             min_audio_s: hypotheses over less audio than this never make words stable (recognisers
                 guess wildly on the first fraction of a second).
+            min_span_s: the agreeing hypotheses must also span this much audio (the newest covers
+                at least this much more than the oldest); when ``agreement`` consecutive ones span
+                less, older ones must agree too. Without it, how much evidence a stable word needs
+                depends on the partial cadence: every 0.5 s at one stream, three hypotheses span
+                only 1 s, and more partials lock in more early guesses.
         """
         if agreement < 2 or holdback < 0:
             raise ValueError("agreement must be >= 2 and holdback >= 0")
         self.agreement = agreement
         self.holdback = holdback
         self.min_audio_s = min_audio_s
+        self.min_span_s = min_span_s
         self.stable_words: list[str] = []
-        self._history: list[list[str]] = []
+        self._history: list[tuple[list[str], float | None]] = []  # (words, audio_s), oldest first
         self.revisions = 0
         """How often a hypothesis contradicted the stable prefix (it was overridden, not retracted)."""
 
@@ -53,27 +94,17 @@ class PartialStabilizer:
     def _enforce_prefix(self, text: str) -> list[str]:
         """The stable words followed by what ``text`` says after them.
 
-        When ``text`` disagrees with the stable words, the published words stand; the continuation
-        starts where the stable prefix's last aligned word falls in ``text`` (so "Do we set your"
-        + "To reset your speaking volume" gives "Do we set your speaking volume", not a repeat or
-        a gap).
+        When ``text`` disagrees with the stable words, the published words stand and ``text`` is
+        reconciled with them (:func:`reconcile`): they replace the part of ``text`` they align with,
+        and no word of ``text`` after that part is lost ("Do we set your" + "To reset your speaking
+        volume" gives "Do we set your speaking volume", not a repeat or a gap).
         """
         words = text.split()
         n = len(self.stable_words)
         if self.agrees(text):
             return self.stable_words + words[n:]
         self.revisions += 1
-        stable = [_comparable(w) for w in self.stable_words]
-        hypothesis = [_comparable(w) for w in words]
-        end = n  # no word in common: fall back to position
-        blocks = [b for b in difflib.SequenceMatcher(a=stable, b=hypothesis, autojunk=False).get_matching_blocks()
-                  if b.size and b.a < n]
-        if blocks:
-            last = blocks[-1]
-            matched_a = last.a + min(last.size, n - last.a)
-            # Stable words after the last match stand for as many hypothesis words (substitutions).
-            end = min(len(words), last.b + (matched_a - last.a) + (n - matched_a))
-        return self.stable_words + words[end:]
+        return self.stable_words + words[reconcile(self.stable_words, words):]
 
     def update(self, hypothesis: str, audio_s: float | None = None) -> tuple[str, str]:
         """Take a new partial hypothesis.
@@ -88,14 +119,35 @@ class PartialStabilizer:
         words = self._enforce_prefix(hypothesis)
         if audio_s is not None and audio_s < self.min_audio_s:
             return " ".join(words), self.stable_text
-        self._history = (self._history + [words])[-self.agreement :]
-        if len(self._history) == self.agreement:
-            limit = min(len(words) - self.holdback, *(len(h) for h in self._history[:-1]))
+        self._history = (self._history + [(words, audio_s)])[-self._HISTORY :]
+        window = self._agreeing_window()
+        if window:
+            limit = min(len(words) - self.holdback, *(len(h) for h in window[:-1]))
             agreed = len(self.stable_words)
-            while agreed < limit and len({_comparable(h[agreed]) for h in self._history}) == 1:
+            while agreed < limit and len({_comparable(h[agreed]) for h in window}) == 1:
                 agreed += 1
             self.stable_words = words[: max(agreed, len(self.stable_words))]
         return " ".join(words), self.stable_text
+
+    _HISTORY = 64  # hypotheses kept: more than a longest utterance's span ever needs
+
+    def _agreeing_window(self) -> list[list[str]] | None:
+        """The newest hypotheses that must all agree on a word for it to become stable (oldest
+        first), or ``None`` while there are too few: at least ``agreement`` of them, spanning at
+        least ``min_span_s`` of audio."""
+        if len(self._history) < self.agreement:
+            return None
+        newest = self._history[-1][1]
+        count = self.agreement
+        if self.min_span_s > 0 and newest is not None:
+            while True:
+                oldest = self._history[-count][1]
+                if oldest is None or newest - oldest >= self.min_span_s - 1e-9:
+                    break
+                if count == len(self._history):
+                    return None
+                count += 1
+        return [words for words, _ in self._history[-count:]]
 
     def agrees(self, text: str) -> bool:
         """Whether ``text`` starts with the stable words (case and punctuation aside)."""

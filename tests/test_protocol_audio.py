@@ -203,6 +203,14 @@ def test_agreement_ignores_case_and_punctuation_but_keeps_first_surface_form():
         ("That pen is invalid for", "That pin is invalid for this conference.", "That pen is invalid for this conference."),
         ("Mr. John", "And Mr. John Dashwood had", "Mr. John Dashwood had"),
         ("hello there", "completely different words here", "hello there words here"),
+        # The stable words lack a word: they stand for as many words of the final, which keeps the
+        # rest (the old splice jumped to the next match and gave "Alright is the plan.").
+        ("Alright is", "Alright so this is the plan.", "Alright is this is the plan."),
+        # A stable word that also occurs later in the final does not make the splice jump there
+        # (the old splice gave "here are the words", dropping five words).
+        ("here are the", "here are some more words words words the words", "here are the more words words words the words"),
+        # Words the stable prefix skipped are left out rather than the stable words repeated.
+        ("Mr. John", "And so Mr. John Dashwood", "Mr. John Dashwood"),
     ],
 )
 def test_final_that_disagrees_is_spliced_after_the_stable_words(stable, final, expected):
@@ -213,7 +221,7 @@ def test_final_that_disagrees_is_spliced_after_the_stable_words(stable, final, e
 
 
 def test_agreement_of_three_and_minimum_audio():
-    stab = PartialStabilizer(agreement=3, min_audio_s=1.0)
+    stab = PartialStabilizer(agreement=3, min_audio_s=1.0, min_span_s=0.0)
     stab.update("the cat sat", audio_s=0.5)  # too little audio to count
     stab.update("the cat sat", audio_s=1.2)
     _, stable = stab.update("the cat sat on", audio_s=1.7)

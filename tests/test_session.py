@@ -274,8 +274,9 @@ def test_final_contradicting_stable_text_keeps_the_stable_words(engine):
     h = Harness(session, engine, hold=True)
     h.run(start(session))
     h.feed(_buzz(2.0))
-    # Answer the partials by hand so "w0 w1 w2" becomes stable (three agreeing hypotheses).
-    for text in ("w0 w1 w2", "w0 w1 w2 w3", "w0 w1 w2 w3 w4"):
+    # Answer the partials by hand so "w0 w1 w2" becomes stable (agreeing hypotheses over at least
+    # 2 s of audio, spanning 1.5 s of it: four, one every 0.5 s).
+    for text in ("w0 w1 w2", "w0 w1 w2 w3", "w0 w1 w2 w3 w4", "w0 w1 w2 w3 w4 w5"):
         [request] = [r for r in h.held if r.kind == "partial"]
         h.held.remove(request)
         h.run(session.inference_done(request, InferenceResult(text)))
@@ -285,8 +286,8 @@ def test_final_contradicting_stable_text_keeps_the_stable_words(engine):
     h.run(session.receive_text('{"type":"finalize"}'))
     [final_request] = h.held
     assert final_request.prefix == ""  # decoded freely, not forced
-    # The free decode disagrees on a published word: the published words stand, and its
-    # continuation is spliced in after the last word they have in common.
+    # The free decode disagrees on a published word: the published words stand for the words of
+    # the decode they align with, and the rest of the decode follows them (no second decode).
     h.run(session.inference_done(final_request, InferenceResult("v0 w1 w2 w3 w4")))
     assert h.of("final")[0]["text"] == "w0 w1 w2 w3 w4"
     assert len(h.held) == 1, "no second decode"
