@@ -6,7 +6,6 @@ Subcommands::
     granite-stream bench report RESULTS.json  # re-print the table and redraw the plots
     granite-stream bench install-peers        # install WhisperLive 0.10.0 for --peers whisperlive
     granite-stream bench diarization [opts]   # speaker labels on single-channel conversations (docs/diarization.md)
-    granite-stream bench diarization [opts]   # speaker labels on single-channel conversations (docs/diarization.md)
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ def scoring_as_float(x) -> float:
     return as_float(x)
 
 
-BUILTIN_SETS = ("asterisk-en", "asterisk-es", "asterisk-fr", "librivox")
+BUILTIN_SETS = ("asterisk-en", "asterisk-es", "asterisk-fr", "librivox", "stress-en")
 SCHEMA = "granite-stream-bench/1"
 
 
@@ -73,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                "`granite-stream bench install-peers` installs WhisperLive 0.10.0 for --peers whisperlive.",
     )
     data = p.add_argument_group("data")
-    data.add_argument("--sets", type=_csv, default=["asterisk-en", "librivox"],
-                      help=f"built-in dev sets, comma-separated ({', '.join(BUILTIN_SETS)}); '' for none")
+    data.add_argument("--sets", type=_csv, default=["asterisk-en", "librivox", "stress-en"],
+                      help=f"built-in dev sets, comma-separated ({', '.join(BUILTIN_SETS)}; stress-en: dev "
+                           "phrases joined by short pauses into 12-29 s monologues); '' for none")
     data.add_argument("--manifest", type=Path, action="append", default=[],
                       help="a JSON Lines manifest of your own clips (benchmarks.datasets format); repeatable")
     data.add_argument("--limit", type=int, default=0, help="use at most this many clips per set (0: all)")
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--offline", type=_csv, default=["engine", "faster_whisper", "faster_whisper_greedy"],
                         help="offline references to compute")
     stages.add_argument("--no-sweep", action="store_true", help="skip the capacity sweep")
+    stages.add_argument("--no-drops", action="store_true",
+                        help="skip counting the words the streaming finals drop against the offline decode "
+                             "(per cause; needs the accuracy pass and the engine offline reference)")
 
     sweep = p.add_argument_group("capacity sweep")
     sweep.add_argument("--sweep-set", default=None, help="set whose clips the sweep plays (default: the first set)")
@@ -174,20 +177,26 @@ def _send_rate(args) -> int | None:
 # ---- stages -------------------------------------------------------------------------------------
 
 
-def run_offline_stage(args, sets: dict[str, list[Clip]], languages: Sequence[str]) -> dict:
+def _offline_engine(args):
+    """The engine under test, loaded in this process (the offline references and the drop count use it)."""
     from stream_server.engines import load_engine
-
-    from .offline import run_offline
-    from .textnorm import wer_cer
 
     if args.engine_option:
         from stream_server.engines.whisper import WhisperEngine
 
         dev = "cuda" if args.device == "cuda" else "cpu"
-        engine = WhisperEngine(args.model, device=dev, compute_type="int8" if dev == "cpu" else "float16",
-                               cpu_threads=args.cpu_threads, max_batch=args.max_batch, **_engine_options(args))
-    else:
-        engine, _reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
+        return WhisperEngine(args.model, device=dev, compute_type="int8" if dev == "cpu" else "float16",
+                             cpu_threads=args.cpu_threads, max_batch=args.max_batch, **_engine_options(args))
+    engine, _reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
+    return engine
+
+
+def run_offline_stage(args, sets: dict[str, list[Clip]], languages: Sequence[str]) -> dict:
+
+    from .offline import run_offline
+    from .textnorm import wer_cer
+
+    engine = _offline_engine(args)
     model_path = str(getattr(engine, "model_path", "") or "")
     modes = list(args.offline)
     if not model_path:
@@ -209,10 +218,13 @@ def run_offline_stage(args, sets: dict[str, list[Clip]], languages: Sequence[str
     return out
 
 
-async def run_pass(url: str, plans, protocol: str, args, log_name: str | None = None, **kwargs) -> tuple[list, dict]:
+async def run_pass(url: str, plans, protocol: str, args, log_name: str | None = None, keep_logs: list | None = None,
+                   **kwargs) -> tuple[list, dict]:
     from . import loadgen, scoring
 
     logs = await loadgen.run_streams(url, plans, protocol, speed=args.speed, frame_ms=args.frame_ms, **kwargs)
+    if keep_logs is not None:
+        keep_logs.extend(logs)
     if log_name:
         loadgen.save_logs(logs, args.out / f"{log_name}.json.gz")
     results = [scoring.score(slog) for slog in logs]
@@ -228,7 +240,10 @@ def _protocol_kwargs(protocol: str, args) -> dict:
     return {"model": default_model_path(), "drain_s": args.peer_drain}
 
 
-async def accuracy_stage(url: str, args, sets: dict[str, list[Clip]], languages: Sequence[str]) -> dict:
+async def accuracy_stage(url: str, args, sets: dict[str, list[Clip]], languages: Sequence[str],
+                         logs: dict[str, list] | None = None) -> dict:
+    """Every clip of each set once, over ``--accuracy-streams`` real-time streams; ``logs`` (if given)
+    receives each set's stream logs."""
     from . import loadgen
 
     out = {}
@@ -239,12 +254,70 @@ async def accuracy_stage(url: str, args, sets: dict[str, list[Clip]], languages:
         longest = max(p.duration for p in plans) / args.speed
         _progress(f"accuracy: {name}: {len(clips)} clips over {len(plans)} streams, ~{longest:.0f} s")
         results, summary = await run_pass(url, plans, "granite", args, log_name=f"logs-accuracy-{name}",
+                                          keep_logs=None if logs is None else logs.setdefault(name, []),
                                           **_protocol_kwargs("granite", args))
         summary["clips_detail"] = [c.to_json() for r in results for c in r.clips]
         out[name] = summary
         _progress(f"accuracy: {name}: WER {_pct(summary['wer'])}, p95 final latency "
                   f"{summary['final_latency']['p95']} s, revisions {summary['stable_revisions']}")
     return out
+
+
+def session_audio(plan) -> "np.ndarray":
+    """A stream's audio as the server's session decoded it (16 kHz float32, the same resampler), so
+    that a slice ``[start, end)`` of a final is the audio its decode saw."""
+    import numpy as np
+
+    from stream_server.audio import AudioDecoder
+    from stream_server.protocol import AudioFormat
+
+    pcm = (np.clip(plan.audio, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
+    decoder = AudioDecoder(AudioFormat("pcm_s16le", plan.sample_rate, 1))
+    return np.concatenate([decoder.decode(pcm), decoder.flush()])
+
+
+def drops_stage(args, logs: dict[str, list], results: dict) -> None:
+    """Words of the offline decode that the streaming finals drop or change, per cause
+    (:func:`benchmarks.scoring.attribute_drops`), into ``results["sets"][name]["dropped_words"]``.
+
+    Each final's audio is decoded again alone, freely (what the server decoded before joining it to
+    the stable words), to tell the segmentation's losses from the stabilizer's and the splice's.
+    """
+    from stream_server.engines.base import SAMPLE_RATE, InferenceRequest
+
+    from . import scoring
+
+    wanted = {name: (results["sets"][name].get("offline") or {}).get("engine", {}).get("texts")
+              for name in logs}
+    wanted = {name: texts for name, texts in wanted.items() if texts}
+    if not wanted:
+        return
+    engine = _offline_engine(args)
+    try:
+        for name, offline in wanted.items():
+            _progress(f"dropped words: {name}: decoding each final's audio alone")
+            per_clip = []
+            for slog in logs[name]:
+                traces = scoring.utterance_traces(slog)
+                audio = session_audio(slog.plan)
+                language = slog.plan.language if slog.plan.language in engine.capabilities.languages else None
+                for trace in (t for ts in traces.values() for t in ts):
+                    piece = audio[round(trace.start * SAMPLE_RATE): round(trace.end * SAMPLE_RATE)]
+                    before = engine.stats().get("repetition_retries", 0)
+                    request = InferenceRequest("drops", trace.utterance_id, "final", piece, language=language)
+                    trace.free = engine.transcribe_batch([request])[0].text if len(piece) else ""
+                    trace.loop_guard = engine.stats().get("repetition_retries", 0) > before
+                for k, planned in enumerate(slog.plan.clips):
+                    drops = scoring.attribute_drops(offline.get(planned.clip.id, ""), traces.get(k, []),
+                                                    planned.clip.language)
+                    per_clip.append({"clip_id": planned.clip.id, **drops})
+            summary = scoring.summarize_drops(per_clip)
+            summary["clips_detail"] = per_clip
+            results["sets"][name]["dropped_words"] = summary
+            _progress(f"dropped words: {name}: {summary['dropped']} of {summary['offline_words']} offline words: "
+                      + ", ".join(f"{c} {n}" for c, n in summary["by_cause"].items()))
+    finally:
+        engine.close()
 
 
 def level_verdict(summary: dict, args) -> tuple[bool, str]:
@@ -447,10 +520,12 @@ async def run(args) -> dict:
 
     sweep_name = args.sweep_set or next((n for n in sets if n not in skipped), None)
 
+    accuracy_logs: dict[str, list] = {}
+
     async def body(url: str, pid: int | None, info: dict):
         results["server"] = {"url": url, **info}
         if not args.no_accuracy:
-            streaming = await accuracy_stage(url, args, sets, languages)
+            streaming = await accuracy_stage(url, args, sets, languages, accuracy_logs)
             for name, summary in streaming.items():
                 results["sets"][name]["streaming"] = summary
             save_results(results, args.out)
@@ -462,6 +537,9 @@ async def run(args) -> dict:
             save_results(results, args.out)
 
     await _with_server(args, body)
+    if not args.no_drops and accuracy_logs and not args.url:
+        drops_stage(args, accuracy_logs, results)
+        save_results(results, args.out)
 
     if not args.no_sweep and sweep_name and "whisperlive" in args.peers:
         results.setdefault("sweep", {"set": sweep_name, "bound_s": args.bound, "level_seconds": args.level_seconds,
@@ -533,6 +611,12 @@ def _add_comparisons(results: dict) -> None:
     if ratios:
         targets["wer_ratio_vs_engine_offline_max"] = max(ratios)
         targets["wer_ratio_target_met"] = max(ratios) <= 1.03
+    drops = [e["dropped_words"] for e in results["sets"].values() if e.get("dropped_words")]
+    if drops:
+        streaming_path = sum(d["by_cause"]["stable"] + d["by_cause"]["splice"] for d in drops)
+        targets["dropped_words"] = sum(d["dropped"] for d in drops)
+        targets["dropped_words_stable_or_splice"] = streaming_path
+        targets["dropped_words_stable_or_splice_target_met"] = streaming_path == 0
     revisions = [e["streaming"]["stable_revisions"] for e in results["sets"].values() if e.get("streaming")]
     if sweep:
         revisions += [lvl["stable_revisions"] for lvl in sweep["systems"].get("granite-stream", {}).get("levels", [])]
@@ -552,18 +636,10 @@ def main(argv: list[str] | None = None) -> int:
         from .diarization import main as diarization_main
 
         return diarization_main(argv[1:])
-    if argv[:1] == ["diarization"]:
-        from .diarization import main as diarization_main
-
-        return diarization_main(argv[1:])
     if argv[:1] == ["report"]:
         from .report import main as report_main
 
         return report_main(argv[1:])
-    if argv[:1] == ["word-timing"]:
-        from .word_timing import main as word_timing_main
-
-        return word_timing_main(argv[1:])
     if argv[:1] == ["word-timing"]:
         from .word_timing import main as word_timing_main
 

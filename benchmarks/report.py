@@ -60,6 +60,16 @@ def tables(results: dict) -> str:
     out.append(_table(["set", "clips", "stream WER", "offline WER (engine)", "offline WER (faster-whisper)",
                        "ratio eng/fw", "final p50/p95 s", "1st partial p50 s", "partial lag p95 s", "revisions"],
                       rows))
+    drops = {name: e["dropped_words"] for name, e in results.get("sets", {}).items() if e.get("dropped_words")}
+    if drops:
+        from .scoring import DROP_CAUSES
+
+        out.append("")
+        out.append("words of the offline decode dropped or changed by the streaming finals, per cause "
+                   "(docs/benchmarks.md)")
+        out.append(_table(["set", "offline words", "dropped"] + list(DROP_CAUSES),
+                          [[name, str(d["offline_words"]), str(d["dropped"])]
+                           + [str(d["by_cause"].get(c, 0)) for c in DROP_CAUSES] for name, d in drops.items()]))
     sweep = results.get("sweep")
     if sweep:
         out.append("")

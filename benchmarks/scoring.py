@@ -295,3 +295,155 @@ def summarize(results: Sequence[StreamResult], language: str | None = None) -> d
         # Assignment-free: each stream's finals joined vs its references joined.
         "stream_wer": wer_cer(((" ".join(c.reference for c in r.clips), r.text) for r in results), language)["wer"],
     }
+
+
+# ---- dropped words: streaming finals against the offline decode of the same audio ---------------
+
+DROP_CAUSES = ("cut", "boundary", "loop_guard", "decode", "stable", "splice")
+"""Why a word of the offline decode is missing (deleted or changed) in the streaming finals.
+
+Segmentation causes (the free decode of each utterance's own audio, joined, already lacks it):
+
+* ``cut``: within two words of a ``max_utterance_s`` split (an utterance starting where the
+  previous one ended);
+* ``boundary``: the first or last word of a silence-ended utterance (context lost at the edge);
+* ``loop_guard``: inside an utterance whose free decode tripped Whisper's repetition guard;
+* ``decode``: elsewhere inside an utterance (its decode without the rest of the clip differs).
+
+Streaming-path causes (the free decode of the utterance has it, the final does not):
+
+* ``stable``: inside the published ``stable_text`` (a stable word was wrong, or skipped it);
+* ``splice``: at or after the end of the stable prefix (the stable words and the final were
+  joined badly).
+
+The partial window (partials encode in a shorter window than finals) acts only through the
+stable words, so it counts under ``stable``.
+"""
+
+
+@dataclass
+class UtteranceTrace:
+    """One utterance of a stream as the client saw it, plus its free decode (filled in later)."""
+
+    utterance_id: int
+    start: float
+    end: float
+    final: str
+    stable: str = ""  # the last stable_text published before the final
+    cut_before: bool = False  # started where the previous utterance was split
+    cut_after: bool = False  # split at max_utterance_s
+    free: str | None = None  # the engine's decode of [start, end) alone, nothing forced, no splice
+    loop_guard: bool = False  # that decode tripped the repetition guard
+
+
+def utterance_traces(slog: StreamLog) -> dict[int, list[UtteranceTrace]]:
+    """The finals of a granite-protocol stream grouped by clip index, in order, with their last
+    ``stable_text`` and whether they were split at ``max_utterance_s``."""
+    if not slog.messages:
+        return {}
+    assign = _assigner(slog)
+    stable: dict[int, str] = {}
+    ordered: list[UtteranceTrace] = []
+    for _, ev in slog.messages:
+        kind = ev.get("type")
+        if kind == "partial":
+            stable[ev["utterance_id"]] = ev.get("stable_text", "")
+        elif kind == "final":
+            ordered.append(UtteranceTrace(ev["utterance_id"], float(ev["start"]), float(ev["end"]),
+                                          ev.get("text", ""), stable.get(ev["utterance_id"], "")))
+    ordered.sort(key=lambda u: u.utterance_id)
+    for prev, nxt in zip(ordered, ordered[1:]):
+        if nxt.utterance_id == prev.utterance_id + 1 and abs(nxt.start - prev.end) < 0.002:
+            prev.cut_after = nxt.cut_before = True
+    out: dict[int, list[UtteranceTrace]] = {}
+    for u in ordered:
+        out.setdefault(assign(u.start, u.end), []).append(u)
+    return out
+
+
+def _hits(reference: list[str], hypothesis: list[str]) -> tuple[list[bool], list[int]]:
+    """For each reference word: whether the alignment matches it, and the hypothesis position it
+    aligns to (for a deletion, the position where it would have been)."""
+    import jiwer
+
+    hit = [False] * len(reference)
+    where = [0] * len(reference)
+    if not reference:
+        return hit, where
+    if not hypothesis:
+        return hit, where
+    out = jiwer.process_words(" ".join(reference), " ".join(hypothesis))
+    for chunk in out.alignments[0]:
+        for i in range(chunk.ref_start_idx, chunk.ref_end_idx):
+            offset = i - chunk.ref_start_idx
+            if chunk.type == "equal":
+                hit[i] = True
+                where[i] = chunk.hyp_start_idx + offset
+            elif chunk.type == "substitute":
+                where[i] = chunk.hyp_start_idx + offset
+            elif chunk.type == "delete":
+                where[i] = chunk.hyp_start_idx
+    return hit, where
+
+
+def _locate(lengths: list[int], j: int) -> tuple[int, int]:
+    """Hypothesis word index ``j`` of utterances joined word-wise -> (utterance, index within it);
+    one past the end of an utterance stays with it (a word missing at its end)."""
+    for u, n in enumerate(lengths):
+        if j < n or (j == n and u == len(lengths) - 1):
+            return u, j
+        j -= n
+    return max(0, len(lengths) - 1), lengths[-1] if lengths else 0
+
+
+def attribute_drops(offline: str, utterances: Sequence[UtteranceTrace], language: str | None = "en") -> dict:
+    """Count the words of ``offline`` that the streaming finals of ``utterances`` drop or change,
+    per cause in :data:`DROP_CAUSES` (each such word counts once). Needs ``free`` on each trace.
+
+    Returns:
+        ``{"offline_words", "dropped", "by_cause": {cause: n}, "examples": [...]}``; ``dropped`` is
+        the sum of ``by_cause``.
+    """
+    from .textnorm import normalizer_for
+
+    norm = normalizer_for(language)
+    reference = norm(offline).split()
+    finals = [norm(u.final).split() for u in utterances]
+    frees = [norm(u.free if u.free is not None else u.final).split() for u in utterances]
+    stables = [min(len(norm(u.stable).split()), len(f)) for u, f in zip(utterances, finals)]
+    hit_final, at_final = _hits(reference, [w for f in finals for w in f])
+    hit_free, at_free = _hits(reference, [w for f in frees for w in f])
+    by_cause = {c: 0 for c in DROP_CAUSES}
+    examples = []
+    for i, word in enumerate(reference):
+        if hit_final[i]:
+            continue
+        if not utterances:
+            cause = "boundary"
+        elif hit_free[i]:
+            u, k = _locate([len(f) for f in finals], at_final[i])
+            cause = "stable" if k < stables[u] else "splice"
+        else:
+            u, k = _locate([len(f) for f in frees], at_free[i])
+            n = len(frees[u])
+            trace = utterances[u]
+            if (trace.cut_before and k <= 1) or (trace.cut_after and k >= n - 2):
+                cause = "cut"
+            elif k <= 0 or k >= n - 1:
+                cause = "boundary"
+            elif trace.loop_guard:
+                cause = "loop_guard"
+            else:
+                cause = "decode"
+        by_cause[cause] += 1
+        examples.append({"word": word, "cause": cause, "context": " ".join(reference[max(0, i - 3): i + 4])})
+    return {"offline_words": len(reference), "dropped": sum(by_cause.values()), "by_cause": by_cause,
+            "examples": examples}
+
+
+def summarize_drops(per_clip: Iterable[dict]) -> dict:
+    """Totals of :func:`attribute_drops` over clips."""
+    per_clip = list(per_clip)
+    by_cause = {c: sum(d["by_cause"][c] for d in per_clip) for c in DROP_CAUSES}
+    return {"clips": len(per_clip), "offline_words": sum(d["offline_words"] for d in per_clip),
+            "dropped": sum(by_cause.values()), "by_cause": by_cause}
