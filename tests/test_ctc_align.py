@@ -84,3 +84,17 @@ def test_words_that_cannot_be_placed_give_no_timing():
     assert align_words("?? a", posteriors([0, 1, 0], 2), vocab.get, 0.02) is None  # "??" has no CTC class
     assert align_words("a a a", posteriors([1, 0], 2), vocab.get, 0.02) is None  # too few frames
     assert align_words("", posteriors([0], 2), vocab.get, 0.02) == ()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_greedy_shortcut_agrees_with_viterbi(seed):
+    """When the argmax path already emits the targets, the shortcut's path and score are Viterbi's."""
+    rng = np.random.default_rng(100 + seed)
+    frames = [int(x) for x in rng.integers(0, 4, size=12)]
+    log_probs = posteriors(frames, 4, peak=0.6) + rng.normal(0, 0.01, size=(12, 4))
+    targets = collapse(list(np.argmax(log_probs, axis=1)))
+    if not targets:
+        return
+    shortcut = best_path(log_probs, targets)
+    path, score = best_path(log_probs, targets, greedy_first=False)
+    assert score == pytest.approx(shortcut[1]) and list(path) == list(shortcut[0])

@@ -1059,3 +1059,24 @@ def test_gpu_benchmarks_build_their_data_folder_and_say_how_when_speech_is_missi
     for data in (None, str(tmp_path / "empty")):
         with pytest.raises(SystemExit, match="--build-data .gpudata"):
             bench.load_clips(data)
+
+
+def test_finals_are_timed_from_the_ctc_posteriors(tiny):
+    """A transcription final in a CTC language gets words aligned to the encoder's CTC posteriors
+    (no second pass): they rebuild its text, in order, inside the audio. Translations and partials
+    are not timed, and word_timestamps=False turns it off."""
+    audio = [tone(1.1, 350.0, 20), tone(1.6, 900.0, 22)]
+    eng = make_engine(tiny, ctc_entropy_threshold=math.inf)  # the final is the CTC draft: its own path
+    for a, r in zip(audio, eng.transcribe_batch([req(a, "final", i) for i, a in enumerate(audio)])):
+        assert r.info["path"] == "ctc_accept" and r.text
+        assert r.words is not None and " ".join(w.word for w in r.words) == r.text
+        starts = [w.start for w in r.words]
+        assert starts == sorted(starts) and all(0 <= w.start < w.end <= len(a) / 16000 + 0.02 for w in r.words)
+        assert all(0 < w.confidence <= 1 for w in r.words)
+        assert r.confidence == pytest.approx(np.mean([w.confidence for w in r.words]), abs=1e-3)
+    [translated] = eng.transcribe_batch([req(audio[0], task="translate", language="en", target_language="fr")])
+    assert translated.words is None and translated.confidence is None
+    [partial] = eng.transcribe_batch([req(audio[0], "partial", partial_mode="ctc")])
+    assert partial.words is None
+    off = make_engine(tiny, ctc_entropy_threshold=math.inf, word_timestamps=False)
+    assert off.transcribe_batch([req(audio[0])])[0].words is None

@@ -26,8 +26,12 @@ class CharSpan:
     probability: float
 
 
-def best_path(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0) -> tuple[np.ndarray, float] | None:
+def best_path(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0,
+              greedy_first: bool = True) -> tuple[np.ndarray, float] | None:
     """Viterbi over the extended labels: the most likely frame-by-frame path emitting ``targets``.
+
+    With ``greedy_first``, the frame-wise argmax path is taken at once when it emits exactly
+    ``targets`` (the same path and score, without the Viterbi pass).
 
     Returns:
         ``(states, log_score)``: for every frame its state in ``blank, t1, blank, t2, …, blank``
@@ -37,6 +41,9 @@ def best_path(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0) -> 
     log_probs = np.asarray(log_probs, dtype=np.float64)
     frames = log_probs.shape[0]
     labels = np.asarray(targets, dtype=np.int64)
+    greedy = _greedy_path(log_probs, labels, blank) if greedy_first else None
+    if greedy is not None:
+        return greedy
     extended = np.full(2 * len(labels) + 1, blank, dtype=np.int64)
     extended[1::2] = labels
     states = len(extended)
@@ -65,6 +72,23 @@ def best_path(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0) -> 
         path[t] = state
         state -= int(back[t, state])
     return path, float(score[last])
+
+
+def _greedy_path(log_probs: np.ndarray, labels: np.ndarray, blank: int) -> tuple[np.ndarray, float] | None:
+    """The frame-wise argmax path when it emits exactly ``labels``: then it is also the best path
+    that does (it is the best of all paths), found without Viterbi. The common case for a final that
+    is the CTC draft itself (Granite's speculative paths)."""
+    best = log_probs.argmax(axis=1)
+    keep = np.ones(len(best), dtype=bool)
+    keep[1:] = best[1:] != best[:-1]
+    emitted = best[keep]
+    if not np.array_equal(emitted[emitted != blank], labels):
+        return None
+    # State of each frame: 2k+1 while on label k, 2k on the blank before it (2L after the last).
+    starts = keep & (best != blank)  # the first frame of each emitted label
+    k = np.cumsum(starts)  # labels started so far, this frame's included
+    states = np.where(best == blank, 2 * k, 2 * k - 1)
+    return states.astype(np.int64), float(log_probs[np.arange(len(best)), best].sum())
 
 
 def forced_align(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0) -> list[CharSpan] | None:

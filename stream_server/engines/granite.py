@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
+from .ctc_align import align_words
 from .granite_features import GraniteFeatureExtractor
 from .whisper import collapse_repeats, looks_repetitive
 
@@ -111,6 +112,9 @@ DEFAULT_TOKENS_PER_SECOND_BY_LANGUAGE = {"ja": 16.0, "zh": 12.0}
 Japanese or Chinese character (several characters per second of speech) where it spends one per
 English word or word piece, so ``8 x seconds + 20`` cut long Japanese finals. Not measured on real
 weights (none here); twice / 1.5x the default rate, leaving the EOS to end the decode."""
+
+ENCODER_FRAME_S = 0.02
+"""Seconds per encoder (and CTC) frame: 10 ms mel hop, two frames stacked (granite_features)."""
 
 PATHS = ("ctc_accept", "verify_accept", "resumed", "autoregressive")
 
@@ -336,6 +340,7 @@ class _Work:
     text: str | None = None
     info: dict = field(default_factory=dict)
     result: InferenceResult | None = None
+    ctc_log_probs: np.ndarray | None = None  # (n_frames, classes) on the host, for word timings
 
 
 class GraniteEngine(Engine):
@@ -372,6 +377,10 @@ class GraniteEngine(Engine):
             entropy reduced with ``"max"`` (IBM) or ``"mean"`` is ≤ the threshold (IBM uses 0.7 with max).
         verify_threshold: accept the draft after teacher-forced scoring when every token's
             probability is ≥ this (IBM uses 0.1).
+        word_timestamps: time and score the words of transcription finals in CTC languages by
+            aligning the final's characters to the CTC posteriors of the encoder pass the final
+            already made (:mod:`.ctc_align`; no second model pass). The confidence is the mean CTC
+            posterior of each word's characters.
         resume_from_draft: when verification rejects a draft, decode greedily after its longest
             prefix of tokens that passed (the paper's step 3; path ``resumed``) instead of from
             scratch (IBM's notebook; ``False``). The tokens equal ``generate`` on the prompt followed
@@ -445,6 +454,7 @@ class GraniteEngine(Engine):
         ctc_entropy_reduce: str = "max",
         verify_threshold: float = 0.1,
         resume_from_draft: bool = True,
+        word_timestamps: bool = True,
         repetition_guard: bool = True,
         ctc_vocab: Sequence[str] | None = None,
         ctc_blank_id: int = 0,
@@ -518,6 +528,7 @@ class GraniteEngine(Engine):
         self.tokens_per_second_by_language = {k: float(v) for k, v in rates.items()}
         self.extra_new_tokens = int(extra_new_tokens)
         self.resume_from_draft = bool(resume_from_draft)
+        self.word_timestamps = bool(word_timestamps)
         self.repetition_guard = bool(repetition_guard)
         self.force_new_tokens = force_new_tokens
         self.force_tokens_per_second = None if force_tokens_per_second is None else float(force_tokens_per_second)
@@ -796,6 +807,9 @@ class GraniteEngine(Engine):
     def _transcribe(self, requests: list[InferenceRequest], on_result=None, fetch_partials=None) -> list[InferenceResult]:
         works = [self._prepare(i, r) for i, r in enumerate(requests)]
         self._encode_audio(works)
+        # Now, while every row's encoder output is this batch's (encoder graphs reuse their output
+        # buffer when partials are served between decode steps).
+        self._ctc_posteriors([w for w in works if self._timed(w.req)])
 
         llm: list[_Work] = []
         verify: list[_Work] = []
@@ -859,6 +873,23 @@ class GraniteEngine(Engine):
 
         return [w.result if w.result is not None else self._result(w) for w in works]
 
+    def _timed(self, req: InferenceRequest) -> bool:
+        """Whether this request's result gets word timings (a transcription final in a CTC language)."""
+        return self.word_timestamps and req.kind == "final" and self._ctc_usable(req)
+
+    def _ctc_posteriors(self, works: list[_Work]) -> None:
+        """CTC log posteriors of each work's valid frames, copied to the host in one transfer."""
+        rows = [w for w in works if w.hidden is not None or w.batch_hidden is not None]
+        if not rows:
+            return
+        with torch.inference_mode():
+            hidden = torch.nn.utils.rnn.pad_sequence(
+                [(w.hidden if w.hidden is not None else w.batch_hidden[w.row])[: w.n_frames] for w in rows],
+                batch_first=True)
+            logp = torch.log_softmax(self.ctc_logits(hidden), dim=-1).cpu().numpy()
+        for i, w in enumerate(rows):
+            w.ctc_log_probs = logp[i, : w.n_frames]
+
     def _ctc_usable(self, req: InferenceRequest) -> bool:
         """Whether the CTC head's transcript serves this request (partials and speculative drafts)."""
         return self.has_ctc and req.language in self.ctc_languages and req.task == "transcribe"
@@ -871,7 +902,14 @@ class GraniteEngine(Engine):
                 self._stats[w.path] += 1
             w.info["path"] = w.path
             lang = (req.target_language or "en") if req.task == "translate" else req.language
-            w.result = InferenceResult(text=w.text or req.prefix, language=lang, info=w.info, truncated=w.truncated)
+            text = w.text or req.prefix
+            words = None
+            if w.ctc_log_probs is not None:
+                words = align_words(text, w.ctc_log_probs, self._ctc_labels.get, ENCODER_FRAME_S, self.ctc_blank_id)
+                w.ctc_log_probs = None
+            confidence = round(float(np.mean([x.confidence for x in words])), 3) if words else None
+            w.result = InferenceResult(text=text, language=lang, info=w.info, truncated=w.truncated,
+                                       words=words or None, confidence=confidence)
         return w.result
 
     def _prepare(self, index: int, req: InferenceRequest) -> _Work:
@@ -1063,6 +1101,11 @@ class GraniteEngine(Engine):
             text = " ".join(text.split())
             out.append((text, float(reduced_host[i])) if text else ("", math.inf))
         return out
+
+    @functools.cached_property
+    def _ctc_labels(self) -> dict[str, int]:
+        """The CTC class of each character the head can emit (for aligning text to posteriors)."""
+        return {char: i for i, char in enumerate(self._ctc_table) if len(char) == 1 and i != self.ctc_blank_id}
 
     @functools.cached_property
     def _ctc_table(self) -> list[str]:
