@@ -70,7 +70,7 @@ async def onset_errors(clips, speed: float, seed: int) -> dict:
         server = handle.label
     finals = [m for _, m in log.messages if m.get("type") == "final"]
     words = sorted((w for f in finals for w in f.get("words") or ()), key=lambda w: w["start"])
-    errors, missing = [], 0
+    errors, missing, per_clip = [], 0, []
     previous_end = 0.0
     for placed in plan.clips:
         onset = placed.start + speech_onset(clip_audio(placed.clip, 16000), 16000)
@@ -79,6 +79,8 @@ async def onset_errors(clips, speed: float, seed: int) -> dict:
             missing += 1
         else:
             errors.append(first["start"] - onset)
+            per_clip.append({"clip": placed.clip.id, "onset": round(onset, 3), "word": first["word"],
+                             "start": first["start"], "error_ms": round(1000 * (first["start"] - onset), 1)})
         previous_end = placed.end
     absolute = [abs(e) for e in errors]
     return {
@@ -88,6 +90,7 @@ async def onset_errors(clips, speed: float, seed: int) -> dict:
         "onset_error_p95_ms": None if not absolute else round(1000 * percentile(absolute, 95), 1),
         "onset_error_signed_median_ms": None if not errors else round(1000 * float(np.median(errors)), 1),
         "finals_breaking_promises": final_checks(finals),
+        "worst_clips": sorted(per_clip, key=lambda c: -abs(c["error_ms"]))[:5],
     }
 
 
