@@ -199,6 +199,33 @@ def tune(convs: Sequence[Conversation], grid: Sequence[float]) -> dict:
     return out
 
 
+def cost(convs: Sequence[Conversation], batch: int = 1, repeats: int = 3) -> dict:
+    """Encoder time per final on the turns' audio (one torch thread, as the server's CPU encoder
+    uses), ``batch`` finals per call: the best of ``repeats`` passes, and its median call."""
+    import soxr
+
+    from stream_server.speakers.encoder import SpeakerEncoder
+
+    encoder = SpeakerEncoder("cpu", threads=1)
+    wavs = [soxr.resample(c.audio[int(t.start * SEND_RATE):int(t.end * SEND_RATE)], SEND_RATE, 16000)
+            for c in convs for t in c.turns]
+    encoder.embed(wavs[:2])  # warm-up
+    best = None
+    for _ in range(repeats):
+        per_call = []
+        for i in range(0, len(wavs), batch):
+            started = time.perf_counter()
+            encoder.embed(wavs[i:i + batch])
+            per_call.append((time.perf_counter() - started) / len(wavs[i:i + batch]))
+        total = sum(per_call)
+        if best is None or total < best[0]:
+            best = (total, per_call)
+    per_final = best[1]
+    return {"finals": len(wavs), "batch": batch, "mean_audio_s": round(float(np.mean([len(w) for w in wavs])) / 16000, 2),
+            "ms_per_final_mean": round(1000 * float(np.mean(per_final)), 2),
+            "ms_per_final_median": round(1000 * float(np.median(per_final)), 2)}
+
+
 # ---- streaming run ----------------------------------------------------------------------------------
 
 
@@ -298,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--cpu-threads", type=int, default=2)
     p.add_argument("--tune", action="store_true", help="offline threshold grid instead of the streaming run")
+    p.add_argument("--cost", action="store_true", help="only time the encoder per final (batches of 1 and 8)")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -305,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     if any(not 1 <= k <= len(VOICES) for k in args.speakers):
         p.error(f"--speakers must be within 1-{len(VOICES)}")
-    if args.tune:
+    if args.cost:
+        convs = [c for k in args.speakers for c in conversations(args.conversations, k, args.turns, args.seed,
+                                                                   voice_clips())]
+        results = {"cost": [cost(convs, 1), cost(convs, 8)]}
+        print(json.dumps(results, indent=1))
+    elif args.tune:
         clips = voice_clips()
         grid = [round(x, 2) for x in np.arange(0.70, 0.92, 0.02)]
         results = {k: tune(conversations(args.conversations, k, args.turns, args.seed, clips), grid)
