@@ -382,3 +382,19 @@ def test_the_benchmark_scores_turns_under_the_best_label_mapping():
               {"start": 9.5, "end": 12, "speaker": 2}]
     result = score(turns, finals)
     assert result["correct"] == 3 and result["speakers_found"] == 3 and result["speakers_true"] == 2
+
+
+def test_the_wrapper_passes_engine_options_through():
+    class Options(CountingEngine):
+        def warmup(self, graph_seconds=12.0):
+            self.warmed = graph_seconds
+
+        def stats(self):
+            return {"ctc_accept": 3}
+
+    inner = Options()
+    engine = SpeakerEmbeddingEngine(inner, encoder_factory=DirectionEncoder)
+    engine.warmup(graph_seconds=5.0)
+    assert inner.warmed == 5.0 and engine.delay == inner.delay  # other attributes are the inner engine's
+    engine.transcribe_batch([request("final")])
+    assert engine.stats()["ctc_accept"] == 3 and engine.stats()["speaker_embeddings"] == 1
