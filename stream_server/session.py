@@ -139,6 +139,7 @@ class _Utterance:
     language: str | None = None
     early_request: InferenceRequest | None = None  # a final decoded while the silence is still short
     early_outcome: tuple[InferenceResult | None, str | None, str] | None = None  # (result, error, code)
+    continues: _Utterance | None = field(default=None, repr=False)  # the utterance cut at max_utterance_s just before
 
     def __post_init__(self) -> None:
         self.answered_partial_end = self.start  # none yet: the cadence counts from the utterance's start
@@ -177,6 +178,7 @@ class Session:
         self._position = 0  # 16 kHz samples received (after decoding/resampling)
         self._open: _Utterance | None = None
         self._finishing: list[_Utterance] = []  # ended utterances awaiting their final, in order
+        self._last_ended: _Utterance | None = None  # the newest utterance whose end was decided
         self._next_utterance_id = 0
         self._next_request_id = 0
         self._nonfinite_reported = 0
@@ -410,6 +412,9 @@ class Session:
             if isinstance(event, SpeechStarted):
                 utterance = _Utterance(self._next_utterance_id, event.start, self.config)
                 utterance.voiced_start = event.start if event.voiced is None else event.voiced
+                if self._last_ended is not None and self._last_ended.end == event.start:
+                    # The VAD cut the speech at max_utterance_s: this is the same speech going on.
+                    utterance.continues, self._last_ended.continues = self._last_ended, None
                 self._next_utterance_id += 1
                 self._open = utterance
                 actions.append(
@@ -420,6 +425,7 @@ class Session:
                 utterance = self._open
                 self._open = None
                 utterance.end = max(event.end, utterance.start)
+                self._last_ended = utterance
                 self._finishing.append(utterance)
                 # The VAD (or finalize/stop) decided: the one moment speech ends. Adapters announce
                 # it from this event (an early final is submitted at a short pause too, so the
@@ -508,7 +514,18 @@ class Session:
             partial_mode=config.partials or "llm",
             request_id=self._next_id(),
             diarize=kind == "final" and config.diarize,
+            context=self._context(utterance),
         )
+
+    @staticmethod
+    def _context(utterance: _Utterance) -> str:
+        """The text of the piece a cut utterance continues (its final, or its stable words while that
+        is still decoding): words just after a cut at max_utterance_s otherwise lose their left
+        context (asterisk-en, one stream: "Dial 4." came out "Dau 4." after a cut)."""
+        before = utterance.continues
+        if before is None:
+            return ""
+        return before.final_text if before.final_text is not None else before.stabilizer.stable_text
 
     def _next_id(self) -> int:
         self._next_request_id += 1

@@ -478,3 +478,22 @@ def test_no_third_partial_is_asked_for_while_a_replacement_is_unconfirmed(engine
     h.feed(_buzz(0.6))
     [newest] = [r for r in h.held if r.kind == "partial"]
     assert newest is not refresh and newest.refresh_only and len(newest.audio) > len(refresh.audio)
+
+
+def test_an_utterance_cut_at_max_length_is_decoded_with_the_text_before_the_cut(engine):
+    """Speech longer than vad.max_utterance_s is cut into pieces; each piece after the first is
+    decoded knowing what the piece before it said (its final), and an utterance after a real pause
+    is not."""
+    session = new_session(engine)
+    h = Harness(session, engine)
+    h.run(start(session, partials=False, vad={"max_utterance_s": 2.0}))
+    h.feed(_buzz(3.5))
+    h.feed(np.zeros(RATE, np.float32))
+    h.feed(_buzz(1.2))
+    h.run(session.receive_text('{"type":"stop"}'))
+    finals = h.of("final")
+    assert len(finals) == 3 and finals[0]["end"] == finals[1]["start"]  # cut, then a pause
+    requests = {r.utterance_id: r for r in _final_requests(engine)}  # the last request per utterance
+    assert requests[0].context == ""
+    assert requests[1].context == finals[0]["text"] != ""
+    assert requests[2].context == ""

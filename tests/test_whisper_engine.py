@@ -96,3 +96,21 @@ def test_mixed_batch_gives_what_each_kind_gives_alone(whisper_engine, librivox_c
     alone = [whisper_engine.transcribe_batch([final])[0].text, whisper_engine.transcribe_batch([partial])[0].text]
     mixed = [r.text for r in whisper_engine.transcribe_batch([partial, final])]
     assert mixed == alone[::-1]
+
+
+def test_context_is_the_previous_text_prompt_after_the_keywords(whisper_engine):
+    """The text before a cut goes into Whisper's previous-text slot, nearest the transcript (its last
+    100 tokens), after any keyword glossary; it is not part of the transcript's forced prefix."""
+    tok = whisper_engine._tokenizer("transcribe", "en")
+    sot = list(tok.sot_sequence)
+    context = "Dial 3 to send this caller to the torture menus, now and forevermore."
+    plain = whisper_engine._prompt(InferenceRequest("s", 0, "final", np.zeros(16000, np.float32)), "en")
+    assert plain[0] == sot[0]
+    prompt = whisper_engine._prompt(InferenceRequest("s", 0, "final", np.zeros(16000, np.float32),
+                                                     keywords=("Digium",), context=context), "en")
+    cut = prompt.index(sot[0])
+    assert prompt[0] == tok.sot_prev and prompt[cut:] == plain
+    assert tok.decode(prompt[1:cut]).strip() == "Digium. " + context
+    long = whisper_engine._prompt(InferenceRequest("s", 0, "final", np.zeros(16000, np.float32),
+                                                   context="word " * 300 + "last words."), "en")
+    assert len(long) == 1 + 100 + len(plain) and tok.decode(long[1:101]).endswith("last words.")

@@ -134,6 +134,9 @@ class InferenceRequest:
             finished) the scheduler drops this one unrun, as superseded. Engines ignore it.
         diarize: a final whose result should carry speaker embeddings (``InferenceResult.speaker``);
             engines ignore it, the speaker wrapper acts on it.
+        context: what was said just before this audio, when it continues the same speech (the
+            utterance before it was cut at ``max_utterance_s``); never part of the result. Engines
+            may condition on it (Whisper: its previous-text prompt) or ignore it.
     """
 
     session_id: str
@@ -149,6 +152,7 @@ class InferenceRequest:
     request_id: int = 0
     refresh_only: bool = False
     diarize: bool = False
+    context: str = ""
 
     @property
     def duration(self) -> float:

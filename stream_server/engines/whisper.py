@@ -379,14 +379,14 @@ class WhisperEngine(Engine):
         return out
 
     def _retry_repetitive(self, request: InferenceRequest, language: str) -> str:
-        """Decode one request again without the keyword prompt, in the full window, greedy.
+        """Decode one request again without the keyword or context prompt, in the full window, greedy.
 
         Whisper falls into loops ("Go forward. Go forward. Go forward.") mostly when prompted with
         keywords or given a short window; this retry removes both causes. If it still loops, the
         repeats are collapsed rather than published.
         """
         self.repetition_retries += 1
-        plain = replace(request, keywords=())
+        plain = replace(request, keywords=(), context="")
         audio = plain.audio[-int((MAX_WINDOW_S - 0.2) * SAMPLE_RATE) :]
         features = self._features(audio, int(MAX_WINDOW_S * SAMPLE_RATE))[None]
         with self._lock:
@@ -427,11 +427,17 @@ class WhisperEngine(Engine):
     def _prompt(self, request: InferenceRequest, language: str) -> list[int]:
         tokenizer = self._tokenizer(request.task, language)
         prompt: list[int] = []
+        previous: list[int] = []
         if request.keywords:
             # Whisper has no biasing API; a previous-text prompt listing the terms is the documented
             # way (faster-whisper's `hotwords`). Kept short: it shares the 448-token context.
-            glossary = tokenizer.encode(" " + ", ".join(request.keywords) + ".")[:100]
-            prompt += [tokenizer.sot_prev, *glossary]
+            previous += tokenizer.encode(" " + ", ".join(request.keywords) + ".")[:100]
+        if request.context.strip():
+            # The speech before a cut, as Whisper's own long-form decoding conditions each window on
+            # the text of the one before: its last words, nearest the start of transcript.
+            previous += tokenizer.encode(" " + request.context.strip())[-100:]
+        if previous:
+            prompt += [tokenizer.sot_prev, *previous]
         prompt += list(tokenizer.sot_sequence)
         prompt.append(tokenizer.no_timestamps)
         if request.prefix.strip():
