@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--output-dir", type=Path, default=None, help="where to write captions (default: next to each file)")
     tr.add_argument("--formats", default="txt,srt,vtt", help="caption files to write: any of txt,srt,vtt; '' for none")
     tr.add_argument("--json", action="store_true", help="print every event as a JSON line instead of text")
+    tr.add_argument("--diarize", action="store_true",
+                    help="label speakers (one channel, several people): finals and captions say who spoke")
 
     bench = sub.add_parser("bench", help="benchmarks: see `granite-stream bench --help`", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
@@ -367,6 +369,8 @@ async def _transcribe(args) -> int:
         "target_language": args.target_language, "keywords": keywords, "partials": bool(args.partials),
         "vad": {"silence_ms": args.silence_ms},
     }
+    if args.diarize:
+        start["diarize"] = True
     settings = SessionSettings(default_config=StreamConfig(), limits=ProtocolLimits())
     status = 0
     try:
@@ -385,7 +389,8 @@ async def _transcribe(args) -> int:
                 if args.json:
                     print(json.dumps(event, ensure_ascii=False), flush=True)
                 elif event["type"] == "final" and event["text"]:
-                    tqdm.write(f"[{event['start']:7.2f} → {event['end']:7.2f}] {event['text']}")
+                    who = f"{captions.speaker_name(event['speaker'])}: " if "speaker" in event else ""
+                    tqdm.write(f"[{event['start']:7.2f} → {event['end']:7.2f}] {who}{event['text']}")
                 elif event["type"] == "partial":
                     tqdm.write(f"  … {event['text']}", file=sys.stderr)
                 elif event["type"] == "error":

@@ -5,6 +5,7 @@ conversation over a real socket."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -398,3 +399,35 @@ def test_the_wrapper_passes_engine_options_through():
     assert inner.warmed == 5.0 and engine.delay == inner.delay  # other attributes are the inner engine's
     engine.transcribe_batch([request("final")])
     assert engine.stats()["ctc_accept"] == 3 and engine.stats()["speaker_embeddings"] == 1
+
+
+@pytest.mark.slow
+def test_transcribe_diarize_writes_captions_with_two_speakers(librivox_clips, asterisk_en_dev, tmp_path):
+    # A file of two real voices (the LibriVox reader, the Asterisk English voice) taking turns.
+    import subprocess
+    import sys
+    import wave
+
+    import soxr
+
+    reader = [read_audio(c)[0] for c in librivox_clips[:2]]
+    phone = [soxr.resample(read_audio(c)[0], 8000, SAMPLE_RATE) for c in asterisk_en_dev
+             if 2.0 <= read_audio(c)[0].size / 8000 <= 6.0][:2]
+    gap = np.zeros(int(1.2 * SAMPLE_RATE), np.float32)
+    audio = np.concatenate([p for t in (reader[0], phone[0], reader[1], phone[1]) for p in (t, gap)])
+    path = tmp_path / "meeting.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    result = subprocess.run([sys.executable, "-m", "stream_server.cli", "transcribe", str(path), "--engine", "whisper",
+                             "--cpu-threads", "2", "--diarize", "--formats", "vtt,txt"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    vtt = (tmp_path / "meeting.vtt").read_text()
+    cues = re.findall(r"^<v (Speaker \d+)>", vtt, re.M)  # a long final may span several cues
+    voices = [v for i, v in enumerate(cues) if i == 0 or cues[i - 1] != v]
+    assert voices == ["Speaker 1", "Speaker 2", "Speaker 1", "Speaker 2"], vtt
+    txt = (tmp_path / "meeting.txt").read_text().splitlines()
+    said = [line.split(":")[0] for line in txt]
+    assert [v for i, v in enumerate(said) if i == 0 or said[i - 1] != v] == voices, txt
+    assert "Speaker 2: " in result.stdout
