@@ -431,3 +431,39 @@ def test_transcribe_diarize_writes_captions_with_two_speakers(librivox_clips, as
     said = [line.split(":")[0] for line in txt]
     assert [v for i, v in enumerate(said) if i == 0 or said[i - 1] != v] == voices, txt
     assert "Speaker 2: " in result.stdout
+
+
+@pytest.mark.slow
+async def test_the_demo_colours_each_speaker(tmp_path):
+    from stream_server.server import ServerSettings, StreamServer
+    from tests.test_vad import voiced
+    from tests.test_web_demo import ARTIFACTS, open_page, playwright_or_fail, write_wav
+
+    async_playwright = playwright_or_fail()
+    wav = tmp_path / "two-voices.wav"
+    quiet = np.zeros(SAMPLE_RATE, np.float32)
+    write_wav(wav, np.concatenate([quiet, voiced(2.0, f0=300), quiet, voiced(2.0, f0=150), quiet]), SAMPLE_RATE)
+    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=DirectionEncoder)
+    async with StreamServer(engine, ServerSettings(port=0)) as server, async_playwright() as pw:
+        demo = await open_page(pw, tmp_path / "profile", f"http://127.0.0.1:{server.port}/", wav)
+        page = demo.page
+        try:
+            assert await page.is_enabled("#diarize")
+            await page.check("#diarize")
+            await page.click("#toggle")
+
+            async def two_speakers():
+                badges = await page.locator("#finals li.final .speaker").all_inner_texts()
+                return badges if {"Speaker 1", "Speaker 2"} <= set(badges) else None
+
+            badges = await demo.wait_for(two_speakers, 40, "finals of two speakers")
+            assert badges[:2] == ["Speaker 1", "Speaker 2"]
+            assert demo.sent_text[0]["diarize"] is True
+            colours = await page.eval_on_selector_all(
+                "#finals li.final .speaker", "els => els.map(e => getComputedStyle(e).backgroundColor)")
+            assert colours[0] != colours[1]
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "web-demo-speakers.png"))
+            assert not demo.errors, demo.errors
+        finally:
+            await demo.context.close()
