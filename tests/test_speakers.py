@@ -221,9 +221,25 @@ def test_an_early_result_is_embedded_before_it_is_handed_on():
             return results
 
     seen = []
-    engine = SpeakerEmbeddingEngine(Early(), encoder_factory=DirectionEncoder)
+    engine = SpeakerEmbeddingEngine(Early(early_results=True), encoder_factory=DirectionEncoder)
     engine.transcribe_batch([request("final"), request("final")], on_result=lambda i, r: seen.append(r.speaker))
     assert seen and seen[0] is not None
+
+
+def test_results_that_need_no_embedding_are_handed_on_before_the_encoder_runs():
+    order = []
+
+    class Recording(DirectionEncoder):
+        def embed(self, wavs):
+            order.append("encoder")
+            return super().embed(wavs)
+
+    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=Recording)
+    assert engine.capabilities.early_results  # so the worker passes on_result
+    batch = [request("final"), request("partial"), request("final", diarize=False, uid=1)]
+    results = engine.transcribe_batch(batch, on_result=lambda i, r: order.append(i))
+    assert order == [1, 2, "encoder"]  # the diarized final is returned, with its embedding, after
+    assert results[0].speaker is not None and results[2].speaker is None
 
 
 def test_the_encoder_loads_only_when_a_diarized_final_arrives():

@@ -43,8 +43,9 @@ class SpeakerEmbeddingEngine(Engine):
 
     @property
     def capabilities(self):
-        """The inner engine's, with ``diarization`` (read when asked: the inner engine owns them)."""
-        return dataclasses.replace(self.inner.capabilities, diarization=True)
+        """The inner engine's (read when asked: the inner engine owns them), with ``diarization``, and
+        ``early_results``: results that need no embedding are handed on before the encoder runs."""
+        return dataclasses.replace(self.inner.capabilities, diarization=True, early_results=True)
 
     @property
     def encoder(self):
@@ -59,22 +60,34 @@ class SpeakerEmbeddingEngine(Engine):
     def transcribe_batch(self, requests: Sequence[InferenceRequest], **hooks) -> list[InferenceResult]:
         """The inner engine's results, with ``speaker`` embeddings on diarized finals.
 
-        An early result (``on_result``) of a diarized final is embedded before it is handed on, so a
-        final never reaches the session without its embedding; the rest are embedded together after
-        the batch.
+        With ``on_result`` (the worker passes it: this wrapper declares ``early_results``), every
+        result that needs no embedding is handed on as soon as the inner batch returns, before the
+        encoder runs, so sessions without ``diarize`` (and partials) never wait for it; an early
+        result of the inner engine that needs an embedding gets it before it is handed on. The
+        returned list holds every result, embeddings attached.
         """
-        on_result = hooks.get("on_result")
-        if on_result is not None:
+        on_result = hooks.pop("on_result", None)
+        handed: set[int] = set()
+
+        def hand_on(index: int, result: InferenceResult) -> None:
+            if on_result is not None and index not in handed:
+                handed.add(index)
+                on_result(index, result)
+
+        if on_result is not None and self.inner.capabilities.early_results:
             def early(index: int, result: InferenceResult) -> None:
                 if _wants(requests[index]) and result.speaker is None:
                     self._attach([requests[index]], [result])
-                on_result(index, result)
+                hand_on(index, result)
 
-            hooks = {**hooks, "on_result": early}
+            hooks["on_result"] = early
         results = self.inner.transcribe_batch(requests, **hooks)
-        pending = [(r, res) for r, res in zip(requests, results) if _wants(r) and res.speaker is None]
+        pending = [i for i, (r, res) in enumerate(zip(requests, results)) if _wants(r) and res.speaker is None]
         if pending:
-            self._attach([r for r, _ in pending], [res for _, res in pending])
+            for index, result in enumerate(results):
+                if index not in pending:
+                    hand_on(index, result)
+            self._attach([requests[i] for i in pending], [results[i] for i in pending])
         return results
 
     def _attach(self, requests: Sequence[InferenceRequest], results: Sequence[InferenceResult]) -> None:
