@@ -35,11 +35,17 @@ class SpeakerEmbeddingEngine(Engine):
     def __init__(self, inner: Engine, device: str = "cpu",
                  encoder_factory: Callable[[], Any] | None = None):
         self.inner = inner
-        self._factory = encoder_factory or (lambda: SpeakerEncoder(device, threads=1 if device == "cpu" else 0))
+        self._factory = encoder_factory or (lambda: SpeakerEncoder(device, threads=self._cpu_threads(device)))
         self._encoder = None
         self._lock = threading.Lock()
         self.embedded = 0  # finals embedded
         self.embed_seconds = 0.0  # time spent embedding them
+
+    def _cpu_threads(self, device: str) -> int:
+        # torch's thread count is the process's: one thread beside Whisper (CTranslate2 has its own
+        # pool, and two torch threads contending with it measured far slower on 2 cores); a torch
+        # engine's own setting (Granite on the CPU) is left alone.
+        return 1 if device == "cpu" and self.inner.capabilities.name == "whisper" else 0
 
     @property
     def capabilities(self):
