@@ -483,3 +483,25 @@ async def test_the_demo_colours_each_speaker(tmp_path):
             assert not demo.errors, demo.errors
         finally:
             await demo.context.close()
+
+
+def test_the_wrapper_computes_where_its_engine_does(whisper_engine):
+    """The speaker encoder is placed on the inner engine's device, and the worker's thread hook
+    reaches the inner engine (no attribute probing)."""
+    from stream_server.speakers.engine import SpeakerEmbeddingEngine
+    from tests.fakes import CountingEngine
+
+    assert whisper_engine.placement() == "cpu"
+    bound = []
+
+    class Placed(CountingEngine):
+        def placement(self):
+            return "cuda:1"
+
+        def bind_thread(self):
+            bound.append(True)
+
+    wrapped = SpeakerEmbeddingEngine(Placed(), device="cuda:1", encoder_factory=lambda: None)
+    assert wrapped.placement() == "cuda:1"
+    wrapped.bind_thread()
+    assert bound == [True]

@@ -64,16 +64,7 @@ def load_engine(
         return engine, reason
     from ..speakers.engine import wrap
 
-    return wrap(engine, _engine_device(engine, device)), reason
-
-
-def _engine_device(engine: Engine, requested: str) -> str:
-    # The speaker encoder runs where the engine runs: Granite knows its torch device; Whisper the
-    # device it was given.
-    device = getattr(engine, "device", None)
-    if device is not None:
-        return str(device)
-    return requested if requested.startswith("cuda") and cuda_available() else "cpu"
+    return wrap(engine, engine.placement()), reason  # the speaker encoder runs where the engine does
 
 
 def _load(name, model, device, cpu_threads, max_batch, granite_options) -> tuple[Engine, str]:

@@ -239,6 +239,11 @@ class Engine(abc.ABC):
         the returned list.
         """
 
+    def placement(self) -> str:
+        """Where the engine computes: ``"cpu"`` or ``"cuda[:N]"`` (helpers that run beside it, such
+        as the speaker encoder, go there too)."""
+        return "cpu"
+
     def bind_thread(self) -> None:
         """Called on the inference worker's thread before its first batch (and after a restart).
 

@@ -619,6 +619,9 @@ class GraniteEngine(Engine):
         return self.force_new_tokens is not None or self.force_tokens_per_second is not None
 
     # ------------------------------------------------------------------ public API
+    def placement(self) -> str:
+        return str(self.device)
+
     def bind_thread(self) -> None:
         if self.device.type == "cuda":
             # CUDA-graph capture and replay use the current device's streams; a new thread's is cuda:0.

@@ -251,6 +251,7 @@ class WhisperEngine(Engine):
         self.partial_window_s = partial_window_s
         self.beam_size = beam_size
         self.word_timestamps = word_timestamps
+        self._placement = f"cuda:{device_index}" if device == "cuda" else "cpu"
         self.repetition_retries = 0
         self._lock = threading.Lock()  # CTranslate2 models are thread-safe, but we keep one caller for fairness
         name = model or "tiny.en"
@@ -401,6 +402,9 @@ class WhisperEngine(Engine):
 
     def stats(self) -> dict:
         return {"repetition_retries": self.repetition_retries}
+
+    def placement(self) -> str:
+        return self._placement
 
     def _text(self, request: InferenceRequest, language: str, result) -> str:
         tokenizer = self._tokenizer(request.task, language)

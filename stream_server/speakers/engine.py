@@ -114,9 +114,10 @@ class SpeakerEmbeddingEngine(Engine):
         self.inner.warmup(*args, **kwargs)
 
     def bind_thread(self) -> None:
-        hook = getattr(self.inner, "bind_thread", None)
-        if hook is not None:
-            hook()
+        self.inner.bind_thread()
+
+    def placement(self) -> str:
+        return self.inner.placement()
 
     def stats(self) -> dict:
         stats = dict(self.inner.stats())
