@@ -21,10 +21,13 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import datasets
 from .datasets import Clip
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("granite_stream.bench")
 

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.datasets import read_audio
 from stream_server import captions
-from stream_server.engines.base import InferenceRequest, InferenceResult
+from stream_server.engines.base import InferenceRequest
 from stream_server.speakers.clustering import (
     Attribution,
     OnlineClusterer,
@@ -32,7 +32,7 @@ from stream_server.speakers.encoder import (
 )
 from stream_server.speakers.engine import SpeakerEmbeddingEngine
 from tests.fakes import CountingEngine
-from tests.test_session import Harness, _buzz, new_session, start
+from tests.test_session import Harness, new_session, start
 
 RNG = np.random.default_rng(20)
 DIM = 256
