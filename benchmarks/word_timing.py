@@ -44,10 +44,6 @@ def speech_onset(audio: np.ndarray, rate: int) -> float:
     return float(np.argmax(rms >= threshold) * FRAME_S)
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    return None if not values else float(np.percentile(values, q, method="nearest"))
-
-
 def final_checks(finals: list[dict]) -> dict:
     """Count finals whose words break the protocol's promises (order, span, text)."""
     broken = {"unordered": 0, "outside_span": 0, "text_mismatch": 0, "untimed": 0}
@@ -87,7 +83,8 @@ async def onset_errors(clips, speed: float, seed: int) -> dict:
         "server": server, "stream_seconds": round(plan.duration, 1), "clips": len(plan.clips), "finals": len(finals),
         "clips_without_a_timed_word": missing,
         "onset_error_median_ms": None if not absolute else round(1000 * float(np.median(absolute)), 1),
-        "onset_error_p95_ms": None if not absolute else round(1000 * percentile(absolute, 95), 1),
+        "onset_error_p95_ms": None if not absolute else round(
+            1000 * float(np.percentile(absolute, 95, method="nearest")), 1),
         "onset_error_signed_median_ms": None if not errors else round(1000 * float(np.median(errors)), 1),
         "finals_breaking_promises": final_checks(finals),
         "worst_clips": sorted(per_clip, key=lambda c: -abs(c["error_ms"]))[:5],
@@ -123,7 +120,8 @@ def cost_and_confidence(clips, repeats: int) -> dict:
         matcher = difflib.SequenceMatcher(None, hyp, ref, autojunk=False)
         matched = {b.a + k for b in matcher.get_matching_blocks() for k in range(b.size)}
         for k, word in enumerate(result.words):
-            (right if k in matched else wrong).append(word.confidence)
+            if word.confidence is not None:
+                (right if k in matched else wrong).append(word.confidence)
     return {
         "engine_seconds_with_words": round(on_s, 3), "engine_seconds_without": round(off_s, 3),
         "word_timing_cost_percent": round(100 * (on_s / off_s - 1), 1) if off_s else None,

@@ -300,7 +300,8 @@ def build_app(settings: RayPoolSettings, cluster_gpus: float | None = None):
             "upscale_delay_s": 5.0,
             "downscale_delay_s": 120.0,
         }
-    deployment = serve.deployment(InferenceReplica).options(**options)
+    deployment: Any = serve.deployment(InferenceReplica)  # a Deployment (Serve's stubs type the decorator form)
+    deployment = deployment.options(**options)
     return deployment.bind(_engine_kwargs(settings, gpus), settings.max_batch, settings.batch_wait_s)
 
 
@@ -493,7 +494,7 @@ class RayServeWorker:
             raise ValueError("max_inflight must be positive")
         self.handle = handle
         self.engine = RemoteEngine(handle, capabilities, description)
-        self.scheduler = BatchScheduler(max_batch=max_batch, max_wait=0.0, max_queue=max_queue,
+        self.scheduler: BatchScheduler[asyncio.Future] = BatchScheduler(max_batch=max_batch, max_wait=0.0, max_queue=max_queue,
                                         final_reserve=final_reserve)
         self.max_inflight = max_inflight
         self.max_retries = max_retries

@@ -63,8 +63,10 @@ def final_words(text: str, timed: Sequence[Word] | None, offset: float, end: flo
         j = i
         while j < len(tokens) and placed[j] is None:
             j += 1
-        before = placed[i - 1].end if i > 0 and placed[i - 1] is not None else offset
-        after = placed[j].start if j < len(tokens) and placed[j] is not None else end
+        previous = placed[i - 1] if i > 0 else None
+        following = placed[j] if j < len(tokens) else None
+        before = previous.end if previous is not None else offset
+        after = following.start if following is not None else end
         after = max(after, before)
         step = (after - before) / (j - i)
         for k in range(i, j):

@@ -19,11 +19,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Mapping, Protocol, Sequence
+from typing import Callable, Collection, Generic, Mapping, Protocol, Sequence, TypeVar
 
 from .engines.base import Engine, InferenceRequest, InferenceResult
 
 log = logging.getLogger(__name__)
+
+Token = TypeVar("Token")
+"""What a scheduler's user attaches to each request (the shells: the request's future)."""
 
 BatchObserver = Callable[[list[InferenceRequest], float], None]
 """``(requests, seconds)`` after every engine call (called on the worker thread)."""
@@ -185,10 +188,10 @@ class Superseded(Exception):
 
 
 @dataclass
-class _Entry:
+class _Entry(Generic[Token]):
     request: InferenceRequest
     enqueued_at: float
-    token: object = None  # the shell's handle (a future); the scheduler never looks inside
+    token: Token  # the shell's handle (a future); the scheduler never looks inside
 
 
 @dataclass
@@ -202,7 +205,7 @@ class SchedulerStats:
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
 
-class BatchScheduler:
+class BatchScheduler(Generic[Token]):
     """Queueing policy for one worker.
 
     Args:
@@ -220,8 +223,8 @@ class BatchScheduler:
         self.max_wait = max_wait
         self.max_queue = max_queue
         self.final_reserve = final_reserve
-        self._finals: collections.deque[_Entry] = collections.deque()
-        self._partials: dict[tuple[str, int], _Entry] = {}
+        self._finals: collections.deque[_Entry[Token]] = collections.deque()
+        self._partials: dict[tuple[str, int], _Entry[Token]] = {}
         self.stats = SchedulerStats()
 
     def __len__(self) -> int:
@@ -231,7 +234,7 @@ class BatchScheduler:
     def queued_finals(self) -> int:
         return len(self._finals)
 
-    def submit(self, request: InferenceRequest, now: float, token: object = None) -> list[object]:
+    def submit(self, request: InferenceRequest, now: float, token: Token) -> list[Token]:
         """Queue a request.
 
         Returns:
@@ -241,7 +244,7 @@ class BatchScheduler:
         Raises:
             QueueFull: the queue is at its bound for this kind of request.
         """
-        replaced: list[object] = []
+        replaced: list[Token] = []
         if request.kind == "partial":
             key = (request.session_id, request.utterance_id)
             if request.refresh_only and key not in self._partials:
@@ -270,7 +273,7 @@ class BatchScheduler:
         self.stats.submitted += 1
         return replaced
 
-    def drop_session(self, session_id: str) -> list[object]:
+    def drop_session(self, session_id: str) -> list[Token]:
         """Remove every queued request of a session; returns their tokens."""
         tokens = [e.token for e in self._finals if e.request.session_id == session_id]
         self._finals = collections.deque(e for e in self._finals if e.request.session_id != session_id)
@@ -278,7 +281,7 @@ class BatchScheduler:
             tokens.append(self._partials.pop(key).token)
         return tokens
 
-    def drop_all(self) -> list[object]:
+    def drop_all(self) -> list[Token]:
         """Empty the queue; returns the tokens of everything that was queued."""
         tokens = [e.token for e in self._finals] + [e.token for e in self._partials.values()]
         self._finals.clear()
@@ -297,7 +300,7 @@ class BatchScheduler:
         )
         return max(0.0, oldest + self.max_wait - now)
 
-    def take_batch(self, now: float, force: bool = False) -> list[tuple[InferenceRequest, object]]:
+    def take_batch(self, now: float, force: bool = False) -> list[tuple[InferenceRequest, Token]]:
         """Pop the next batch: finals first (oldest first), then partials (oldest first).
 
         Args:
@@ -307,7 +310,7 @@ class BatchScheduler:
         wait = self.wait_time(now)
         if wait is None or (wait > 0 and not force):
             return []
-        batch: list[tuple[InferenceRequest, object]] = []
+        batch: list[tuple[InferenceRequest, Token]] = []
         while self._finals and len(batch) < self.max_batch:
             entry = self._finals.popleft()
             batch.append((entry.request, entry.token))
@@ -317,7 +320,7 @@ class BatchScheduler:
         return batch
 
     def take_partials(self, limit: int, accept: Callable[[InferenceRequest], bool], now: float | None = None,
-                      min_wait: float = 0.0) -> list[tuple[InferenceRequest, object]]:
+                      min_wait: float = 0.0) -> list[tuple[InferenceRequest, Token]]:
         """Pop up to ``limit`` queued partials that ``accept`` (oldest first), ignoring ``max_wait``.
 
         For an engine that serves partials between the decode steps of a batch of finals: they are
@@ -342,7 +345,7 @@ class BatchScheduler:
         return taken
 
     def _pop_oldest_partials(self, limit: int, accept: Callable[[InferenceRequest], bool] | None = None
-                             ) -> list[tuple[InferenceRequest, object]]:
+                             ) -> list[tuple[InferenceRequest, Token]]:
         """Remove and return up to ``limit`` queued partials (those ``accept`` allows), oldest first."""
         if limit <= 0 or not self._partials:
             return []
@@ -364,10 +367,11 @@ class InferenceWorker:
         on_batch: optional callback ``(requests, seconds)`` after every engine call (metrics).
     """
 
-    def __init__(self, engine: Engine, scheduler: BatchScheduler | None = None, on_batch: BatchObserver | None = None):
+    def __init__(self, engine: Engine, scheduler: BatchScheduler[asyncio.Future] | None = None,
+                 on_batch: BatchObserver | None = None):
         self.engine = engine
         # Not `scheduler or ...`: an empty scheduler has len() 0 and is falsy.
-        self.scheduler = scheduler if scheduler is not None else BatchScheduler()
+        self.scheduler: BatchScheduler[asyncio.Future] = scheduler if scheduler is not None else BatchScheduler()
         self.scheduler.max_batch = min(self.scheduler.max_batch, engine.capabilities.max_batch)
         self.on_batch = on_batch
         self._cond = threading.Condition()
@@ -468,7 +472,7 @@ class InferenceWorker:
 
     def _run(self) -> None:
         self.engine.bind_thread()
-        batch: list[tuple[InferenceRequest, object]] = []
+        batch: list[tuple[InferenceRequest, asyncio.Future]] = []
         try:
             while True:
                 with self._cond:
@@ -487,8 +491,8 @@ class InferenceWorker:
             # Something killed the thread itself (not an engine error, those are handled per batch).
             # Put the batch back so its utterances are not lost when ensure_alive() restarts us.
             log.exception("inference worker thread crashed")
-            superseded: list[object] = []
-            refused: list[tuple[object, QueueFull]] = []
+            superseded: list[asyncio.Future] = []
+            refused: list[tuple[asyncio.Future, QueueFull]] = []
             with self._cond:
                 for request, token in batch:
                     if not token.done():
@@ -497,12 +501,12 @@ class InferenceWorker:
                         request.refresh_only = False
                         try:
                             superseded += self.scheduler.submit(request, time.monotonic(), token)
-                        except QueueFull as full:  # answered, not lost, and the crash still reported
-                            refused.append((token, full))
+                        except QueueFull as refusal:  # answered, not lost, and the crash still reported
+                            refused.append((token, refusal))
             for old in superseded:
                 self._resolve(old, exc=Superseded("replaced by a request re-queued after a worker crash"))
-            for token, full in refused:
-                self._resolve(token, exc=full)
+            for token, error in refused:
+                self._resolve(token, exc=error)
             raise
 
     def _fetch_partials(self, accept, limit: int, min_wait: float = 0.0) -> list[tuple[InferenceRequest, Callable]]:
@@ -522,7 +526,7 @@ class InferenceWorker:
 
         return [(r, deliver_to(f)) for r, f in taken]
 
-    def _run_batch(self, batch: list[tuple[InferenceRequest, object]]) -> None:
+    def _run_batch(self, batch: list[tuple[InferenceRequest, asyncio.Future]]) -> None:
         requests = [r for r, _ in batch]
         started = time.monotonic()
         delivered: set[int] = set()
@@ -646,8 +650,8 @@ class WorkerPool:
 
 def _pool_status(workers: Sequence[InferenceWorker], statuses: list[WorkerStatus]) -> PoolStatus:
     """Sum local workers' engines and schedulers into one :class:`PoolStatus`."""
-    engine_stats: collections.Counter = collections.Counter()
-    queue_events: collections.Counter = collections.Counter()
+    engine_stats: collections.defaultdict[str, float] = collections.defaultdict(float)
+    queue_events: collections.Counter[str] = collections.Counter()
     for worker in workers:
         for key, value in worker.engine.stats().items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):

