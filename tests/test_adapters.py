@@ -507,6 +507,8 @@ def test_openai_beta_transcription_session_update():
      "invalid_value", "session.audio.input.turn_detection.type"),
     ({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"silence_duration_ms": 20}}}}},
      "invalid_value", "session.audio.input.turn_detection.silence_duration_ms"),
+    ({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"silence_duration_ms": "500"}}}}},
+     "invalid_value", "session.audio.input.turn_detection.silence_duration_ms"),
     ({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/opus"}}}}},
      "invalid_value", "session.audio.input.format.type"),
     ({"type": "session.update", "session": {"audio": {"input": {"transcription": {"language": "xx"}}}}},
