@@ -1,6 +1,8 @@
 """Word timings mapped onto the published final text (stream_server.timing), and Whisper's word times
 on real speech."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -227,3 +229,26 @@ def test_the_vad_says_where_voicing_starts():
     events = segmenter.feed(np.concatenate([np.zeros(16000, np.float32), voiced(1.0)]))
     [started] = [e for e in events if isinstance(e, SpeechStarted)]
     assert started.voiced - started.start == 300 * 16 and abs(started.voiced - 16000) <= 30 * 16
+
+
+def test_multichannel_finals_carry_each_channels_words():
+    from stream_server.multichannel import MultichannelSession
+    from tests.fakes import CountingEngine
+    from tests.test_adapters import buzz, quiet, run_session, stereo
+
+    engine = CountingEngine(timed=True)
+    session = MultichannelSession("mc", engine.capabilities)
+    events, closes = [], []
+    start = {"type": "start", "multichannel": True, "partials": False,
+             "audio": {"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 2}}
+    run_session(session, engine, session.receive_text(json.dumps(start)), events, closes)
+    run_session(session, engine, session.receive_bytes(stereo(np.concatenate([quiet(0.5), buzz(1.6), quiet(2.4)]),
+                                                              np.concatenate([quiet(2.0), buzz(1.2), quiet(1.3)]))),
+                events, closes)
+    run_session(session, engine, session.receive_text('{"type": "stop"}'), events, closes)
+    finals = {e["channel"]: e for e in events if e["type"] == "final"}
+    assert set(finals) == {0, 1}
+    for final in finals.values():
+        assert " ".join(w["word"] for w in final["words"]) == final["text"]
+        assert all(final["start"] <= w["start"] <= w["end"] <= final["end"] for w in final["words"])
+    assert finals[1]["words"][0]["start"] > finals[0]["words"][0]["start"] + 1.0  # each on its own channel's clock
