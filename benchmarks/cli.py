@@ -283,8 +283,9 @@ def drops_stage(args, logs: dict[str, list], results: dict) -> None:
     """Words of the offline decode that the streaming finals drop or change, per cause
     (:func:`benchmarks.scoring.attribute_drops`), into ``results["sets"][name]["dropped_words"]``.
 
-    Each final's audio is decoded again alone, freely (what the server decoded before joining it to
-    the stable words), to tell the segmentation's losses from the stabilizer's and the splice's.
+    Each final's audio is decoded again alone, nothing forced (what the server decoded before
+    joining it to the stable words; a piece after a cut with the text before it, as the server
+    does), to tell the segmentation's losses from the stabilizer's and the splice's.
     """
     from stream_server.engines.base import SAMPLE_RATE, InferenceRequest
 
@@ -304,10 +305,14 @@ def drops_stage(args, logs: dict[str, list], results: dict) -> None:
                 traces = scoring.utterance_traces(slog)
                 audio = session_audio(slog.plan)
                 language = slog.plan.language if slog.plan.language in engine.capabilities.languages else None
-                for trace in (t for ts in traces.values() for t in ts):
+                ordered = sorted((t for ts in traces.values() for t in ts), key=lambda t: t.utterance_id)
+                for previous, trace in zip([None] + ordered, ordered):
                     piece = audio[round(trace.start * SAMPLE_RATE): round(trace.end * SAMPLE_RATE)]
                     before = engine.stats().get("repetition_retries", 0)
-                    request = InferenceRequest("drops", trace.utterance_id, "final", piece, language=language)
+                    # As the server does: a piece after a cut is decoded with the text before the cut.
+                    context = previous.final if previous is not None and trace.cut_before else ""
+                    request = InferenceRequest("drops", trace.utterance_id, "final", piece, language=language,
+                                               context=context)
                     trace.free = engine.transcribe_batch([request])[0].text if len(piece) else ""
                     trace.loop_guard = engine.stats().get("repetition_retries", 0) > before
                 for k, planned in enumerate(slog.plan.clips):

@@ -332,7 +332,7 @@ class UtteranceTrace:
     stable: str = ""  # the last stable_text published before the final
     cut_before: bool = False  # started where the previous utterance was split
     cut_after: bool = False  # split at max_utterance_s
-    free: str | None = None  # the engine's decode of [start, end) alone, nothing forced, no splice
+    free: str | None = None  # the engine's decode of [start, end) alone (with the server's context), no splice
     loop_guard: bool = False  # that decode tripped the repetition guard
 
 
