@@ -114,3 +114,16 @@ def test_context_is_the_previous_text_prompt_after_the_keywords(whisper_engine):
     long = whisper_engine._prompt(InferenceRequest("s", 0, "final", np.zeros(16000, np.float32),
                                                    context="word " * 300 + "last words."), "en")
     assert len(long) == 1 + 100 + len(plain) and tok.decode(long[1:101]).endswith("last words.")
+
+
+def test_a_batch_mixing_prompts_of_different_lengths_decodes_each_as_alone(whisper_engine, librivox_clips):
+    """A continuation after a cut (context), one with keywords and a plain one in one batch: CTranslate2
+    wants every prompt's start of transcript at one position, so they are decoded in separate calls,
+    each as it would be alone."""
+    audio, _ = read_audio(librivox_clips[1])
+    requests = [InferenceRequest("a", 0, "final", audio, context="And Mr. John Dashwood had then leisure."),
+                InferenceRequest("b", 0, "final", audio, keywords=("Dashwood",)),
+                InferenceRequest("c", 0, "final", audio)]
+    together = [r.text for r in whisper_engine.transcribe_batch(requests)]
+    assert together == [whisper_engine.transcribe_batch([r])[0].text for r in requests]
+    assert all(t.lower().startswith("he was not an") for t in together)

@@ -295,8 +295,14 @@ class WhisperEngine(Engine):
         partials = [i for i, r in enumerate(requests) if r.kind != "final"]
         results: list[InferenceResult | None] = [None] * len(requests)
         for group in (finals, partials):
-            if group:
-                for i, result in zip(group, self._transcribe_group([requests[i] for i in group])):
+            # CTranslate2 wants <|startoftranscript|> at the same position in every prompt of a
+            # generate call, so requests whose previous-text prompts (keywords, context) differ in
+            # length are decoded in separate calls.
+            by_start: dict[int, list[int]] = {}
+            for i in group:
+                by_start.setdefault(len(self._previous(requests[i])), []).append(i)
+            for same in by_start.values():
+                for i, result in zip(same, self._transcribe_group([requests[i] for i in same])):
                     results[i] = result
         return results  # type: ignore[return-value]
 
@@ -427,9 +433,9 @@ class WhisperEngine(Engine):
                 languages[i] = token[2:-2]
         return [lang or "en" for lang in languages]
 
-    def _prompt(self, request: InferenceRequest, language: str) -> list[int]:
-        tokenizer = self._tokenizer(request.task, language)
-        prompt: list[int] = []
+    def _previous(self, request: InferenceRequest, language: str | None = None) -> list[int]:
+        """The previous-text tokens of the request's prompt (empty: none)."""
+        tokenizer = self._tokenizer(request.task, language or request.language)
         previous: list[int] = []
         if request.keywords:
             # Whisper has no biasing API; a previous-text prompt listing the terms is the documented
@@ -439,6 +445,12 @@ class WhisperEngine(Engine):
             # The speech before a cut, as Whisper's own long-form decoding conditions each window on
             # the text of the one before: its last words, nearest the start of transcript.
             previous += tokenizer.encode(" " + request.context.strip())[-100:]
+        return previous
+
+    def _prompt(self, request: InferenceRequest, language: str) -> list[int]:
+        tokenizer = self._tokenizer(request.task, language)
+        prompt: list[int] = []
+        previous = self._previous(request, language)
         if previous:
             prompt += [tokenizer.sot_prev, *previous]
         prompt += list(tokenizer.sot_sequence)
