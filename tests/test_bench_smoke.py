@@ -53,6 +53,11 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
         assert entry["wer_ratio"][mode] is None or math.isfinite(entry["wer_ratio"][mode])
     detail = streaming["clips_detail"]
     assert all(c["hypothesis"] for c in detail)
+    # Words of the offline decode the finals dropped, per cause; they add up, clip by clip.
+    drops = entry["dropped_words"]
+    assert drops["clips"] == 2 and drops["offline_words"] > 10
+    assert drops["dropped"] == sum(drops["by_cause"].values()) == sum(c["dropped"] for c in drops["clips_detail"])
+    assert "dropped_words_stable_or_splice" in results["targets"]
 
     system = results["sweep"]["systems"]["granite-stream"]
     level = system["levels"][0]
