@@ -447,7 +447,7 @@ class Session:
                     continue
                 # The final is decoded freely: forcing the stable prefix into the decoder made the
                 # rest of the utterance worse (measured on the asterisk-en dev set). The stable words
-                # still lead the final: PartialStabilizer.finish splices the free decode after them.
+                # still lead the final: PartialStabilizer.finish reconciles the free decode with them.
                 utterance.final_request = self._request(utterance, "final", utterance.end, prefix="")
                 actions.append(Submit(utterance.final_request))
         return actions

@@ -1,9 +1,12 @@
-"""Partial-hypothesis stabilizer (LocalAgreement-2).
+"""Partial-hypothesis stabilizer (LocalAgreement-n over enough audio).
 
 Each partial decode of a growing utterance yields a new hypothesis. A word becomes *stable* once
-``agreement`` (default 3) consecutive hypotheses agree on it and on every word before it; stable
-words are published as ``stable_text`` and never retracted for the rest of the utterance. The newest hypothesis's last
-word is never made stable: it may be a word cut off by the end of the audio decoded so far.
+consecutive hypotheses agree on it and on every word before it: at least ``agreement`` (default 3)
+of them, each over at least ``min_audio_s`` of audio (2 s), together spanning at least
+``min_span_s`` of it (1.5 s). Stable words are published as ``stable_text`` and never retracted for
+the rest of the utterance. The newest hypothesis's last word is never made stable: it may be a
+word cut off by the end of the audio decoded so far. A hypothesis (or the final) that disagrees
+with the stable words is reconciled with them (:func:`reconcile`).
 """
 
 from __future__ import annotations
