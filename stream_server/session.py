@@ -290,11 +290,14 @@ class Session:
         if result is not None:
             utterance.final_text = utterance.stabilizer.finish(result.text)
             utterance.final_truncated = result.truncated
-            utterance.final_confidence = result.confidence
             utterance.final_words = final_words(
                 utterance.final_text, result.words, utterance.start / SAMPLE_RATE,
                 (utterance.end or utterance.start) / SAMPLE_RATE, utterance.voiced_start / SAMPLE_RATE,
             )
+            # The published words' mean, not the engine's over its own decode: after the final is
+            # reconciled with the stable words, some published words are unscored.
+            scored = [w.confidence for w in utterance.final_words or () if w.confidence is not None]
+            utterance.final_confidence = round(sum(scored) / len(scored), 3) if scored else None
             utterance.speaker_embeddings = result.speaker
             utterance.language = result.language or utterance.config.language
         else:

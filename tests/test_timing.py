@@ -252,3 +252,20 @@ def test_multichannel_finals_carry_each_channels_words():
         assert " ".join(w["word"] for w in final["words"]) == final["text"]
         assert all(final["start"] <= w["start"] <= w["end"] <= final["end"] for w in final["words"])
     assert finals[1]["words"][0]["start"] > finals[0]["words"][0]["start"] + 1.0  # each on its own channel's clock
+
+
+def test_final_confidence_is_the_mean_of_the_published_scored_words():
+    """Not the engine's own figure: the final may publish words the decode did not score."""
+    from stream_server.multichannel import MultichannelSession
+    from tests.fakes import CountingEngine
+
+    class OwnFigure(CountingEngine):
+        def timing(self, request, text):
+            timing = super().timing(request, text)
+            return {**timing, "confidence": 0.123} if timing else timing
+
+    engine = OwnFigure(timed=True)
+    [final] = [e for e in _stream(MultichannelSession("s", engine.capabilities), engine, [1.6, 1.0])
+               if e["type"] == "final"]
+    scored = [w["confidence"] for w in final["words"] if w["confidence"] is not None]
+    assert final["confidence"] == pytest.approx(np.mean(scored), abs=0.001) != 0.123
