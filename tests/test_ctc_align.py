@@ -73,10 +73,6 @@ def test_words_get_the_times_of_their_characters_and_unknown_characters_follow_t
     words = align_words("Hi, yo", posteriors(frames, 6), lambda c: vocab.get(c.lower()), frame_s=0.02)
     assert [(w.word, w.start, w.end) for w in words] == [("Hi,", 0.02, 0.08), ("yo", 0.14, 0.2)]
     assert all(w.confidence == pytest.approx(0.9) for w in words)
-    # The LLM's own token probabilities are combined (geometric mean) where given.
-    scored = align_words("Hi, yo", posteriors(frames, 6), lambda c: vocab.get(c.lower()), 0.02,
-                         token_probability=lambda a, b: 0.4 if a == 0 else None)
-    assert scored[0].confidence == pytest.approx(np.sqrt(0.9 * 0.4), abs=1e-3) and scored[1].confidence == pytest.approx(0.9)
 
 
 def test_words_that_cannot_be_placed_give_no_timing():

@@ -28,8 +28,8 @@ speech) and, at the end of the stream, ``Metadata``. Client messages ``KeepAlive
 Finals the engine timed (the native final's ``words``: Whisper's transcriptions) carry those words
 with their real ``start``/``end``/``confidence``/``punctuated_word``, and the alternative's
 ``confidence`` is the final's. Results the engine did not time or score (interim results,
-translations, Granite finals) spread their span over the words in proportion to their length with
-confidence 0 (Deepgram's schema has no "unknown").
+translations, finals whose words could not be placed) spread their span over the words in proportion
+to their length with confidence 0 (Deepgram's schema has no "unknown").
 """
 
 from __future__ import annotations
@@ -419,7 +419,7 @@ def _timed_words(words: list[dict]) -> list[dict]:
 
 def _words(text: str, start: float, end: float) -> list[dict]:
     """Words with times spread over ``[start, end]`` by length, unscored (confidence 0): for results
-    the engine did not time (interim results, translations, Granite finals)."""
+    the engine did not time (interim results, translations)."""
     tokens = text.split()
     if not tokens:
         return []

@@ -124,7 +124,6 @@ def align_words(
     label_of: Callable[[str], int | None],
     frame_s: float,
     blank: int = 0,
-    token_probability: Callable[[int, int], float | None] | None = None,
 ) -> tuple[Word, ...] | None:
     """Time and score ``text``'s space-separated words from CTC posteriors.
 
@@ -136,9 +135,6 @@ def align_words(
             their word's times.
         frame_s: seconds per CTC frame.
         blank: the blank class.
-        token_probability: optional ``(char_start, char_end) -> probability`` of the decoder's tokens
-            covering that span of ``text`` (the LLM's own confidence); combined with the CTC
-            posterior as their geometric mean.
 
     Returns:
         One :class:`Word` per word (seconds from the audio's start), or ``None`` when the text has
@@ -148,10 +144,7 @@ def align_words(
     if not text.strip():
         return ()
     chars: list[tuple[int, int]] = []  # (label, word index)
-    offsets: list[int] = []
-    position = 0
     for index, word in enumerate(words):
-        offsets.append(position)
         if index:  # the space before this word, when the head has a class for it
             space = label_of(" ")
             if space is not None:
@@ -160,7 +153,6 @@ def align_words(
             label = label_of(char)
             if label is not None:
                 chars.append((label, index))
-        position += len(word) + 1
     spans = forced_align(log_probs, [label for label, _ in chars], blank)
     if spans is None:
         return None
@@ -170,10 +162,6 @@ def align_words(
         if not mine:
             return None
         probability = float(np.mean([span.probability for span in mine]))
-        if token_probability is not None:
-            llm = token_probability(offsets[index], offsets[index] + len(word))
-            if llm is not None:
-                probability = float(np.sqrt(probability * llm))
         timed.append(Word(word, round(mine[0].start * frame_s, 3), round(mine[-1].end * frame_s, 3),
                           round(probability, 3)))
     return tuple(timed)
