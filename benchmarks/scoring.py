@@ -343,17 +343,20 @@ def utterance_traces(slog: StreamLog) -> dict[int, list[UtteranceTrace]]:
         return {}
     assign = _assigner(slog)
     stable: dict[int, str] = {}
+    cut: set[int] = set()  # utterances the server ended at max_utterance_s
     ordered: list[UtteranceTrace] = []
     for _, ev in slog.messages:
         kind = ev.get("type")
         if kind == "partial":
             stable[ev["utterance_id"]] = ev.get("stable_text", "")
+        elif kind == "speech_ended" and ev.get("reason") == "max_length":
+            cut.add(ev["utterance_id"])
         elif kind == "final":
             ordered.append(UtteranceTrace(ev["utterance_id"], float(ev["start"]), float(ev["end"]),
                                           ev.get("text", ""), stable.get(ev["utterance_id"], "")))
     ordered.sort(key=lambda u: u.utterance_id)
     for prev, nxt in zip(ordered, ordered[1:]):
-        if nxt.utterance_id == prev.utterance_id + 1 and abs(nxt.start - prev.end) < 0.002:
+        if nxt.utterance_id == prev.utterance_id + 1 and prev.utterance_id in cut:
             prev.cut_after = nxt.cut_before = True
     out: dict[int, list[UtteranceTrace]] = {}
     for u in ordered:

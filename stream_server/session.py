@@ -428,14 +428,18 @@ class Session:
                 utterance = self._open
                 self._open = None
                 utterance.end = max(event.end, utterance.start)
-                self._last_ended = utterance
+                # Only a cut at max_utterance_s continues into the next utterance. After a silence
+                # or a finalize the next one may also start exactly here (the VAD floors its start
+                # at the previous end when the pause is shorter than pre-roll + post-roll), but it
+                # is new speech, not this speech going on.
+                self._last_ended = utterance if event.reason == "max_length" else None
                 self._finishing.append(utterance)
                 # The VAD (or finalize/stop) decided: the one moment speech ends. Adapters announce
                 # it from this event (an early final is submitted at a short pause too, so the
                 # shape of an inference request says nothing about the end of speech).
                 actions.append(
                     Send({"type": "speech_ended", "utterance_id": utterance.utterance_id,
-                          "end": round_time(utterance.end / SAMPLE_RATE)})
+                          "end": round_time(utterance.end / SAMPLE_RATE), "reason": event.reason})
                 )
                 early, outcome = utterance.early_request, utterance.early_outcome
                 covered = utterance.early_covers(utterance.end)

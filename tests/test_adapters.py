@@ -409,7 +409,7 @@ def test_short_pause_has_an_early_final_that_is_discarded():
     assert len(finals) == 2 and finals[0].duration < 2.2 < finals[1].duration  # the early one, then the real one
     assert [e["type"] for e in events if e["type"] != "partial"] == ["ready", "speech_started", "speech_ended", "final"]
     [ended] = [e for e in events if e["type"] == "speech_ended"]
-    assert ended["end"] >= PHRASE_END_S - 0.05
+    assert ended["end"] >= PHRASE_END_S - 0.05 and ended["reason"] == "silence"
 
 
 def test_openai_short_pause_stops_speech_once_per_item_after_the_vad_decides():

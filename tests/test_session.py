@@ -493,7 +493,31 @@ def test_an_utterance_cut_at_max_length_is_decoded_with_the_text_before_the_cut(
     h.run(session.receive_text('{"type":"stop"}'))
     finals = h.of("final")
     assert len(finals) == 3 and finals[0]["end"] == finals[1]["start"]  # cut, then a pause
+    reasons = [e["reason"] for e in h.of("speech_ended")]
+    assert reasons[0] == "max_length" and reasons[-1] == "forced"  # the cut, and the stop
     requests = {r.utterance_id: r for r in _final_requests(engine)}  # the last request per utterance
     assert requests[0].context == ""
     assert requests[1].context == finals[0]["text"] != ""
     assert requests[2].context == ""
+
+
+@pytest.mark.parametrize("how", ["silence", "finalize"])
+def test_an_utterance_right_after_a_short_pause_or_a_finalize_gets_no_context(engine, how):
+    """With a short silence_ms the VAD floors the next start at the previous end (a pause shorter than
+    pre-roll + post-roll), exactly as after a cut; it is new speech all the same, decoded without the
+    text before it."""
+    session = new_session(engine)
+    h = Harness(session, engine)
+    h.run(start(session, partials=False, vad={"silence_ms": 200}))
+    h.feed(_buzz(1.2))
+    if how == "finalize":
+        h.run(session.receive_text('{"type":"finalize"}'))
+    else:
+        h.feed(np.zeros(int(0.3 * RATE), np.float32))
+    h.feed(_buzz(1.2))
+    h.run(session.receive_text('{"type":"stop"}'))
+    finals = h.of("final")
+    assert len(finals) == 2 and finals[0]["end"] == finals[1]["start"]  # the case that looks like a cut
+    requests = {r.utterance_id: r for r in _final_requests(engine)}
+    assert requests[1].context == ""
+    assert [e["reason"] for e in h.of("speech_ended")] == ["forced" if how == "finalize" else "silence", "forced"]
