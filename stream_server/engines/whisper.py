@@ -295,14 +295,8 @@ class WhisperEngine(Engine):
         partials = [i for i, r in enumerate(requests) if r.kind != "final"]
         results: list[InferenceResult | None] = [None] * len(requests)
         for group in (finals, partials):
-            # CTranslate2 wants <|startoftranscript|> at the same position in every prompt of a
-            # generate call, so requests whose previous-text prompts (keywords, context) differ in
-            # length are decoded in separate calls.
-            by_start: dict[int, list[int]] = {}
-            for i in group:
-                by_start.setdefault(len(self._previous(requests[i])), []).append(i)
-            for same in by_start.values():
-                for i, result in zip(same, self._transcribe_group([requests[i] for i in same])):
+            if group:
+                for i, result in zip(group, self._transcribe_group([requests[i] for i in group])):
                     results[i] = result
         return results  # type: ignore[return-value]
 
@@ -328,15 +322,26 @@ class WhisperEngine(Engine):
             prompts = [self._prompt(r, lang) for r, lang in zip(requests, languages)]
             # Greedy decode budget: ~ 4 tokens per second of speech is typical; allow generous headroom.
             max_new = int(min(224, 16 + 8 * longest / SAMPLE_RATE))
-            results = self.model.generate(
-                encoded,
-                prompts,
-                beam_size=self.beam_size,
-                max_length=max(len(p) for p in prompts) + max_new,
-                suppress_blank=True,
-                suppress_tokens=self._suppress,
-                return_scores=False,
-            )
+            # CTranslate2 wants <|startoftranscript|> at the same position in every prompt of a
+            # generate call: prompts whose previous text (keywords, context) differs in length are
+            # decoded in separate calls, on their rows of the one encoder pass.
+            sot = self._tokenizer("transcribe", "en").sot
+            by_start: dict[int, list[int]] = {}
+            for i, prompt in enumerate(prompts):
+                by_start.setdefault(prompt.index(sot), []).append(i)
+            results: list = [None] * len(requests)
+            for members in by_start.values():
+                decoded = self.model.generate(
+                    encoded if len(members) == len(requests) else self._rows(encoded, members),
+                    [prompts[i] for i in members],
+                    beam_size=self.beam_size,
+                    max_length=max(len(prompts[i]) for i in members) + max_new,
+                    suppress_blank=True,
+                    suppress_tokens=self._suppress,
+                    return_scores=False,
+                )
+                for i, result in zip(members, decoded):
+                    results[i] = result
         texts = [self._text(r, lang, res) for r, lang, res in zip(requests, languages, results)]
         for i, (request, language) in enumerate(zip(requests, languages)):
             if looks_repetitive(texts[i]):
@@ -349,6 +354,12 @@ class WhisperEngine(Engine):
                             confidence=None if not w else round(float(np.mean([x.confidence for x in w])), 3))
             for t, lang, w in zip(texts, languages, timed)
         ]
+
+    def _rows(self, encoded, rows: list[int]):
+        """Some rows of an encoder output (a CTranslate2 StorageView), on its device."""
+        host = np.asarray(encoded.to_device(self._ct2.Device.cpu))[rows]
+        part = self._ct2.StorageView.from_array(np.ascontiguousarray(host))
+        return part if encoded.device == "cpu" else part.to_device(self._ct2.Device.cuda)
 
     def _word_timings(self, requests: Sequence[InferenceRequest], languages: list[str], texts: list[str],
                       encoded) -> list[tuple[Word, ...] | None]:
@@ -370,12 +381,7 @@ class WhisperEngine(Engine):
             groups.setdefault(tuple(tokenizer.sot_sequence), []).append(i)
         hop = self.features.hop_length
         for start_sequence, members in groups.items():
-            features = encoded
-            if len(members) != len(requests):  # align only these rows of the encoder output
-                rows = np.asarray(encoded.to_device(self._ct2.Device.cpu))[members]
-                features = self._ct2.StorageView.from_array(np.ascontiguousarray(rows))
-                if encoded.device != "cpu":
-                    features = features.to_device(self._ct2.Device.cuda)
+            features = encoded if len(members) == len(requests) else self._rows(encoded, members)
             frames = [min(len(requests[i].audio) // hop, int(MAX_WINDOW_S * SAMPLE_RATE) // hop) for i in members]
             with self._lock:
                 aligned = self.model.align(features, list(start_sequence), [tokens[i] for i in members], frames)
@@ -433,9 +439,9 @@ class WhisperEngine(Engine):
                 languages[i] = token[2:-2]
         return [lang or "en" for lang in languages]
 
-    def _previous(self, request: InferenceRequest, language: str | None = None) -> list[int]:
+    def _previous(self, request: InferenceRequest, language: str) -> list[int]:
         """The previous-text tokens of the request's prompt (empty: none)."""
-        tokenizer = self._tokenizer(request.task, language or request.language)
+        tokenizer = self._tokenizer(request.task, language)
         previous: list[int] = []
         if request.keywords:
             # Whisper has no biasing API; a previous-text prompt listing the terms is the documented
