@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -269,6 +270,12 @@ def _wer(logs, convs) -> float | None:
     return wer_cer(pairs, "en").get("wer") if pairs else None
 
 
+def _embedding_totals(engine) -> tuple[int, float]:
+    """Finals embedded and seconds spent, from the engine's declared counters (Engine.stats)."""
+    stats = engine.stats()
+    return int(stats.get("speaker_embeddings", 0)), float(stats.get("speaker_embed_seconds", 0.0))
+
+
 async def run(args) -> dict:
     from stream_server.engines import load_engine
     from stream_server.server import ServerSettings, StreamServer
@@ -284,12 +291,12 @@ async def run(args) -> dict:
     settings = ServerSettings(port=0, max_sessions_per_ip=4096, session=SessionSettings())
     results: dict = {"schema": "granite-stream-bench-diarization/1", "machine": machine_info(), "reason": reason,
                      "engine": engine.capabilities.to_wire(), "args": {k: str(v) for k, v in vars(args).items()},
-                     "speaker_settings": vars(settings.session.speakers) if hasattr(settings.session.speakers, "__dict__") else {}}
+                     "speaker_settings": dataclasses.asdict(settings.session.speakers)}
     async with StreamServer(engine, settings, reason) as server:
         for k, convs in sets.items():
             entry: dict = {}
             for diarize in (True, False):
-                before = (getattr(engine, "embedded", 0), getattr(engine, "embed_seconds", 0.0))
+                before = _embedding_totals(engine)
                 started = time.perf_counter()
                 logs = await stream_all(server.url, convs, diarize, args.concurrency)
                 errors = [s.error for s in logs if s.error]
@@ -301,8 +308,8 @@ async def run(args) -> dict:
                 if diarize:
                     scores = [score(c.turns, _finals(s)) for c, s in zip(convs, logs)]
                     run |= summarize(scores)
-                    embedded = getattr(engine, "embedded", 0) - before[0]
-                    seconds = getattr(engine, "embed_seconds", 0.0) - before[1]
+                    after = _embedding_totals(engine)
+                    embedded, seconds = after[0] - before[0], after[1] - before[1]
                     run["embed_ms_per_final"] = round(1000 * seconds / max(1, embedded), 2)
                     run["finals_embedded"] = embedded
                     run["finals_with_turns"] = sum(1 for s in logs for f in _finals(s) if f.get("speaker_turns"))

@@ -634,10 +634,6 @@ class RayServeWorker:
             "last_ping": self.last_ping,
         }
 
-    def load(self) -> list[dict]:
-        """For ``/readyz``'s ``workers``: this gateway's view of the pool."""
-        return [status.to_wire() for status in self.status().workers]
-
     def status(self) -> PoolStatus:
         stats = self.stats()
         gateway = WorkerStatus(self.description, self.queue_depth, self.last_batch_at, self.alive, self.restarts,

@@ -634,10 +634,6 @@ class WorkerPool:
             self._sessions_per_worker[id(worker)] -= 1
             worker.cancel_session(session_id)
 
-    def load(self) -> list[dict]:
-        """Per-worker sessions, queue depth and busy time (for /readyz and metrics)."""
-        return [status.to_wire() for status in self.status().workers]
-
     def status(self) -> PoolStatus:
         return _pool_status(
             self.workers, [w.worker_status(sessions=self._sessions_per_worker[id(w)]) for w in self.workers]

@@ -501,7 +501,7 @@ def test_the_wrapper_computes_where_its_engine_does(whisper_engine):
         def bind_thread(self):
             bound.append(True)
 
-    wrapped = SpeakerEmbeddingEngine(Placed(), device="cuda:1", encoder_factory=lambda: None)
+    wrapped = SpeakerEmbeddingEngine(Placed(), encoder_factory=lambda: None)
     assert wrapped.placement() == "cuda:1"
     wrapped.bind_thread()
     assert bound == [True]

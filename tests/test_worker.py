@@ -193,7 +193,7 @@ async def test_pool_spreads_sessions_and_survives_one_worker_dying():
     try:
         workers = {pool.worker_for(f"s{i}") for i in range(4)}
         assert len(workers) == 2
-        assert [entry["sessions"] for entry in pool.load()] == [2, 2]
+        assert [w.detail["sessions"] for w in pool.status().workers] == [2, 2]
         futures = [pool.submit(req(f"s{i}", 0, "final")) for i in range(4)]
         await _until_dead(pool.workers[1])  # the fragile worker's thread dies on its first batch
         assert pool.workers[0].alive
@@ -202,7 +202,7 @@ async def test_pool_spreads_sessions_and_survives_one_worker_dying():
         assert all(r.text == "w0 w1" for r in results)
         assert pool.restarts == 1 and len(healthy.batches) >= 1
         pool.cancel_session("s0")
-        assert sum(entry["sessions"] for entry in pool.load()) == 3
+        assert sum(w.detail["sessions"] for w in pool.status().workers) == 3
     finally:
         pool.stop()
 

@@ -64,7 +64,7 @@ def load_engine(
         return engine, reason
     from ..speakers.engine import wrap
 
-    return wrap(engine, engine.placement()), reason  # the speaker encoder runs where the engine does
+    return wrap(engine), reason
 
 
 def _load(name, model, device, cpu_threads, max_batch, granite_options) -> tuple[Engine, str]:

@@ -27,19 +27,22 @@ class SpeakerEmbeddingEngine(Engine):
 
     Args:
         inner: the speech engine.
-        device: where the encoder runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``); usually the engine's.
         encoder_factory: builds the encoder on first use (tests pass a fake); default
-            :class:`~stream_server.speakers.encoder.SpeakerEncoder` on ``device``.
+            :class:`~stream_server.speakers.encoder.SpeakerEncoder` where the inner engine computes
+            (:meth:`Engine.placement`).
     """
 
-    def __init__(self, inner: Engine, device: str = "cpu",
-                 encoder_factory: Callable[[], Any] | None = None):
+    def __init__(self, inner: Engine, encoder_factory: Callable[[], Any] | None = None):
         self.inner = inner
-        self._factory = encoder_factory or (lambda: SpeakerEncoder(device, threads=self._cpu_threads(device)))
+        self._factory = encoder_factory or self._default_encoder
         self._encoder = None
         self._lock = threading.Lock()
         self.embedded = 0  # finals embedded
         self.embed_seconds = 0.0  # time spent embedding them
+
+    def _default_encoder(self) -> SpeakerEncoder:
+        device = self.inner.placement()
+        return SpeakerEncoder(device, threads=self._cpu_threads(device))
 
     def _cpu_threads(self, device: str) -> int:
         # torch's thread count is the process's: one thread beside Whisper (CTranslate2 has its own
@@ -143,7 +146,7 @@ def _wants(request: InferenceRequest) -> bool:
     return request.kind == "final" and request.diarize
 
 
-def wrap(engine: Engine, device: str = "cpu") -> Engine:
+def wrap(engine: Engine) -> Engine:
     """``engine`` wrapped for speaker labels when the encoder can load here, else ``engine`` itself
     (its capabilities then say ``diarization: false`` and ``diarize`` requests get ``bad_config``)."""
     from .encoder import available
@@ -152,4 +155,4 @@ def wrap(engine: Engine, device: str = "cpu") -> Engine:
     if problem is not None:
         log.info("speaker labels unavailable: %s", problem)
         return engine
-    return SpeakerEmbeddingEngine(engine, device)
+    return SpeakerEmbeddingEngine(engine)
