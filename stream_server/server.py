@@ -2,7 +2,8 @@
 
 One :class:`StreamServer` owns the inference worker and serves, on one port:
 ``/v1/listen`` (WebSocket, protocol v1), the browser demo at ``/``, ``/healthz``, ``/readyz`` and
-``/metrics`` over plain HTTP. It never runs inference or other blocking work on the event loop:
+``/metrics`` over plain HTTP, and OpenAI-compatible file transcription (``POST /v1/audio/…``,
+:mod:`stream_server.http_api`). It never runs inference or other blocking work on the event loop:
 sessions are pure state machines and the engine runs on the worker's thread.
 """
 
@@ -32,7 +33,7 @@ from .auth import AccessPolicy, check_access, select_subprotocol
 from .driver import SessionDriver
 from .logs import current_session
 from .multichannel import MultichannelSession
-from . import memory
+from . import http_api, memory
 from .protocol import SHUTTING_DOWN, error_event
 from .connection import TranslatorFactory, native_translator, serve_connection
 from .session import Send, SessionSettings
@@ -109,6 +110,9 @@ class ServerSettings:
             kernel spreads new connections over them).
         handshake_timeout_s: a connection whose HTTP request (WebSocket upgrade or plain HTTP) is not
             complete this long after it opened is closed; it holds no session slot meanwhile.
+        max_upload_bytes: largest file body ``POST /v1/audio/transcriptions`` accepts (HTTP 413 beyond).
+        max_upload_audio_s: longest decoded audio of such a file (HTTP 413 beyond); 0 for no limit
+            but ``session.max_session_s``.
     """
 
     host: str = "127.0.0.1"
@@ -132,6 +136,8 @@ class ServerSettings:
     memory_trim_s: float = 60.0
     reuse_port: bool = False
     handshake_timeout_s: float = 10.0
+    max_upload_bytes: int = 25 << 20
+    max_upload_audio_s: float = 3600.0
 
 
 class _Metrics:
@@ -259,17 +265,21 @@ class StreamServer:
     async def start(self) -> None:
         """Start the worker and listen; :attr:`port` is the bound port afterwards."""
         self.worker.start(asyncio.get_running_loop())
+        ssl_context = self._ssl_context()
+        # HttpServerConnection applies handshake_timeout_s itself (an upload may take longer).
+        tls = {"ssl": ssl_context, "ssl_handshake_timeout": self.settings.handshake_timeout_s} if ssl_context else {}
         self._server = await serve(
             self._handle,
             self.settings.host,
             self.settings.port,
             process_request=self._process_request,
             select_subprotocol=lambda _connection, offered: select_subprotocol(offered),
-            ssl=self._ssl_context(),
+            **tls,
             max_size=max(self.settings.session.max_frame_bytes, self.settings.session.limits.max_text_bytes) + 1024,
             ping_interval=20,
             ping_timeout=20,
-            open_timeout=self.settings.handshake_timeout_s,
+            open_timeout=None,
+            create_connection=http_api.connection_factory(self),  # POST /v1/audio/… next to the GET routes
             reuse_port=self.settings.reuse_port or None,
         )
         self._started_at = time.monotonic()
@@ -382,16 +392,25 @@ class StreamServer:
         if refusal is not None:
             status, reason = refusal
             return _text_response(HTTPStatus(status), reason + "\n")
+        refusal = self.admission_refusal(_client_ip(connection))
+        if refusal is not None:
+            status, reason = refusal
+            return _text_response(HTTPStatus(status), reason + "\n")
+        return None
+
+    def admission_refusal(self, client_ip: str) -> tuple[int, str] | None:
+        """Whether a new session may open now (WebSocket or file request): ``None``, or ``(status, reason)``
+        — 503 while draining, at ``max_sessions`` or with a full inference queue, 429 at
+        ``max_sessions_per_ip``."""
         if self.draining:
-            return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down: not accepting new sessions\n")
+            return 503, "shutting down: not accepting new sessions"
         if len(self._sessions) >= self.settings.max_sessions:
-            return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded: too many sessions\n")
+            return 503, "overloaded: too many sessions"
         queue = self.worker.status()
         if queue.queue_depth >= queue.max_queue:
-            return _text_response(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded: inference queue is full\n")
-        ip = _client_ip(connection)
-        if self.settings.max_sessions_per_ip and self._per_ip[ip] >= self.settings.max_sessions_per_ip:
-            return _text_response(HTTPStatus.TOO_MANY_REQUESTS, "too many sessions from this address\n")
+            return 503, "overloaded: inference queue is full"
+        if self.settings.max_sessions_per_ip and self._per_ip[client_ip] >= self.settings.max_sessions_per_ip:
+            return 429, "too many sessions from this address"
         return None
 
     def _readyz(self) -> Response:
