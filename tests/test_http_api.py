@@ -5,14 +5,12 @@ routes served alongside (fake engine: the text does not matter here)."""
 import asyncio
 import io
 import json
-import re
 import ssl
 import subprocess
 import threading
 import wave
 
 import httpx
-import jiwer
 import numpy as np
 import openai
 import pytest
@@ -22,7 +20,7 @@ from websockets.exceptions import InvalidStatus
 from stream_server.auth import AccessPolicy
 from stream_server.server import ServerSettings, StreamServer
 from tests.fakes import CountingEngine
-from tests.test_server import http_get, normalize
+from tests.test_server import http_get
 from tests.test_vad import voiced
 
 KEY = "k" * 8 + "0123456789abcdef"
@@ -72,10 +70,6 @@ def speech(seconds: float) -> np.ndarray:
 
 def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(SR * seconds), np.float32)
-
-
-def srt_cues(text: str) -> list[tuple[str, str, str]]:
-    return re.findall(r"(\d+)\n(\d\d:\d\d:\d\d,\d\d\d) --> (\d\d:\d\d:\d\d,\d\d\d)\n", text)
 
 
 async def test_translations_run_the_translate_task():
