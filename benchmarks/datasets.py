@@ -525,21 +525,29 @@ def _ensure_unpacked(art: _Artifact, progress: bool) -> Path:
         if _is_unpacked(art):  # another process finished it while we waited
             return root
         archive = _ensure_download(art, progress)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{art.stem}-", dir=root.parent))
-        try:
+        with _replacing(root) as tmp:
             _log(f"unpacking {art.filename}", progress)
             if art.kind == "deb":
                 _extract_deb(archive, tmp)
             else:
                 _extract_sdist(archive, tmp)
             (tmp / _MARKER).write_text(json.dumps({"file": art.filename, "sha256": art.sha256}) + "\n")
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+@contextlib.contextmanager
+def _replacing(root: Path) -> Iterator[Path]:
+    """A fresh folder beside ``root`` to build in; it replaces ``root`` when the block completes and is
+    removed if the block fails (readers never see a half-built folder)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=root.parent))
+    try:
+        yield tmp
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fetch_all(sets: Iterable[str] = DEFAULT_SETS, progress: bool = True) -> None:
@@ -799,9 +807,7 @@ def _ensure_stress(progress: bool) -> Path:
     with _cache_lock(data_dir()):
         if (root / "clips.json").is_file():
             return root
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=root.parent))
-        try:
+        with _replacing(root) as tmp:
             _log(f"building {STRESS_SET} from asterisk-en (dev) and librivox", progress)
             index = []
             for item in stress_plan(_load_asterisk("asterisk-en", "dev", progress),
@@ -811,11 +817,6 @@ def _ensure_stress(progress: bool) -> Path:
                 index.append({"name": item.name, "text": item.text, "sample_rate": rate,
                               "sources": [c.id for c in item.sources], "gaps_s": list(item.gaps_s)})
             (tmp / "clips.json").write_text(json.dumps(index, indent=1) + "\n")
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -57,6 +57,19 @@ class CountingEngine(Engine):
         return {"words": words, "confidence": round(sum(w.confidence for w in words) / len(words), 3) if words else None}
 
 
+class GatedEngine(CountingEngine):
+    """Holds every batch until ``gate`` is set; ``entered`` says that a batch is being held."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def transcribe_batch(self, requests):
+        self.entered.set()
+        self.gate.wait(60)
+        return super().transcribe_batch(requests)
+
+
 class WorkerCrash(BaseException):
     """Kills the worker thread itself (not an engine error that the worker handles per batch)."""
 

@@ -6,7 +6,6 @@ import json
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from stream_server.auth import AccessPolicy
 from stream_server.server import ServerSettings, StreamServer
 from stream_server.session import SessionSettings
-from tests.fakes import CountingEngine
+from tests.fakes import CountingEngine, GatedEngine
 from tests.test_vad import voiced
 
 KEY = "k" * 8 + "0123456789abcdef"
@@ -46,19 +45,6 @@ async def wait_until(condition, what: str, timeout: float = 20.0):
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-class GatedEngine(CountingEngine):
-    """Holds every batch until ``gate`` is set; ``entered`` says that a batch is being held."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.entered, self.gate = threading.Event(), threading.Event()
-
-    def transcribe_batch(self, requests):
-        self.entered.set()
-        self.gate.wait(60)
-        return super().transcribe_batch(requests)
 
 
 async def test_drain_finishes_open_utterances_then_closes_1001():

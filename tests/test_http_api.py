@@ -7,7 +7,6 @@ import io
 import json
 import ssl
 import subprocess
-import threading
 import wave
 
 import httpx
@@ -19,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 
 from stream_server.auth import AccessPolicy
 from stream_server.server import ServerSettings, StreamServer
-from tests.fakes import CountingEngine
+from tests.fakes import CountingEngine, GatedEngine
 from tests.test_server import http_get
 from tests.test_vad import voiced
 
@@ -141,19 +140,6 @@ async def test_too_large_too_long_and_undecodable_uploads_are_refused():
 
 
 # ---- the same port, the same slots -----------------------------------------------------------------
-
-
-class GatedEngine(CountingEngine):
-    """Holds every batch until ``gate`` is set; ``entered`` says that a batch is being held."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.entered, self.gate = threading.Event(), threading.Event()
-
-    def transcribe_batch(self, requests):
-        self.entered.set()
-        self.gate.wait(60)
-        return super().transcribe_batch(requests)
 
 
 async def wait_until(condition, timeout: float = 20.0) -> None:
