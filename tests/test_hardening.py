@@ -5,7 +5,6 @@ import collections
 import json
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
@@ -348,13 +347,8 @@ async def test_per_ip_session_limit():
         await second.close()
 
 
-async def test_tls_with_a_self_signed_certificate(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
+async def test_tls_with_a_self_signed_certificate(self_signed):
+    cert, key = self_signed
     settings = ServerSettings(port=0, certfile=cert, keyfile=key)
     async with StreamServer(CountingEngine(), settings) as server:
         assert server.url.startswith("wss://")

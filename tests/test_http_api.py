@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import ssl
-import subprocess
 import wave
 
 import httpx
@@ -197,13 +196,8 @@ async def test_drain_answers_an_open_file_request_503():
         await server.close()
 
 
-async def test_https_with_tls_serves_files_and_websockets(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
+async def test_https_with_tls_serves_files_and_websockets(self_signed):
+    cert, key = self_signed
     context = ssl.create_default_context(cafile=str(cert))
     audio = wav_bytes(np.concatenate([silence(0.3), speech(1.2), silence(1.0)]))
     async with StreamServer(CountingEngine(), ServerSettings(port=0, certfile=cert, keyfile=key)) as server:
