@@ -15,7 +15,10 @@ speakers. Also: the number of labels against the true number of speakers, the en
 final (from the speaker wrapper's counters), and final latency and WER with and without ``diarize``.
 
 ``--tune`` instead embeds each reference turn offline and prints attribution accuracy over a grid of
-clustering thresholds (no server): how the defaults of ``SpeakerSettings`` were chosen.
+clustering thresholds (no server): how the defaults of ``SpeakerSettings`` were chosen; with
+``--precision`` it does so for each of the encoder's arithmetics. ``--cost`` times the encoder per
+final on the turns' audio, float32 (Resemblyzer's own arithmetic, the baseline) against the
+server's default (``auto``), in the same run.
 """
 
 from __future__ import annotations
@@ -171,14 +174,15 @@ def summarize(scores: Sequence[dict]) -> dict:
 # ---- offline tuning -------------------------------------------------------------------------------
 
 
-def tune(convs: Sequence[Conversation], grid: Sequence[float]) -> dict:
-    """Attribution accuracy per clustering threshold, each reference turn embedded as one utterance."""
+def tune(convs: Sequence[Conversation], grid: Sequence[float], precision: str = "auto") -> dict:
+    """Attribution accuracy per clustering threshold, each reference turn embedded as one utterance
+    by the encoder in ``precision``."""
     import soxr
 
     from stream_server.speakers.clustering import SpeakerSettings, SpeakerTracker
     from stream_server.speakers.encoder import SpeakerEncoder
 
-    encoder = SpeakerEncoder("cpu", threads=1)
+    encoder = SpeakerEncoder("cpu", threads=1, precision=precision)
     embedded = []
     for conv in convs:
         wavs = [soxr.resample(conv.audio[int(t.start * SEND_RATE):int(t.end * SEND_RATE)], SEND_RATE, 16000)
@@ -200,31 +204,44 @@ def tune(convs: Sequence[Conversation], grid: Sequence[float]) -> dict:
     return out
 
 
-def cost(convs: Sequence[Conversation], batch: int = 1, repeats: int = 3) -> dict:
+def cost(convs: Sequence[Conversation], batches: Sequence[int] = (1, 8), repeats: int = 3,
+         precisions: Sequence[str] = ("float32", "auto")) -> list[dict]:
     """Encoder time per final on the turns' audio (one torch thread, as the server's CPU encoder
-    uses), ``batch`` finals per call: the best of ``repeats`` passes, and its median call."""
+    uses), for each precision and each number of finals per call: the best of ``repeats`` passes,
+    and its median call. The passes of the precisions alternate, so that a change in the machine's
+    load reaches all of them alike; the first precision is the baseline, and each row says how its
+    embeddings compare with the baseline's (lowest cosine over the turns)."""
     import soxr
 
     from stream_server.speakers.encoder import SpeakerEncoder
 
-    encoder = SpeakerEncoder("cpu", threads=1)
+    encoders = [SpeakerEncoder("cpu", threads=1, precision=p) for p in precisions]
     wavs = [soxr.resample(c.audio[int(t.start * SEND_RATE):int(t.end * SEND_RATE)], SEND_RATE, 16000)
             for c in convs for t in c.turns]
-    encoder.embed(wavs[:2])  # warm-up
-    best = None
+    utterances = []
+    for encoder in encoders:
+        encoder.embed(wavs[:2])  # warm-up
+        utterances.append(np.stack([e.utterance for e in encoder.embed(wavs)]))
+    best: dict[tuple[int, int], tuple[float, list[float]]] = {}
     for _ in range(repeats):
-        per_call = []
-        for i in range(0, len(wavs), batch):
-            started = time.perf_counter()
-            encoder.embed(wavs[i:i + batch])
-            per_call.append((time.perf_counter() - started) / len(wavs[i:i + batch]))
-        total = sum(per_call)
-        if best is None or total < best[0]:
-            best = (total, per_call)
-    per_final = best[1]
-    return {"finals": len(wavs), "batch": batch, "mean_audio_s": round(float(np.mean([len(w) for w in wavs])) / 16000, 2),
-            "ms_per_final_mean": round(1000 * float(np.mean(per_final)), 2),
-            "ms_per_final_median": round(1000 * float(np.median(per_final)), 2)}
+        for batch in batches:
+            for k, encoder in enumerate(encoders):
+                per_call = []
+                for i in range(0, len(wavs), batch):
+                    started = time.perf_counter()
+                    encoder.embed(wavs[i:i + batch])
+                    per_call.append((time.perf_counter() - started) / len(wavs[i:i + batch]))
+                total = sum(per_call)
+                if (k, batch) not in best or total < best[(k, batch)][0]:
+                    best[(k, batch)] = (total, per_call)
+    rows = []
+    for (k, batch), (_, per_final) in sorted(best.items(), key=lambda item: (item[0][1], item[0][0])):
+        rows.append({"precision": precisions[k], "resolved": encoders[k].precision, "finals": len(wavs),
+                     "batch": batch, "mean_audio_s": round(float(np.mean([len(w) for w in wavs])) / 16000, 2),
+                     "ms_per_final_mean": round(1000 * float(np.mean(per_final)), 2),
+                     "ms_per_final_median": round(1000 * float(np.median(per_final)), 2),
+                     "min_cosine_to_baseline": round(float(np.min(np.sum(utterances[k] * utterances[0], axis=1))), 5)})
+    return rows
 
 
 # ---- streaming run ----------------------------------------------------------------------------------
@@ -332,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--cpu-threads", type=int, default=2)
     p.add_argument("--tune", action="store_true", help="offline threshold grid instead of the streaming run")
-    p.add_argument("--cost", action="store_true", help="only time the encoder per final (batches of 1 and 8)")
+    p.add_argument("--cost", action="store_true",
+                   help="only time the encoder per final (batches of 1 and 8), float32 against the default")
+    p.add_argument("--precision", default="auto", type=lambda v: v.split(","),
+                   help="--tune: the encoder's arithmetic(s), comma-separated (auto, float32, bfloat16)")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -343,16 +363,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost:
         convs = [c for k in args.speakers for c in conversations(args.conversations, k, args.turns, args.seed,
                                                                    voice_clips())]
-        results = {"cost": [cost(convs, 1), cost(convs, 8)]}
+        results = {"cost": cost(convs)}
         print(json.dumps(results, indent=1))
     elif args.tune:
         clips = voice_clips()
         grid = [round(x, 2) for x in np.arange(0.70, 0.92, 0.02)]
-        results = {k: tune(conversations(args.conversations, k, args.turns, args.seed, clips), grid)
-                   for k in args.speakers}
-        for k, rows in results.items():
+        results = {f"{precision} {k}": tune(conversations(args.conversations, k, args.turns, args.seed, clips), grid,
+                                            precision)
+                   for precision in args.precision for k in args.speakers}
+        for key, rows in results.items():
+            precision, k = key.split()
             for threshold, row in rows.items():
-                print(f"{k} speakers threshold {threshold:.2f}: accuracy {row['accuracy']:.3f} "
+                print(f"{precision}: {k} speakers threshold {threshold:.2f}: accuracy {row['accuracy']:.3f} "
                       f"count right {row['speaker_count_right']:.2f} found {row['speakers_found']}")
     else:
         results = asyncio.run(run(args))

@@ -138,20 +138,43 @@ def test_encoder_reproduces_resemblyzer_on_real_speech(goforward):
     assert rate == SAMPLE_RATE
     mel = mel_spectrogram(normalize_volume(wav))
     np.testing.assert_allclose(mel[:50], reference["mel"], rtol=1e-4, atol=1e-6 * reference["mel"].max())
-    [embedding] = SpeakerEncoder("cpu").embed([wav])
+    [embedding] = SpeakerEncoder("cpu", precision="float32").embed([wav])
     np.testing.assert_allclose(embedding.starts * SAMPLE_RATE, reference["starts"])
     np.testing.assert_allclose(embedding.partials, reference["partials"], atol=2e-5)
     assert float(embedding.utterance @ reference["utterance"]) > 0.99999
 
 
-def test_same_speaker_is_closer_than_different_speakers_on_real_speech(librivox_clips, asterisk_en_dev):
+def test_bfloat16_keeps_resemblyzers_embeddings_on_real_speech(goforward):
+    # The cheaper arithmetic (the default on CPUs that compute bfloat16 natively) stays next to
+    # Resemblyzer's own float32 embeddings: every window, and the utterance.
+    reference = np.load("tests/data/resemblyzer_goforward.npz")
+    wav, _ = read_audio(goforward)
+    encoder = SpeakerEncoder("cpu", precision="bfloat16")
+    assert encoder.precision == "bfloat16"
+    [embedding] = encoder.embed([wav])
+    np.testing.assert_allclose(np.linalg.norm(embedding.partials, axis=1), 1.0, atol=1e-6)
+    assert np.min(np.sum(embedding.partials * reference["partials"], axis=1)) > 0.99
+    assert float(embedding.utterance @ reference["utterance"]) > 0.999
+
+
+def test_the_encoder_chooses_bfloat16_only_where_the_cpu_computes_it():
+    from stream_server.speakers.encoder import native_bfloat16
+
+    assert SpeakerEncoder("cpu").precision == ("bfloat16" if native_bfloat16("cpu") else "float32")
+    assert not native_bfloat16("cuda:0")  # a GPU keeps float32: the encoder is cheap there
+    with pytest.raises(ValueError, match="precision"):
+        SpeakerEncoder("cpu", precision="int8")
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_same_speaker_is_closer_than_different_speakers_on_real_speech(librivox_clips, asterisk_en_dev, precision):
     # The LibriVox reader and the Asterisk English voice: every same-voice pair is closer than
-    # every cross-voice pair.
+    # every cross-voice pair, in either arithmetic the server may use.
     reader = [read_audio(c)[0] for c in librivox_clips]
     import soxr
 
     phone = [soxr.resample(read_audio(c)[0], 8000, SAMPLE_RATE) for c in asterisk_en_dev[:5]]
-    encoder = SpeakerEncoder("cpu")
+    encoder = SpeakerEncoder("cpu", precision=precision)
     r = np.stack([e.utterance for e in encoder.embed(reader)])
     p = np.stack([e.utterance for e in encoder.embed(phone)])
     same = np.concatenate([(r @ r.T)[np.triu_indices(5, 1)], (p @ p.T)[np.triu_indices(5, 1)]])
@@ -242,13 +265,38 @@ def test_results_that_need_no_embedding_are_handed_on_before_the_encoder_runs():
     assert results[0].speaker is not None and results[2].speaker is None
 
 
-def test_the_encoder_loads_only_when_a_diarized_final_arrives():
+def test_the_encoder_loads_at_warmup_so_the_first_diarized_final_does_not_wait_for_it():
+    built: list[DirectionEncoder] = []
+
+    def factory():
+        built.append(DirectionEncoder())
+        return built[-1]
+
+    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=factory)
+    engine.warmup()
+    assert len(built) == 1 and built[0].calls == [1]  # loaded, and its first call made
+    engine.transcribe_batch([request("final")])
+    assert len(built) == 1 and built[0].calls == [1, 1]
+    assert engine.stats()["speaker_embeddings"] == 1  # the warm-up is not counted as a final
+
+
+def test_an_engine_never_warmed_loads_the_encoder_on_the_first_diarized_final():
     built = []
     engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=lambda: built.append(1) or DirectionEncoder())
     engine.transcribe_batch([request("final", diarize=False), request("partial")])
     assert built == []
     engine.transcribe_batch([request("final")])
     assert built == [1]
+
+
+def test_a_failure_to_load_at_warmup_leaves_transcription_working():
+    def broken():
+        raise RuntimeError("no weights")
+
+    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=broken)
+    engine.warmup()  # logged, not raised
+    [result] = engine.transcribe_batch([request("final")])
+    assert result.text and result.speaker is None
 
 
 # ---- the session -----------------------------------------------------------------------------------
@@ -412,7 +460,8 @@ def test_the_wrapper_passes_engine_options_through():
     inner = Options()
     engine = SpeakerEmbeddingEngine(inner, encoder_factory=DirectionEncoder)
     engine.warmup(graph_seconds=5.0)
-    assert inner.warmed == 5.0 and engine.delay == inner.delay  # other attributes are the inner engine's
+    assert inner.warmed == 5.0
+    assert not hasattr(engine, "delay") and engine.inner.delay == inner.delay  # no implicit forwarding
     engine.transcribe_batch([request("final")])
     assert engine.stats()["ctc_accept"] == 3 and engine.stats()["speaker_embeddings"] == 1
 
@@ -502,6 +551,7 @@ def test_the_wrapper_computes_where_its_engine_does(whisper_engine):
             bound.append(True)
 
     wrapped = SpeakerEmbeddingEngine(Placed(), encoder_factory=lambda: None)
-    assert wrapped.placement() == "cuda:1"
+    assert wrapped.placement() == "cuda:1" and wrapped.model_path is None
+    assert SpeakerEmbeddingEngine(whisper_engine).model_path == whisper_engine.model_path  # the benchmarks read it
     wrapped.bind_thread()
     assert bound == [True]

@@ -47,7 +47,7 @@ def load_engine(
         granite_options: extra :class:`~stream_server.engines.granite.GraniteEngine` keyword arguments
             (e.g. ``encoder_batching``, ``interleave_every``) when Granite serves.
         speakers: wrap the engine in :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`
-            (speaker labels on request; the encoder loads on the first ``diarize`` final, on the
+            (speaker labels on request; the encoder loads when the engine is warmed, on the
             engine's device) when torch and the encoder's weights are installed.
 
     Returns:

@@ -5,7 +5,9 @@ inner engine's batch, then embeds the audio of the batch's final requests that a
 (``InferenceRequest.diarize``) in one batched encoder call, and attaches the embeddings to their
 results (``InferenceResult.speaker``, never serialised to clients, never logged). It therefore runs
 wherever the engine runs: on the worker thread, never on the event loop; on the engine's device.
-The encoder loads on the first request that needs it.
+The encoder loads in :meth:`SpeakerEmbeddingEngine.warmup` (the server warms its engines at start,
+off the event loop), so the first diarized final does not wait for it; an engine that is never
+warmed loads it on the first request that needs it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..engines.base import Engine, InferenceRequest, InferenceResult
+import numpy as np
+
+from ..engines.base import SAMPLE_RATE, Engine, InferenceRequest, InferenceResult
 from .encoder import SpeakerEncoder
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,7 @@ class SpeakerEmbeddingEngine(Engine):
 
     @property
     def encoder(self):
-        """The speaker encoder, loaded on first use."""
+        """The speaker encoder, loaded on first use (:meth:`warmup` uses it first)."""
         with self._lock:
             if self._encoder is None:
                 started = time.perf_counter()
@@ -112,9 +117,15 @@ class SpeakerEmbeddingEngine(Engine):
         self.embed_seconds += time.perf_counter() - started
 
     def warmup(self, *args, **kwargs) -> None:
-        # The inner engine's own options (Granite's graph_seconds) pass through; the encoder stays
-        # unloaded until a session asks for speakers.
+        """Warm the inner engine (its own options, e.g. Granite's ``graph_seconds``, pass through),
+        then load the encoder and embed one window of silence, so that the first diarized final pays
+        neither for loading the weights nor for the first call's kernel setup. A failure to load is
+        logged and left to the first diarized final to retry (its transcript goes out unlabelled)."""
         self.inner.warmup(*args, **kwargs)
+        try:
+            self.encoder.embed([np.zeros(SAMPLE_RATE, np.float32)])
+        except Exception as exc:  # noqa: BLE001 - speaker labels are optional; transcription goes on
+            log.warning("speaker encoder failed to load at warmup (%s: %s)", type(exc).__name__, exc)
 
     def bind_thread(self) -> None:
         self.inner.bind_thread()
@@ -135,11 +146,13 @@ class SpeakerEmbeddingEngine(Engine):
             self._encoder.close()
             self._encoder = None
 
-    def __getattr__(self, name: str):
-        # Anything else (engine-specific counters, options) is the inner engine's.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    @property
+    def model_path(self) -> Path | None:
+        """The inner engine's model directory where it has one (Whisper's CTranslate2 directory,
+        which the benchmarks' offline modes read), else ``None``. Anything else engine-specific is
+        read from :attr:`inner`."""
+        path = getattr(self.inner, "model_path", None)
+        return Path(path) if path else None
 
 
 def _wants(request: InferenceRequest) -> bool:
