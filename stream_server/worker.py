@@ -288,33 +288,42 @@ class BatchScheduler(Generic[Token]):
         self._partials.clear()
         return tokens
 
-    def wait_time(self, now: float) -> float | None:
-        """Seconds until :meth:`take_batch` would return a batch: 0 when ready, ``None`` when empty."""
-        if not len(self):
+    def wait_time(self, now: float, partials: bool = True) -> float | None:
+        """Seconds until :meth:`take_batch` would return a batch: 0 when ready, ``None`` when empty.
+
+        Args:
+            now: current time.
+            partials: whether queued partials count (a lane kept free for finals passes False).
+        """
+        queued = len(self) if partials else len(self._finals)
+        if not queued:
             return None
-        if len(self) >= self.max_batch:
+        if queued >= self.max_batch:
             return 0.0
         oldest = min(
             (self._finals[0].enqueued_at if self._finals else now),
-            min((e.enqueued_at for e in self._partials.values()), default=now),
+            min((e.enqueued_at for e in self._partials.values()), default=now) if partials else now,
         )
         return max(0.0, oldest + self.max_wait - now)
 
-    def take_batch(self, now: float, force: bool = False) -> list[tuple[InferenceRequest, Token]]:
+    def take_batch(self, now: float, force: bool = False, partials: bool = True
+                   ) -> list[tuple[InferenceRequest, Token]]:
         """Pop the next batch: finals first (oldest first), then partials (oldest first).
 
         Args:
             now: current time, for the max-wait rule.
             force: take what is queued even if the batch is not full and ``max_wait`` has not passed.
+            partials: whether the batch may hold partials (False: finals only).
         """
-        wait = self.wait_time(now)
+        wait = self.wait_time(now, partials)
         if wait is None or (wait > 0 and not force):
             return []
         batch: list[tuple[InferenceRequest, Token]] = []
         while self._finals and len(batch) < self.max_batch:
             entry = self._finals.popleft()
             batch.append((entry.request, entry.token))
-        batch += self._pop_oldest_partials(self.max_batch - len(batch))
+        if partials:
+            batch += self._pop_oldest_partials(self.max_batch - len(batch))
         self.stats.batches += 1
         self.stats.batch_sizes[len(batch)] += 1
         return batch
@@ -357,12 +366,19 @@ class BatchScheduler(Generic[Token]):
 
 
 class InferenceWorker:
-    """Runs an engine on a dedicated thread, fed by :class:`BatchScheduler`.
+    """Runs an engine on dedicated threads ("lanes"), fed by :class:`BatchScheduler`.
 
     ``submit`` must be called on the event loop's thread; results come back as asyncio futures.
 
+    An engine whose capabilities declare ``concurrency`` > 1 gets that many lanes, each calling
+    ``transcribe_batch`` on its own thread. At most ``concurrency - 1`` lanes run batches holding
+    partials at any time, so one lane always stays free for finals: a final never waits behind a
+    batch of partials, and partials get whatever compute the finals leave (under load they are
+    refreshed, not queued, so they follow the free capacity). With one lane everything runs in
+    order on one thread, finals first.
+
     Args:
-        engine: the engine this worker owns (only this worker's thread calls it).
+        engine: the engine this worker owns (only this worker's threads call it).
         scheduler: queueing policy; ``max_batch`` is capped by the engine's capability.
         on_batch: optional callback ``(requests, seconds)`` after every engine call (metrics).
     """
@@ -374,8 +390,11 @@ class InferenceWorker:
         self.scheduler: BatchScheduler[asyncio.Future] = scheduler if scheduler is not None else BatchScheduler()
         self.scheduler.max_batch = min(self.scheduler.max_batch, engine.capabilities.max_batch)
         self.on_batch = on_batch
+        self.lanes = max(1, engine.capabilities.concurrency)
+        self._partial_lanes_max = max(1, self.lanes - 1)
+        self._partial_lanes_busy = 0  # lanes now running a batch that holds partials (guarded by _cond)
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread | None] = [None] * self.lanes
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.busy_seconds = 0.0
@@ -383,23 +402,31 @@ class InferenceWorker:
         self.failures = 0
         self.restarts = 0
 
+    def _spawn(self, lane: int) -> None:
+        name = f"inference-{self.engine.capabilities.name}" + (f"-{lane}" if self.lanes > 1 else "")
+        thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._threads[lane] = thread
+        thread.start()
+
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Start the thread; results are delivered on ``loop`` (default: the running loop)."""
+        """Start the lanes' threads; results are delivered on ``loop`` (default: the running loop)."""
         self._loop = loop or asyncio.get_running_loop()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"inference-{self.engine.capabilities.name}", daemon=True)
-        self._thread.start()
+        for lane in range(self.lanes):
+            self._spawn(lane)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the batch in progress; queued requests fail with :class:`Superseded`."""
+        """Stop after the batches in progress; queued requests fail with :class:`Superseded`."""
         with self._cond:
             self._stopping = True
             tokens = self.scheduler.drop_all()
             self._cond.notify_all()
         for fut in tokens:
             self._resolve(fut, exc=Superseded("worker stopped"))
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def queue_depth(self) -> int:
@@ -420,7 +447,7 @@ class InferenceWorker:
         future: asyncio.Future = self._loop.create_future()
         with self._cond:
             replaced = self.scheduler.submit(request, time.monotonic(), future)
-            self._cond.notify()
+            self._cond.notify_all()  # every lane: one kept for finals cannot take a partial
         for old in replaced:
             self._resolve(old, exc=Superseded("replaced by a newer request" if old is not future
                                               else "refresh dropped: the partial it would replace has started"))
@@ -443,22 +470,26 @@ class InferenceWorker:
             pass
 
     def ensure_alive(self) -> bool:
-        """Restart the worker thread if it died (a crash outside the per-batch error handling).
+        """Restart any lane thread that died (a crash outside the per-batch error handling).
 
         Returns:
             True if a restart happened. Requests of the batch in flight when it died were re-queued.
         """
-        if self._stopping or self._thread is None or self._thread.is_alive():
+        if self._stopping:
             return False
-        log.error("inference worker thread died; restarting it (restart #%d)", self.restarts + 1)
-        self.restarts += 1
-        self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
-        self._thread.start()
-        return True
+        restarted = False
+        for lane, thread in enumerate(self._threads):
+            if thread is None or thread.is_alive():
+                continue
+            log.error("inference worker thread died; restarting it (restart #%d)", self.restarts + 1)
+            self.restarts += 1
+            self._spawn(lane)
+            restarted = True
+        return restarted
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return all(t is not None and t.is_alive() for t in self._threads)
 
     def worker_status(self, **detail: object) -> WorkerStatus:
         return WorkerStatus(self.engine.capabilities.model, self.queue_depth, self.last_batch_at, self.alive,
@@ -473,19 +504,30 @@ class InferenceWorker:
     def _run(self) -> None:
         self.engine.bind_thread()
         batch: list[tuple[InferenceRequest, asyncio.Future]] = []
+        holds_partials = False
         try:
             while True:
                 with self._cond:
                     while True:
                         if self._stopping:
                             return
-                        wait = self.scheduler.wait_time(time.monotonic())
+                        partials = self._partial_lanes_busy < self._partial_lanes_max
+                        wait = self.scheduler.wait_time(time.monotonic(), partials)
                         if wait == 0.0:
                             break
                         self._cond.wait(timeout=wait)
-                    batch = self.scheduler.take_batch(time.monotonic())
+                    batch = self.scheduler.take_batch(time.monotonic(), partials=partials)
+                    holds_partials = any(r.kind != "final" for r, _ in batch)
+                    if holds_partials:
+                        self._partial_lanes_busy += 1
                 if batch:
-                    self._run_batch(batch)
+                    try:
+                        self._run_batch(batch)
+                    finally:
+                        if holds_partials:
+                            with self._cond:
+                                self._partial_lanes_busy -= 1
+                                self._cond.notify_all()  # a lane kept for finals may take partials now
                     batch = []
         except BaseException:
             # Something killed the thread itself (not an engine error, those are handled per batch).
@@ -503,6 +545,7 @@ class InferenceWorker:
                             superseded += self.scheduler.submit(request, time.monotonic(), token)
                         except QueueFull as refusal:  # answered, not lost, and the crash still reported
                             refused.append((token, refusal))
+                self._cond.notify_all()
             for old in superseded:
                 self._resolve(old, exc=Superseded("replaced by a request re-queued after a worker crash"))
             for token, error in refused:
@@ -544,15 +587,16 @@ class InferenceWorker:
         if capabilities.interleaved_partials:
             hooks["fetch_partials"] = self._fetch_partials
         outcomes, failed = decode_isolated(self.engine, requests, delivered, **hooks)
-        self.failures += failed
         for (_, future), outcome in zip(batch, outcomes):
             if isinstance(outcome, BaseException):
                 self._resolve(future, exc=outcome)
             elif outcome is not None:
                 self._resolve(future, result=outcome)
         elapsed = time.monotonic() - started
-        self.busy_seconds += elapsed
-        self.last_batch_at = time.monotonic()
+        with self._cond:  # lanes finish concurrently
+            self.failures += failed
+            self.busy_seconds += elapsed
+            self.last_batch_at = time.monotonic()
         if self.on_batch is not None:
             try:
                 self.on_batch(requests, elapsed)

@@ -127,3 +127,19 @@ def test_a_batch_mixing_prompts_of_different_lengths_decodes_each_as_alone(whisp
     together = [r.text for r in whisper_engine.transcribe_batch(requests)]
     assert together == [whisper_engine.transcribe_batch([r])[0].text for r in requests]
     assert all(t.lower().startswith("he was not an") for t in together)
+
+
+@pytest.mark.slow
+def test_two_lanes_decode_at_once_as_one_lane_decodes_alone(whisper_engine, librivox_clips):
+    """On a two-core CPU the engine takes two calls at once (the worker keeps one lane for finals);
+    concurrent calls must give exactly what each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert whisper_engine.capabilities.concurrency == 2  # cpu_threads=2: two lanes of one thread
+    finals = [InferenceRequest("s", i, "final", read_audio(c)[0]) for i, c in enumerate(librivox_clips[:4])]
+    partials = [InferenceRequest("s", i, "partial", r.audio[: len(r.audio) // 2]) for i, r in enumerate(finals)]
+    alone = [whisper_engine.transcribe_batch([r])[0] for r in finals + partials]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda r: whisper_engine.transcribe_batch([r])[0], finals + partials))
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.words for r in together] == [r.words for r in alone]

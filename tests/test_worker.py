@@ -1,6 +1,7 @@
 """The batching worker: queueing policy without threads, then the threaded shell with a fake engine."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -365,4 +366,80 @@ async def test_a_refresh_of_a_partial_the_worker_has_started_fails_as_superseded
         assert (await asyncio.wait_for(running, 5)).text == "w0 w1"
     finally:
         engine.release.set()
+        worker.stop()
+
+
+def test_a_lane_kept_for_finals_sees_and_takes_only_finals():
+    s = BatchScheduler(max_batch=4, max_wait=0.0)
+    s.submit(req("a", 0, "partial"), now=0.0, token="pa")
+    assert s.wait_time(1.0, partials=False) is None  # nothing it may take
+    assert s.take_batch(1.0, partials=False) == []
+    s.submit(req("b", 0, "final"), now=0.5, token="fb")
+    assert s.wait_time(1.0, partials=False) == 0.0
+    assert [t for _, t in s.take_batch(1.0, partials=False)] == ["fb"]
+    assert [t for _, t in s.take_batch(1.0)] == ["pa"]  # still queued for a lane that may take it
+
+
+class PartialGatedEngine(CountingEngine):
+    """Two lanes; every batch holding a partial waits for ``gate``; finals run at once."""
+
+    def __init__(self):
+        super().__init__(concurrency=2)
+        import threading
+
+        self.gate = threading.Event()
+        self.partial_batches_running = 0
+        self.most_partial_batches_at_once = 0
+
+    def transcribe_batch(self, requests):
+        if any(r.kind == "partial" for r in requests):
+            with self.lock:
+                self.partial_batches_running += 1
+                self.most_partial_batches_at_once = max(self.most_partial_batches_at_once,
+                                                        self.partial_batches_running)
+            try:
+                self.gate.wait(30)
+                return super().transcribe_batch(requests)
+            finally:
+                with self.lock:
+                    self.partial_batches_running -= 1
+        return super().transcribe_batch(requests)
+
+
+async def test_with_two_lanes_a_final_does_not_wait_behind_a_running_batch_of_partials():
+    engine = PartialGatedEngine()
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=1, max_wait=0.0))
+    assert worker.lanes == 2
+    worker.start()
+    try:
+        first = worker.submit(req("a", 0, "partial"))
+        await until(lambda: engine.partial_batches_running == 1, "the partial batch to start")
+        second = worker.submit(req("b", 0, "partial"))  # must wait: the other lane is kept for finals
+        final = worker.submit(req("c", 0, "final"))
+        assert (await asyncio.wait_for(final, 5)).text == "w0 w1"
+        assert not first.done() and not second.done()
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert engine.most_partial_batches_at_once == 1
+    finally:
+        engine.gate.set()
+        worker.stop()
+
+
+async def test_with_one_lane_a_final_waits_for_the_batch_in_progress():
+    engine = PartialGatedEngine()
+    engine.capabilities = dataclasses.replace(engine.capabilities, concurrency=1)
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=1, max_wait=0.0))
+    worker.start()
+    try:
+        first = worker.submit(req("a", 0, "partial"))
+        await until(lambda: engine.partial_batches_running == 1, "the partial batch to start")
+        final = worker.submit(req("c", 0, "final"))
+        await asyncio.sleep(0.2)
+        assert not final.done()
+        engine.gate.set()
+        assert (await asyncio.wait_for(final, 5)).text == "w0 w1"
+        await asyncio.wait_for(first, 5)
+    finally:
+        engine.gate.set()
         worker.stop()

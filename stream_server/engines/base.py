@@ -45,6 +45,8 @@ class EngineCapabilities:
             (Granite's CTC partials: ~10 ms each batch, against ~0.2 s for a batch of finals).
         diarization: whether finals can carry speaker embeddings (``InferenceRequest.diarize``): set
             by :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`, which wraps any engine.
+        concurrency: how many :meth:`Engine.transcribe_batch` calls may run at once, each from its own
+            thread; the worker runs that many lanes and keeps one of them for finals.
     """
 
     name: str
@@ -60,6 +62,7 @@ class EngineCapabilities:
     early_results: bool = False
     interleaved_partials: bool = False
     diarization: bool = False
+    concurrency: int = 1
 
     def check(
         self,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -193,15 +192,20 @@ class WhisperEngine(Engine):
         device: ``"cpu"`` or ``"cuda"``.
         device_index: which GPU, for ``"cuda"``.
         compute_type: CTranslate2 compute type (``int8`` on CPU).
-        cpu_threads: intra-op threads (0: CTranslate2's default).
+        cpu_threads: CPU threads for all lanes together (0: one per core); each lane gets an equal
+            share (at least one).
         tail_s: seconds of silence appended after each utterance before encoding; Whisper needs a
             little trailing context to close the last word.
         final_window_s: finals are encoded in a window of at least this many seconds. Whisper was
-            trained on 30 s windows; on short inputs a trimmed window drops or garbles leading words
-            (measured: "And Mr. John…" lost its "And"), so finals keep the full window by default.
+            trained on 30 s windows; on short inputs a much shorter window drops or garbles leading
+            words ("And Mr. John…" lost its "And" at 10 s). 15 s keeps the 30 s window's accuracy
+            on the dev sets at a quarter of its encoder cost (docs/benchmarks.md, issue #22).
         partial_window_s: the same for partials, which are many and provisional: a 10 s window
             costs about a third of the full one on the CPU.
         max_batch: largest batch per ``generate`` call.
+        lanes: ``transcribe_batch`` calls that may run at once (CTranslate2 ``inter_threads``); the
+            worker keeps one lane for finals, so on a multi-core CPU a final never waits behind a
+            batch of partials. 0: two on a CPU with two or more threads, else one.
         beam_size: 1 is greedy decoding.
         onednn_cache: bound on oneDNN's per-shape kernel cache (process-wide; the environment's
             ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` wins); the default of 1,024 let RSS creep for hours.
@@ -217,9 +221,10 @@ class WhisperEngine(Engine):
         compute_type: str = "int8",
         cpu_threads: int = 0,
         tail_s: float = 1.0,
-        final_window_s: float = 30.0,
+        final_window_s: float = 15.0,
         partial_window_s: float = 10.0,
         max_batch: int = 8,
+        lanes: int = 0,
         beam_size: int = 1,
         onednn_cache: int = 16,
         word_timestamps: bool = True,
@@ -236,9 +241,12 @@ class WhisperEngine(Engine):
 
         self._ct2 = ctranslate2
         self.model_path = resolve_model_path(model)
+        threads = cpu_threads or os.cpu_count() or 1
+        if lanes <= 0:
+            lanes = 2 if device == "cpu" and threads >= 2 else 1
         self.model = ctranslate2.models.Whisper(
             str(self.model_path), device=device, device_index=device_index, compute_type=compute_type,
-            intra_threads=cpu_threads,
+            inter_threads=lanes, intra_threads=max(1, threads // lanes) if device == "cpu" else cpu_threads,
         )
         self.multilingual = self.model.is_multilingual
         self.features = FeatureExtractor(feature_size=self.model.n_mels)
@@ -253,7 +261,6 @@ class WhisperEngine(Engine):
         self.word_timestamps = word_timestamps
         self._placement = f"cuda:{device_index}" if device == "cuda" else "cpu"
         self.repetition_retries = 0
-        self._lock = threading.Lock()  # CTranslate2 models are thread-safe, but we keep one caller for fairness
         name = model or "tiny.en"
         if self.multilingual:
             languages = tuple(WHISPER_LANGUAGES)
@@ -273,6 +280,7 @@ class WhisperEngine(Engine):
             prefix=True,
             max_batch=max_batch,
             language_detection=self.multilingual,
+            concurrency=lanes,
         )
 
     def _tokenizer(self, task: str, language: str | None):
@@ -316,32 +324,31 @@ class WhisperEngine(Engine):
         total -= total % self.features.hop_length
         batch = np.stack([self._features(a, total) for a in audios]).astype(np.float32)
         features = self._ct2.StorageView.from_array(np.ascontiguousarray(batch))
-        with self._lock:
-            encoded = self.model.encode(features, to_cpu=False)
-            languages = self._languages(requests, encoded)
-            prompts = [self._prompt(r, lang) for r, lang in zip(requests, languages)]
-            # Greedy decode budget: ~ 4 tokens per second of speech is typical; allow generous headroom.
-            max_new = int(min(224, 16 + 8 * longest / SAMPLE_RATE))
-            # CTranslate2 wants <|startoftranscript|> at the same position in every prompt of a
-            # generate call: prompts whose previous text (keywords, context) differs in length are
-            # decoded in separate calls, on their rows of the one encoder pass.
-            sot = self._tokenizer("transcribe", "en").sot
-            by_start: dict[int, list[int]] = {}
-            for i, prompt in enumerate(prompts):
-                by_start.setdefault(prompt.index(sot), []).append(i)
-            results: list = [None] * len(requests)
-            for members in by_start.values():
-                decoded = self.model.generate(
-                    encoded if len(members) == len(requests) else self._rows(encoded, members),
-                    [prompts[i] for i in members],
-                    beam_size=self.beam_size,
-                    max_length=max(len(prompts[i]) for i in members) + max_new,
-                    suppress_blank=True,
-                    suppress_tokens=self._suppress,
-                    return_scores=False,
-                )
-                for i, result in zip(members, decoded):
-                    results[i] = result
+        encoded = self.model.encode(features, to_cpu=False)
+        languages = self._languages(requests, encoded)
+        prompts = [self._prompt(r, lang) for r, lang in zip(requests, languages)]
+        # Greedy decode budget: ~ 4 tokens per second of speech is typical; allow generous headroom.
+        max_new = int(min(224, 16 + 8 * longest / SAMPLE_RATE))
+        # CTranslate2 wants <|startoftranscript|> at the same position in every prompt of a
+        # generate call: prompts whose previous text (keywords, context) differs in length are
+        # decoded in separate calls, on their rows of the one encoder pass.
+        sot = self._tokenizer("transcribe", "en").sot
+        by_start: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_start.setdefault(prompt.index(sot), []).append(i)
+        results: list = [None] * len(requests)
+        for members in by_start.values():
+            decoded = self.model.generate(
+                encoded if len(members) == len(requests) else self._rows(encoded, members),
+                [prompts[i] for i in members],
+                beam_size=self.beam_size,
+                max_length=max(len(prompts[i]) for i in members) + max_new,
+                suppress_blank=True,
+                suppress_tokens=self._suppress,
+                return_scores=False,
+            )
+            for i, result in zip(members, decoded):
+                results[i] = result
         texts = [self._text(r, lang, res) for r, lang, res in zip(requests, languages, results)]
         for i, (request, language) in enumerate(zip(requests, languages)):
             if looks_repetitive(texts[i]):
@@ -383,8 +390,7 @@ class WhisperEngine(Engine):
         for start_sequence, members in groups.items():
             features = encoded if len(members) == len(requests) else self._rows(encoded, members)
             frames = [min(len(requests[i].audio) // hop, int(MAX_WINDOW_S * SAMPLE_RATE) // hop) for i in members]
-            with self._lock:
-                aligned = self.model.align(features, list(start_sequence), [tokens[i] for i in members], frames)
+            aligned = self.model.align(features, list(start_sequence), [tokens[i] for i in members], frames)
             for i, alignment in zip(members, aligned):
                 tokenizer = self._tokenizer(requests[i].task, languages[i])
                 out[i] = _words_from_alignment(tokenizer, tokens[i], alignment, texts[i])
@@ -401,14 +407,13 @@ class WhisperEngine(Engine):
         plain = replace(request, keywords=(), context="")
         audio = plain.audio[-int((MAX_WINDOW_S - 0.2) * SAMPLE_RATE) :]
         features = self._features(audio, int(MAX_WINDOW_S * SAMPLE_RATE))[None]
-        with self._lock:
-            encoded = self.model.encode(self._ct2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=False)
-            prompt = self._prompt(plain, language)
-            [result] = self.model.generate(
-                encoded, [prompt], beam_size=self.beam_size,
-                max_length=len(prompt) + int(min(224, 16 + 8 * plain.duration)),
-                suppress_blank=True, suppress_tokens=self._suppress,
-            )
+        encoded = self.model.encode(self._ct2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=False)
+        prompt = self._prompt(plain, language)
+        [result] = self.model.generate(
+            encoded, [prompt], beam_size=self.beam_size,
+            max_length=len(prompt) + int(min(224, 16 + 8 * plain.duration)),
+            suppress_blank=True, suppress_tokens=self._suppress,
+        )
         return collapse_repeats(self._text(plain, language, result))
 
     def stats(self) -> dict:
