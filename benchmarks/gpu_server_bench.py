@@ -226,7 +226,6 @@ def build_engines(args) -> list:
             speculative=False, encoder_batching=args.encoder_batching,
             decode_options=dict({"compile_step": True} if args.compile_step else {}, max_graphs=args.decode_max_graphs),
             encoder_backend="eager" if args.cpu else args.encoder_backend,
-            interleave_every=args.interleave_every, interleave_min_wait_s=args.interleave_min_wait_ms / 1000.0,
         )
         print(f"engine {i} on {device}: built in {time.perf_counter() - t0:.1f} s", flush=True)
         engines.append(eng)
@@ -434,8 +433,7 @@ def _pct(xs: list[float]) -> dict:
 def summarize_batches(log: list[dict]) -> dict:
     """Where a level's inference time went: queue waits by kind, and batches with finals vs partials only.
 
-    A batch with finals runs their autoregressive decode; partials queued meanwhile wait for it unless
-    the engine serves them between its decode steps (``queue_wait_interleaved_s`` in the level row).
+    A batch with finals runs their autoregressive decode; partials queued meanwhile wait for it.
     """
     with_finals = [b for b in log if b["finals"]]
     partial_only = [b for b in log if not b["finals"]]
@@ -472,19 +470,6 @@ def _device_worker_class():
             self._submitted_at: dict[int, float] = {}
             self._prune_above = 50_000
             self.batch_log: list[dict] = []  # one entry per engine call: what waited how long for what
-            self.interleaved_waits: list[float] = []  # partials served between decode steps
-            take = self.scheduler.take_partials
-
-            def take_partials(limit, accept, *when):
-                taken = take(limit, accept, *when)
-                now = time.monotonic()
-                for _, future in taken:
-                    at = self._submitted_at.pop(id(future), None)
-                    if at is not None:
-                        self.interleaved_waits.append(now - at)
-                return taken
-
-            self.scheduler.take_partials = take_partials
 
         def submit(self, request):
             future = super().submit(request)
@@ -552,11 +537,9 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             jobs = _level_jobs(server.url, n, args)
             stats0 = [dict(e.stats()) for e in engines[:n_workers]]
             sched0 = [(w.scheduler.stats.batches, sum(k * v for k, v in w.scheduler.stats.batch_sizes.items()),
-                       w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds,
-                       w.scheduler.stats.interleaved) for w in workers]
+                       w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds) for w in workers]
             h0 = hist_snapshot(server)
             log0 = [len(w.batch_log) for w in workers]
-            ilog0 = [len(w.interleaved_waits) for w in workers]
             cpu0 = thread_cpu()
             pc0 = time.process_time()
             t0 = time.perf_counter()
@@ -592,18 +575,15 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                 row["projector_graphs"] = [
                     {"captures": g.captures, "replays": g.replays, "eager_calls": g.eager_calls} if g else None
                     for g in (getattr(e, "projector_graphs", None) for e in engines[:n_workers])]
-            row["batch_breakdown"] = [dict(summarize_batches(w.batch_log[n0:]),
-                                           queue_wait_interleaved_s=_pct(w.interleaved_waits[i0:]))
-                                      for w, n0, i0 in zip(workers, log0, ilog0)]
+            row["batch_breakdown"] = [summarize_batches(w.batch_log[n0:]) for w, n0 in zip(workers, log0)]
             row["workers_detail"] = []
-            for w, (b0, r0, rep0, rej0, busy0, il0) in zip(workers, sched0):
+            for w, (b0, r0, rep0, rej0, busy0) in zip(workers, sched0):
                 st = w.scheduler.stats
                 batches = st.batches - b0
                 reqs = sum(k * v for k, v in st.batch_sizes.items()) - r0
                 row["workers_detail"].append({
                     "batches": batches, "requests": reqs, "mean_batch": round(reqs / batches, 1) if batches else None,
                     "partials_superseded": st.replaced - rep0, "rejected": st.rejected - rej0,
-                    "partials_between_decode_steps": st.interleaved - il0,
                     "busy_percent": round(100 * (w.busy_seconds - busy0) / wall, 1),
                     "thread_cpu_percent": round(100 * (cpu1.get(w._thread.native_id, 0) - cpu0.get(w._thread.native_id, 0)) / wall, 1)
                     if w._thread is not None and w._thread.native_id else None,
@@ -816,14 +796,9 @@ def main(argv=None) -> int:
     ap.add_argument("--server-processes", type=int, default=0,
                     help="instead of --workers: this many server processes (one engine and GPU each) on one port, "
                          "as `serve --processes N --gpus N` runs them; levels from --levels-multi or --levels")
-    ap.add_argument("--interleave-every", type=int, default=0,
-                    help="serve queued CTC partials after every N decode steps of a batch of finals (0: never, "
-                         "the engine's default)")
     ap.add_argument("--partial-refresh", default="on", choices=("on", "off"),
                     help="sessions refresh a partial still waiting in the queue with newer audio (SessionSettings."
                          "refresh_waiting_partials; off: the behaviour before it)")
-    ap.add_argument("--interleave-min-wait-ms", type=float, default=0.0,
-                    help="with --interleave-every: serve them only once the oldest has waited this long")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for the server process(es): how long a thread may hold the GIL "
                          "while another waits (Python's default 5 ms)")

@@ -134,14 +134,14 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
         realtime_factor=config.realtime_factor, drain_deadline_s=config.drain_deadline_s, access=access,
         certfile=certfile, keyfile=Path(config.keyfile) if config.keyfile else certfile,
         log_transcripts=config.log_transcripts, memory_trim_s=config.memory_trim_s, reuse_port=config.reuse_port,
+        max_upload_bytes=config.max_upload_bytes, max_upload_audio_s=config.max_upload_audio_s,
     )
 
 
 def granite_options(config: ServeConfig) -> dict:
     """The settings that become :class:`~stream_server.engines.granite.GraniteEngine` arguments."""
     compile_step = {"off": False, "on": True, "auto": "auto"}[config.granite_compile_step]
-    return {"encoder_batching": config.granite_encoder_batching, "interleave_every": config.granite_interleave_every,
-            "interleave_min_wait_s": config.granite_interleave_min_wait_ms / 1000.0,
+    return {"encoder_batching": config.granite_encoder_batching,
             "decode_options": {"max_graphs": config.granite_decode_max_graphs, "compile_step": compile_step},
             "warm_decode_seconds": seconds_list(config.granite_warm_decode_seconds),
             "speculative": config.granite_speculation == "on",

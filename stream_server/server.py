@@ -198,7 +198,7 @@ class _EngineCollector:
             "granite_stream_queue_events",
             "Inference queue counters by event: submitted, replaced (a queued partial that never ran: replaced "
             "by a refresh, or by its utterance's final), refreshes_dropped (its partial was already running), "
-            "rejected (queue full), interleaved (partials served between decode steps), batches",
+            "rejected (queue full), batches",
             labels=["event"],
         )
         for key, value in sorted(status.queue_events.items()):

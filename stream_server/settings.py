@@ -68,10 +68,6 @@ class ServeConfig:
                                          "one by one) or padded (one zero-padded encoder batch, replayed from CUDA "
                                          "graphs on a GPU: the benchmarked fast path, docs/gpu_server.md); local "
                                          "inference only", "engine", ("exact", "padded"))
-    granite_interleave_every: int = _opt(0, "Granite: serve queued CTC partials after every N decode steps of a batch "
-                                         "of finals instead of after the whole batch (0: off; on one GPU at 400 "
-                                         "streams it cut partial lag but pushed finals past 1 s, docs/gpu_server.md); "
-                                         "local inference only", "engine")
     granite_decode_max_graphs: int = _opt(8, "Granite on CUDA: decode states kept (one per batch x KV-capacity bucket, "
                                           "each a captured graph plus its KV cache); a state evicted and needed "
                                           "again is captured again under load. More cost GPU memory; the measured "
@@ -93,8 +89,6 @@ class ServeConfig:
                                             "max_batch for each of these utterance lengths (s), so that the decode "
                                             "states live traffic needs are captured before it arrives (empty: off)",
                                             "engine")
-    granite_interleave_min_wait_ms: float = _opt(0.0, "Granite, with granite_interleave_every: serve them only once the "
-                                                 "oldest has waited this long (0: whenever any is queued)", "engine")
     max_batch: int = _opt(8, "largest inference batch across sessions", "worker")
     max_wait_ms: float = _opt(5.0, "how long a batch may wait to fill", "worker")
     max_queue: int = _opt(512, "queued inference requests before partials are shed and new sessions refused", "worker")

@@ -7,8 +7,7 @@ most ``max_wait`` for a batch to fill).
 
 :class:`InferenceWorker` is the thin shell: a thread that takes batches from the scheduler, runs
 the blocking engine, and resolves asyncio futures on the event loop. Inference never runs on the
-event loop. An engine that declares ``interleaved_partials`` pulls queued partials from the worker
-(:meth:`BatchScheduler.take_partials`) between the decode steps of a batch of finals.
+event loop.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ Token = TypeVar("Token")
 BatchObserver = Callable[[list[InferenceRequest], float], None]
 """``(requests, seconds)`` after every engine call (called on the worker thread)."""
 
-QUEUE_EVENTS = ("submitted", "replaced", "refreshes_dropped", "rejected", "interleaved", "batches")
+QUEUE_EVENTS = ("submitted", "replaced", "refreshes_dropped", "rejected", "batches")
 """The scheduler counters a pool reports (see :class:`SchedulerStats`)."""
 
 
@@ -136,7 +135,7 @@ def decode_isolated(
         requests: the batch.
         answered: indices already answered during the batch (early results); checked after the
             batch ran, so the engine's ``on_result`` hook may add to it.
-        hooks: passed to the batch call only (``on_result``, ``fetch_partials``), never to retries.
+        hooks: passed to the batch call only (``on_result``), never to retries.
 
     Returns:
         ``(outcomes, failed)``: per request its result, the exception that failed it alone, or
@@ -200,7 +199,6 @@ class SchedulerStats:
     replaced: int = 0
     refreshes_dropped: int = 0  # refresh_only partials that found nothing queued to replace
     rejected: int = 0
-    interleaved: int = 0  # partials taken by take_partials (served inside another batch)
     batches: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
@@ -328,38 +326,11 @@ class BatchScheduler(Generic[Token]):
         self.stats.batch_sizes[len(batch)] += 1
         return batch
 
-    def take_partials(self, limit: int, accept: Callable[[InferenceRequest], bool], now: float | None = None,
-                      min_wait: float = 0.0) -> list[tuple[InferenceRequest, Token]]:
-        """Pop up to ``limit`` queued partials that ``accept`` (oldest first), ignoring ``max_wait``.
-
-        For an engine that serves partials between the decode steps of a batch of finals: they are
-        already waiting behind that batch, so there is nothing to gain by waiting for more.
-
-        Args:
-            limit: most partials to take.
-            accept: which queued partials qualify.
-            now: current time (needed when ``min_wait`` > 0).
-            min_wait: take nothing unless the oldest qualifying partial has waited this long
-                (seconds). Each serving interrupts the finals' decode; waiting lets partials gather
-                into fewer, larger servings, and keeps the finals' batch short.
-        """
-        if min_wait > 0:
-            if now is None:
-                raise ValueError("take_partials: min_wait needs now")
-            oldest = min((e.enqueued_at for e in self._partials.values() if accept(e.request)), default=None)
-            if oldest is None or now - oldest < min_wait:
-                return []
-        taken = self._pop_oldest_partials(limit, accept)
-        self.stats.interleaved += len(taken)
-        return taken
-
-    def _pop_oldest_partials(self, limit: int, accept: Callable[[InferenceRequest], bool] | None = None
-                             ) -> list[tuple[InferenceRequest, Token]]:
-        """Remove and return up to ``limit`` queued partials (those ``accept`` allows), oldest first."""
+    def _pop_oldest_partials(self, limit: int) -> list[tuple[InferenceRequest, Token]]:
+        """Remove and return up to ``limit`` queued partials, oldest first."""
         if limit <= 0 or not self._partials:
             return []
-        chosen = sorted((item for item in self._partials.items() if accept is None or accept(item[1].request)),
-                        key=lambda item: item[1].enqueued_at)[:limit]
+        chosen = sorted(self._partials.items(), key=lambda item: item[1].enqueued_at)[:limit]
         for key, _ in chosen:
             del self._partials[key]
         return [(entry.request, entry.token) for _, entry in chosen]
@@ -552,23 +523,6 @@ class InferenceWorker:
                 self._resolve(token, exc=error)
             raise
 
-    def _fetch_partials(self, accept, limit: int, min_wait: float = 0.0) -> list[tuple[InferenceRequest, Callable]]:
-        """The engine's ``fetch_partials``: queued partials it can serve between decode steps, each
-        with the callback that answers its future (a result, or the exception that failed it)."""
-        # Not reported to ``on_batch``: they run inside the batch being decoded, whose time it reports.
-        with self._cond:
-            taken = self.scheduler.take_partials(limit, accept, time.monotonic(), min_wait)
-
-        def deliver_to(future):
-            def deliver(outcome) -> None:
-                if isinstance(outcome, BaseException):
-                    self._resolve(future, exc=outcome)
-                else:
-                    self._resolve(future, result=outcome)
-            return deliver
-
-        return [(r, deliver_to(f)) for r, f in taken]
-
     def _run_batch(self, batch: list[tuple[InferenceRequest, asyncio.Future]]) -> None:
         requests = [r for r, _ in batch]
         started = time.monotonic()
@@ -584,8 +538,6 @@ class InferenceWorker:
         hooks: dict = {}
         if capabilities.early_results:
             hooks["on_result"] = early
-        if capabilities.interleaved_partials:
-            hooks["fetch_partials"] = self._fetch_partials
         outcomes, failed = decode_isolated(self.engine, requests, delivered, **hooks)
         for (_, future), outcome in zip(batch, outcomes):
             if isinstance(outcome, BaseException):

@@ -80,32 +80,6 @@ def test_projector_window_graphs_match_the_eager_projector(tiny_cuda):
     assert graphs.captures == 2 and graphs.replays == 4
 
 
-def test_ctc_partials_between_graph_decode_steps_leave_the_finals_unchanged(tiny_cuda):
-    # Mid-decode, the partials replay the encoder graphs (whose output buffer the finals used before
-    # their projection) on the decode's stream: the finals' tokens must not change.
-    model, tokenizer = tiny_cuda
-    kw = dict(model_label="tiny", encoder_batching="padded", decode_backend="graphs", max_batch=8,
-              speculative=False, force_new_tokens=12)
-    eng = GraniteEngine(model=model, tokenizer=tokenizer, interleave_every=4, **kw)
-    plain = GraniteEngine(model=model, tokenizer=tokenizer, interleave_every=0, debug_token_ids=True, **kw)
-    eng.debug_token_ids = True
-    finals = [InferenceRequest("f", i, "final", _tone(0.9 + 0.4 * i, 400.0 + 300 * i, i)) for i in range(3)]
-    partials = [InferenceRequest("p", i, "partial", _tone(1.1 + 0.5 * i, 700.0, 10 + i), partial_mode="ctc")
-                for i in range(4)]
-    queued, delivered = list(partials), []
-
-    def fetch(accept, limit, min_wait):
-        taken, queued[:] = queued[:2], queued[2:]
-        return [(r, delivered.append) for r in taken]
-
-    got = eng.transcribe_batch(finals, fetch_partials=fetch)
-    want = plain.transcribe_batch(finals)
-    assert [r.info["token_ids"] for r in got] == [r.info["token_ids"] for r in want]
-    # Compared batch for batch: with padded batching a partial's padding depends on its batch-mates.
-    assert [r.text for r in delivered] == [r.text for r in plain.transcribe_batch(partials[:2])
-                                           + plain.transcribe_batch(partials[2:])]
-
-
 def test_warmup_captures_the_decode_states_of_every_batch_bucket(tiny_cuda):
     model, tokenizer = tiny_cuda
     eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", decode_backend="graphs", max_batch=4,

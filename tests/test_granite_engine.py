@@ -597,55 +597,11 @@ def test_ctc_partials_are_reported_before_the_finals_are_decoded(tiny, monkeypat
     assert eng.stats()["partial_ctc"] == 1  # counted once, although reported early
 
 
-def test_ctc_partials_are_served_between_decode_steps(tiny):
-    eng = make_engine(tiny, decode_backend="loop", force_new_tokens=12, speculative=False, interleave_every=4)
-    assert eng.capabilities.interleaved_partials
-    finals = [req(tone(1.2, 500.0, 40), "final", 0), req(tone(0.8, 900.0, 42), "final", 1)]
-    partial = req(tone(0.9, 800.0, 41), "partial", 5, partial_mode="ctc")
-    partial.prefix = "Q"
-    queued = [partial, req(tone(0.9, 800.0, 41), "partial", 6, partial_mode="llm"),
-              req(tone(0.9, 800.0, 41), "partial", 7, partial_mode="ctc", task="translate", target_language="fr")]
-    calls, delivered = [], []
-
-    def fetch(accept, limit, min_wait):
-        calls.append((limit, min_wait))
-        taken = [r for r in queued if accept(r)][:limit]
-        for r in taken:
-            queued.remove(r)
-        return [(r, delivered.append) for r in taken]
-
-    results = eng.transcribe_batch(finals, fetch_partials=fetch)
-    assert calls == [(eng.max_batch, 0.0)] * 2  # after tokens 4 and 8 of 12, not after the last
-    assert [r.info["path"] for r in delivered] == ["partial_ctc"] and delivered[0].text.startswith("Q")
-    assert delivered[0].text == eng.transcribe_batch([partial])[0].text
-    assert [r.partial_mode for r in queued] == ["llm", "ctc"]  # not servable mid-decode: left queued
-    # Interleaving changes nothing in the finals' decode.
-    alone = make_engine(tiny, decode_backend="loop", force_new_tokens=12, speculative=False, interleave_every=0)
-    assert not alone.capabilities.interleaved_partials
-    assert [r.info["token_ids"] for r in results] == [r.info["token_ids"] for r in alone.transcribe_batch(finals)]
-    # A failure while serving them fails those partials only.
-    queued[:] = [req(tone(0.9, 800.0, 41), "partial", 8, partial_mode="ctc")]
-    original = eng._encode_audio
-    eng._encode_audio = lambda works: (_ for _ in ()).throw(RuntimeError("encoder broke"))
-    try:
-        eng._serve_interleaved(fetch)
-    finally:
-        eng._encode_audio = original
-    assert isinstance(delivered[-1], RuntimeError)
-    with pytest.raises(ValueError):
-        make_engine(tiny, interleave_every=-1)
-    with pytest.raises(ValueError):
-        make_engine(tiny, interleave_every=4, interleave_min_wait_s=-0.1)
+def test_bad_decode_state_options_are_refused(tiny):
     with pytest.raises(ValueError, match="max_graphs"):
         make_engine(tiny, decode_options={"max_graphs": -1})
     with pytest.raises(ValueError, match="warm_decode_seconds"):
         make_engine(tiny, warm_decode_seconds=(3.0, 0.0))
-    # The engine passes its minimum wait on: the worker decides from the queue's ages.
-    waiting = make_engine(tiny, decode_backend="loop", force_new_tokens=12, speculative=False, interleave_every=4,
-                          interleave_min_wait_s=0.25)
-    calls.clear()
-    waiting.transcribe_batch(finals, fetch_partials=fetch)
-    assert calls == [(waiting.max_batch, 0.25)] * 2
 
 
 def test_compiled_decode_step_serves_more_shapes_than_dynamos_default_limit(tiny):

@@ -102,7 +102,7 @@ def test_json_logs_carry_the_session_id():
 
 
 def test_granite_settings_reach_the_engine(monkeypatch):
-    # --granite-encoder-batching / --granite-interleave-every become GraniteEngine arguments.
+    # --granite-encoder-batching / --granite-decode-max-graphs become GraniteEngine arguments.
     import stream_server.engines.granite as granite_module
     from stream_server.cli import granite_options
     from stream_server.engines import load_engine
@@ -114,12 +114,11 @@ def test_granite_settings_reach_the_engine(monkeypatch):
             seen.update(kwargs, model=model)
 
     monkeypatch.setattr(granite_module, "GraniteEngine", Recorder)
-    config = load_config({"granite_encoder_batching": "padded", "granite_interleave_every": "4", "max_batch": "16",
-                          "granite_interleave_min_wait_ms": "250", "granite_decode_max_graphs": "32",
+    config = load_config({"granite_encoder_batching": "padded", "max_batch": "16", "granite_decode_max_graphs": "32",
                           "granite_warm_decode_seconds": " 2.5, 8 "}, {})
     load_engine("granite", None, "cpu", 0, config.max_batch, granite_options(config))
-    assert seen["encoder_batching"] == "padded" and seen["interleave_every"] == 4 and seen["max_batch"] == 16
-    assert seen["interleave_min_wait_s"] == 0.25 and seen["decode_options"] == {"max_graphs": 32, "compile_step": False}
+    assert seen["encoder_batching"] == "padded" and seen["max_batch"] == 16
+    assert seen["decode_options"] == {"max_graphs": 32, "compile_step": False}
     assert seen["speculative"] is True and seen["ctc_entropy_threshold"] == 0.7 and seen["verify_threshold"] == 0.1
     off = granite_options(load_config({"granite_speculation": "off", "granite_ctc_entropy_threshold": "0.3",
                                        "granite_verify_threshold": "0.25", "granite_compile_step": "auto"}, {}))
@@ -238,13 +237,10 @@ RUNTIME = {
     "ray_max_inflight": (["--inference", "ray"], "40", lambda s: s["ray"].max_inflight, 40),
     "ray_local_cpus": (["--inference", "ray"], "6", lambda s: s["ray"].local_num_cpus, 6),
     "granite_encoder_batching": ([], "padded", lambda s: s["load_engine"][0]["granite"]["encoder_batching"], "padded"),
-    "granite_interleave_every": ([], "4", lambda s: s["load_engine"][0]["granite"]["interleave_every"], 4),
     "granite_decode_max_graphs": ([], "32", lambda s: s["load_engine"][0]["granite"]["decode_options"]["max_graphs"],
                                   32),
     "granite_warm_decode_seconds": ([], "2.5,8", lambda s: s["load_engine"][0]["granite"]["warm_decode_seconds"],
                                     (2.5, 8.0)),
-    "granite_interleave_min_wait_ms": ([], "250", lambda s: s["load_engine"][0]["granite"]["interleave_min_wait_s"],
-                                       0.25),
     "granite_compile_step": ([], "on", lambda s: s["load_engine"][0]["granite"]["decode_options"]["compile_step"], True),
     "granite_speculation": ([], "off", lambda s: s["load_engine"][0]["granite"]["speculative"], False),
     "granite_ctc_entropy_threshold": ([], "0.5", lambda s: s["load_engine"][0]["granite"]["ctc_entropy_threshold"], 0.5),

@@ -8,7 +8,7 @@ import pytest
 
 from stream_server.engines.base import InferenceRequest
 from stream_server.worker import BatchScheduler, InferenceWorker, QueueFull, Superseded
-from tests.fakes import CountingEngine
+from tests.fakes import CountingEngine, GatedEngine
 
 
 async def until(condition, what: str, timeout: float = 10.0) -> None:
@@ -254,97 +254,21 @@ async def test_early_results_reach_their_futures_before_the_batch_ends(fail_afte
         worker.stop()
 
 
-# ------------------------------------------------------------------------------ partials between decode steps
+# ------------------------------------------------------------------------------ partial refreshes
 def ctc_partial(session="s", utterance=0, seconds=1.0, mode="ctc"):
     r = req(session, utterance, "partial", seconds)
     r.partial_mode = mode
     return r
 
 
-def test_take_partials_takes_only_accepted_partials_oldest_first():
-    s = BatchScheduler(max_batch=8, max_wait=10.0)
-    s.submit(ctc_partial("a"), 0.2, "a")
-    s.submit(ctc_partial("b", mode="llm"), 0.0, "b")
-    s.submit(ctc_partial("c"), 0.1, "c")
-    s.submit(ctc_partial("d"), 0.3, "d")
-    s.submit(req("e", 0, "final"), 0.0, "e")
-    is_ctc = lambda r: r.partial_mode == "ctc"  # noqa: E731
-    assert [t for _, t in s.take_partials(2, is_ctc)] == ["c", "a"]  # no max_wait: they already wait
-    assert [t for _, t in s.take_partials(5, is_ctc)] == ["d"]
-    assert s.take_partials(5, is_ctc) == [] and s.stats.interleaved == 3
-    assert sorted(t for _, t in s.take_batch(100.0)) == ["b", "e"]
-
-
-def test_take_partials_with_a_minimum_wait_takes_all_once_the_oldest_has_waited_it():
-    s = BatchScheduler(max_batch=8, max_wait=10.0)
-    s.submit(ctc_partial("llm", mode="llm"), 0.0, "llm")  # oldest, but not one the engine accepts
-    s.submit(ctc_partial("a"), 1.0, "a")
-    s.submit(ctc_partial("b"), 1.2, "b")
-    is_ctc = lambda r: r.partial_mode == "ctc"  # noqa: E731
-    assert s.take_partials(8, is_ctc, now=1.25, min_wait=0.3) == []  # "a" has waited 0.25 s
-    assert [t for _, t in s.take_partials(8, is_ctc, now=1.3, min_wait=0.3)] == ["a", "b"]  # "b" rides along
-    assert s.stats.interleaved == 2 and len(s) == 1
-    with pytest.raises(ValueError):
-        s.take_partials(8, is_ctc, min_wait=0.3)  # an age needs a clock
-
-
-class InterleavingEngine(CountingEngine):
-    """Decodes finals slowly; between 'steps' serves the partials the worker hands it."""
-
-    def __init__(self):
-        import threading
-
-        super().__init__(early_results=True, interleaved_partials=True)
-        self.release = threading.Event()
-        self.served: list = []
-
-    def transcribe_batch(self, requests, on_result=None, fetch_partials=None):
-        results = CountingEngine.transcribe_batch(self, requests)
-        for _ in range(3000):  # the decode's steps: until released (bounded, 30 s: a loaded machine is slow)
-            if self.release.is_set():
-                break
-            for request, deliver in fetch_partials(lambda r: r.partial_mode == "ctc", 8):
-                self.served.append(request)
-                if request.utterance_id == 99:
-                    deliver(RuntimeError("injected partial failure"))
-                else:
-                    deliver(CountingEngine.transcribe_batch(self, [request])[0])
-            self.release.wait(0.01)
-        return results
-
-
-async def test_partials_are_answered_between_the_decode_steps_of_a_final_batch():
-    engine = InterleavingEngine()
-    worker = InferenceWorker(engine, BatchScheduler(max_batch=8, max_wait=0.01))
-    worker.start()
-    try:
-        final = worker.submit(req("a", 0, "final", seconds=1.0))
-        await until(lambda: engine.batches, "the final's batch to be decoding")
-        partial = worker.submit(ctc_partial("b", 0, seconds=0.85))
-        failing = worker.submit(ctc_partial("c", 99))
-        llm_partial = worker.submit(ctc_partial("d", 0, seconds=0.85, mode="llm"))
-        assert (await asyncio.wait_for(partial, 5)).text == "w0 w1"
-        with pytest.raises(RuntimeError, match="injected partial failure"):
-            await asyncio.wait_for(failing, 5)
-        assert not final.done() and not llm_partial.done()  # the engine cannot serve that one mid-decode
-        engine.release.set()
-        assert (await asyncio.wait_for(final, 5)).text == "w0 w1"
-        assert (await asyncio.wait_for(llm_partial, 5)).text == "w0 w1"
-        assert [r.session_id for r in engine.served] == ["b", "c"]
-        assert worker.scheduler.stats.interleaved == 2
-    finally:
-        engine.release.set()
-        worker.stop()
-
-
 def test_a_refresh_replaces_the_waiting_partial_in_its_place_or_is_dropped_when_none_waits():
-    s = BatchScheduler(max_batch=8, max_wait=10.0)
+    s = BatchScheduler(max_batch=1, max_wait=10.0)
     s.submit(ctc_partial("a", 0), 0.0, "a0")
     s.submit(ctc_partial("b", 0), 0.5, "b0")
     refresh = ctc_partial("a", 0, seconds=1.5)
     refresh.refresh_only = True
     assert s.submit(refresh, 1.0, "a1") == ["a0"]  # the waiting one is replaced ...
-    assert [t for _, t in s.take_partials(1, lambda r: True)] == ["a1"]  # ... in its place in line
+    assert [t for _, t in s.take_batch(1.0, force=True)] == ["a1"]  # ... in its place in line, before "b0"
     late = ctc_partial("a", 0, seconds=2.0)
     late.refresh_only = True
     assert s.submit(late, 2.0, "a2") == ["a2"] and len(s) == 1  # "a" has started: nothing to refresh
@@ -352,20 +276,20 @@ def test_a_refresh_replaces_the_waiting_partial_in_its_place_or_is_dropped_when_
 
 
 async def test_a_refresh_of_a_partial_the_worker_has_started_fails_as_superseded():
-    engine = InterleavingEngine()
+    engine = GatedEngine()
     worker = InferenceWorker(engine, BatchScheduler(max_batch=8, max_wait=0.01))
     worker.start()
     try:
         running = worker.submit(ctc_partial("a", 0, seconds=0.85, mode="llm"))  # decodes until released
-        await until(lambda: engine.batches, "the partial to be decoding")
+        await until(engine.entered.is_set, "the partial to be decoding")
         refresh = ctc_partial("a", 0, seconds=1.35, mode="llm")
         refresh.refresh_only = True
         with pytest.raises(Superseded):
             await asyncio.wait_for(worker.submit(refresh), 5)
-        engine.release.set()
+        engine.gate.set()
         assert (await asyncio.wait_for(running, 5)).text == "w0 w1"
     finally:
-        engine.release.set()
+        engine.gate.set()
         worker.stop()
 
 

@@ -45,7 +45,7 @@ def load_engine(
         cpu_threads: CPU threads for the engine (0: library default).
         max_batch: override the engine's batch bound.
         granite_options: extra :class:`~stream_server.engines.granite.GraniteEngine` keyword arguments
-            (e.g. ``encoder_batching``, ``interleave_every``) when Granite serves.
+            (e.g. ``encoder_batching``, ``decode_options``) when Granite serves.
         speakers: wrap the engine in :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`
             (speaker labels on request; the encoder loads when the engine is warmed, on the
             engine's device) when torch and the encoder's weights are installed.

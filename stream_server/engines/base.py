@@ -40,9 +40,6 @@ class EngineCapabilities:
         early_results: whether :meth:`Engine.transcribe_batch` accepts ``on_result`` and reports
             results that are ready before the rest of the batch (Granite's CTC partials, which would
             otherwise wait for the batch's LLM decode of finals).
-        interleaved_partials: whether :meth:`Engine.transcribe_batch` accepts ``fetch_partials`` and
-            serves partials queued *while* it decodes the batch's finals, between decode steps
-            (Granite's CTC partials: ~10 ms each batch, against ~0.2 s for a batch of finals).
         diarization: whether finals can carry speaker embeddings (``InferenceRequest.diarize``): set
             by :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`, which wraps any engine.
         concurrency: how many :meth:`Engine.transcribe_batch` calls may run at once, each from its own
@@ -60,7 +57,6 @@ class EngineCapabilities:
     max_batch: int = 8
     language_detection: bool = False
     early_results: bool = False
-    interleaved_partials: bool = False
     diarization: bool = False
     concurrency: int = 1
 
@@ -232,14 +228,6 @@ class Engine(abc.ABC):
         Engines that declare ``capabilities.early_results`` also accept ``on_result``, a callable
         ``(index, result)`` that they call (from the worker thread) for results ready before the
         whole batch is; the returned list still holds every result.
-
-        Engines that declare ``capabilities.interleaved_partials`` also accept ``fetch_partials``, a
-        callable ``(accept, limit, min_wait=0.0)`` returning up to ``limit`` queued requests for which
-        ``accept(request)`` is true, each as ``(request, deliver)``, or none unless the oldest of them
-        has waited ``min_wait`` seconds; the engine calls it between
-        steps of its decode and must call every ``deliver`` exactly once, with an
-        :class:`InferenceResult` or the exception that failed it. Those requests are not part of
-        the returned list.
         """
 
     def placement(self) -> str:

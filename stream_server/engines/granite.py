@@ -14,9 +14,7 @@ Pipeline per request (``transcribe_batch``):
    logits, so the engine computes them as ``encoder.out(last_hidden_state)``, exactly like IBM's
    self-speculative decoding notebook (granite-speech-models, ``speculative_decoding_notebook``).
 3. **Partials with ``partial_mode="ctc"``** stop here: greedy CTC (argmax, collapse repeats, drop
-   blank) → text. No projector, no LLM. With ``interleave_every`` (opt-in), CTC partials that
-   arrive while a batch's finals are being decoded are served between decode steps (the worker's
-   ``fetch_partials``) instead of waiting for the whole decode.
+   blank) → text. No projector, no LLM.
 4. **Finals (task ``transcribe``) — self-speculative decoding**: the greedy CTC transcript is a draft.
    If the CTC entropy (per frame, in nats, reduced over frames with ``max`` as IBM does, or
    ``mean``) is ≤ ``ctc_entropy_threshold`` and the request has no keywords, the draft is accepted
@@ -417,19 +415,10 @@ class GraniteEngine(Engine):
             1 s length bucket, :class:`~stream_server.engines.granite_encoder.EncoderGraphs`; needs CUDA
             and ``encoder_batching="padded"``, whose approximation it shares) or ``"auto"`` (graphs
             where allowed).
-        interleave_every: with the ``loop``/``graphs`` decode backends, serve queued CTC partials
-            (the worker's ``fetch_partials``) after every this many decode steps of a batch of finals;
-            0 (default) never does. Measured on one H200 at 400 streams (``docs/gpu_server.md``,
-            fourth session): the partials' lag fell (p95 1.8 → 0.9 s) but the finals' batches
-            stretched (p95 final 0.8 → 2.2–2.5 s at N = 2–4, 1.35 s at N = 8), so it stays off; the
-            session's partial refresh met both bounds instead.
         warm_decode_seconds: with the ``graphs`` decode backend, :meth:`warmup` decodes a batch of
             every size bucket up to ``max_batch`` for each of these utterance lengths, so the decode
             states (graph + KV cache per batch x capacity bucket) live traffic needs are captured
             before it arrives; a capture under load stalls its batch. Empty: none.
-        interleave_min_wait_s: with ``interleave_every``, serve partials at a step boundary only
-            once the oldest queued one has waited this long (0: whenever any is queued). Every
-            serving lengthens the finals' batch; see ``docs/gpu_server.md`` for the measured trade.
     """
 
     def __init__(
@@ -467,8 +456,6 @@ class GraniteEngine(Engine):
         decode_backend: str = "auto",
         decode_options: dict | None = None,
         encoder_backend: str = "auto",
-        interleave_every: int = 0,
-        interleave_min_wait_s: float = 0.0,
         warm_decode_seconds: Sequence[float] = (3.0, 6.0, 12.0),
     ) -> None:
         if model is None:
@@ -496,10 +483,6 @@ class GraniteEngine(Engine):
             raise ValueError("decode_backend must be 'auto', 'generate', 'loop' or 'graphs'")
         if encoder_backend not in ("auto", "eager", "graphs"):
             raise ValueError("encoder_backend must be 'auto', 'eager' or 'graphs'")
-        if interleave_every < 0:
-            raise ValueError("interleave_every must be >= 0")
-        if not interleave_min_wait_s >= 0:
-            raise ValueError("interleave_min_wait_s must be >= 0")
         if int((decode_options or {}).get("max_graphs", 1)) < 0:
             raise ValueError("decode_options['max_graphs'] must be >= 1, or 0 (from free GPU memory)")
         if (decode_options or {}).get("compile_step", False) not in (False, True, "auto"):
@@ -556,8 +539,6 @@ class GraniteEngine(Engine):
         if encoder_backend == "graphs" and (self.device.type != "cuda" or encoder_batching != "padded"):
             raise ValueError("encoder_backend='graphs' needs a CUDA device and encoder_batching='padded'")
         self.encoder_backend = encoder_backend
-        self.interleave_every = int(interleave_every)
-        self.interleave_min_wait_s = float(interleave_min_wait_s)
         self.warm_decode_seconds = tuple(float(s) for s in warm_decode_seconds)
         self._encoder_graphs = None
         self._projector_graphs = None
@@ -604,8 +585,6 @@ class GraniteEngine(Engine):
             max_batch=max_batch,
             language_detection=False,
             early_results=True,
-            interleaved_partials=(self.has_ctc and self.interleave_every > 0 and decode_backend in ("loop", "graphs")
-                                  and not self.generate_kwargs),
         )
 
     @classmethod
@@ -745,18 +724,15 @@ class GraniteEngine(Engine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def transcribe_batch(self, requests: Sequence[InferenceRequest], on_result=None,
-                         fetch_partials=None) -> list[InferenceResult]:
+    def transcribe_batch(self, requests: Sequence[InferenceRequest], on_result=None) -> list[InferenceResult]:
         """See :class:`Engine`; ``on_result(index, result)``, if given, receives each CTC partial as soon as
-        its CTC pass is done, before the batch's finals are decoded (``capabilities.early_results``);
-        ``fetch_partials``, if given, supplies CTC partials queued meanwhile, served between decode
-        steps (``capabilities.interleaved_partials``)."""
+        its CTC pass is done, before the batch's finals are decoded (``capabilities.early_results``)."""
         if self.model is None:
             raise RuntimeError("engine is closed")
         if not requests:
             return []
         with torch.inference_mode():
-            return self._transcribe(list(requests), on_result, fetch_partials)
+            return self._transcribe(list(requests), on_result)
 
     # ------------------------------------------------------------------ prompt
     def instruction(self, req: InferenceRequest) -> str:
@@ -807,11 +783,9 @@ class GraniteEngine(Engine):
         return before + [self.audio_token_id] * w.n_tokens + after + self._prefix_ids(w) + w.resume_ids + list(extra)
 
     # ------------------------------------------------------------------ main flow
-    def _transcribe(self, requests: list[InferenceRequest], on_result=None, fetch_partials=None) -> list[InferenceResult]:
+    def _transcribe(self, requests: list[InferenceRequest], on_result=None) -> list[InferenceResult]:
         works = [self._prepare(i, r) for i, r in enumerate(requests)]
         self._encode_audio(works)
-        # Now, while every row's encoder output is this batch's (encoder graphs reuse their output
-        # buffer when partials are served between decode steps).
         self._ctc_posteriors([w for w in works if self._timed(w.req)])
 
         llm: list[_Work] = []
@@ -872,7 +846,7 @@ class GraniteEngine(Engine):
                 llm.append(w)
         if llm:
             self._project(llm)
-            self._generate(llm, fetch_partials)
+            self._generate(llm)
 
         return [w.result if w.result is not None else self._result(w) for w in works]
 
@@ -1272,46 +1246,19 @@ class GraniteEngine(Engine):
         prefill = rows * prompt * (int(text.hidden_size) + prompt) * itemsize  # embeddings + additive mask
         return decode_states_for_memory(free, kv + prefill)
 
-    def _generate(self, works: list[_Work], fetch_partials=None) -> None:
+    def _generate(self, works: list[_Work]) -> None:
         seqs = [self._sequence(w) for w in works]
         embeds, mask, _ = self._embed_batch(seqs, [w.audio_embeds for w in works])
         max_new = max(self._budget_left(w) for w in works)
         forced = self._forced
         self._adapter_on()
         if self.decode_backend in ("loop", "graphs") and not self.generate_kwargs:
-            between = None
-            if fetch_partials is not None and self.capabilities.interleaved_partials:
-                between = functools.partial(self._serve_interleaved, fetch_partials)
             out = self.decoder.generate(
                 embeds, mask, max_new, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, suppress_eos=forced,
-                between_steps=between, between_every=self.interleave_every,
             )
         else:
             out = self._hf_generate(embeds, mask, max_new, forced)
         self._finish(works, out, forced)
-
-    def _accepts_interleaved(self, req: InferenceRequest) -> bool:
-        """Partials that can be served between decode steps: the CTC path only (no LLM state touched)."""
-        return req.kind == "partial" and req.partial_mode == "ctc" and self._ctc_usable(req)
-
-    def _serve_interleaved(self, fetch_partials) -> None:
-        """Between two decode steps: CTC partials queued meanwhile, encoder + CTC, answered at once.
-
-        Safe mid-decode: the finals were projected before the decode began (the encoder graphs'
-        shared output buffer may now be overwritten) and the decoder's state is not touched.
-        """
-        taken = fetch_partials(self._accepts_interleaved, self.max_batch, self.interleave_min_wait_s)
-        if not taken:
-            return
-        try:
-            # All accepted requests are CTC partials, so this is encoder + CTC only, never the LLM.
-            results = self._transcribe([request for request, _ in taken])
-        except Exception as exc:  # noqa: BLE001 - these requests fail; the finals' decode goes on
-            for _, deliver in taken:
-                deliver(exc)
-            return
-        for (_, deliver), result in zip(taken, results):
-            deliver(result)
 
     def _hf_generate(self, embeds: torch.Tensor, mask: torch.Tensor, max_new: int, forced: bool) -> torch.Tensor:
         from transformers import GenerationConfig

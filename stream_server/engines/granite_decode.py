@@ -29,7 +29,6 @@ head mapping as ``repeat_kv``), so the cache is never repeated.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import contextlib
@@ -499,19 +498,16 @@ class StaticGreedyDecoder:
 
     @torch.inference_mode()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
-                 eos_token_ids, pad_token_id: int, suppress_eos: bool = False,
-                 between_steps: Callable[[], None] | None = None, between_every: int = 4) -> torch.Tensor:
+                 eos_token_ids, pad_token_id: int, suppress_eos: bool = False) -> torch.Tensor:
         """See :meth:`_generate`; runs with this decoder's GPU as the current device (graphs replay on
         the current device's stream, and a worker thread's current device is cuda:0 by default)."""
         context = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with context:
             return self._generate(inputs_embeds, attention_mask, max_new_tokens, eos_token_ids=eos_token_ids,
-                                  pad_token_id=pad_token_id, suppress_eos=suppress_eos,
-                                  between_steps=between_steps, between_every=between_every)
+                                  pad_token_id=pad_token_id, suppress_eos=suppress_eos)
 
     def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
-                  eos_token_ids, pad_token_id: int, suppress_eos: bool = False,
-                  between_steps: Callable[[], None] | None = None, between_every: int = 4) -> torch.Tensor:
+                  eos_token_ids, pad_token_id: int, suppress_eos: bool = False) -> torch.Tensor:
         """Greedy continuation of left-padded prompts.
 
         Args:
@@ -520,10 +516,6 @@ class StaticGreedyDecoder:
             max_new_tokens: tokens to produce (fewer when every row has emitted EOS and ``suppress_eos`` is off).
             eos_token_ids: ids that end a row; suppressed entirely when ``suppress_eos``.
             pad_token_id: emitted by rows after their EOS.
-            between_steps: called after every ``between_every`` decode steps (not after the last),
-                on this thread and stream, to slip other short work in between the steps (the
-                engine serves queued CTC partials there). It must not touch this decoder's state;
-                the steps enqueued so far run before whatever it enqueues.
 
         Returns:
             (B, n) long on the CPU, ``n <= max_new_tokens`` (``== max_new_tokens`` when ``suppress_eos``).
@@ -556,14 +548,11 @@ class StaticGreedyDecoder:
         done = 1
         while done < n:
             chunk = n - done if suppress_eos else min(self.sync_every, n - done)
-            for k in range(chunk):
+            for _ in range(chunk):
                 if st.graph is not None:
                     st.graph.replay()
                 else:
                     self._step(st, pad_id, eos_t)
-                produced = done + k + 1  # tokens so far, the prefill's included
-                if between_steps is not None and produced % between_every == 0 and produced < n:
-                    between_steps()
             done += chunk
             if not suppress_eos and done < n and bool(st.finished[:b].all()):
                 break
