@@ -44,7 +44,7 @@ from .protocol import (
     round_time,
 )
 from .speakers.clustering import SpeakerSettings, SpeakerTracker
-from .stabilizer import PartialStabilizer
+from .stabilizer import PartialStabilizer, drop_repeated_lead
 from .timing import final_words, words_to_wire
 
 
@@ -288,7 +288,7 @@ class Session:
 
     def _settle_final(self, utterance: _Utterance, result: InferenceResult | None, error: str | None, code: str) -> None:
         if result is not None:
-            utterance.final_text = utterance.stabilizer.finish(result.text)
+            utterance.final_text = utterance.stabilizer.finish(self._own_words(utterance, result.text))
             utterance.final_truncated = result.truncated
             utterance.final_words = final_words(
                 utterance.final_text, result.words, utterance.start / SAMPLE_RATE,
@@ -300,7 +300,9 @@ class Session:
             utterance.final_confidence = round(sum(scored) / len(scored), 3) if scored else None
             utterance.speaker_embeddings = result.speaker
             utterance.language = result.language or utterance.config.language
-        else:
+        # Settled: the piece it continued is not needed any more (no chain of cut pieces is kept).
+        utterance.continues = None
+        if result is None:
             utterance.final_error = error_event(
                 code, f"utterance {utterance.utterance_id} could not be transcribed: {error or 'dropped'}",
                 utterance_id=utterance.utterance_id, start=round_time(utterance.start / SAMPLE_RATE),
@@ -417,7 +419,7 @@ class Session:
                 utterance.voiced_start = event.start if event.voiced is None else event.voiced
                 if self._last_ended is not None and self._last_ended.end == event.start:
                     # The VAD cut the speech at max_utterance_s: this is the same speech going on.
-                    utterance.continues, self._last_ended.continues = self._last_ended, None
+                    utterance.continues = self._last_ended
                 self._next_utterance_id += 1
                 self._open = utterance
                 actions.append(
@@ -534,6 +536,11 @@ class Session:
             return ""
         return before.final_text if before.final_text is not None else before.stabilizer.stable_text
 
+    def _own_words(self, utterance: _Utterance, text: str) -> str:
+        """A hypothesis of ``utterance`` without the words that echo the end of the piece it
+        continues after a cut (:func:`~stream_server.stabilizer.drop_repeated_lead`)."""
+        return drop_repeated_lead(self._context(utterance), text) if utterance.continues is not None else text
+
     def _next_id(self) -> int:
         self._next_request_id += 1
         return self._next_request_id
@@ -568,7 +575,7 @@ class Session:
             utterance.answered_partial_end = max(utterance.answered_partial_end, end)
         if result is not None and end > utterance.shown_partial_end:
             utterance.shown_partial_end = end
-            text, stable = utterance.stabilizer.update(result.text, request.duration)
+            text, stable = utterance.stabilizer.update(self._own_words(utterance, result.text), request.duration)
             actions.append(
                 Send({"type": "partial", "utterance_id": utterance.utterance_id, "text": text, "stable_text": stable,
                       "start": round_time(utterance.start / SAMPLE_RATE),

@@ -55,6 +55,26 @@ def reconcile(stable: list[str], words: list[str]) -> int:
     return min((j for j, cost in enumerate(row) if cost <= best + 1e-9), key=lambda j: (abs(j - len(a)), j))
 
 
+def drop_repeated_lead(before: str, text: str, most: int = 12) -> str:
+    """``text`` without the leading words that repeat the end of ``before`` (case and punctuation
+    aside): the longest such run of at most ``most`` words.
+
+    For a piece that continues an utterance cut at ``max_utterance_s``: the cut is placed at the
+    quietest frame of the last seconds, behind the audio the partials had already decoded, so the
+    piece before it may have published (as stable words) what was said just after the cut, and
+    this piece, decoded from the cut with that text as its prompt, says it again ("…to increase
+    the" + "to increase the audio volume…"). A real repetition across a cut is lost with it, which
+    is much rarer than the echo.
+    """
+    tail = [_comparable(w) for w in before.split()[-most:]]
+    words = text.split()
+    head = [_comparable(w) for w in words[:most]]
+    for k in range(min(len(tail), len(head)), 0, -1):
+        if tail[-k:] == head[:k]:
+            return " ".join(words[k:])
+    return text
+
+
 class PartialStabilizer:
     """Tracks one utterance's stable prefix.
 

@@ -501,6 +501,33 @@ def test_an_utterance_cut_at_max_length_is_decoded_with_the_text_before_the_cut(
     assert requests[2].context == ""
 
 
+class EchoingEngine(CountingEngine):
+    """Says the last two words of its context again before the piece's own words, as Whisper does
+    when the cut lies behind audio the piece before already transcribed."""
+
+    def text_for(self, request) -> str:
+        echo = " ".join(request.context.split()[-2:])
+        return f"{echo} {super().text_for(request)}".strip()
+
+
+def test_a_piece_after_a_cut_does_not_say_again_what_the_piece_before_published():
+    engine = EchoingEngine()
+    session = new_session(engine)
+    h = Harness(session, engine)
+    h.run(start(session, vad={"max_utterance_s": 2.0}))
+    h.feed(_buzz(4.5))
+    h.run(session.receive_text('{"type":"stop"}'))
+    finals = h.of("final")
+    assert len(finals) >= 2 and finals[0]["end"] == finals[1]["start"]
+    before_words = finals[0]["text"].split()
+    echoed = [r for r in _final_requests(engine) if r.context]
+    assert echoed and engine.text_for(echoed[0]).split()[:2] == before_words[-2:]  # the engine echoed
+    assert finals[1]["text"].split()[:2] != before_words[-2:]
+    assert finals[1]["text"] == CountingEngine().text_for(echoed[0])  # its own words, all of them
+    later = [p for p in h.of("partial") if p["utterance_id"] == finals[1]["utterance_id"]]
+    assert all(p["text"].split()[:2] != before_words[-2:] for p in later)
+
+
 @pytest.mark.parametrize("how", ["silence", "finalize"])
 def test_an_utterance_right_after_a_short_pause_or_a_finalize_gets_no_context(engine, how):
     """With a short silence_ms the VAD floors the next start at the previous end (a pause shorter than

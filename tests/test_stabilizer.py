@@ -67,3 +67,15 @@ def test_agreement_must_span_audio_when_hypotheses_come_fast():
     for audio_s in (1.0, 2.0, 3.0):  # under load partials come slower: three already span 2 s
         _, stable = slow.update("a b c d", audio_s)
     assert stable == "a b c"
+
+
+def test_a_piece_after_a_cut_drops_only_the_words_that_echo_the_end_of_the_piece_before():
+    from stream_server.stabilizer import drop_repeated_lead
+
+    before = "to decrease your speaking volume to other participants to increase the"
+    assert drop_repeated_lead(before, "To increase the audio volume from other participants.") == \
+        "audio volume from other participants."
+    assert drop_repeated_lead(before, "The audio volume") == "audio volume"  # one word echoed
+    assert drop_repeated_lead(before, "audio volume from others") == "audio volume from others"
+    assert drop_repeated_lead("", "to increase the") == "to increase the"
+    assert drop_repeated_lead(before, "increase volume") == "increase volume"  # not the end of before
