@@ -53,7 +53,7 @@ SR = 16000
 def full_tokenizer(vocab_size: int = 100353):
     """Byte-level tokenizer with ``vocab_size`` ids: bytes 0–255, fillers, then the special tokens
     (``<|audio|>`` = vocab_size − 1 = 100352, granite-4.0-1b-speech's audio token id)."""
-    from stream_server.engines.granite_tiny import build_tiny_tokenizer
+    from granite_stream_testing.tiny_granite import build_tiny_tokenizer
 
     return build_tiny_tokenizer(vocab_size)
 
@@ -140,7 +140,7 @@ def build_full(device: str, dtype: torch.dtype, seed: int = 0):
 
 
 def build_tiny(device: str):
-    from stream_server.engines.granite_tiny import build_tiny_granite
+    from granite_stream_testing.tiny_granite import build_tiny_granite
 
     model, tokenizer = build_tiny_granite(seed=0)
     return model.to(device), tokenizer

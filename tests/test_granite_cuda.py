@@ -9,7 +9,7 @@ import torch
 
 from stream_server.engines.base import InferenceRequest
 from stream_server.engines.granite import GraniteEngine
-from stream_server.engines.granite_tiny import build_tiny_granite
+from granite_stream_testing.tiny_granite import build_tiny_granite
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -1,7 +1,7 @@
 """GraniteEngine and the torch-only Granite features, on a tiny random Granite Speech model.
 
 Nothing is downloaded: the model and tokenizer come from
-:func:`stream_server.engines.granite_tiny.build_tiny_granite`.
+:func:`granite_stream_testing.tiny_granite.build_tiny_granite`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from stream_server.engines.granite_features import (
     melscale_fbanks,
     num_audio_tokens,
 )
-from stream_server.engines.granite_tiny import build_tiny_granite
+from granite_stream_testing.tiny_granite import build_tiny_granite
 
 hf_fe = pytest.importorskip("transformers.models.granite_speech.feature_extraction_granite_speech")
 
@@ -797,7 +797,7 @@ def test_ctc_greedy_decoding_of_hand_built_logits(tiny, monkeypatch):
 
 
 def test_ctc_head_is_used_only_when_its_classes_are_known(tiny):
-    from stream_server.engines.granite_tiny import build_tiny_granite as build
+    from granite_stream_testing.tiny_granite import build_tiny_granite as build
 
     model, tokenizer = build(seed=1, ctc_classes=42)  # not the 348-class character head
     eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="odd")

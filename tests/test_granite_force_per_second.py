@@ -8,7 +8,7 @@ import pytest
 
 from stream_server.engines.base import InferenceRequest
 from stream_server.engines.granite import GraniteEngine
-from stream_server.engines.granite_tiny import build_tiny_granite
+from granite_stream_testing.tiny_granite import build_tiny_granite
 
 
 @pytest.fixture(scope="module")

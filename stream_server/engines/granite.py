@@ -347,7 +347,7 @@ class GraniteEngine(Engine):
     Build it from a checkpoint (``GraniteEngine("ibm-granite/granite-4.0-1b-speech")`` or a
     directory; local files only) or from a model already in memory
     (``GraniteEngine(model=model, tokenizer=tokenizer)``, e.g. the tiny random model of
-    :func:`stream_server.engines.granite_tiny.build_tiny_granite`).
+    :func:`granite_stream_testing.tiny_granite.build_tiny_granite`).
 
     Args:
         model_name_or_path: hub id (looked up in the local cache only) or checkpoint directory;
