@@ -108,6 +108,10 @@ class ServeConfig:
     max_frame_bytes: int = _opt(1 << 20, "largest audio frame (too_large beyond)", "limits")
     max_utterance_s: float = _opt(30.0, "upper bound for a client's vad.max_utterance_s", "limits")
     max_session_s: float = _opt(4 * 3600.0, "seconds of audio per session (0: no limit)", "limits")
+    max_upload_bytes: int = _opt(25 << 20, "largest body POST /v1/audio/transcriptions or /translations accepts "
+                                 "(HTTP 413 file_too_large beyond, refused before it is read)", "limits")
+    max_upload_audio_s: float = _opt(3600.0, "longest decoded audio of an uploaded file (HTTP 413 audio_too_long "
+                                     "beyond; max_session_s applies too; 0: only max_session_s)", "limits")
     idle_timeout_s: float = _opt(60.0, "end sessions that send nothing this long (0: never)", "limits")
     realtime_factor: float = _opt(4.0, "throttle clients sending audio faster than this multiple of real time (0: never)",
                                   "limits")
@@ -170,6 +174,11 @@ def _check(config: ServeConfig, source: str, values: Mapping[str, Any]) -> None:
     for name in ("diarize_threshold", "diarize_change_threshold"):
         if name in values and not -1.0 <= getattr(config, name) <= 1.0:
             raise ConfigError(f"{source}: {name} must be a cosine similarity between -1 and 1, got {getattr(config, name)!r}")
+    if "max_upload_bytes" in values and config.max_upload_bytes < 1:
+        raise ConfigError(f"{source}: max_upload_bytes must be >= 1, got {config.max_upload_bytes!r}")
+    if "max_upload_audio_s" in values and not 0.0 <= config.max_upload_audio_s < math.inf:
+        raise ConfigError(f"{source}: max_upload_audio_s must be >= 0 (0: only max_session_s), got "
+                          f"{config.max_upload_audio_s!r}")
     if "diarize_max_speakers" in values and config.diarize_max_speakers < 1:
         raise ConfigError(f"{source}: diarize_max_speakers must be >= 1")
     if "granite_decode_max_graphs" in values and config.granite_decode_max_graphs < 0:

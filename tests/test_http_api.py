@@ -16,7 +16,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from stream_server.auth import AccessPolicy
+from stream_server.cli import server_settings
 from stream_server.server import ServerSettings, StreamServer
+from stream_server.settings import load_config
 from tests.fakes import CountingEngine, GatedEngine
 from tests.test_server import http_get
 from tests.test_vad import voiced
@@ -104,7 +106,8 @@ async def test_api_keys_are_required_as_for_streams():
 
 
 async def test_too_large_too_long_and_undecodable_uploads_are_refused():
-    settings = ServerSettings(port=0, max_upload_bytes=64 * 1024, max_upload_audio_s=1.5)
+    # The limits as an operator sets them (flags/env/TOML through the settings object).
+    settings = server_settings(load_config({"port": "0", "max_upload_bytes": "65536", "max_upload_audio_s": "1.5"}, {}))
     async with StreamServer(CountingEngine(), settings) as server:
         api = client(server)
         # 2 MB against a 64 KiB limit: refused from Content-Length, and the answer arrives (the

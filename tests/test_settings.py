@@ -39,6 +39,8 @@ def test_config_file_can_come_from_the_environment(tmp_path):
         ({}, {}, "colour = 1\n", "unknown setting(s) colour"),
         ({}, {}, "port = [", "c.toml"),
         ({}, {}, "log_transcripts = 3\n", "true or false"),
+        ({"max_upload_bytes": "0"}, {}, None, "max_upload_bytes must be >= 1"),
+        ({}, {"GRANITE_STREAM_MAX_UPLOAD_AUDIO_S": "-1"}, None, "max_upload_audio_s must be >= 0"),
     ],
 )
 def test_bad_settings_name_their_source(tmp_path, cli, env, toml, fragment):
@@ -261,6 +263,8 @@ RUNTIME = {
     "max_frame_bytes": ([], "4096", lambda s: s["settings"].session.max_frame_bytes, 4096),
     "max_utterance_s": ([], "12", lambda s: s["settings"].session.limits.max_utterance_s, 12.0),
     "max_session_s": ([], "60", lambda s: s["settings"].session.max_session_s, 60.0),
+    "max_upload_bytes": ([], "1048576", lambda s: s["settings"].max_upload_bytes, 1 << 20),
+    "max_upload_audio_s": ([], "120", lambda s: s["settings"].max_upload_audio_s, 120.0),
     "idle_timeout_s": ([], "7", lambda s: s["settings"].idle_timeout_s, 7.0),
     "realtime_factor": ([], "0", lambda s: s["settings"].realtime_factor, 0.0),
     "drain_deadline_s": ([], "3", lambda s: s["settings"].drain_deadline_s, 3.0),
