@@ -1,5 +1,5 @@
-"""Benchmarks and evaluation data for granite-stream.
+"""Benchmarks for granite-stream (``granite-stream bench``).
 
-``benchmarks.datasets`` fetches the pinned real-speech test data (Asterisk prompts,
-pocketsphinx LibriVox clips) into a local cache and reads/writes JSON Lines manifests.
+The evaluation data they read (the pinned real-speech sets, manifests, audio reading, text
+normalisation) lives in :mod:`granite_stream_testing`, which the tests use as well.
 """

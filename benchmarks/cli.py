@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from . import datasets
-from .datasets import Clip
+from granite_stream_testing import datasets
+from granite_stream_testing.datasets import Clip
 
 if TYPE_CHECKING:
     import numpy as np
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"built-in dev sets, comma-separated ({', '.join(BUILTIN_SETS)}; stress-en: dev "
                            "phrases joined by short pauses into 12-29 s monologues); '' for none")
     data.add_argument("--manifest", type=Path, action="append", default=[],
-                      help="a JSON Lines manifest of your own clips (benchmarks.datasets format); repeatable")
+                      help="a JSON Lines manifest of your own clips (granite_stream_testing.datasets format); repeatable")
     data.add_argument("--limit", type=int, default=0, help="use at most this many clips per set (0: all)")
     data.add_argument("--seed", type=int, default=0, help="seed for pauses and clip order")
 
@@ -197,7 +197,7 @@ def _offline_engine(args):
 def run_offline_stage(args, sets: dict[str, list[Clip]], languages: Sequence[str]) -> dict:
 
     from .offline import run_offline
-    from .textnorm import wer_cer
+    from granite_stream_testing.textnorm import wer_cer
 
     engine = _offline_engine(args)
     model_path = str(getattr(engine, "model_path", "") or "")

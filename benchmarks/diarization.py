@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .datasets import Clip, load_set
+from granite_stream_testing.datasets import Clip, load_set
 from .loadgen import PlannedClip, StreamPlan, clip_audio, run_granite_stream
 
 log = logging.getLogger("granite_stream.bench.diarization")
@@ -274,7 +274,7 @@ def _latencies(slog) -> list[float]:
 def _wer(logs, convs) -> float | None:
     """WER of the English turns' text (reference: the clips' transcripts; hypothesis: the finals
     overlapping them), joined per conversation."""
-    from .textnorm import wer_cer
+    from granite_stream_testing.textnorm import wer_cer
 
     pairs = []
     for slog, conv in zip(logs, convs):

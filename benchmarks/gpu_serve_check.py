@@ -29,7 +29,8 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.gpu_server_bench import _level_jobs, _raise_nofile, loadgen_chunk, summarize_level
-from benchmarks.servers import _wait_ready, free_port, stop_process, wait_for_port
+from benchmarks.servers import _wait_ready, stop_process, wait_for_port
+from granite_stream_testing.net import free_port
 
 
 def save_checkpoint(directory: Path, tiny: bool, device: str) -> float:

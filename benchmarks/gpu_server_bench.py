@@ -81,7 +81,7 @@ def build_data(dest: str | Path) -> list[Path]:
     ``*.txt``, the layout ``--data`` reads. Returns the wav paths."""
     import shutil
 
-    from benchmarks.datasets import load_set
+    from granite_stream_testing.datasets import load_set
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def build_data(dest: str | Path) -> list[Path]:
 def load_clips(data: str | None):
     """Clips from ``data`` (a folder of ``*.wav`` + ``*.txt``, :func:`build_data`) or the built-in
     ``librivox`` set from the dataset cache; says how to build ``data`` when neither is there."""
-    from benchmarks.datasets import Clip, _wav_rate, load_set
+    from granite_stream_testing.datasets import Clip, _wav_rate, load_set
 
     if not data:
         try:
@@ -118,7 +118,7 @@ def load_clips(data: str | None):
 def _plan(index: int, n_streams: int, clips, speech_seconds: float, stagger: float):
     """Stream ``index`` of ``n_streams``: as :func:`benchmarks.loadgen.plan_budget` (start at clip
     ``index·len/n``, take clips in order until ``speech_seconds``), built for one index only."""
-    from benchmarks.datasets import audio_duration
+    from granite_stream_testing.datasets import audio_duration
     from benchmarks.loadgen import build_plan
 
     durations = [audio_duration(c) for c in clips]
@@ -627,7 +627,7 @@ def server_process_main(index: int, args_dict: dict, port: int, ready, stop) -> 
     args.n_gpus = 1
     _raise_nofile()
     engine = build_engines(args)[0]
-    from benchmarks.datasets import read_audio
+    from granite_stream_testing.datasets import read_audio
 
     warm(engine, args, [read_audio(c)[0] for c in load_clips(args.data)], 0)
     if args.uvloop:
@@ -663,7 +663,7 @@ def _process_cpu_seconds(pid: int) -> float:
 
 def run_processes_sweep(n_procs: int, args, executor, deadline: float, out: dict) -> list[dict]:
     """Levels against ``n_procs`` server processes (one GPU each) sharing one port."""
-    from benchmarks.servers import free_port
+    from granite_stream_testing.net import free_port
 
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
@@ -855,7 +855,7 @@ def main(argv=None) -> int:
         _save(out, args.out)
         return 0
     engines = build_engines(args)
-    from benchmarks.datasets import read_audio
+    from granite_stream_testing.datasets import read_audio
 
     clips = load_clips(args.data)
     audio = [read_audio(c)[0] for c in clips]

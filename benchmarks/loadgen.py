@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .datasets import Clip, read_audio
+from granite_stream_testing.datasets import Clip, read_audio
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def plan_budget(
     """Capacity levels: stream ``i`` starts at position ``i·len/n`` of the clip list and takes clips
     in order (wrapping) until it holds at least ``seconds`` of speech, so concurrent streams play
     different clips and together cover the set evenly."""
-    from .datasets import audio_duration
+    from granite_stream_testing.datasets import audio_duration
 
     durations = [audio_duration(c) for c in clips]
     plans = []

@@ -15,7 +15,7 @@ import time
 from typing import Sequence
 
 
-from .datasets import Clip
+from granite_stream_testing.datasets import Clip
 from .loadgen import clip_audio
 
 OFFLINE_MODES = ("engine", "faster_whisper", "faster_whisper_greedy")

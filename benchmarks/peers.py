@@ -27,7 +27,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .servers import ServerHandle, free_port, stop_process, wait_for_port
+from granite_stream_testing.net import free_port
+
+from .servers import ServerHandle, stop_process, wait_for_port
 
 WHISPERLIVE_VERSION = "0.10.0"
 WHISPERLIVE_SERVER_DEPS = ("fastapi==0.163.2", "uvicorn==0.54.0", "scipy==1.17.1")

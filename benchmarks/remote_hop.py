@@ -74,7 +74,7 @@ def load_clips(sets: list[str], limit: int) -> list[tuple[str, np.ndarray]]:
     """Dev clips of the named sets, resampled to 16 kHz float32, at most ``limit`` (spread over the sets)."""
     import soxr
 
-    from benchmarks.datasets import load_set, read_audio
+    from granite_stream_testing.datasets import load_set, read_audio
 
     per_set = [load_set(name, "dev") for name in sets]
     picked = []
@@ -249,7 +249,7 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.remote_hop", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default="asterisk-en,librivox", help="dev sets (benchmarks.datasets)")
+    parser.add_argument("--sets", default="asterisk-en,librivox", help="dev sets (granite_stream_testing.datasets)")
     parser.add_argument("--clips", type=int, default=40, help="clips (round-robin over the sets)")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the clips")
     parser.add_argument("--model", default=None, help="Whisper model (default: bundled tiny.en)")

@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .loadgen import StreamLog
-from .textnorm import wer_cer
+from granite_stream_testing.textnorm import wer_cer
 
 
 @dataclass
@@ -407,7 +407,7 @@ def attribute_drops(offline: str, utterances: Sequence[UtteranceTrace], language
         ``{"offline_words", "dropped", "by_cause": {cause: n}, "examples": [...]}``; ``dropped`` is
         the sum of ``by_cause``.
     """
-    from .textnorm import normalizer_for
+    from granite_stream_testing.textnorm import normalizer_for
 
     norm = normalizer_for(language)
     reference = norm(offline).split()

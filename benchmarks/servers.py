@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
+from granite_stream_testing.net import free_port
+
 SERVER_MODES = ("inprocess", "subprocess")
 
 
@@ -31,12 +33,6 @@ class ServerHandle:
     pid: int
     label: str
     info: dict = field(default_factory=dict)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.datasets import load_set
+from granite_stream_testing.datasets import load_set
 from benchmarks.loadgen import build_plan, run_streams
 from benchmarks.servers import ResourceMonitor, granite_subprocess, machine_info
 

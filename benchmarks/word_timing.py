@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import load_set
+from granite_stream_testing.datasets import load_set
 from .loadgen import build_plan, clip_audio, run_streams
 from .servers import granite_subprocess, machine_info
-from .textnorm import normalizer_for
+from granite_stream_testing.textnorm import normalizer_for
 
 ONSET_DB = 35.0
 FRAME_S = 0.01

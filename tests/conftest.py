@@ -5,7 +5,7 @@ module is reported as a failure: a missing browser, data set or optional package
 did not test what it claims. Only tests marked ``gpu`` (they need a CUDA device, which CI machines
 do not have) may skip there.
 
-Real-speech data fixtures (session-scoped) use ``benchmarks.datasets``: the data is
+Real-speech data fixtures (session-scoped) use ``granite_stream_testing.datasets``: the data is
 fetched into the cache (``$GRANITE_STREAM_DATA`` or ``~/.cache/granite-stream/data``)
 on first use; CI runs ``scripts/fetch_data`` up front.  If fetching is impossible
 (no apt-get/pip, no network) the tests using these fixtures are skipped, unless
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import datasets
-from benchmarks.datasets import Clip
+from granite_stream_testing import datasets
+from granite_stream_testing.datasets import Clip
 
 
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")

@@ -25,7 +25,7 @@ import pytest
 import soxr
 from websockets.asyncio.client import connect
 
-from benchmarks.datasets import read_audio
+from granite_stream_testing.datasets import read_audio
 from stream_server.audio import encode_mulaw
 from stream_server.server import ServerSettings, StreamServer
 

@@ -1,4 +1,4 @@
-"""Tests for benchmarks.datasets: split rule, checksums, manifests, audio reading.
+"""Tests for granite_stream_testing.datasets: split rule, checksums, manifests, audio reading.
 
 Tests marked ``slow`` use the real (fetched, cached) speech data via the conftest
 fixtures; the rest run on small synthetic files.
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import datasets
-from benchmarks.datasets import (
+from granite_stream_testing import datasets
+from granite_stream_testing.datasets import (
     ChecksumError,
     Clip,
     audio_duration,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.datasets import read_audio
-from benchmarks.servers import free_port
+from granite_stream_testing.datasets import read_audio
+from granite_stream_testing.net import free_port
 from stream_server.server import LISTEN_PATH
 from tests.test_server import http_get, stream_clip
 

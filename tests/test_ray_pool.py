@@ -36,7 +36,7 @@ except ImportError:
 
 import jiwer
 
-from benchmarks.datasets import read_audio
+from granite_stream_testing.datasets import read_audio
 from stream_server.engines.base import InferenceRequest, SAMPLE_RATE
 from stream_server.ray_pool import RayPoolSettings, RayServeWorker, connect_pool, replica_actor_names
 from stream_server.server import ServerSettings, StreamServer

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.datasets import read_audio
+from granite_stream_testing.datasets import read_audio
 from stream_server.engines.base import EngineCapabilities, InferenceResult
 from stream_server.session import Close, Send, Session, SessionSettings, State, Submit
 from tests.fakes import CountingEngine

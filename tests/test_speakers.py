@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from benchmarks.datasets import read_audio
+from granite_stream_testing.datasets import read_audio
 from stream_server import captions
 from stream_server.engines.base import InferenceRequest
 from stream_server.speakers.clustering import (
@@ -432,21 +432,6 @@ def test_serve_refuses_speaker_settings_out_of_range():
     for name, bad in (("diarize_threshold", "1.5"), ("diarize_change_threshold", "-2"), ("diarize_max_speakers", "0")):
         with pytest.raises(ConfigError, match=name):
             load_config({name: bad}, {})
-
-
-def test_the_benchmark_scores_turns_under_the_best_label_mapping():
-    from benchmarks.datasets import Clip
-    from benchmarks.diarization import Turn, score
-
-    clip = Clip("x/y", None, "", "en", 16000, "x")
-    turns = [Turn("a", clip, 0, 3), Turn("b", clip, 3.5, 6), Turn("a", clip, 7, 9), Turn("b", clip, 9.5, 12)]
-    finals = [{"start": 0, "end": 3, "speaker": 1},
-              # one final over two turns, its change of speaker inside it
-              {"start": 3.5, "end": 9, "speaker": 0, "speaker_turns": [{"speaker": 0, "start": 3.5, "end": 6.2},
-                                                                      {"speaker": 1, "start": 6.2, "end": 9}]},
-              {"start": 9.5, "end": 12, "speaker": 2}]
-    result = score(turns, finals)
-    assert result["correct"] == 3 and result["speakers_found"] == 3 and result["speakers_true"] == 2
 
 
 def test_the_wrapper_passes_engine_options_through():

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.datasets import read_audio
+from granite_stream_testing.datasets import read_audio
 from stream_server.engines.base import InferenceRequest, Word
 from stream_server.timing import final_words
 
@@ -92,7 +92,7 @@ def test_wrong_words_score_lower_on_real_speech(whisper_engine, librivox_clips):
     (after alignment) have a lower mean confidence than the ones it gets right."""
     import difflib
 
-    from benchmarks.textnorm import normalizer_for
+    from granite_stream_testing.textnorm import normalizer_for
 
     normalize = normalizer_for("en")
     right, wrong = [], []

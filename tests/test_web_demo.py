@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.datasets import read_audio
+from granite_stream_testing.datasets import read_audio
 from stream_server import captions
 from stream_server.server import ServerSettings, StreamServer
 from tests.fakes import CountingEngine

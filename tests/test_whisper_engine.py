@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.datasets import read_audio
+from granite_stream_testing.datasets import read_audio
 from stream_server.engines.base import InferenceRequest
 from stream_server.engines.whisper import collapse_repeats, looks_repetitive
 
@@ -70,7 +70,7 @@ def whisper_base():
 def test_multilingual_base_transcribes_detects_and_translates(whisper_base):
     import soxr
 
-    from benchmarks.datasets import load_set
+    from granite_stream_testing.datasets import load_set
 
     caps = whisper_base.capabilities
     assert {"transcribe", "translate"} <= set(caps.tasks) and caps.language_detection

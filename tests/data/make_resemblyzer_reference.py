@@ -17,7 +17,7 @@ sys.modules.setdefault("scipy.ndimage.morphology", types.SimpleNamespace(binary_
 from resemblyzer import VoiceEncoder  # noqa: E402
 from resemblyzer.audio import normalize_volume, wav_to_mel_spectrogram  # noqa: E402
 
-from benchmarks.datasets import load_set, read_audio  # noqa: E402
+from granite_stream_testing.datasets import load_set, read_audio  # noqa: E402
 
 clip = load_set("goforward", progress=False)[0]
 wav, rate = read_audio(clip)

@@ -37,7 +37,7 @@ Relative ``audio`` paths are resolved against the manifest's folder.  ``sample_r
 and ``set`` may be omitted when pointing at your own data (read from the file header /
 defaulted to the manifest's file name stem).
 
-CLI: ``python -m benchmarks.datasets --help`` (also ``scripts/fetch_data``).
+CLI: ``python -m granite_stream_testing.datasets --help`` (also ``scripts/fetch_data``).
 """
 
 from __future__ import annotations
@@ -771,6 +771,8 @@ def _stress_audio(item: StressItem):
     """The item's samples (float32) at its sources' common rate: trimmed phrases, zero-filled pauses."""
     import numpy as np
 
+    if not item.sources:
+        raise DatasetError(f"{item.name}: no source clips")
     parts, rate = [], None
     for k, clip in enumerate(item.sources):
         x, r = read_audio(clip)
@@ -780,6 +782,7 @@ def _stress_audio(item: StressItem):
         parts.append(_trim_silence(x, r))
         if k < len(item.gaps_s):
             parts.append(np.zeros(int(round(item.gaps_s[k] * r)), np.float32))
+    assert rate is not None  # set by the first source
     return np.concatenate(parts).astype(np.float32), int(rate)
 
 

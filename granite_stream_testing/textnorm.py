@@ -160,8 +160,8 @@ class EnglishTextNormalizer:
         for pattern, repl in self._contractions:
             text = pattern.sub(repl, text)
         text = self._numbers(text)
-        for symbol, words in _SYMBOLS:
-            text = text.replace(symbol, words)
+        for symbol, spoken in _SYMBOLS:
+            text = text.replace(symbol, spoken)
         text = _strip_accents(text)
         text = _remove_punctuation(text)
         words = [_SPELLINGS.get(w, w) for w in text.split() if w not in _FILLERS]

@@ -1,0 +1,16 @@
+"""The diarization benchmark's scoring (benchmarks.diarization)."""
+
+
+def test_the_benchmark_scores_turns_under_the_best_label_mapping():
+    from granite_stream_testing.datasets import Clip
+    from benchmarks.diarization import Turn, score
+
+    clip = Clip("x/y", None, "", "en", 16000, "x")
+    turns = [Turn("a", clip, 0, 3), Turn("b", clip, 3.5, 6), Turn("a", clip, 7, 9), Turn("b", clip, 9.5, 12)]
+    finals = [{"start": 0, "end": 3, "speaker": 1},
+              # one final over two turns, its change of speaker inside it
+              {"start": 3.5, "end": 9, "speaker": 0, "speaker_turns": [{"speaker": 0, "start": 3.5, "end": 6.2},
+                                                                      {"speaker": 1, "start": 6.2, "end": 9}]},
+              {"start": 9.5, "end": 12, "speaker": 2}]
+    result = score(turns, finals)
+    assert result["correct"] == 3 and result["speakers_found"] == 3 and result["speakers_true"] == 2
