@@ -31,15 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("granite_stream.bench")
 
-SECONDARY_BOUNDS = (1.5, 2.0, 3.0, 5.0, 10.0)
-
-
-def scoring_as_float(x) -> float:
-    from .scoring import as_float
-
-    return as_float(x)
-
-
 BUILTIN_SETS = ("asterisk-en", "asterisk-es", "asterisk-fr", "librivox", "stress-en")
 SCHEMA = "granite-stream-bench/1"
 
@@ -553,7 +544,9 @@ async def run(args) -> dict:
         results.setdefault("sweep", {"set": sweep_name, "bound_s": args.bound, "level_seconds": args.level_seconds,
                                      "systems": {}})
         results["sweep"]["systems"]["whisperlive"] = await whisperlive_stage(args, sets[sweep_name])
-    _add_comparisons(results)
+    from .report import add_comparisons
+
+    add_comparisons(results)
     return results
 
 
@@ -573,65 +566,6 @@ async def whisperlive_stage(args, clips: list[Clip]) -> dict:
         out = await sweep_stage(handle.url, handle.pid, "whisperlive", "WhisperLive", args, clips)
         out["server"] = handle.info
     return out
-
-
-def _add_comparisons(results: dict) -> None:
-    """Ratios and target checks, computed once so the table, the plots and the docs agree."""
-    for name, entry in results["sets"].items():
-        streaming = entry.get("streaming")
-        offline = entry.get("offline") or {}
-        if streaming and streaming.get("wer") is not None:
-            entry["wer_ratio"] = {
-                mode: (round(streaming["wer"] / r["wer"], 4) if r.get("wer") else None)
-                for mode, r in offline.items()
-            }
-    sweep = results.get("sweep")
-    targets = {}
-    if sweep:
-        # The same levels read against other bounds: the largest tested count whose level and every
-        # smaller tested level kept p95 final latency within the bound (">=" when the last level passed).
-        for system in sweep["systems"].values():
-            levels = [lvl for lvl in system.get("levels") or [] if "final_latency" in lvl]
-            table = {}
-            for bound in SECONDARY_BOUNDS:
-                best, capped = 0, False
-                for lvl in sorted(levels, key=lambda x: x["streams"]):
-                    p95 = scoring_as_float(lvl["final_latency"]["p95"])
-                    if lvl.get("stream_failures") or not p95 <= bound:
-                        break
-                    best = lvl["streams"]
-                else:
-                    capped = bool(levels)
-                table[str(bound)] = f">={best}" if capped and best else best
-            system["sustained_at_bounds"] = table
-        ours = sweep["systems"].get("granite-stream", {})
-        peer = sweep["systems"].get("whisperlive", {})
-        targets["sustained_streams"] = ours.get("sustained_streams")
-        targets["streams_target_met"] = (ours.get("sustained_streams") or 0) >= 4
-        if peer and peer.get("sustained_streams") is not None:
-            theirs = peer["sustained_streams"]
-            targets["whisperlive_sustained_streams"] = theirs
-            targets["vs_whisperlive"] = (round(ours.get("sustained_streams", 0) / theirs, 2) if theirs else "inf")
-            targets["vs_whisperlive_target_met"] = (ours.get("sustained_streams") or 0) >= 2 * theirs and \
-                (ours.get("sustained_streams") or 0) > 0
-    ratios = [e["wer_ratio"].get("engine") for e in results["sets"].values()
-              if e.get("wer_ratio") and e["wer_ratio"].get("engine") is not None]
-    if ratios:
-        targets["wer_ratio_vs_engine_offline_max"] = max(ratios)
-        targets["wer_ratio_target_met"] = max(ratios) <= 1.03
-    drops = [e["dropped_words"] for e in results["sets"].values() if e.get("dropped_words")]
-    if drops:
-        streaming_path = sum(d["by_cause"]["stable"] + d["by_cause"]["splice"] for d in drops)
-        targets["dropped_words"] = sum(d["dropped"] for d in drops)
-        targets["dropped_words_stable_or_splice"] = streaming_path
-        targets["dropped_words_stable_or_splice_target_met"] = streaming_path == 0
-    revisions = [e["streaming"]["stable_revisions"] for e in results["sets"].values() if e.get("streaming")]
-    if sweep:
-        revisions += [lvl["stable_revisions"] for lvl in sweep["systems"].get("granite-stream", {}).get("levels", [])]
-    if revisions:
-        targets["stable_revisions"] = sum(revisions)
-        targets["stable_revisions_target_met"] = sum(revisions) == 0
-    results["targets"] = targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -681,7 +615,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def save_results(results: dict, out: Path) -> Path:
     """Write (or rewrite, after each stage) ``results.json``; an interrupted run keeps what it measured."""
-    _add_comparisons(results)
+    from .report import add_comparisons
+
+    add_comparisons(results)
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=_json_default))

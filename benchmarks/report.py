@@ -9,6 +9,9 @@ from pathlib import Path
 
 from .scoring import as_float
 
+SECONDARY_BOUNDS = (1.5, 2.0, 3.0, 5.0, 10.0)
+"""Further p95-final bounds (s) the sweep's levels are read against (``sustained_at_bounds``)."""
+
 
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
@@ -198,6 +201,66 @@ def render(results: dict, out_dir: Path, plots: bool = True) -> None:
             print(f"plot: {path}", file=sys.stderr)
 
 
+def add_comparisons(results: dict) -> None:
+    """Add ratios and target checks to ``results`` (in place), computed once so the table, the plots and
+    the docs agree; ``bench`` calls it after a run, ``bench report`` on a stored results.json."""
+    for name, entry in results["sets"].items():
+        streaming = entry.get("streaming")
+        offline = entry.get("offline") or {}
+        if streaming and streaming.get("wer") is not None:
+            entry["wer_ratio"] = {
+                mode: (round(streaming["wer"] / r["wer"], 4) if r.get("wer") else None)
+                for mode, r in offline.items()
+            }
+    sweep = results.get("sweep")
+    targets = {}
+    if sweep:
+        # The same levels read against other bounds: the largest tested count whose level and every
+        # smaller tested level kept p95 final latency within the bound (">=" when the last level passed).
+        for system in sweep["systems"].values():
+            levels = [lvl for lvl in system.get("levels") or [] if "final_latency" in lvl]
+            table = {}
+            for bound in SECONDARY_BOUNDS:
+                best, capped = 0, False
+                for lvl in sorted(levels, key=lambda x: x["streams"]):
+                    p95 = as_float(lvl["final_latency"]["p95"])
+                    if lvl.get("stream_failures") or not p95 <= bound:
+                        break
+                    best = lvl["streams"]
+                else:
+                    capped = bool(levels)
+                table[str(bound)] = f">={best}" if capped and best else best
+            system["sustained_at_bounds"] = table
+        ours = sweep["systems"].get("granite-stream", {})
+        peer = sweep["systems"].get("whisperlive", {})
+        targets["sustained_streams"] = ours.get("sustained_streams")
+        targets["streams_target_met"] = (ours.get("sustained_streams") or 0) >= 4
+        if peer and peer.get("sustained_streams") is not None:
+            theirs = peer["sustained_streams"]
+            targets["whisperlive_sustained_streams"] = theirs
+            targets["vs_whisperlive"] = (round(ours.get("sustained_streams", 0) / theirs, 2) if theirs else "inf")
+            targets["vs_whisperlive_target_met"] = (ours.get("sustained_streams") or 0) >= 2 * theirs and \
+                (ours.get("sustained_streams") or 0) > 0
+    ratios = [e["wer_ratio"].get("engine") for e in results["sets"].values()
+              if e.get("wer_ratio") and e["wer_ratio"].get("engine") is not None]
+    if ratios:
+        targets["wer_ratio_vs_engine_offline_max"] = max(ratios)
+        targets["wer_ratio_target_met"] = max(ratios) <= 1.03
+    drops = [e["dropped_words"] for e in results["sets"].values() if e.get("dropped_words")]
+    if drops:
+        streaming_path = sum(d["by_cause"]["stable"] + d["by_cause"]["splice"] for d in drops)
+        targets["dropped_words"] = sum(d["dropped"] for d in drops)
+        targets["dropped_words_stable_or_splice"] = streaming_path
+        targets["dropped_words_stable_or_splice_target_met"] = streaming_path == 0
+    revisions = [e["streaming"]["stable_revisions"] for e in results["sets"].values() if e.get("streaming")]
+    if sweep:
+        revisions += [lvl["stable_revisions"] for lvl in sweep["systems"].get("granite-stream", {}).get("levels", [])]
+    if revisions:
+        targets["stable_revisions"] = sum(revisions)
+        targets["stable_revisions_target_met"] = sum(revisions) == 0
+    results["targets"] = targets
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="granite-stream bench report",
                                      description="Print the tables and redraw the plots of a results.json")
@@ -205,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())
-    from .cli import _add_comparisons
-
-    _add_comparisons(results)  # ratios, targets and bound tables from the stored levels
+    add_comparisons(results)  # ratios, targets and bound tables from the stored levels
     render(results, args.results.parent, plots=not args.no_plots)
     return 0

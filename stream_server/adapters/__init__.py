@@ -16,13 +16,8 @@ Protocol v1 (``/v1/listen``) stays the native API; ``docs/protocol.md`` document
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ..connection import TranslatorFactory
+from ..connection import RouteTable, TranslatorFactory
 from . import deepgram, openai_realtime, twilio
-
-if TYPE_CHECKING:
-    from ..server import StreamServer
 
 ROUTES: dict[str, TranslatorFactory] = {
     openai_realtime.ROUTE: openai_realtime.translator,
@@ -31,7 +26,7 @@ ROUTES: dict[str, TranslatorFactory] = {
 }
 
 
-def install_adapters(server: "StreamServer") -> None:
+def install_adapters(server: RouteTable) -> None:
     """Register every adapter's WebSocket route (its translator factory) on ``server``."""
     for path, translator in ROUTES.items():
         server.add_route(path, translator)
