@@ -16,7 +16,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, get_type_hints
 
 ENV_PREFIX = "GRANITE_STREAM_"
 
@@ -42,7 +42,7 @@ class ServeConfig:
                        "from free GPU memory, compiled decode step where faster, 1000 sessions) for every setting no "
                        "source gave; elsewhere the defaults below. gpu / cpu force one. --print-config says which and why",
                        "engine", ("auto", "gpu", "cpu"))
-    cpu_threads: int = _opt(0, "engine CPU threads (0: library default)", "engine")
+    cpu_threads: int = _opt(0, "engine CPU threads (0: Whisper one per core, shared by its two lanes; Granite torch's default)", "engine")
     processes: int = _opt(1, "server processes sharing the port (SO_REUSEPORT, Linux), each with its own event loop "
                           "and engine; with gpus > 1 process i gets GPU i mod gpus; limits and /metrics are per process",
                           "pool")
@@ -160,7 +160,10 @@ def _convert(name: str, kind: type, raw: Any, source: str) -> Any:
 
 
 def _field_types() -> dict[str, type]:
-    return {f.name: {"str": str, "int": int, "float": float, "bool": bool}[f.type] for f in fields(ServeConfig)}
+    hints = get_type_hints(ServeConfig)  # f.type is a string here (from __future__ import annotations)
+    kinds = {f.name: hints[f.name] for f in fields(ServeConfig)}
+    assert set(kinds.values()) <= {str, int, float, bool}, "a setting is a str, int, float or bool"
+    return kinds
 
 
 def _check(config: ServeConfig, source: str, values: Mapping[str, Any]) -> None:

@@ -42,7 +42,7 @@ def load_engine(
         name: ``auto``, ``whisper`` or ``granite``.
         model: model id or directory; engine-specific default when ``None``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        cpu_threads: CPU threads for the engine (0: library default).
+        cpu_threads: CPU threads for the engine (0: Whisper one per core, shared by its lanes; Granite torch's default).
         max_batch: override the engine's batch bound.
         granite_options: extra :class:`~stream_server.engines.granite.GraniteEngine` keyword arguments
             (e.g. ``encoder_batching``, ``decode_options``) when Granite serves.
