@@ -389,7 +389,8 @@ class FileTranscriptionApi:
         refusal = server.admission_refusal(conn.client_ip)
         if refusal is not None:
             status, reason = refusal
-            raise ApiError(HTTPStatus(status), reason, code="overloaded" if status == 503 else "rate_limit_exceeded")
+            code = SHUTTING_DOWN if server.draining else "overloaded" if status == 503 else "rate_limit_exceeded"
+            raise ApiError(HTTPStatus(status), reason, code=code)
         finals: list[dict] = []
         errors: list[dict] = []
 

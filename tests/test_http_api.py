@@ -189,6 +189,9 @@ async def test_drain_answers_an_open_file_request_503():
         await wait_until(engine.entered.is_set)
         draining = asyncio.create_task(server.drain(deadline_s=10))
         await asyncio.sleep(0.2)
+        with pytest.raises(openai.InternalServerError) as refused:  # a new request while draining
+            await client(server).audio.transcriptions.create(file=("a.wav", audio), model="m")
+        assert refused.value.status_code == 503 and refused.value.body["code"] == "shutting_down"
         engine.gate.set()
         with pytest.raises(openai.InternalServerError) as info:
             await request
