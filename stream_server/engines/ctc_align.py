@@ -47,31 +47,47 @@ def best_path(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0,
     extended = np.full(2 * len(labels) + 1, blank, dtype=np.int64)
     extended[1::2] = labels
     states = len(extended)
-    # A skip from s-2 to s is allowed into a label that differs from the label two states back.
-    skip = np.zeros(states, dtype=bool)
-    skip[3::2] = labels[1:] != labels[:-1]
-    neg_inf = -np.inf
-    score = np.full(states, neg_inf)
-    score[: min(2, states)] = log_probs[0, extended[: min(2, states)]]
-    back = np.zeros((frames, states), dtype=np.int8)  # 0: stay, 1: from s-1, 2: from s-2
-    columns = np.arange(states)
+    # Why this shape: the recursion is sequential in frames, so its cost is numpy calls per frame.
+    # The forward pass makes four, each writing in place into one preallocated score table (two
+    # -inf columns on the left stand for "no state s-1 / s-2"); no back-pointer table is kept:
+    # the backtrack recomputes the one choice per frame the path needs from the table, on a
+    # memoryview (Python floats, not numpy scalars). Cost: docs/benchmarks.md.
+    emit = log_probs[:, extended]
+    # A skip from s-2 to s is allowed into a label that differs from the label two states back:
+    # 0 there, -inf elsewhere, added to the jump candidate.
+    jump_ok = np.full(states, -np.inf)
+    jump_ok[3::2][labels[1:] != labels[:-1]] = 0.0
+    width = states + 2
+    table = np.full((frames, width), -np.inf)
+    table[0, 2: 2 + min(2, states)] = emit[0, : min(2, states)]
+    jump = np.empty(states)
     for t in range(1, frames):
-        step = np.concatenate(([neg_inf], score[:-1]))
-        jump = np.where(skip, np.concatenate(([neg_inf, neg_inf], score[:-2])), neg_inf)
-        candidates = np.stack([score, step, jump])
-        choice = np.argmax(candidates, axis=0)
-        score = candidates[choice, columns] + log_probs[t, extended]
-        back[t] = choice
+        previous, current = table[t - 1], table[t, 2:]
+        np.maximum(previous[2:], previous[1:-1], out=current)  # stay or step from s-1
+        np.add(previous[:-2], jump_ok, out=jump)
+        np.maximum(current, jump, out=current)
+        current += emit[t]
+    score = table[-1, 2:]
     # The path ends on the last label or on the blank after it.
     last = states - 1 if states == 1 or score[-1] >= score[-2] else states - 2
     if not np.isfinite(score[last]):
         return None
-    path = np.empty(frames, dtype=np.int64)
+    flat = memoryview(table.reshape(-1))
+    can_jump = (jump_ok == 0.0).tolist()
+    path = [0] * frames
     state = last
-    for t in range(frames - 1, -1, -1):
+    for t in range(frames - 1, 0, -1):
         path[t] = state
-        state -= int(back[t, state])
-    return path, float(score[last])
+        cell = (t - 1) * width + state + 2
+        # Ties prefer staying, then a step (the order the forward maximum does not record).
+        best, move = flat[cell], 0
+        if flat[cell - 1] > best:
+            best, move = flat[cell - 1], 1
+        if can_jump[state] and flat[cell - 2] > best:
+            move = 2
+        state -= move
+    path[0] = state
+    return np.asarray(path, dtype=np.int64), float(score[last])
 
 
 def _greedy_path(log_probs: np.ndarray, labels: np.ndarray, blank: int) -> tuple[np.ndarray, float] | None:
