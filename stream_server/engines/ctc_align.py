@@ -72,7 +72,7 @@ def best_path(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0,
     last = states - 1 if states == 1 or score[-1] >= score[-2] else states - 2
     if not np.isfinite(score[last]):
         return None
-    flat = memoryview(table.reshape(-1))
+    flat = table.reshape(-1).data  # a memoryview
     can_jump = (jump_ok == 0.0).tolist()
     path = [0] * frames
     state = last
