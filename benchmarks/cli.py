@@ -195,7 +195,7 @@ def run_offline_stage(args, sets: dict[str, list[Clip]], languages: Sequence[str
     modes = list(args.offline)
     if not model_path:
         modes = [m for m in modes if m == "engine"]  # faster-whisper needs a CTranslate2 Whisper directory
-    out = {}
+    out: dict = {}
     try:
         for name, clips in sets.items():
             if clips[0].language not in languages:
@@ -297,7 +297,7 @@ def drops_stage(args, logs: dict[str, list], results: dict) -> None:
                 audio = session_audio(slog.plan)
                 language = slog.plan.language if slog.plan.language in engine.capabilities.languages else None
                 ordered = sorted((t for ts in traces.values() for t in ts), key=lambda t: t.utterance_id)
-                for previous, trace in zip([None] + ordered, ordered):
+                for previous, trace in zip([None, *ordered], ordered):
                     piece = audio[round(trace.start * SAMPLE_RATE): round(trace.end * SAMPLE_RATE)]
                     before = engine.stats().get("repetition_retries", 0)
                     # As the server does: a piece after a cut is decoded with the text before the cut.
@@ -340,11 +340,10 @@ async def sweep_stage(url: str, pid: int | None, protocol: str, label: str, args
     rate = _send_rate(args) if protocol == "granite" else 16_000
     levels_done: dict[int, dict] = {}
     metrics = profiling.metrics_url(url) if protocol == "granite" else None
-    profile_ok = args.profile and pid is not None
 
     async def run_level(n: int) -> dict:
         """One level; re-run (up to --contention-retries times) while other processes took CPU meanwhile."""
-        best = None
+        best: dict | None = None
         for attempt in range(1 + max(0, args.contention_retries)):
             summary = await measure_level(n)
             if pid is not None and not _alive(pid):
@@ -358,6 +357,7 @@ async def sweep_stage(url: str, pid: int | None, protocol: str, label: str, args
             if other is None or other <= args.contention_threshold:
                 break
             _progress(f"sweep {label}: {n} streams: other processes used {other}% CPU meanwhile; measuring again")
+        assert best is not None  # the loop runs at least once
         best["contended"] = (best["machine_load"].get("other_cpu_percent") or 0) > args.contention_threshold
         levels_done[n] = best
         return best
@@ -367,7 +367,7 @@ async def sweep_stage(url: str, pid: int | None, protocol: str, label: str, args
         monitor = ResourceMonitor(pid) if pid else contextlib.nullcontext()
         client = ResourceMonitor(_own_pid())
         raw = args.out / f"profile-{protocol}-{n}.raw"
-        spy = profiling.pyspy(pid, raw) if profile_ok else contextlib.nullcontext()
+        spy = profiling.pyspy(pid, raw) if args.profile and pid is not None else contextlib.nullcontext()
         loop = asyncio.get_running_loop()  # scrape off the loop: an in-process server answers on this loop
         before = await loop.run_in_executor(None, profiling.scrape, metrics) if metrics else {}
         with SystemMonitor() as machine, monitor as mon, client, spy as spied:
@@ -384,9 +384,9 @@ async def sweep_stage(url: str, pid: int | None, protocol: str, label: str, args
         ok, why = level_verdict(summary, args)
         summary["sustained"] = ok
         summary["verdict"] = why
-        summary["server_resources"] = mon.summary() if pid else None
+        summary["server_resources"] = mon.summary() if mon is not None else None
         summary["loadgen_resources"] = client.summary()
-        own = [client.cpu_seconds] + ([mon.cpu_seconds] if pid and pid != _own_pid() else [])
+        own = [client.cpu_seconds] + ([mon.cpu_seconds] if mon is not None and pid != _own_pid() else [])
         summary["machine_load"] = machine.summary(*own)
         fl = summary["final_latency"]
         _progress(f"sweep {label}: {n:>3} streams: p50 {fl['p50']} p95 {fl['p95']} s, WER {_pct(summary['wer'])}, "

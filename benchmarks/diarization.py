@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     if any(not 1 <= k <= len(VOICES) for k in args.speakers):
         p.error(f"--speakers must be within 1-{len(VOICES)}")
+    results: dict
     if args.cost:
         convs = [c for k in args.speakers for c in conversations(args.conversations, k, args.turns, args.seed,
                                                                    voice_clips())]

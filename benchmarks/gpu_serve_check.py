@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                     started = time.perf_counter()
                     chunks = list(pool.map(loadgen_chunk, _level_jobs(url, n, args)))
                     results = [r for c in chunks for r in c["results"]]
-                    row = {"streams": n, "wall_s": round(time.perf_counter() - started, 1)}
+                    row: dict = {"streams": n, "wall_s": round(time.perf_counter() - started, 1)}
                     row.update(summarize_level(results, chunks))
                     after = metrics(port)
                     row["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(COUNTERS)}

@@ -130,7 +130,8 @@ def build_full(device: str, dtype: torch.dtype, seed: int = 0):
             model = GraniteSpeechForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(old)
-    model.to(device=device, dtype=dtype)
+    # PreTrainedModel.to is declared with @wraps(torch.nn.Module.to): type checkers see the unbound method.
+    model.to(device=device, dtype=dtype)  # type: ignore[call-arg]
     model.eval()
     gc = model.generation_config
     gc.pad_token_id = tokenizer.pad_token_id

@@ -97,7 +97,7 @@ def whisperlive_server(model_path: str | None = None, max_clients: int = 64, log
                             "max_clients": max_clients, "batch_enabled": batch, "command": " ".join(cmd[2:])})
     finally:
         stop_process(proc)
-        if log_path:
+        if not isinstance(out, int):  # a log file, not subprocess.DEVNULL
             out.close()
 
 

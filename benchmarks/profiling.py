@@ -153,7 +153,7 @@ def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     batches = d("granite_stream_batch_size_count")
-    out = {
+    out: dict[str, object] = {
         "batches": int(batches),
         "mean_batch_size": round(d("granite_stream_batch_size_sum") / batches, 2) if batches else None,
         "engine_busy_seconds": round(d("granite_stream_engine_seconds_sum"), 2),

@@ -77,7 +77,7 @@ def load_clips(sets: list[str], limit: int) -> list[tuple[str, np.ndarray]]:
     from granite_stream_testing.datasets import load_set, read_audio
 
     per_set = [load_set(name, "dev") for name in sets]
-    picked = []
+    picked: list = []
     # Round-robin over the sets so a small --clips still mixes phone prompts and read speech.
     for i in range(max(len(s) for s in per_set)):
         for clips in per_set:
@@ -151,12 +151,12 @@ async def run(args) -> dict:
             await pool.handle.ping.remote()
             pings.append(time.perf_counter() - t0)
 
-        rows = []
+        rows: list[dict] = []
         request_id = 0
         for r in range(args.rounds):
             for i, (clip_id, audio) in enumerate(clips):
                 order = ("local", "pool") if (i + r) % 2 == 0 else ("pool", "local")
-                row = {"clip": clip_id, "round": r, "audio_s": round(len(audio) / SAMPLE_RATE, 3),
+                row: dict = {"clip": clip_id, "round": r, "audio_s": round(len(audio) / SAMPLE_RATE, 3),
                        "payload_kb": round(audio.nbytes / 1024, 1)}
                 for name in order:
                     worker = local if name == "local" else pool

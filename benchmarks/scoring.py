@@ -224,7 +224,7 @@ def percentiles(values: Iterable[float], qs: Sequence[float] = (50, 90, 95, 99))
     arr = np.sort(np.asarray([v for v in values], dtype=float))
     if len(arr) == 0:
         return {f"p{int(q)}": None for q in qs} | {"max": None, "mean": None, "n": 0}
-    out = {}
+    out: dict[str, float | str | None] = {}
     for q in qs:
         rank = max(1, math.ceil(q / 100 * len(arr)))
         out[f"p{int(q)}"] = _jsonable(arr[rank - 1])

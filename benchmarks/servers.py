@@ -52,6 +52,7 @@ async def granite_inprocess(engine_name: str = "whisper", model: str | None = No
                             engine_options: dict | None = None,
                             early_final_ms: float = 200.0, partial_refresh: str = "on") -> AsyncIterator[ServerHandle]:
     from stream_server.engines import load_engine
+    from stream_server.engines.base import Engine
     from stream_server.server import ServerSettings, StreamServer
     from stream_server.session import SessionSettings
 
@@ -63,7 +64,7 @@ async def granite_inprocess(engine_name: str = "whisper", model: str | None = No
         if engine_name != "whisper":
             raise ValueError("--engine-option is only supported with --engine whisper")
         dev = "cuda" if device == "cuda" else "cpu"
-        engine = await loop.run_in_executor(None, lambda: WhisperEngine(
+        engine: Engine = await loop.run_in_executor(None, lambda: WhisperEngine(
             model, device=dev, compute_type="int8" if dev == "cpu" else "float16", cpu_threads=cpu_threads,
             max_batch=max_batch, **engine_options))
         reason = f"bench --engine-option {engine_options}"
@@ -113,7 +114,7 @@ def granite_subprocess(engine_name: str = "whisper", model: str | None = None, c
         yield ServerHandle(f"ws://127.0.0.1:{port}/v1/listen", proc.pid, "granite-stream (subprocess)", info)
     finally:
         stop_process(proc)
-        if log_path:
+        if not isinstance(out, int):  # a log file, not subprocess.DEVNULL
             out.close()
 
 

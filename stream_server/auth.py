@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.typing import Subprotocol
+
 SUBPROTOCOL = "granite-stream"
 TOKEN_SUBPROTOCOL_PREFIX = "token."
 
@@ -95,6 +97,6 @@ def check_access(policy: AccessPolicy, path: str, headers) -> tuple[int, str] | 
     return None
 
 
-def select_subprotocol(offered) -> str | None:
+def select_subprotocol(offered) -> Subprotocol | None:
     """Answer ``granite-stream`` when offered; a ``token.KEY`` entry is never echoed back."""
-    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None

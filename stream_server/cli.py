@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .engines import ENGINE_NAMES, load_engine
-from .engines.base import SAMPLE_RATE
+from .engines.base import SAMPLE_RATE, Engine
 from .protocol import ProtocolLimits, StreamConfig
 from .session import Send, Session, SessionSettings
 from .speakers.clustering import SpeakerSettings
@@ -23,7 +23,7 @@ from .driver import SessionDriver
 from .logs import configure_logging
 from .settings import (ConfigError, ServeConfig, add_arguments, cli_values, load_config_and_sources,
                        render, resolve_preset, seconds_list)
-from .worker import BatchScheduler, InferenceWorker, WorkerPool
+from .worker import BatchScheduler, InferencePool, InferenceWorker, WorkerPool
 
 if TYPE_CHECKING:
     from .server import ServerSettings
@@ -155,7 +155,9 @@ def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
     Returns:
         The workers and why their engine serves.
     """
-    scheduler = lambda: BatchScheduler(config.max_batch, config.max_wait_ms / 1000.0, config.max_queue)  # noqa: E731
+    def scheduler() -> BatchScheduler:
+        return BatchScheduler(config.max_batch, config.max_wait_ms / 1000.0, config.max_queue)
+
     granite = granite_options(config)
     if config.gpus > 0:
         workers, reason = [], ""
@@ -183,19 +185,21 @@ async def _serve(config: ServeConfig) -> int:
     except (OSError, ValueError) as exc:
         print(f"granite-stream: {exc}", file=sys.stderr)
         return 2
+    engine: Engine
+    worker: InferencePool
     if config.inference == "ray":
         from .ray_pool import connect_pool, settings_from_config
 
         # Joins the cluster, deploys the pool if needed and waits for it (blocking: off the loop).
-        worker = await asyncio.get_running_loop().run_in_executor(None, connect_pool, settings_from_config(config))
-        engine, reason = worker.engine, worker.description
+        pool = await asyncio.get_running_loop().run_in_executor(None, connect_pool, settings_from_config(config))
+        worker, engine, reason = pool, pool.engine, pool.description
         log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
     else:
         workers, reason = build_workers(config)
         engine = workers[0].engine
         log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
-        for worker in workers:
-            await asyncio.get_running_loop().run_in_executor(None, worker.engine.warmup)
+        for local in workers:
+            await asyncio.get_running_loop().run_in_executor(None, local.engine.warmup)
         worker = workers[0] if len(workers) == 1 else WorkerPool(workers)
     server = StreamServer(engine, settings, reason, worker=worker)
     await server.start()

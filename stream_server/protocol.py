@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import AbstractSet, Any
 
 from vad import VadConfig
 
@@ -196,7 +196,7 @@ def parse_audio_format(obj: Any) -> AudioFormat:
 
 
 def apply_config(
-    obj: dict, base: StreamConfig, limits: ProtocolLimits = ProtocolLimits(), allowed_extra: set[str] = frozenset()
+    obj: dict, base: StreamConfig, limits: ProtocolLimits = ProtocolLimits(), allowed_extra: AbstractSet[str] = frozenset()
 ) -> StreamConfig:
     """Overlay the config fields of a ``start``/``configure`` message onto ``base``.
 

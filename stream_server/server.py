@@ -267,14 +267,14 @@ class StreamServer:
         self.worker.start(asyncio.get_running_loop())
         ssl_context = self._ssl_context()
         # HttpServerConnection applies handshake_timeout_s itself (an upload may take longer).
-        tls = {"ssl": ssl_context, "ssl_handshake_timeout": self.settings.handshake_timeout_s} if ssl_context else {}
         self._server = await serve(
             self._handle,
             self.settings.host,
             self.settings.port,
             process_request=self._process_request,
             select_subprotocol=lambda _connection, offered: select_subprotocol(offered),
-            **tls,
+            ssl=ssl_context,
+            ssl_handshake_timeout=self.settings.handshake_timeout_s if ssl_context else None,  # TLS only
             max_size=max(self.settings.session.max_frame_bytes, self.settings.session.limits.max_text_bytes) + 1024,
             ping_interval=20,
             ping_timeout=20,
@@ -512,6 +512,7 @@ class StreamServer:
         return logged
 
     async def _handle(self, ws: ServerConnection) -> None:
+        assert ws.request is not None  # set by the handshake, which completed before the handler runs
         path = ws.request.path.split("?", 1)[0]
         await serve_connection(self, ws, self.routes[path](self, ws))
 

@@ -304,7 +304,9 @@ def load_granite(
     if preprocessor is not None:
         check_preprocessor(preprocessor, model.config)
     check_checkpoint(model)
-    model.to(device)
+    # transformers declares PreTrainedModel.to with @wraps(torch.nn.Module.to), so type checkers see
+    # the unbound torch method (self missing); the call is right.
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer
 
@@ -333,6 +335,20 @@ class _Work:
     draft_ids: list[int] = field(default_factory=list)  # the CTC draft's tokens after the prefix (verified drafts)
     resume_ids: list[int] = field(default_factory=list)  # verified draft tokens the decode continues after
     budget: int = 0
+
+    def encoded(self) -> torch.Tensor:
+        """This request's encoder output (its own, or its row of the padded batch's); after encoding only."""
+        if self.hidden is not None:
+            return self.hidden
+        if self.batch_hidden is not None:
+            return self.batch_hidden[self.row]
+        raise RuntimeError("the request has not been encoded")
+
+    def embeds(self) -> torch.Tensor:
+        """This request's audio embeddings; after the projector only."""
+        if self.audio_embeds is None:
+            raise RuntimeError("the request has not been projected")
+        return self.audio_embeds
     truncated: bool = False
     path: str = ""
     text: str | None = None
@@ -698,7 +714,7 @@ class GraniteEngine(Engine):
         with torch.inference_mode():
             self._encode_audio(works)
             self._project(works)
-            embeds, mask, _ = self._embed_batch([self._sequence(w) for w in works], [w.audio_embeds for w in works])
+            embeds, mask, _ = self._embed_batch([self._sequence(w) for w in works], [w.embeds() for w in works])
         times = []
         for i in range(repeats + 1):  # the first run captures (or compiles): not timed
             if self.device.type == "cuda":
@@ -861,7 +877,7 @@ class GraniteEngine(Engine):
             return
         with torch.inference_mode():
             hidden = torch.nn.utils.rnn.pad_sequence(
-                [(w.hidden if w.hidden is not None else w.batch_hidden[w.row])[: w.n_frames] for w in rows],
+                [w.encoded()[: w.n_frames] for w in rows],
                 batch_first=True)
             logp = torch.log_softmax(self.ctc_logits(hidden), dim=-1).cpu().numpy()
         for i, w in enumerate(rows):
@@ -908,7 +924,7 @@ class GraniteEngine(Engine):
             w.budget = max(self.force_min_tokens, int(round(n / SAMPLE_RATE * self.force_tokens_per_second)))
         else:
             output_language = (req.target_language or "en") if req.task == "translate" else req.language
-            rate = self.tokens_per_second_by_language.get(output_language, self.tokens_per_second)
+            rate = self.tokens_per_second_by_language.get(output_language or "", self.tokens_per_second)
             w.budget = int(math.ceil(n / SAMPLE_RATE * rate)) + self.extra_new_tokens
         return w
 
@@ -940,14 +956,14 @@ class GraniteEngine(Engine):
             feats = self.features([w.samples for w in works], device=self.device).input_features
             self._keep_rows(works, encoder(feats.to(self.dtype)).last_hidden_state)
             return
-        groups: dict[int, list[_Work]] = defaultdict(list)
+        by_length: dict[int, list[_Work]] = defaultdict(list)
         for w in works:
-            groups[int(w.samples.shape[0])].append(w)
-        for group in groups.values():
-            audio = torch.stack([w.samples for w in group]).to(self.device)
-            feats = self.features.log_mel_stacked(audio)
+            by_length[int(w.samples.shape[0])].append(w)
+        for same in by_length.values():
+            same_length = torch.stack([w.samples for w in same]).to(self.device)
+            feats = self.features.log_mel_stacked(same_length)
             hidden = encoder(feats.to(self.dtype)).last_hidden_state
-            for i, w in enumerate(group):
+            for i, w in enumerate(same):
                 w.hidden = hidden[i]
                 w.hidden_for_projector = hidden[i]
 
@@ -974,6 +990,8 @@ class GraniteEngine(Engine):
         pieces, counts = [], []
         for w in todo:
             blocks = -(-w.n_frames // size)
+            if w.hidden_for_projector is None:
+                raise RuntimeError("the request has not been encoded")
             frames = w.hidden_for_projector[: blocks * size]
             if frames.shape[0] < blocks * size:
                 frames = torch.nn.functional.pad(frames, (0, 0, 0, blocks * size - frames.shape[0]))
@@ -1035,7 +1053,7 @@ class GraniteEngine(Engine):
                 rows = [w.row for w in group]
                 hidden = (base if rows == list(range(len(base))) else base[rows])[:, :longest]
             else:
-                hidden = torch.nn.utils.rnn.pad_sequence([w.hidden for w in group], batch_first=True)
+                hidden = torch.nn.utils.rnn.pad_sequence([w.encoded() for w in group], batch_first=True)
             for w, (text, entropy) in zip(group, self._ctc_rows(hidden, [w.n_frames for w in group])):
                 w.ctc_text, w.ctc_entropy = text, entropy
 
@@ -1138,7 +1156,7 @@ class GraniteEngine(Engine):
         if not rows:
             return accepted
         seqs = [self._sequence(works[i], drafts[i]) for i in rows]
-        embeds, mask, positions = self._embed_batch(seqs, [works[i].audio_embeds for i in rows])
+        embeds, mask, positions = self._embed_batch(seqs, [works[i].embeds() for i in rows])
         self._adapter_on()
         if self._fast_verify:
             # One prefill pass of the engine's decoder (a graph replay on CUDA): transformers' eager
@@ -1248,7 +1266,7 @@ class GraniteEngine(Engine):
 
     def _generate(self, works: list[_Work]) -> None:
         seqs = [self._sequence(w) for w in works]
-        embeds, mask, _ = self._embed_batch(seqs, [w.audio_embeds for w in works])
+        embeds, mask, _ = self._embed_batch(seqs, [w.embeds() for w in works])
         max_new = max(self._budget_left(w) for w in works)
         forced = self._forced
         self._adapter_on()
@@ -1266,7 +1284,7 @@ class GraniteEngine(Engine):
 
         # Everything that shapes the search is set explicitly: transformers fills unset (None)
         # fields from the checkpoint's generation_config.json.
-        settings = dict(
+        settings: dict[str, Any] = dict(
             do_sample=False,
             num_beams=1,
             repetition_penalty=1.0,
@@ -1287,9 +1305,12 @@ class GraniteEngine(Engine):
         out = GenerationMixin.generate(
             self.model, inputs_embeds=embeds, attention_mask=mask, generation_config=gen_config
         )
-        if out.shape[1] > max_new:  # some versions return the (empty) prompt ids in front
-            out = out[:, -max_new:]
-        return out
+        if not isinstance(out, torch.Tensor):  # a GenerateOutput only with return_dict_in_generate
+            raise TypeError(f"generate returned {type(out).__name__}, not token ids")
+        ids: torch.Tensor = out
+        if ids.shape[1] > max_new:  # some versions return the (empty) prompt ids in front
+            ids = ids[:, -max_new:]
+        return ids
 
     def _adapter_on(self) -> None:
         """Switch a loaded LoRA adapter on: every LLM pass here has audio in its prompt, and

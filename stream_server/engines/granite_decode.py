@@ -101,7 +101,7 @@ class _State:
     cur: torch.Tensor  # (1,) long: its cache slot
     finished: torch.Tensor  # (B,) bool
     eos_bias: torch.Tensor  # (V,) additive logits bias (-inf on EOS when forced)
-    graph: object = None  # captured step
+    graph: torch.cuda.CUDAGraph | None = None  # captured step
     prefill: dict = field(default_factory=dict)  # prompt bucket -> _Prefill
     score: dict = field(default_factory=dict)  # prompt bucket -> _Prefill whose graph returns all hidden states
 
@@ -112,7 +112,7 @@ class _Prefill:
     positions: torch.Tensor  # (B, T)
     mask: torch.Tensor  # (B, 1, T, T) additive
     slots: torch.Tensor  # (T,) = arange(T)
-    graph: object = None
+    graph: torch.cuda.CUDAGraph | None = None
     hidden: torch.Tensor | None = None  # (B, T, H) final-norm hidden states (score passes only)
 
 
@@ -227,7 +227,7 @@ class StaticGreedyDecoder:
         self.sync_every = max(1, int(sync_every))
         self.prompt_quantum = max(1, int(prompt_quantum if prompt_quantum is not None else (32 if use_graphs else 1)))
         self._states: OrderedDict[tuple, _State] = OrderedDict()
-        self._pool = None
+        self._pool: tuple[int, int] | None = None  # torch.cuda.graph_pool_handle(), shared by every capture
         self.captures = 0  # graphs captured so far (for benchmarks / stats)
         self._zero = torch.zeros((), dtype=self.dtype, device=self.device)
         self._neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
@@ -255,7 +255,7 @@ class StaticGreedyDecoder:
         if compiled == self.compile_step:
             return
         self.compile_step = compiled
-        self._layer_step = self._compiled_layer if compiled else _fused_layer
+        self._layer_step = self._compiled_layer if compiled and self._compiled_layer is not None else _fused_layer
         self._states.clear()
 
     def _can_fuse(self) -> bool:
@@ -491,6 +491,7 @@ class StaticGreedyDecoder:
             self._fill_prompt(p, inputs_embeds, attention_mask)
             if p.graph is not None:
                 p.graph.replay()
+                assert p.hidden is not None  # the capture's static output
                 hidden = p.hidden
             else:
                 hidden = self._score_pass(st, p)

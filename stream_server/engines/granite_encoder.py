@@ -76,10 +76,13 @@ class EncoderGraphs:
         self.frame_step = int(frame_step)
         self.max_batch = batch_bucket(max_batch)
         self.max_frames = self.bucket_frames(int(max_seconds * 16000) // (2 * self.HOP))
-        self.input_dim = int(encoder.input_linear.in_features)
-        self.hidden_dim = int(encoder.input_linear.out_features)
+        linear = encoder.input_linear
+        if not isinstance(linear, torch.nn.Linear):
+            raise ValueError("encoder graphs need an encoder whose input_linear is a Linear layer")
+        self.input_dim = int(linear.in_features)
+        self.hidden_dim = int(linear.out_features)
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = None
+        self._pool: tuple[int, int] | None = None  # torch.cuda.graph_pool_handle()
         self._out: torch.Tensor | None = None
         self.captures = 0
         self.replays = 0
@@ -180,7 +183,7 @@ class WindowGraphs:
         self.dtype = dtype
         self.max_windows = self.bucket(max_windows)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self._pool = None
+        self._pool: tuple[int, int] | None = None  # torch.cuda.graph_pool_handle()
         self.captures = 0
         self.replays = 0
         self.eager_calls = 0

@@ -111,10 +111,9 @@ class OnlineClusterer:
         embedding = _unit(np.asarray(embedding, dtype=np.float64))
         best, similarity = self.nearest(embedding)
         s = self.settings
-        new = best is None or (
+        if best is None or (
             similarity < s.threshold and len(self._live()) < s.max_speakers and seconds >= s.min_new_speaker_s
-        )
-        if new:
+        ):
             self._sums.append(embedding * seconds)
             self._alias.append(len(self._alias))
             return len(self._sums) - 1

@@ -26,7 +26,7 @@ import importlib.util
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -253,14 +253,18 @@ class SpeakerEncoder:
         model = _GE2E()
         # The checkpoint also holds the GE2E loss's similarity scale and bias; only the network is used.
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("similarity_")}, strict=True)
-        self._model = model.to(self.device, self._dtype).eval()
+        self._model: Callable[[Any], Any] | None = model.to(self.device, self._dtype).eval()
         self._lock = threading.Lock()
 
     def embed(self, wavs: Sequence[np.ndarray]) -> list[SpeakerEmbeddings]:
         """Embed utterances (16 kHz mono float32) in one batched forward pass of all their windows."""
         if not wavs:
             return []
-        mels, spans, counts = [], [], []
+        if self._model is None:
+            raise RuntimeError("speaker encoder is closed")
+        mels: list[np.ndarray] = []
+        spans: list[np.ndarray] = []
+        counts: list[int] = []
         for wav in wavs:
             wav = normalize_volume(np.asarray(wav, dtype=np.float32))
             slices = partial_slices(len(wav), self.rate)
