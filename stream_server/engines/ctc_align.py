@@ -181,3 +181,35 @@ def align_words(
         timed.append(Word(word, round(mine[0].start * frame_s, 3), round(mine[-1].end * frame_s, 3),
                           round(probability, 3)))
     return tuple(timed)
+
+
+def with_token_probabilities(text: str, words: Sequence[Word],
+                             token_spans: Sequence[tuple[int, int, float]]) -> tuple[Word, ...]:
+    """Combine each word's CTC confidence with the LLM's probabilities of the tokens that spell it.
+
+    The rule: a word's confidence is the geometric mean of its CTC confidence (the mean posterior
+    of its aligned characters, :func:`align_words`) and the mean probability of the LLM tokens whose
+    characters overlap the word's: ``sqrt(ctc * mean(token probabilities))``. Either model doubting a
+    word lowers it; a token spanning two words counts for both. A word no token overlaps (text the
+    LLM did not produce: a forced prefix) keeps its CTC confidence.
+
+    Args:
+        text: the final's text; ``words`` are its space-separated words, in order.
+        words: the CTC-timed words of ``text``.
+        token_spans: ``(start, end, probability)`` per LLM token: its characters ``text[start:end]``.
+    """
+    combined: list[Word] = []
+    position = 0
+    for word in words:
+        start = text.find(word.word, position)
+        if start < 0:  # not this text's words: nothing to combine
+            return tuple(words)
+        end = start + len(word.word)
+        position = end
+        probs = [p for a, b, p in token_spans if a < end and b > start and b > a]
+        if probs and word.confidence is not None:
+            score = float(np.sqrt(word.confidence * float(np.mean(probs))))
+            combined.append(Word(word.word, word.start, word.end, round(score, 3)))
+        else:
+            combined.append(word)
+    return tuple(combined)

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
-from .ctc_align import align_words
+from .ctc_align import align_words, with_token_probabilities
 from .granite_features import GraniteFeatureExtractor
 from .whisper import collapse_repeats, looks_repetitive
 
@@ -334,6 +334,11 @@ class _Work:
     prefix_ids: list[int] | None = None  # the prefix tokenized, on first use (CTC partials never need it)
     draft_ids: list[int] = field(default_factory=list)  # the CTC draft's tokens after the prefix (verified drafts)
     resume_ids: list[int] = field(default_factory=list)  # verified draft tokens the decode continues after
+    draft_probs: list[float] = field(default_factory=list)  # the LLM's probability of each draft token (verified)
+    # The LLM tokens of the final after its prefix and the model's probability of each, where an LLM
+    # pass produced or scored them (verified drafts, decodes); word confidences combine them.
+    token_ids: list[int] = field(default_factory=list)
+    token_probs: list[float] = field(default_factory=list)
     budget: int = 0
 
     def encoded(self) -> torch.Tensor:
@@ -393,8 +398,10 @@ class GraniteEngine(Engine):
             probability is ≥ this (IBM uses 0.1).
         word_timestamps: time and score the words of transcription finals in CTC languages by
             aligning the final's characters to the CTC posteriors of the encoder pass the final
-            already made (:mod:`.ctc_align`; no second model pass). The confidence is the mean CTC
-            posterior of each word's characters.
+            already made (:mod:`.ctc_align`; no second model pass). A word's confidence is the mean CTC
+            posterior of its characters, combined (geometric mean) with the mean probability of its
+            LLM tokens where an LLM pass scored the final (verified drafts, decodes; not an
+            unverified CTC draft): :func:`~.ctc_align.with_token_probabilities`.
         resume_from_draft: when verification rejects a draft, decode greedily after its longest
             prefix of tokens that passed (the paper's step 3; path ``resumed``) instead of from
             scratch (IBM's notebook; ``False``). The tokens equal ``generate`` on the prompt followed
@@ -851,6 +858,7 @@ class GraniteEngine(Engine):
             for w, accepted in zip(verify, self._verify(verify)):
                 if accepted:
                     w.path = "verify_accept"
+                    w.token_ids, w.token_probs = w.draft_ids, w.draft_probs
                     continue
                 kept = int(w.info.get("verify_prefix_tokens", 0))
                 if self.resume_from_draft and kept > 0:
@@ -900,6 +908,8 @@ class GraniteEngine(Engine):
             if w.ctc_log_probs is not None:
                 words = align_words(text, w.ctc_log_probs, self._ctc_labels.get, ENCODER_FRAME_S, self.ctc_blank_id)
                 w.ctc_log_probs = None
+                if words and w.token_probs:
+                    words = with_token_probabilities(text, words, self._token_spans(text, w.token_ids, w.token_probs))
             confidence = round(float(np.mean([x.confidence for x in words])), 3) if words else None
             w.result = InferenceResult(text=text, language=lang, info=w.info, truncated=w.truncated,
                                        words=words or None, confidence=confidence)
@@ -1187,6 +1197,7 @@ class GraniteEngine(Engine):
             n = len(drafts[i])
             p = token_probs[start : start + n]
             works[i].info["verify_min_prob"] = float(p.min())
+            works[i].draft_probs = p.tolist()
             passed = (p >= self.verify_threshold).int()
             works[i].info["verify_prefix_tokens"] = int(passed.cumprod(0).sum())  # leading tokens that passed
             if self.debug_token_ids:
@@ -1271,14 +1282,20 @@ class GraniteEngine(Engine):
         forced = self._forced
         self._adapter_on()
         if self.decode_backend in ("loop", "graphs") and not self.generate_kwargs:
-            out = self.decoder.generate(
+            out, probs = self.decoder.generate_with_probs(
                 embeds, mask, max_new, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, suppress_eos=forced,
             )
         else:
-            out = self._hf_generate(embeds, mask, max_new, forced)
-        self._finish(works, out, forced)
+            out, probs = self._hf_generate_with_probs(embeds, mask, max_new, forced)
+        self._finish(works, out, forced, probs)
 
     def _hf_generate(self, embeds: torch.Tensor, mask: torch.Tensor, max_new: int, forced: bool) -> torch.Tensor:
+        return self._hf_generate_with_probs(embeds, mask, max_new, forced)[0]
+
+    def _hf_generate_with_probs(self, embeds: torch.Tensor, mask: torch.Tensor, max_new: int,
+                                forced: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """transformers' greedy ``generate``: the token ids and each one's probability (from the scores
+        ``generate`` computed anyway; ``None`` when a ``generate_kwargs`` search gives none)."""
         from transformers import GenerationConfig
         from transformers.generation import GenerationMixin
 
@@ -1293,6 +1310,8 @@ class GraniteEngine(Engine):
         )  # no min_length: min_new_tokens (below) decides, and setting both logs a warning per call
         settings.update(self.generate_kwargs)
         settings.update(
+            return_dict_in_generate=True,
+            output_scores=True,
             max_new_tokens=max_new,
             min_new_tokens=max_new if forced else 0,
             eos_token_id=self.eos_ids,
@@ -1305,12 +1324,20 @@ class GraniteEngine(Engine):
         out = GenerationMixin.generate(
             self.model, inputs_embeds=embeds, attention_mask=mask, generation_config=gen_config
         )
-        if not isinstance(out, torch.Tensor):  # a GenerateOutput only with return_dict_in_generate
-            raise TypeError(f"generate returned {type(out).__name__}, not token ids")
-        ids: torch.Tensor = out
+        if isinstance(out, torch.Tensor):  # a GenerateOutput is asked for (return_dict_in_generate)
+            raise TypeError("generate returned bare token ids, not a GenerateOutput")
+        ids: torch.Tensor = out.sequences
         if ids.shape[1] > max_new:  # some versions return the (empty) prompt ids in front
             ids = ids[:, -max_new:]
-        return ids
+        scores = getattr(out, "scores", None)
+        if not scores or len(scores) != ids.shape[1] or self.generate_kwargs.get("num_beams", 1) != 1:
+            return ids, None
+        # Greedy: each step's processed scores (EOS suppression included) are what the token was picked
+        # from. transformers' GraniteSpeech returns lm_head's output unscaled; the probabilities here are
+        # those of the verification pass and the engine's own decoder: softmax(lm_head / logits_scaling).
+        logp = torch.log_softmax(torch.stack(scores, dim=1).float() / self.logits_scaling, dim=-1)
+        probs = logp.gather(-1, ids[:, :, None].to(logp.device)).squeeze(-1).exp()
+        return ids.cpu(), probs.cpu()
 
     def _adapter_on(self) -> None:
         """Switch a loaded LoRA adapter on: every LLM pass here has audio in its prompt, and
@@ -1323,9 +1350,10 @@ class GraniteEngine(Engine):
         """New tokens the decode may still produce (a resumed decode has spent some on the draft)."""
         return max(1, w.budget - len(w.resume_ids))
 
-    def _finish(self, works: list[_Work], out: torch.Tensor, forced: bool) -> None:
+    def _finish(self, works: list[_Work], out: torch.Tensor, forced: bool, probs: torch.Tensor | None = None) -> None:
         eos = set(self.eos_ids)
-        for w, row in zip(works, out.tolist()):
+        prob_rows = probs.tolist() if probs is not None else [None] * len(works)
+        for w, row, row_probs in zip(works, out.tolist(), prob_rows):
             budget = self._budget_left(w)
             tokens = row[:budget]
             ended = forced
@@ -1338,10 +1366,14 @@ class GraniteEngine(Engine):
             # The decoder stops early only once every row has ended, so a row without EOS ran to its budget.
             w.truncated = not ended and len(tokens) == budget
             answer = w.resume_ids + tokens
+            if row_probs is not None and len(w.draft_probs) >= len(w.resume_ids):
+                w.token_ids = answer
+                w.token_probs = w.draft_probs[: len(w.resume_ids)] + row_probs[: len(tokens)]
             cont = self._continuation(self._prefix_ids(w), answer)
             if self.repetition_guard and not forced and looks_repetitive(cont):
                 cont = collapse_repeats(cont)
                 w.info["repetition_collapsed"] = True
+                w.token_ids, w.token_probs = [], []  # the text is no longer the tokens
                 if w.req.kind == "final":
                     self._stats["repetition_loops"] += 1
             if w.truncated and w.req.kind == "final":
@@ -1353,6 +1385,21 @@ class GraniteEngine(Engine):
                 w.info["resumed_tokens"] = len(w.resume_ids)
             if self.debug_token_ids:
                 w.info["token_ids"] = answer
+
+    def _token_spans(self, text: str, ids: list[int], probs: list[float]) -> list[tuple[int, int, float]]:
+        """Where each token's characters sit in ``text`` (which ends with the tokens' decoded text,
+        stripped): ``(start, end, probability)``; empty when they cannot be placed."""
+        pieces = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)
+        full = "".join(pieces)
+        tail = full.strip()
+        if not tail or not text.endswith(tail) or full != self.tokenizer.decode(ids, skip_special_tokens=True):
+            return []  # e.g. a multi-byte character split across tokens: the pieces do not add up
+        offset = len(text) - len(tail) - (len(full) - len(full.lstrip()))
+        spans, position = [], 0
+        for piece, prob in zip(pieces, probs):
+            spans.append((offset + position, offset + position + len(piece), float(prob)))
+            position += len(piece)
+        return spans
 
     def _prefix_ids(self, w: _Work) -> list[int]:
         if w.prefix_ids is None:

@@ -101,6 +101,7 @@ class _State:
     cur: torch.Tensor  # (1,) long: its cache slot
     finished: torch.Tensor  # (B,) bool
     eos_bias: torch.Tensor  # (V,) additive logits bias (-inf on EOS when forced)
+    prob: torch.Tensor  # (B, C) float32: the model's probability of the token at each slot (as picked)
     graph: torch.cuda.CUDAGraph | None = None  # captured step
     prefill: dict = field(default_factory=dict)  # prompt bucket -> _Prefill
     score: dict = field(default_factory=dict)  # prompt bucket -> _Prefill whose graph returns all hidden states
@@ -214,6 +215,8 @@ class StaticGreedyDecoder:
         self.n_kv = int(cfg.num_key_value_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.emb_mult = float(getattr(self.lm, "embedding_multiplier", 1.0))
+        # lm_head's output over this is the model's logits (the argmax does not need it; probabilities do)
+        self.logits_scaling = float(getattr(cfg, "logits_scaling", None) or 1.0)
         param = next(self.lm.parameters())
         self.device = param.device
         self.dtype = param.dtype
@@ -333,14 +336,19 @@ class StaticGreedyDecoder:
         # constants made once, outside any graph capture (a host-to-device copy cannot be captured)
         return torch.where(allowed, self._zero, self._neg)
 
-    def _pick(self, st: _State, logits: torch.Tensor, pad_id: int, eos_t: torch.Tensor) -> torch.Tensor:
+    def _pick(self, st: _State, logits: torch.Tensor, pad_id: int,
+              eos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token of each row and its probability (softmax over the scaled logits, EOS
+        suppression included: what greedy decoding chose from, so exp(max - logsumexp))."""
         if self.logits_log is not None:
             self.logits_log.append(logits.float().clone())
         logits = logits.float() + st.eos_bias
         nxt = logits.argmax(-1)
+        scaled = logits / self.logits_scaling
+        prob = torch.exp(scaled.amax(-1) - torch.logsumexp(scaled, -1))
         nxt = torch.where(st.finished, torch.full_like(nxt, pad_id), nxt)
         st.finished |= (nxt[:, None] == eos_t[None, :]).any(-1)
-        return nxt
+        return nxt, prob
 
     def _step(self, st: _State, pad_id: int, eos_t: torch.Tensor) -> None:
         """One decode step, entirely on the device (graph-capturable)."""
@@ -348,22 +356,24 @@ class StaticGreedyDecoder:
         x = self.lm.embed_tokens(st.tok)[:, None, :] * self.emb_mult
         mask = self._additive(st.valid)[:, None, None, :]
         h = self._layers_forward(st, x, st.pos[:, None], st.cur, mask, None, step=True)
-        nxt = self._pick(st, self.lm_head(h[:, -1]), pad_id, eos_t)
+        nxt, prob = self._pick(st, self.lm_head(h[:, -1]), pad_id, eos_t)
         st.cur.add_(1)
         st.pos.add_(1)
         st.tok.copy_(nxt)
         st.out.index_copy_(1, st.cur, nxt[:, None])
+        st.prob.index_copy_(1, st.cur, prob[:, None])
 
     def _prefill(self, st: _State, p: _Prefill, pad_id: int, eos_t: torch.Tensor) -> None:
         """Prompt pass (causal, pads hidden) writing slots 0..T-1, then the first token (graph-capturable)."""
         t = p.embeds.shape[1]
         h = self._layers_forward(st, p.embeds * self.emb_mult, p.positions, p.slots, p.mask, t)
         st.finished.zero_()
-        first = self._pick(st, self.lm_head(h[:, -1]), pad_id, eos_t)
+        first, prob = self._pick(st, self.lm_head(h[:, -1]), pad_id, eos_t)
         st.tok.copy_(first)
         st.pos.copy_(p.positions[:, -1] + 1)
         st.cur.fill_(t)
         st.out.index_copy_(1, st.cur, first[:, None])
+        st.prob.index_copy_(1, st.cur, prob[:, None])
 
     # ------------------------------------------------------------------ state / graphs
     def _new_state(self, b: int, cap: int) -> _State:
@@ -380,6 +390,7 @@ class StaticGreedyDecoder:
             cur=torch.zeros((1,), dtype=torch.long, device=dev),
             finished=torch.zeros((b,), dtype=torch.bool, device=dev),
             eos_bias=torch.zeros((vocab,), dtype=torch.float32, device=dev),
+            prob=torch.zeros((b, cap), dtype=torch.float32, device=dev),
         )
 
     def _new_prefill(self, b: int, t: int) -> _Prefill:
@@ -502,13 +513,22 @@ class StaticGreedyDecoder:
                  eos_token_ids, pad_token_id: int, suppress_eos: bool = False) -> torch.Tensor:
         """See :meth:`_generate`; runs with this decoder's GPU as the current device (graphs replay on
         the current device's stream, and a worker thread's current device is cuda:0 by default)."""
+        return self.generate_with_probs(inputs_embeds, attention_mask, max_new_tokens, eos_token_ids=eos_token_ids,
+                                        pad_token_id=pad_token_id, suppress_eos=suppress_eos)[0]
+
+    @torch.inference_mode()
+    def generate_with_probs(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+                            eos_token_ids, pad_token_id: int,
+                            suppress_eos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`generate`'s tokens and, alongside, each token's probability under the model when it
+        was picked ((B, n) float32 on the CPU; meaningless after a row's EOS)."""
         context = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with context:
             return self._generate(inputs_embeds, attention_mask, max_new_tokens, eos_token_ids=eos_token_ids,
                                   pad_token_id=pad_token_id, suppress_eos=suppress_eos)
 
     def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
-                  eos_token_ids, pad_token_id: int, suppress_eos: bool = False) -> torch.Tensor:
+                  eos_token_ids, pad_token_id: int, suppress_eos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy continuation of left-padded prompts.
 
         Args:
@@ -519,7 +539,8 @@ class StaticGreedyDecoder:
             pad_token_id: emitted by rows after their EOS.
 
         Returns:
-            (B, n) long on the CPU, ``n <= max_new_tokens`` (``== max_new_tokens`` when ``suppress_eos``).
+            (B, n) long on the CPU, ``n <= max_new_tokens`` (``== max_new_tokens`` when ``suppress_eos``),
+            and the (B, n) float32 probabilities of those tokens.
         """
         b, t0, _ = inputs_embeds.shape
         dev = self.device
@@ -557,4 +578,4 @@ class StaticGreedyDecoder:
             done += chunk
             if not suppress_eos and done < n and bool(st.finished[:b].all()):
                 break
-        return st.out[:b, t : t + done].cpu()
+        return st.out[:b, t : t + done].cpu(), st.prob[:b, t : t + done].cpu()
