@@ -60,6 +60,7 @@ def flac_bytes(audio: np.ndarray) -> bytes:
 
 def client(server: StreamServer, key: str = "unused", **kw) -> openai.AsyncOpenAI:
     scheme = "https" if server.settings.certfile else "http"
+    kw.setdefault("timeout", 60.0)  # a request that hangs fails its test (the SDK's default is 600 s)
     return openai.AsyncOpenAI(base_url=f"{scheme}://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0, **kw)
 
 
