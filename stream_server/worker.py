@@ -383,6 +383,7 @@ class InferenceWorker:
         """Start the lanes' threads; results are delivered on ``loop`` (default: the running loop)."""
         self._loop = loop or asyncio.get_running_loop()
         self._stopping = False
+        self._partial_lanes_busy = 0  # a stopped worker's lanes have finished (or were abandoned)
         for lane in range(self.lanes):
             self._spawn(lane)
 
