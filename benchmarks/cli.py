@@ -262,8 +262,8 @@ def session_audio(plan) -> "np.ndarray":
     that a slice ``[start, end)`` of a final is the audio its decode saw."""
     import numpy as np
 
-    from stream_server.audio import AudioDecoder
-    from stream_server.protocol import AudioFormat
+    from stream_server.core.audio import AudioDecoder
+    from stream_server.core.protocol import AudioFormat
 
     pcm = (np.clip(plan.audio, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
     decoder = AudioDecoder(AudioFormat("pcm_s16le", plan.sample_rate, 1))
@@ -278,7 +278,7 @@ def drops_stage(args, logs: dict[str, list], results: dict) -> None:
     joining it to the stable words; a piece after a cut with the text before it, as the server
     does), to tell the segmentation's losses from the stabilizer's and the splice's.
     """
-    from stream_server.engines.base import SAMPLE_RATE, InferenceRequest
+    from stream_server.inference.types import SAMPLE_RATE, InferenceRequest
 
     from . import scoring
 

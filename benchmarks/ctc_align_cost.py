@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from stream_server.engines.ctc_align import best_path
+from stream_server.engines.granite.ctc_align import best_path
 
 FRAME_S = 0.02
 CLASSES = 348

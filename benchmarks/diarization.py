@@ -295,8 +295,8 @@ def _embedding_totals(engine) -> tuple[int, float]:
 
 async def run(args) -> dict:
     from stream_server.engines import load_engine
-    from stream_server.server import ServerSettings, StreamServer
-    from stream_server.session import SessionSettings
+    from stream_server.server.app import ServerSettings, StreamServer
+    from stream_server.core.session import SessionSettings
 
     from .servers import machine_info
 

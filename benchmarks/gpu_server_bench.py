@@ -182,7 +182,7 @@ class EchoEngine:
     """
 
     def __init__(self, max_batch: int):
-        from stream_server.engines.base import EngineCapabilities
+        from stream_server.inference.types import EngineCapabilities
 
         self.capabilities = EngineCapabilities(name="echo", model="echo", languages=("en",),
                                                partial_modes=("llm", "ctc"), max_batch=max_batch)
@@ -191,7 +191,7 @@ class EchoEngine:
         self.encoder_graphs = None
 
     def transcribe_batch(self, requests):
-        from stream_server.engines.base import InferenceResult
+        from stream_server.inference.types import InferenceResult
 
         return [InferenceResult(" ".join(["word"] * int(r.duration / 0.4)), "en") for r in requests]
 
@@ -208,7 +208,7 @@ def build_engines(args) -> list:
     import torch
 
     from benchmarks.granite_gpu_bench import build_full, build_tiny
-    from stream_server.engines.granite import GraniteEngine
+    from stream_server.engines.granite.engine import GraniteEngine
 
     engines = []
     for i in range(args.n_gpus):
@@ -236,7 +236,7 @@ def warm(engine, args, clips_audio: list[np.ndarray], index: int) -> float:
     """Exercise the batch / length buckets a level will use (graph captures happen here, not under load)."""
     import torch
 
-    from stream_server.engines.base import InferenceRequest
+    from stream_server.inference.types import InferenceRequest
 
     if args.echo:
         return 0.0
@@ -450,13 +450,13 @@ def summarize_batches(log: list[dict]) -> dict:
 
 
 def _session_settings(args):
-    from stream_server.session import SessionSettings
+    from stream_server.core.session import SessionSettings
 
     return SessionSettings(refresh_waiting_partials=args.partial_refresh == "on")
 
 
 def _device_worker_class():
-    from stream_server.worker import InferenceWorker
+    from stream_server.inference.worker import InferenceWorker
 
     class DeviceWorker(InferenceWorker):
         """The stock worker (which makes its engine's GPU current in its thread), optionally profiled
@@ -510,8 +510,8 @@ def _device_worker_class():
 
 
 async def run_sweep(engines, n_workers: int, args, executor, deadline: float, out: dict) -> list[dict]:
-    from stream_server.server import ServerSettings, StreamServer
-    from stream_server.worker import BatchScheduler, WorkerPool
+    from stream_server.server.app import ServerSettings, StreamServer
+    from stream_server.inference.worker import BatchScheduler, WorkerPool
 
     InferenceWorker = _device_worker_class()
     workers = [InferenceWorker(e, BatchScheduler(args.max_batch, args.max_wait_ms / 1000.0, args.max_queue,
@@ -636,8 +636,8 @@ def server_process_main(index: int, args_dict: dict, port: int, ready, stop) -> 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     async def serve() -> None:
-        from stream_server.server import ServerSettings, StreamServer
-        from stream_server.worker import BatchScheduler
+        from stream_server.server.app import ServerSettings, StreamServer
+        from stream_server.inference.worker import BatchScheduler
 
         worker = _device_worker_class()(engine, BatchScheduler(args.max_batch, args.max_wait_ms / 1000.0,
                                                                args.max_queue, final_reserve=args.max_queue))

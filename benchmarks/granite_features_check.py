@@ -19,7 +19,7 @@ import wave
 import numpy as np
 import torch
 
-from stream_server.engines.granite_features import GraniteFeatureExtractor
+from stream_server.engines.granite.features import GraniteFeatureExtractor
 
 
 def _synthetic() -> list[np.ndarray]:

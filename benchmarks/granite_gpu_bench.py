@@ -43,8 +43,8 @@ import traceback
 import numpy as np
 import torch
 
-from stream_server.engines.base import InferenceRequest
-from stream_server.engines.granite import GraniteEngine
+from stream_server.inference.types import InferenceRequest
+from stream_server.engines.granite.engine import GraniteEngine
 
 SR = 16000
 

@@ -22,7 +22,7 @@ OFFLINE_MODES = ("engine", "faster_whisper", "faster_whisper_greedy")
 
 
 def transcribe_engine(engine, clips: Sequence[Clip]) -> tuple[list[str], float]:
-    from stream_server.engines.base import SAMPLE_RATE, InferenceRequest
+    from stream_server.inference.types import SAMPLE_RATE, InferenceRequest
 
     texts = []
     began = time.perf_counter()

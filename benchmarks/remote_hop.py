@@ -3,8 +3,8 @@
 Same clips, same engine (Whisper tiny.en, int8, one thread), same batching wait (5 ms), finals
 submitted one at a time (sequential: no batching, no queueing — the pure per-request cost):
 
-* ``local``: :class:`~stream_server.worker.InferenceWorker` in this process (what ``serve`` runs);
-* ``pool``: :class:`~stream_server.ray_pool.RayServeWorker` → a one-replica Serve application on a
+* ``local``: :class:`~stream_server.inference.worker.InferenceWorker` in this process (what ``serve`` runs);
+* ``pool``: :class:`~stream_server.inference.ray_pool.RayServeWorker` → a one-replica Serve application on a
   local Ray instance (``--ray-address local``, the default) or on a cluster (``auto``/``ray://``).
 
 Each clip is decoded by both, in alternating order (local first on even clips, pool first on odd
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_server.engines.base import SAMPLE_RATE, Engine, InferenceRequest
+from stream_server.inference.types import SAMPLE_RATE, InferenceRequest
+from stream_server.engines.base import Engine
 
 
 def percentile(values, q: float) -> float | None:
@@ -117,8 +118,8 @@ async def _timed(worker, request: InferenceRequest):
 
 async def run(args) -> dict:
     from stream_server.engines import load_engine
-    from stream_server.ray_pool import RayPoolSettings, connect_pool
-    from stream_server.worker import BatchScheduler, InferenceWorker
+    from stream_server.inference.ray_pool import RayPoolSettings, connect_pool
+    from stream_server.inference.worker import BatchScheduler, InferenceWorker
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     clips = load_clips(args.sets.split(","), args.clips)

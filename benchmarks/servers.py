@@ -1,6 +1,6 @@
 """Servers under test: granite-stream in this process or in a child process, and resource probes.
 
-``inprocess``: the engine and :class:`~stream_server.server.StreamServer` live on the benchmark's
+``inprocess``: the engine and :class:`~stream_server.server.app.StreamServer` live on the benchmark's
 own event loop, next to the load generator (one process, one GIL). ``subprocess``: the real
 ``granite-stream serve`` command in a child process; the load generator keeps its own process,
 so server CPU and memory are measured alone and the clients' Python work does not hold the
@@ -53,8 +53,8 @@ async def granite_inprocess(engine_name: str = "whisper", model: str | None = No
                             early_final_ms: float = 200.0, partial_refresh: str = "on") -> AsyncIterator[ServerHandle]:
     from stream_server.engines import load_engine
     from stream_server.engines.base import Engine
-    from stream_server.server import ServerSettings, StreamServer
-    from stream_server.session import SessionSettings
+    from stream_server.server.app import ServerSettings, StreamServer
+    from stream_server.core.session import SessionSettings
 
     loop = asyncio.get_running_loop()
     if engine_options:

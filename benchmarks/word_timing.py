@@ -92,7 +92,7 @@ async def onset_errors(clips, speed: float, seed: int) -> dict:
 
 
 def cost_and_confidence(clips, repeats: int) -> dict:
-    from stream_server.engines.base import InferenceRequest
+    from stream_server.inference.types import InferenceRequest
     from stream_server.engines.whisper import WhisperEngine
 
     timed, plain = WhisperEngine(cpu_threads=2), WhisperEngine(cpu_threads=2, word_timestamps=False)

@@ -1,6 +1,6 @@
 """A tiny random-weight Granite Speech model and tokenizer, built locally (nothing downloaded).
 
-For tests and CPU smoke runs of :class:`~stream_server.engines.granite.GraniteEngine`: the
+For tests and CPU smoke runs of :class:`~stream_server.engines.granite.engine.GraniteEngine`: the
 architecture is the real one (conformer CTC encoder → Q-Former projector → Granite LLM), only
 with a handful of layers and 32-wide hidden states, so a decode takes milliseconds. The
 outputs are meaningless text.

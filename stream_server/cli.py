@@ -14,19 +14,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .engines import ENGINE_NAMES, load_engine
-from .engines.base import SAMPLE_RATE, Engine
-from .protocol import ProtocolLimits, StreamConfig
-from .session import Send, Session, SessionSettings
-from .speakers.clustering import SpeakerSettings
-from .driver import SessionDriver
-from .logs import configure_logging
-from .settings import (ConfigError, ServeConfig, add_arguments, cli_values, load_config_and_sources,
-                       render, resolve_preset, seconds_list)
-from .worker import BatchScheduler, InferencePool, InferenceWorker, WorkerPool
+from stream_server.engines import ENGINE_NAMES, load_engine
+from stream_server.inference.types import SAMPLE_RATE
+from stream_server.engines.base import Engine
+from stream_server.core.protocol import ProtocolLimits, StreamConfig
+from stream_server.core.session import Send, Session, SessionSettings
+from stream_server.speakers.clustering import SpeakerSettings
+from stream_server.server.driver import SessionDriver
+from stream_server.server.logs import configure_logging
+from stream_server.settings import ConfigError, ServeConfig, add_arguments, cli_values, load_config_and_sources, render, resolve_preset, seconds_list
+from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker, WorkerPool
 
 if TYPE_CHECKING:
-    from .server import ServerSettings
+    from stream_server.server.app import ServerSettings
 
 log = logging.getLogger("granite_stream")
 
@@ -112,8 +112,8 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
     Raises:
         OSError, ValueError: an unreadable API key file or a malformed key.
     """
-    from .auth import AccessPolicy, load_api_keys
-    from .server import ServerSettings
+    from stream_server.server.auth import AccessPolicy, load_api_keys
+    from stream_server.server.app import ServerSettings
 
     access = AccessPolicy(
         api_keys=load_api_keys(key_file=Path(config.api_keys_file) if config.api_keys_file else None),
@@ -139,7 +139,7 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
 
 
 def granite_options(config: ServeConfig) -> dict:
-    """The settings that become :class:`~stream_server.engines.granite.GraniteEngine` arguments."""
+    """The settings that become :class:`~stream_server.engines.granite.engine.GraniteEngine` arguments."""
     compile_step = {"off": False, "on": True, "auto": "auto"}[config.granite_compile_step]
     return {"encoder_batching": config.granite_encoder_batching,
             "decode_options": {"max_graphs": config.granite_decode_max_graphs, "compile_step": compile_step},
@@ -172,8 +172,8 @@ def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
 
 
 async def _serve(config: ServeConfig) -> int:
-    from . import memory
-    from .server import StreamServer
+    from stream_server.inference import memory
+    from stream_server.server.app import StreamServer
 
     # Before the engine and worker threads exist, so that they share the capped arenas. (oneDNN's
     # kernel cache is bounded by the Whisper engine itself, whose onednn_cache argument says how far.)
@@ -188,7 +188,7 @@ async def _serve(config: ServeConfig) -> int:
     engine: Engine
     worker: InferencePool
     if config.inference == "ray":
-        from .ray_pool import connect_pool, settings_from_config
+        from stream_server.inference.ray_pool import connect_pool, settings_from_config
 
         # Joins the cluster, deploys the pool if needed and waits for it (blocking: off the loop).
         pool = await asyncio.get_running_loop().run_in_executor(None, connect_pool, settings_from_config(config))
@@ -356,7 +356,7 @@ async def stream_audio(
 async def _transcribe(args) -> int:
     from tqdm import tqdm
 
-    from . import captions
+    from stream_server.core import captions
 
     formats = [f for f in args.formats.split(",") if f]
     unknown = set(formats) - {"txt", "srt", "vtt"}

@@ -311,7 +311,7 @@ def resolve_preset(config: ServeConfig, explicit: frozenset[str] | set[str] = fr
         if config.device == "cpu":
             return dataclasses.replace(config, preset="cpu"), "preset cpu: --device cpu"
         if cuda_available is None:
-            from .engines import cuda_available
+            from stream_server.engines import cuda_available
         if not cuda_available():
             return dataclasses.replace(config, preset="cpu"), "preset cpu: no CUDA device"
         reason = "preset gpu: a CUDA device is present and engine granite serves there"

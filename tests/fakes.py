@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
-from stream_server.engines.base import Engine, EngineCapabilities, InferenceResult, Word
+from stream_server.engines.base import Engine
+from stream_server.inference.types import EngineCapabilities, InferenceResult, Word
 
 
 class CountingEngine(Engine):

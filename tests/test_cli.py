@@ -71,8 +71,8 @@ def _serve_auto(monkeypatch, capsys) -> tuple[dict, list[dict]]:
     import time
     import urllib.request
 
-    import stream_server.server as server_module
-    from stream_server import memory
+    import stream_server.server.app as server_module
+    from stream_server.inference import memory
     from stream_server.cli import main
 
     servers = []

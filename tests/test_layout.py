@@ -17,8 +17,8 @@ PRODUCT = ("stream_server", "vad")
 
 TYPE_ONLY_BACK_EDGES = {
     # The connection shell and the HTTP routes annotate their host as StreamServer, which imports them.
-    ("stream_server.connection", "stream_server.server"),
-    ("stream_server.http_api", "stream_server.server"),
+    ("stream_server.server.connection", "stream_server.server.app"),
+    ("stream_server.server.http_api", "stream_server.server.app"),
 }
 
 
@@ -153,3 +153,51 @@ def test_tests_import_benchmarks_only_in_the_benchmarks_own_tests():
                for name in _imported_names("tests.x", path, type_checking=True))
     }
     assert importers and all(p.startswith("tests/benchmarks/") for p in importers), sorted(importers)
+
+
+# What each layer may import from the product besides itself (prefixes). A layer never imports one
+# above it: the sans-I/O core sees only the neutral inference types; engines see the types and the
+# process memory upkeep; the inference layer sees the engine interface; the network edge sees all.
+LAYERS = {
+    "stream_server.core": ("stream_server.core", "stream_server.inference.types", "stream_server.speakers.clustering", "vad"),
+    "stream_server.engines": ("stream_server.engines", "stream_server.inference.types", "stream_server.inference.memory",
+                              "stream_server.speakers"),
+    "stream_server.speakers": ("stream_server.speakers", "stream_server.inference.types", "stream_server.engines.base"),
+    "stream_server.inference": ("stream_server.inference", "stream_server.engines.base", "stream_server.engines"),
+    "stream_server.adapters": ("stream_server.adapters", "stream_server.core", "stream_server.inference.types",
+                               "stream_server.server.connection", "stream_server.speakers.clustering"),
+    "vad": ("vad",),
+}
+
+
+def _allowed(target: str, prefixes: tuple[str, ...]) -> bool:
+    return any(target == p or target.startswith(p + ".") for p in prefixes)
+
+
+def _docstring_only_packages() -> set[str]:
+    """Packages whose ``__init__`` imports nothing: ``from pkg import module`` reaches only the module."""
+    return {
+        _module_name(path, ROOT)
+        for pkg in PRODUCT
+        for path in (ROOT / pkg).rglob("__init__.py")
+        if not any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(ast.parse(path.read_text())))
+    }
+
+
+def test_no_layer_imports_a_layer_above_it():
+    graph = import_graph(ROOT, PRODUCT, type_checking=True)
+    empty = _docstring_only_packages()
+    upward = sorted(
+        (module, target)
+        for module, edges in graph.items()
+        for layer, allowed in LAYERS.items()
+        if module == layer or module.startswith(layer + ".")
+        for target in edges - empty
+        if not _allowed(target, allowed)
+    )
+    assert upward == []
+
+
+def test_the_session_imports_no_engine_package():
+    graph = import_graph(ROOT, PRODUCT, type_checking=True)
+    assert not {e for e in graph["stream_server.core.session"] if e.startswith("stream_server.engines")}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stream_server.cli import main, server_settings
-from stream_server.logs import configure_logging, current_session
+from stream_server.server.logs import configure_logging, current_session
 from stream_server.settings import ConfigError, ServeConfig, load_config, render
 
 
@@ -105,7 +105,7 @@ def test_json_logs_carry_the_session_id():
 
 def test_granite_settings_reach_the_engine(monkeypatch):
     # --granite-encoder-batching / --granite-decode-max-graphs become GraniteEngine arguments.
-    import stream_server.engines.granite as granite_module
+    import stream_server.engines.granite.engine as granite_module
     from stream_server.cli import granite_options
     from stream_server.engines import load_engine
 
@@ -156,9 +156,9 @@ def _serve_and_capture(argv: list[str], monkeypatch) -> dict:
 
     import stream_server.cli as cli
     import stream_server.engines as engines
-    import stream_server.ray_pool as ray_pool
-    import stream_server.server as server_module
-    from stream_server import memory
+    import stream_server.inference.ray_pool as ray_pool
+    import stream_server.server.app as server_module
+    from stream_server.inference import memory
     from tests.fakes import CountingEngine
 
     seen: dict = {"load_engine": [], "spawned": []}

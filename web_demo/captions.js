@@ -1,5 +1,5 @@
 // Caption export: plain text, SubRip (.srt) and WebVTT (.vtt) from the session's finals.
-// Same output as stream_server/captions.py (see its docstring): a final longer than one cue is split
+// Same output as stream_server/core/captions.py (see its docstring): a final longer than one cue is split
 // at word boundaries into cues of at most 2 lines of 42 characters and 7 s, timed by the final's
 // words where it has them, else by its span shared out in proportion to the characters. A final is
 // {start, end, text[, words][, speaker]}, times in seconds; a speaker (0-based, from a diarized

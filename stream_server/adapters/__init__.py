@@ -1,7 +1,7 @@
 """Drop-in protocol adapters: foreign streaming-ASR APIs translated onto the native session core.
 
 Each adapter is a sans-I/O translator (see :mod:`.base`) plus a route on the server's port, run by
-the connection shell every route shares (:mod:`stream_server.connection`):
+the connection shell every route shares (:mod:`stream_server.server.connection`):
 
 ========================  ===========================================  ==========================
 path                      protocol                                     module
@@ -16,8 +16,8 @@ Protocol v1 (``/v1/listen``) stays the native API; ``docs/protocol.md`` document
 
 from __future__ import annotations
 
-from ..connection import RouteTable, TranslatorFactory
-from . import deepgram, openai_realtime, twilio
+from stream_server.server.connection import RouteTable, TranslatorFactory
+from stream_server.adapters import deepgram, openai_realtime, twilio
 
 ROUTES: dict[str, TranslatorFactory] = {
     openai_realtime.ROUTE: openai_realtime.translator,

@@ -1,12 +1,12 @@
 """What every protocol adapter shares: the translator outputs and helpers for foreign formats.
 
 An adapter is a **translator** (sans-I/O, one per connection; the interface is
-:class:`~stream_server.connection.Translator`): it turns the foreign client's frames into inputs for
+:class:`~stream_server.server.connection.Translator`): it turns the foreign client's frames into inputs for
 one or more native sessions (protocol v1 JSON control messages and audio bytes), and the sessions'
 native events into the foreign server's messages. It never touches a socket, a thread or a clock,
 so it is tested by calling its methods directly. The connection itself (limits, idle timeout,
 throttling, outbox, metrics, drain) is run by the one shell every route shares,
-:func:`~stream_server.connection.serve_connection`.
+:func:`~stream_server.server.connection.serve_connection`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from ..connection import Hangup, OpenStream, Out, Reply, StreamAudio, StreamText, Translator
+from stream_server.server.connection import Hangup, OpenStream, Out, Reply, StreamAudio, StreamText, Translator
 
 __all__ = [
     "ALAW_TABLE", "Hangup", "OpenStream", "Out", "Reply", "StreamAudio", "StreamText", "Translator", "WavHeader",

@@ -41,21 +41,10 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, overload
 
-from ..engines.base import EngineCapabilities
-from ..session import SessionSettings
-from ..speakers.clustering import Attribution, SpeakerTurn
-from .base import (
-    Hangup,
-    OpenStream,
-    Out,
-    Reply,
-    WavHeader,
-    alaw_to_pcm16,
-    audio_chunks,
-    native,
-    parse_wav_header,
-    query_params,
-)
+from stream_server.inference.types import EngineCapabilities
+from stream_server.core.session import SessionSettings
+from stream_server.speakers.clustering import Attribution, SpeakerTurn
+from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, WavHeader, alaw_to_pcm16, audio_chunks, native, parse_wav_header, query_params
 
 ROUTE = "/deepgram/v1/listen"
 KEY = "main"

@@ -35,12 +35,10 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..engines.base import EngineCapabilities
-from ..protocol import StreamConfig
-from ..session import Send, Session, SessionSettings, State
-from .base import (
-    Hangup, OpenStream, Out, Reply, alaw_to_pcm16, audio_chunks, decode_base64, native, new_id, query_params,
-)
+from stream_server.inference.types import EngineCapabilities
+from stream_server.core.protocol import StreamConfig
+from stream_server.core.session import Send, Session, SessionSettings, State
+from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, alaw_to_pcm16, audio_chunks, decode_base64, native, new_id, query_params
 
 ROUTE = "/v1/realtime"
 KEY = "main"

@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..engines.base import EngineCapabilities
-from ..session import SessionSettings
-from .base import Hangup, OpenStream, Out, Reply, audio_chunks, decode_base64, native, query_params
+from stream_server.inference.types import EngineCapabilities
+from stream_server.core.session import SessionSettings
+from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, audio_chunks, decode_base64, native, query_params
 
 ROUTE = "/v1/twilio"
 TRACKS = ("inbound", "outbound")

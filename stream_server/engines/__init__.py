@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult
+from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult
+from stream_server.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def load_engine(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         cpu_threads: CPU threads for the engine (0: Whisper one per core, shared by its lanes; Granite torch's default).
         max_batch: override the engine's batch bound.
-        granite_options: extra :class:`~stream_server.engines.granite.GraniteEngine` keyword arguments
+        granite_options: extra :class:`~stream_server.engines.granite.engine.GraniteEngine` keyword arguments
             (e.g. ``encoder_batching``, ``decode_options``) when Granite serves.
         speakers: wrap the engine in :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`
             (speaker labels on request; the encoder loads when the engine is warmed, on the
@@ -62,7 +63,7 @@ def load_engine(
     engine, reason = _load(name, model, device, cpu_threads, max_batch, granite_options)
     if not speakers:
         return engine, reason
-    from ..speakers.engine import wrap
+    from stream_server.speakers.engine import wrap
 
     return wrap(engine), reason
 
@@ -86,7 +87,7 @@ def _load(name, model, device, cpu_threads, max_batch, granite_options) -> tuple
 
 
 def _whisper(model, device, cpu_threads, max_batch) -> Engine:
-    from .whisper import WhisperEngine
+    from stream_server.engines.whisper import WhisperEngine
 
     kwargs = {} if max_batch is None else {"max_batch": max_batch}
     dev, _, index = device.partition(":")
@@ -96,7 +97,7 @@ def _whisper(model, device, cpu_threads, max_batch) -> Engine:
 
 
 def _granite(model, device, max_batch, options: Mapping[str, Any] | None = None) -> Engine:
-    from .granite import GraniteEngine
+    from stream_server.engines.granite.engine import GraniteEngine
 
     kwargs = dict(options or {})
     if max_batch is not None:

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import SAMPLE_RATE, Engine, EngineCapabilities, InferenceRequest, InferenceResult, Word
+from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word
+from stream_server.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class WhisperEngine(Engine):
         onednn_cache: int = 16,
         word_timestamps: bool = True,
     ):
-        from .. import memory
+        from stream_server.inference import memory
 
         # Before CTranslate2's first GEMM: oneDNN caches a kernel per matrix shape (see memory.py).
         memory.limit_onednn_cache(onednn_cache)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .encoder import SpeakerEmbeddings
+from stream_server.speakers.encoder import SpeakerEmbeddings
 
 
 @dataclass(frozen=True)

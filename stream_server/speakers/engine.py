@@ -21,8 +21,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..engines.base import SAMPLE_RATE, Engine, InferenceRequest, InferenceResult
-from .encoder import SpeakerEncoder
+from stream_server.inference.types import SAMPLE_RATE, InferenceRequest, InferenceResult
+from stream_server.engines.base import Engine
+from stream_server.speakers.encoder import SpeakerEncoder
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def _wants(request: InferenceRequest) -> bool:
 def wrap(engine: Engine) -> Engine:
     """``engine`` wrapped for speaker labels when the encoder can load here, else ``engine`` itself
     (its capabilities then say ``diarization: false`` and ``diarize`` requests get ``bad_config``)."""
-    from .encoder import available
+    from stream_server.speakers.encoder import available
 
     problem = available()
     if problem is not None:

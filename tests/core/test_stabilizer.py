@@ -1,0 +1,81 @@
+"""The stabilizer's contract on real Whisper hypotheses and on arbitrary ones: stable words are never
+revised, and reconciling a final with them loses no word they do not stand for."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_server.core.stabilizer import PartialStabilizer, reconcile
+
+WORDS = st.lists(st.sampled_from(["go", "Go,", "forward", "ten", "10", "meters.", "the", "a", "to", "do"]), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stable=WORDS, final=WORDS)
+def test_a_final_keeps_the_stable_words_and_everything_after_what_they_stand_for(stable, final):
+    stab = PartialStabilizer()
+    stab.stable_words = list(stable)
+    text = stab.finish(" ".join(final)).split()
+    j = reconcile(stable, final)
+    assert text == stable + final[j:]
+    if stab.agrees(" ".join(final)):  # nothing to reconcile: the final is published as decoded
+        assert [w.strip(",.").lower() for w in text] == [w.strip(",.").lower() for w in final]
+    # No better choice was passed over: every other split differs from the final by more edits,
+    # or by as many while leaving out at least as many of its words.
+    assert j <= len(final)
+
+
+# Whisper tiny.en partials (every 0.5 s, 10 s window) at the start of a stress-en chain
+# (asterisk-en confbridge prompts joined by short pauses), and the final's free decode.
+EARLY_GUESSES = [
+    (0.5, "Do"), (1.0, "Do log."), (1.5, "Do like or unlock."), (2.0, "Do lock or unlock the company."),
+    (2.5, "Do lock or unlock the conference."), (3.0, "Do lock or unlock the conference when you"),
+    (3.5, "to lock or unlock the conference when a conference"),
+    (4.0, "to lock or unlock the conference when a conference is locked."),
+    (4.5, "to lock or unlock the conference when a conference is locked"),
+    (5.0, "to lock or unlock the conference when a conference is locked only come"),
+    (5.5, "to lock or unlock the conference when a conference is locked only conference at night."),
+    (6.0, "to lock or unlock the conference when a conference is locked only conference administrator"),
+]
+EARLY_FINAL = "To lock or unlock the conference, when a conference is locked, only conference administrators can join."
+
+
+def test_an_early_guess_held_for_seconds_is_not_locked_in():
+    """Three partials agreed on "Do" within 1.5 s of audio; stable words need agreement over more
+    audio than that, so the final's "To lock" is published rather than "Do like"."""
+    stab = PartialStabilizer()
+    published = []
+    for audio_s, text in EARLY_GUESSES:
+        _, stable = stab.update(text, audio_s)
+        published.append(stable)
+    assert all(not s.startswith("Do") for s in published)
+    assert published[-1].startswith("to lock or unlock the conference")
+    final = stab.finish(EARLY_FINAL)
+    assert final.startswith(published[-1]) and final.endswith("only conference administrators can join.")
+
+
+def test_agreement_must_span_audio_when_hypotheses_come_fast():
+    """With partials every 0.5 s, three agreeing hypotheses span 1 s; more must agree until they
+    span min_span_s, and none counts before min_audio_s."""
+    stab = PartialStabilizer(agreement=3, min_audio_s=1.0, min_span_s=1.5)
+    assert stab.update("a b c", 0.5)[1] == ""  # too little audio to count
+    for audio_s in (1.0, 1.5, 2.0):
+        assert stab.update("a b c d", audio_s)[1] == ""  # three agree, over only 1 s
+    assert stab.update("a b c d", 2.5)[1] == "a b c"  # four, spanning 1.5 s
+    slow = PartialStabilizer(agreement=3, min_audio_s=1.0, min_span_s=1.5)
+    for audio_s in (1.0, 2.0, 3.0):  # under load partials come slower: three already span 2 s
+        _, stable = slow.update("a b c d", audio_s)
+    assert stable == "a b c"
+
+
+def test_a_piece_after_a_cut_drops_only_the_words_that_echo_the_end_of_the_piece_before():
+    from stream_server.core.stabilizer import drop_repeated_lead
+
+    before = "to decrease your speaking volume to other participants to increase the"
+    assert drop_repeated_lead(before, "To increase the audio volume from other participants.") == \
+        "audio volume from other participants."
+    assert drop_repeated_lead(before, "The audio volume") == "audio volume"  # one word echoed
+    assert drop_repeated_lead(before, "audio volume from others") == "audio volume from others"
+    assert drop_repeated_lead("", "to increase the") == "to increase the"
+    assert drop_repeated_lead(before, "increase volume") == "increase volume"  # not the end of before

@@ -1,0 +1,96 @@
+"""CTC forced alignment on synthetic posteriors with known answers (stream_server.engines.ctc_align)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from stream_server.engines.granite.ctc_align import align_words, best_path, forced_align
+
+
+def posteriors(frames: list[int], classes: int, peak: float = 0.9) -> np.ndarray:
+    """Log posteriors whose argmax at frame t is ``frames[t]`` (probability ``peak``)."""
+    p = np.full((len(frames), classes), (1 - peak) / (classes - 1))
+    p[np.arange(len(frames)), frames] = peak
+    return np.log(p)
+
+
+def collapse(labels, blank=0):
+    out = []
+    previous = None
+    for label in labels:
+        if label != previous and label != blank:
+            out.append(label)
+        previous = label
+    return out
+
+
+def test_spans_follow_the_peaks():
+    # blank blank a a blank b b b blank blank
+    spans = forced_align(posteriors([0, 0, 1, 1, 0, 2, 2, 2, 0, 0], 3), [1, 2])
+    assert [(s.start, s.end) for s in spans] == [(2, 4), (5, 8)]
+    assert all(s.probability == pytest.approx(0.9) for s in spans)
+
+
+def test_a_repeated_label_needs_a_blank_between():
+    spans = forced_align(posteriors([1, 1, 0, 1, 0], 3), [1, 1])
+    assert [(s.start, s.end) for s in spans] == [(0, 2), (3, 4)]
+    assert forced_align(posteriors([1, 1], 3), [1, 1]) is None  # no room for the blank
+    assert forced_align(posteriors([1], 3), [1, 2]) is None  # more labels than frames
+
+
+def test_forced_labels_against_the_peaks_still_get_every_frame_right():
+    # The audio "says" a-b, we force a-c: c must take b's frames, a keeps its own.
+    spans = forced_align(posteriors([0, 1, 1, 0, 2, 2, 0], 4), [1, 3])
+    assert [(s.start, s.end) for s in spans][0] == (1, 3)
+    assert spans[1].probability < 0.1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_viterbi_finds_the_best_path_that_a_brute_force_finds(seed):
+    rng = np.random.default_rng(seed)
+    frames, classes = 6, 3
+    log_probs = np.log(rng.dirichlet(np.ones(classes), size=frames))
+    targets = [int(x) for x in rng.integers(1, classes, size=int(rng.integers(1, 4)))]
+    best = -np.inf
+    for labels in itertools.product(range(classes), repeat=frames):
+        if collapse(labels) == targets:
+            best = max(best, float(sum(log_probs[t, c] for t, c in enumerate(labels))))
+    found = best_path(log_probs, targets)
+    if best == -np.inf:
+        assert found is None
+        return
+    path, score = found
+    assert score == pytest.approx(best)
+    extended = [0] + [x for t in targets for x in (t, 0)]
+    assert collapse([extended[s] for s in path]) == targets
+
+
+def test_words_get_the_times_of_their_characters_and_unknown_characters_follow_their_word():
+    # Classes: 0 blank, 1 ' ', 2 'h', 3 'i', 4 'y', 5 'o'. "hi, yo" over 12 frames at 20 ms a frame.
+    frames = [0, 2, 2, 3, 0, 1, 0, 4, 4, 5, 0, 0]
+    vocab = {" ": 1, "h": 2, "i": 3, "y": 4, "o": 5}
+    words = align_words("Hi, yo", posteriors(frames, 6), lambda c: vocab.get(c.lower()), frame_s=0.02)
+    assert [(w.word, w.start, w.end) for w in words] == [("Hi,", 0.02, 0.08), ("yo", 0.14, 0.2)]
+    assert all(w.confidence == pytest.approx(0.9) for w in words)
+
+
+def test_words_that_cannot_be_placed_give_no_timing():
+    vocab = {"a": 1}
+    assert align_words("?? a", posteriors([0, 1, 0], 2), vocab.get, 0.02) is None  # "??" has no CTC class
+    assert align_words("a a a", posteriors([1, 0], 2), vocab.get, 0.02) is None  # too few frames
+    assert align_words("", posteriors([0], 2), vocab.get, 0.02) == ()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_greedy_shortcut_agrees_with_viterbi(seed):
+    """When the argmax path already emits the targets, the shortcut's path and score are Viterbi's."""
+    rng = np.random.default_rng(100 + seed)
+    frames = [int(x) for x in rng.integers(0, 4, size=12)]
+    log_probs = posteriors(frames, 4, peak=0.6) + rng.normal(0, 0.01, size=(12, 4))
+    targets = collapse(list(np.argmax(log_probs, axis=1)))
+    if not targets:
+        return
+    shortcut = best_path(log_probs, targets)
+    path, score = best_path(log_probs, targets, greedy_first=False)
+    assert score == pytest.approx(shortcut[1]) and list(path) == list(shortcut[0])

