@@ -185,6 +185,15 @@ def _assemble_base() -> Path:
     return cache
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (a container or
+    ``taskset`` limits it; ``os.cpu_count()`` counts the host's), else ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class WhisperEngine(Engine):
     """faster-whisper/CTranslate2 Whisper behind the engine interface.
 
@@ -242,7 +251,7 @@ class WhisperEngine(Engine):
 
         self._ct2 = ctranslate2
         self.model_path = resolve_model_path(model)
-        threads = cpu_threads or os.cpu_count() or 1
+        threads = cpu_threads or available_cpus()
         if lanes <= 0:
             lanes = 2 if device == "cpu" and threads >= 2 else 1
         self.model = ctranslate2.models.Whisper(

@@ -143,3 +143,18 @@ def test_two_lanes_decode_at_once_as_one_lane_decodes_alone(whisper_engine, libr
         together = list(pool.map(lambda r: whisper_engine.transcribe_batch([r])[0], finals + partials))
     assert [r.text for r in together] == [r.text for r in alone]
     assert [r.words for r in together] == [r.words for r in alone]
+
+
+@pytest.mark.parametrize("cpus, lanes", [({0}, 1), ({0, 1}, 2)])
+def test_threads_and_lanes_follow_the_cpus_the_process_may_use(monkeypatch, cpus, lanes):
+    """In a container or under taskset the host's core count overstates what the server may use;
+    the default threads and lanes follow the process's affinity mask."""
+    from stream_server.engines import whisper
+
+    monkeypatch.setattr(whisper.os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    monkeypatch.setattr(whisper.os, "cpu_count", lambda: 64)
+    engine = whisper.WhisperEngine()
+    try:
+        assert engine.capabilities.concurrency == lanes
+    finally:
+        engine.close()
