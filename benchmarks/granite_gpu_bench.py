@@ -433,7 +433,7 @@ def main(argv=None) -> int:
                                      cuda_available=lambda: device == "cuda")
         options = granite_options(config)
         eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="bench", debug_token_ids=True,
-                            max_batch=config.max_batch, force_new_tokens=args.tokens, **options)
+                            max_batch=config.worker.max_batch, force_new_tokens=args.tokens, **options)
         t0 = time.perf_counter()
         eng.warmup()
         sync(device)

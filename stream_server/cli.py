@@ -9,22 +9,20 @@ import logging
 import signal
 import sys
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stream_server.engines import ENGINE_NAMES, load_engine
+from stream_server.engines import load_engine
 from stream_server.inference.types import SAMPLE_RATE
 from stream_server.engines.base import Engine
-from stream_server.core.events import AudioFormat, Start, Stop
 from stream_server.core.protocol import ProtocolLimits, StreamConfig
 from stream_server.core.session import Send, Session, SessionSettings
-from stream_server.speakers.clustering import SpeakerSettings
 from stream_server.server.driver import SessionDriver
 from stream_server.server.logs import configure_logging
-from stream_server.settings import ConfigError, ServeConfig, add_arguments, cli_values, load_config_and_sources, render, resolve_preset, seconds_list
+from stream_server.settings import (ConfigError, ServeConfig, add_arguments, cli_values, load_config,
+                                    load_config_and_sources, render, resolve_preset, seconds_list)
 from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker, WorkerPool
 
 if TYPE_CHECKING:
@@ -32,16 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("granite_stream")
 
-
-def _engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    group.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                       help="auto: Granite on a CUDA GPU when its weights load locally, else bundled Whisper tiny.en")
-    group.add_argument("--model", default=None,
-                       help="model id or directory (whisper: tiny.en, base or a CTranslate2 dir; granite: HF id or dir)")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    group.add_argument("--cpu-threads", type=int, default=0, help="engine CPU threads (0: library default)")
-    group.add_argument("--max-batch", type=int, default=8, help="largest inference batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Settings come from defaults < TOML (--config) < GRANITE_STREAM_* environment < flags.",
     )
     add_arguments(serve)
+    # Internal: set by --processes for its children, not a user setting (so not in the table).
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     tr = sub.add_parser("transcribe", help="stream audio files through the same session path and print finals")
     tr.add_argument("files", nargs="+", type=Path, help="audio files (anything ffmpeg/PyAV decodes: wav, mp3, flac…)")
-    _engine_args(tr)
+    # The serve command's engine sections and batch bound, flags only (no environment or TOML here).
+    add_arguments(tr, ("engine", "granite"), skip=("gpus", "preset"))
+    tr.add_argument("--max-batch", dest="max_batch", default=None, metavar="MAX_BATCH",
+                    help="largest inference batch (the serve setting max_batch)")
     tr.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     tr.add_argument("--language", default="en", help="spoken language, or 'auto' where the engine detects it")
     tr.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
@@ -95,21 +88,26 @@ def main(argv: list[str] | None = None) -> int:
             if args.print_config:
                 print(render(config, args.print_config_format, why))
                 return 0
-            configure_logging(config.log_level, config.log_format)
+            configure_logging(config.logging.log_level, config.logging.log_format)
             log.info("settings: %s", why)
-            if config.processes > 1:
+            if config.pool.processes > 1:
                 return run_processes(config, argv[argv.index("serve") + 1 :])
-            return asyncio.run(_serve(config))
+            return asyncio.run(_serve(config, reuse_port=args.reuse_port))
         if args.command == "transcribe":
             configure_logging(args.log_level)
-            return asyncio.run(_transcribe(args))
+            try:
+                config = load_config(cli_values(args), env={})
+            except ConfigError as exc:
+                print(f"granite-stream: {exc}", file=sys.stderr)
+                return 2
+            return asyncio.run(_transcribe(args, config))
     except KeyboardInterrupt:
         return 130
     return 2
 
 
-def server_settings(config: ServeConfig) -> "ServerSettings":
-    """The server's settings object built from the merged configuration.
+def server_settings(config: ServeConfig, reuse_port: bool = False) -> "ServerSettings":
+    """The server's settings object built from the merged configuration (``reuse_port``: see ``--processes``).
 
     Raises:
         OSError, ValueError: an unreadable API key file or a malformed key.
@@ -117,38 +115,45 @@ def server_settings(config: ServeConfig) -> "ServerSettings":
     from stream_server.server.auth import AccessPolicy, load_api_keys
     from stream_server.server.app import ServerSettings
 
+    security, limits = config.security, config.limits
     access = AccessPolicy(
-        api_keys=load_api_keys(key_file=Path(config.api_keys_file) if config.api_keys_file else None),
-        allowed_origins=frozenset(o.strip() for o in config.allowed_origins.split(",") if o.strip()),
+        api_keys=load_api_keys(key_file=Path(security.api_keys_file) if security.api_keys_file else None),
+        allowed_origins=frozenset(o.strip() for o in security.allowed_origins.split(",") if o.strip()),
     )
     session = SessionSettings(
-        limits=ProtocolLimits(max_utterance_s=config.max_utterance_s), max_frame_bytes=config.max_frame_bytes,
-        max_session_s=config.max_session_s, early_final_s=config.early_final_ms / 1000.0,
-        refresh_waiting_partials=config.partial_refresh == "on",
-        speakers=SpeakerSettings(threshold=config.diarize_threshold, max_speakers=config.diarize_max_speakers,
-                                 change_threshold=config.diarize_change_threshold),
+        limits=ProtocolLimits(max_utterance_s=limits.max_utterance_s), max_frame_bytes=limits.max_frame_bytes,
+        max_session_s=limits.max_session_s, early_final_s=config.session.early_final_ms / 1000.0,
+        refresh_waiting_partials=config.session.partial_refresh == "on", speakers=config.speakers,
     )
-    certfile = Path(config.certfile) if config.certfile else None
+    certfile = Path(security.certfile) if security.certfile else None
     return ServerSettings(
-        host=config.host, port=config.port, session=session, max_sessions=config.max_sessions,
-        max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
-        max_sessions_per_ip=config.max_sessions_per_ip, idle_timeout_s=config.idle_timeout_s,
-        realtime_factor=config.realtime_factor, drain_deadline_s=config.drain_deadline_s, access=access,
-        certfile=certfile, keyfile=Path(config.keyfile) if config.keyfile else certfile,
-        log_transcripts=config.log_transcripts, memory_trim_s=config.memory_trim_s, reuse_port=config.reuse_port,
-        max_upload_bytes=config.max_upload_bytes, max_upload_audio_s=config.max_upload_audio_s,
+        host=config.network.host, port=config.network.port, session=session, max_sessions=limits.max_sessions,
+        max_batch=config.worker.max_batch, max_wait_ms=config.worker.max_wait_ms, max_queue=config.worker.max_queue,
+        max_sessions_per_ip=limits.max_sessions_per_ip, idle_timeout_s=limits.idle_timeout_s,
+        realtime_factor=limits.realtime_factor, drain_deadline_s=limits.drain_deadline_s, access=access,
+        certfile=certfile, keyfile=Path(security.keyfile) if security.keyfile else certfile,
+        log_transcripts=config.logging.log_transcripts, memory_trim_s=config.memory.memory_trim_s,
+        reuse_port=reuse_port, max_upload_bytes=limits.max_upload_bytes, max_upload_audio_s=limits.max_upload_audio_s,
     )
 
 
 def granite_options(config: ServeConfig) -> dict:
     """The settings that become :class:`~stream_server.engines.granite.engine.GraniteEngine` arguments."""
-    compile_step = {"off": False, "on": True, "auto": "auto"}[config.granite_compile_step]
-    return {"encoder_batching": config.granite_encoder_batching,
-            "decode_options": {"max_graphs": config.granite_decode_max_graphs, "compile_step": compile_step},
-            "warm_decode_seconds": seconds_list(config.granite_warm_decode_seconds),
-            "speculative": config.granite_speculation == "on",
-            "ctc_entropy_threshold": config.granite_ctc_entropy_threshold,
-            "verify_threshold": config.granite_verify_threshold}
+    granite = config.granite
+    compile_step = {"off": False, "on": True, "auto": "auto"}[granite.compile_step]
+    return {"encoder_batching": granite.encoder_batching,
+            "decode_options": {"max_graphs": granite.decode_max_graphs, "compile_step": compile_step},
+            "warm_decode_seconds": seconds_list(granite.warm_decode_seconds),
+            "speculative": granite.speculation == "on",
+            "ctc_entropy_threshold": granite.ctc_entropy_threshold,
+            "verify_threshold": granite.verify_threshold}
+
+
+def load_configured_engine(config: ServeConfig, device: str | None = None) -> tuple[Engine, str]:
+    """The engine the ``engine`` sections (and the batch bound) describe, on ``device`` if given."""
+    engine = config.engine
+    return load_engine(engine.name, engine.model or None, device or engine.device, engine.cpu_threads,
+                       config.worker.max_batch, granite_options(config))
 
 
 def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
@@ -158,42 +163,41 @@ def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
         The workers and why their engine serves.
     """
     def scheduler() -> BatchScheduler:
-        return BatchScheduler(config.max_batch, config.max_wait_ms / 1000.0, config.max_queue)
+        return BatchScheduler(config.worker.max_batch, config.worker.max_wait_ms / 1000.0, config.worker.max_queue)
 
-    granite = granite_options(config)
-    if config.gpus > 0:
+    gpus = config.engine.gpus
+    if gpus > 0:
         workers, reason = [], ""
-        for index in range(config.gpus):
-            engine, reason = load_engine(config.engine, config.model or None, f"cuda:{index}",
-                                         config.cpu_threads, config.max_batch, granite)
+        for index in range(gpus):
+            engine, reason = load_configured_engine(config, f"cuda:{index}")
             workers.append(InferenceWorker(engine, scheduler()))
-        return workers, f"{reason}; {config.gpus} GPU workers"
-    engine, reason = load_engine(config.engine, config.model or None, config.device, config.cpu_threads,
-                                 config.max_batch, granite)
+        return workers, f"{reason}; {gpus} GPU workers"
+    engine, reason = load_configured_engine(config)
     return [InferenceWorker(engine, scheduler())], reason
 
 
-async def _serve(config: ServeConfig) -> int:
+async def _serve(config: ServeConfig, reuse_port: bool = False) -> int:
     from stream_server.inference import memory
     from stream_server.server.app import StreamServer
 
     # Before the engine and worker threads exist, so that they share the capped arenas. (oneDNN's
     # kernel cache is bounded by the Whisper engine itself, whose onednn_cache argument says how far.)
-    memory.limit_arenas(config.malloc_arenas)
-    memory.fix_mmap_threshold(config.malloc_mmap_threshold_kb * 1024)
+    memory.limit_arenas(config.memory.malloc_arenas)
+    memory.fix_mmap_threshold(config.memory.malloc_mmap_threshold_kb * 1024)
 
     try:
-        settings = server_settings(config)
+        settings = server_settings(config, reuse_port)
     except (OSError, ValueError) as exc:
         print(f"granite-stream: {exc}", file=sys.stderr)
         return 2
     engine: Engine
     worker: InferencePool
-    if config.inference == "ray":
-        from stream_server.inference.ray_pool import connect_pool, settings_from_config
+    if config.pool.inference == "ray":
+        from stream_server.inference.ray_pool import connect_pool
+        from stream_server.settings import ray_pool_settings
 
         # Joins the cluster, deploys the pool if needed and waits for it (blocking: off the loop).
-        pool = await asyncio.get_running_loop().run_in_executor(None, connect_pool, settings_from_config(config))
+        pool = await asyncio.get_running_loop().run_in_executor(None, connect_pool, ray_pool_settings(config))
         worker, engine, reason = pool, pool.engine, pool.description
         log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
     else:
@@ -207,20 +211,20 @@ async def _serve(config: ServeConfig) -> int:
     await server.start()
     web = "https" if settings.certfile else "http"
     print(f"granite-stream: serving {engine.capabilities.name} ({engine.capabilities.model}) on {server.url} "
-          f"and {web}://{config.host}:{server.port}/", file=sys.stderr, flush=True)
+          f"and {web}://{config.network.host}:{server.port}/", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: finishing open sessions (deadline %.1f s)", config.drain_deadline_s)
-    left = await server.drain(config.drain_deadline_s)
+    log.info("shutting down: finishing open sessions (deadline %.1f s)", config.limits.drain_deadline_s)
+    left = await server.drain(config.limits.drain_deadline_s)
     log.info("stopped (%d session(s) cut off at the deadline)", left)
     return 0
 
 
 def run_processes(config: ServeConfig, serve_argv: list[str]) -> int:
-    """Run ``config.processes`` server processes on one port and supervise them.
+    """Run ``config.pool.processes`` server processes on one port and supervise them.
 
     Each child is this command again with ``--processes 1 --reuse-port``: its own event loop, GIL and
     engine, so that several GPUs (or CPU engines) are not funnelled through one Python process. With
@@ -235,11 +239,11 @@ def run_processes(config: ServeConfig, serve_argv: list[str]) -> int:
     import subprocess
     import time
 
-    if config.port == 0:
+    if config.network.port == 0:
         print("granite-stream: --processes needs a fixed --port (the processes must bind the same one)",
               file=sys.stderr)
         return 2
-    if config.inference == "ray" and config.ray_address == "local":
+    if config.pool.inference == "ray" and config.ray.address == "local":
         print("granite-stream: --processes with --inference ray needs a shared cluster (--ray-address auto or "
               "ray://…); with 'local' every process would start its own", file=sys.stderr)
         return 2
@@ -248,8 +252,8 @@ def run_processes(config: ServeConfig, serve_argv: list[str]) -> int:
     def spawn(index: int) -> tuple[subprocess.Popen, float]:
         env = dict(os.environ, GRANITE_STREAM_PROCESS_INDEX=str(index))
         extra = ["--processes", "1", "--reuse-port"]
-        if config.gpus > 0:
-            env["CUDA_VISIBLE_DEVICES"] = str(index % config.gpus)
+        if config.engine.gpus > 0:
+            env["CUDA_VISIBLE_DEVICES"] = str(index % config.engine.gpus)
             extra += ["--gpus", "0"]
         cmd = [sys.executable, "-m", "stream_server.cli", "serve", *serve_argv, *extra]
         return subprocess.Popen(cmd, env=env), time.monotonic()
@@ -261,11 +265,11 @@ def run_processes(config: ServeConfig, serve_argv: list[str]) -> int:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    children = {i: spawn(i) for i in range(config.processes)}
+    children = {i: spawn(i) for i in range(config.pool.processes)}
     quick_deaths = {i: 0 for i in children}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
-    log.info("supervising %d server processes on port %d", config.processes, config.port)
+    log.info("supervising %d server processes on port %d", config.pool.processes, config.network.port)
     failed = False
     while children:
         time.sleep(0.2)
@@ -308,7 +312,7 @@ async def stream_audio(
     worker: InferenceWorker,
     session: Session,
     audio: np.ndarray,
-    start: Start,
+    start: dict,
     speed: float = 0.0,
     chunk_s: float = 0.1,
     on_event=None,
@@ -319,24 +323,24 @@ async def stream_audio(
         worker: a started inference worker.
         session: a fresh session.
         audio: mono float32 at 16 kHz.
-        start: the ``start`` command (its ``audio`` is replaced here by the float samples fed).
+        start: the ``start`` message (its ``audio`` field is set here).
         speed: multiple of real time to feed at; 0 feeds as fast as the engine keeps up.
         chunk_s: seconds of audio per frame.
-        on_event: called with each event (in its wire form) as it is produced.
+        on_event: called with each event as it is produced.
 
     Returns:
-        Every event the session sent, in order, in its wire form (what ``--json`` prints).
+        Every event the session sent, in order.
     """
     events: list[dict] = []
 
     def emit(action) -> None:
         if isinstance(action, Send):
-            events.append(action.event.to_wire())
+            events.append(action.event)
             if on_event is not None:
-                on_event(events[-1])
+                on_event(action.event)
 
     driver = SessionDriver(session, worker, emit)
-    driver.command(replace(start, audio=AudioFormat("pcm_f32le", SAMPLE_RATE, 1)))
+    driver.text(json.dumps({**start, "audio": {"encoding": "pcm_f32le", "sample_rate": SAMPLE_RATE, "channels": 1}}))
     step = int(chunk_s * SAMPLE_RATE)
     loop = asyncio.get_running_loop()
     began = loop.time()
@@ -350,12 +354,12 @@ async def stream_audio(
             await asyncio.sleep(0)
             while worker.queue_depth > 2 * worker.scheduler.max_batch:
                 await asyncio.sleep(0.01)
-    driver.command(Stop())
+    driver.text(json.dumps({"type": "stop"}))
     await driver.closed.wait()
     return events
 
 
-async def _transcribe(args) -> int:
+async def _transcribe(args, config: ServeConfig) -> int:
     from tqdm import tqdm
 
     from stream_server.core import captions
@@ -365,19 +369,18 @@ async def _transcribe(args) -> int:
     if unknown:
         print(f"granite-stream: unknown caption format(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    engine, reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
+    engine, reason = load_configured_engine(config)
     log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
-    worker = InferenceWorker(engine, BatchScheduler(max_batch=args.max_batch))
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=config.worker.max_batch))
     worker.start(asyncio.get_running_loop())
     keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
-    options: dict = {
-        "task": args.task, "language": None if args.language == "auto" else args.language,
+    start = {
+        "type": "start", "task": args.task, "language": None if args.language == "auto" else args.language,
         "target_language": args.target_language, "keywords": keywords, "partials": bool(args.partials),
         "vad": {"silence_ms": args.silence_ms},
     }
     if args.diarize:
-        options["diarize"] = True
-    start = Start(options=options)
+        start["diarize"] = True
     settings = SessionSettings(default_config=StreamConfig(), limits=ProtocolLimits())
     status = 0
     try:

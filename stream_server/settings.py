@@ -1,9 +1,18 @@
-"""One typed settings object for ``granite-stream serve``, fed by four sources.
+"""The settings of ``granite-stream serve``, in sections, fed by four sources.
 
 Precedence, lowest to highest: built-in defaults < TOML file (``--config FILE`` or
-``$GRANITE_STREAM_CONFIG``) < environment variables ``GRANITE_STREAM_<FIELD>`` < command-line flags.
-The command-line flags, the environment names, ``--print-config`` and the README's configuration
-table are all generated from the field list below, so they cannot drift apart.
+``$GRANITE_STREAM_CONFIG``) < environment variables ``GRANITE_STREAM_<KEY>`` < command-line flags.
+
+Each section (``network``, ``engine``, ``engine.granite``, ``worker``, ``session``, ``speakers``,
+``limits``, ``security``, ``memory``, ``logging``, ``pool``, ``pool.ray``) is a frozen dataclass; where
+a runtime object takes the values as they are (:class:`~stream_server.inference.types.WorkerSettings`,
+:class:`~stream_server.speakers.clustering.SpeakerSettings`) the section *is* that object, and the
+other sections take their defaults from the runtime objects they feed, so that every default is
+written once. Every setting also has a stable flat key (``max_batch``, ``granite_encoder_batching``,
+``ray_address``): the flag is ``--max-batch``, the environment name ``GRANITE_STREAM_MAX_BATCH``, and
+a TOML file may give it flat (at the top level or under ``[serve]``) or in its section
+(``[worker] max_batch = 8``). The flags, the environment names, ``--print-config`` and the README's
+configuration table are all generated from :data:`SETTINGS`, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,130 +23,312 @@ import json
 import math
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
+
+from stream_server.core.protocol import ProtocolLimits
+from stream_server.core.session import SessionSettings
+from stream_server.engines import ENGINE_NAMES
+from stream_server.inference.ray_pool import DEFAULT_APP_NAME, RayPoolSettings
+from stream_server.inference.types import WorkerSettings
+from stream_server.server.app import ServerSettings
+from stream_server.speakers.clustering import SpeakerSettings
 
 ENV_PREFIX = "GRANITE_STREAM_"
 
 
-def _opt(default: Any, help: str, group: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+@dataclass(frozen=True)
+class NetworkSettings:
+    host: str = ServerSettings.host
+    port: int = ServerSettings.port
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    name: str = "auto"
+    model: str = ""
+    device: str = "auto"
+    gpus: int = 0
+    preset: str = "auto"
+    cpu_threads: int = 0
+
+
+@dataclass(frozen=True)
+class GraniteSettings:
+    encoder_batching: str = "exact"
+    decode_max_graphs: int = 8
+    compile_step: str = "off"
+    speculation: str = "on"
+    ctc_entropy_threshold: float = 0.7
+    verify_threshold: float = 0.1
+    warm_decode_seconds: str = "3,6,12"
+
+
+@dataclass(frozen=True)
+class SessionSection:
+    """What :class:`~stream_server.core.session.SessionSettings` holds in other units (ms, on/off)."""
+
+    early_final_ms: float = SessionSettings.early_final_s * 1000.0
+    partial_refresh: str = "on" if SessionSettings.refresh_waiting_partials else "off"
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_sessions: int = ServerSettings.max_sessions
+    max_sessions_per_ip: int = ServerSettings.max_sessions_per_ip
+    max_frame_bytes: int = SessionSettings.max_frame_bytes
+    max_utterance_s: float = ProtocolLimits.max_utterance_s
+    max_session_s: float = SessionSettings.max_session_s
+    max_upload_bytes: int = ServerSettings.max_upload_bytes
+    max_upload_audio_s: float = ServerSettings.max_upload_audio_s
+    idle_timeout_s: float = ServerSettings.idle_timeout_s
+    realtime_factor: float = ServerSettings.realtime_factor
+    drain_deadline_s: float = ServerSettings.drain_deadline_s
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    api_keys_file: str = ""
+    allowed_origins: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    malloc_arenas: int = 2
+    malloc_mmap_threshold_kb: int = 256
+    memory_trim_s: float = ServerSettings.memory_trim_s
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    log_transcripts: bool = ServerSettings.log_transcripts
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    inference: str = "local"
+    processes: int = 1
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """The user's view of :class:`~stream_server.inference.ray_pool.RayPoolSettings` (0 and -1: automatic)."""
+
+    address: str = RayPoolSettings.address
+    app: str = DEFAULT_APP_NAME
+    deploy: str = RayPoolSettings.deploy
+    min_replicas: int = RayPoolSettings.min_replicas
+    max_replicas: int = RayPoolSettings.max_replicas
+    target_ongoing: float = RayPoolSettings.target_ongoing_requests
+    gpus_per_replica: float = -1.0
+    cpus_per_replica: float = 0.0
+    max_inflight: int = 0
+    local_cpus: int = 0
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Every setting of the server. Field names are the TOML keys; flags are ``--field-name``."""
+    """Every setting of the server, one attribute per section (see :data:`SECTIONS` for their TOML names)."""
 
-    host: str = _opt("127.0.0.1", "interface to bind (0.0.0.0 for all)", "network")
-    port: int = _opt(8765, "port for WebSocket and HTTP", "network")
-    engine: str = _opt("auto", "auto: Granite on a CUDA GPU when its weights load locally, else bundled Whisper tiny.en",
-                       "engine", ("auto", "whisper", "granite"))
-    model: str = _opt("", "model id or directory (whisper: tiny.en, base or a CTranslate2 dir; granite: HF id or dir)",
-                      "engine")
-    device: str = _opt("auto", "auto, cpu or cuda", "engine", ("auto", "cpu", "cuda"))
-    gpus: int = _opt(0, "workers on GPUs 0..N-1, one engine each (0: one worker on --device)", "engine")
-    preset: str = _opt("auto", "auto: with --engine granite on a CUDA device (local inference), the measured GPU "
-                       "configuration (GPU_PRESET: padded encoder batching, batch 64, queue 8192, decode states sized "
-                       "from free GPU memory, compiled decode step where faster, 1000 sessions) for every setting no "
-                       "source gave; elsewhere the defaults below. gpu / cpu force one. --print-config says which and why",
-                       "engine", ("auto", "gpu", "cpu"))
-    cpu_threads: int = _opt(0, "engine CPU threads (0: Whisper one per core, shared by its two lanes; Granite torch's default)", "engine")
-    processes: int = _opt(1, "server processes sharing the port (SO_REUSEPORT, Linux), each with its own event loop "
-                          "and engine; with gpus > 1 process i gets GPU i mod gpus; limits and /metrics are per process",
-                          "pool")
-    reuse_port: bool = _opt(False, "bind with SO_REUSEPORT so that several processes share the port (set for the "
-                            "children of --processes)", "pool")
-    inference: str = _opt("local", "local: engines in this process; ray: a Ray Serve inference pool (needs the ray extra)",
-                          "pool", ("local", "ray"))
-    ray_address: str = _opt("local", "Ray cluster: local (start one in this process), auto (this host's cluster) "
-                            "or ray://head:10001", "pool")
-    ray_app: str = _opt("granite-stream", "Serve application name of the pool", "pool")
-    ray_deploy: str = _opt("missing", "missing: deploy the pool if it is not running; never: only connect; "
-                           "always: deploy or update it", "pool", ("missing", "never", "always"))
-    ray_min_replicas: int = _opt(1, "pool replicas (a fixed count when equal to ray_max_replicas)", "pool")
-    ray_max_replicas: int = _opt(1, "above ray_min_replicas: Serve autoscaling between the two", "pool")
-    ray_target_ongoing: float = _opt(4.0, "autoscaling target: ongoing requests per replica", "pool")
-    ray_gpus_per_replica: float = _opt(-1.0, "GPUs per replica (-1: 1 if the cluster has GPUs, else CPU replicas)",
-                                       "pool")
-    ray_cpus_per_replica: float = _opt(0.0, "Ray CPUs reserved per replica (0: cpu_threads, 1 on GPU replicas)", "pool")
-    ray_max_inflight: int = _opt(0, "requests this gateway keeps in flight to the pool (0: max replicas x 2 x max_batch)",
-                                 "pool")
-    ray_local_cpus: int = _opt(0, "CPUs of a ray_address=local instance (0: all)", "pool")
-    granite_encoder_batching: str = _opt("exact", "Granite: exact (each utterance encoded alone: a batch decodes as "
-                                         "one by one) or padded (one zero-padded encoder batch, replayed from CUDA "
-                                         "graphs on a GPU: the benchmarked fast path, docs/gpu_server.md); local "
-                                         "inference only", "engine", ("exact", "padded"))
-    granite_decode_max_graphs: int = _opt(8, "Granite on CUDA: decode states kept (one per batch x KV-capacity bucket, "
-                                          "each a captured graph plus its KV cache); a state evicted and needed "
-                                          "again is captured again under load. More cost GPU memory; the measured "
-                                          "400-stream configuration used 32 (docs/deployment.md); 0: as many as half "
-                                          "the free GPU memory holds at startup (8 to 64)", "engine")
-    granite_compile_step: str = _opt("off", "Granite on CUDA: torch.compile the decode step (on), or compile it and "
-                                     "keep it only if a timed decode at warm-up is faster than the uncompiled one "
-                                     "(auto)", "engine", ("off", "on", "auto"))
-    granite_speculation: str = _opt("on", "Granite finals: self-speculative decoding with the CTC draft (on), or always "
-                                    "autoregressive (off). The paper (arXiv 2603.11243) measured 4.4x the RTFx of greedy "
-                                    "decoding for +12 % relative WER; docs/granite_gpu.md", "engine", ("on", "off"))
-    granite_ctc_entropy_threshold: float = _opt(0.7, "Granite speculation: accept the CTC draft unverified when its "
-                                                "largest frame entropy (nats) is at most this (IBM: 0.7; lower: more "
-                                                "LLM verification, slower, closer to greedy)", "engine")
-    granite_verify_threshold: float = _opt(0.1, "Granite speculation: a verified draft is accepted when every token's "
-                                           "LLM probability is at least this (IBM: 0.1; higher: more decoding, slower, "
-                                           "closer to greedy); 0..1", "engine")
-    granite_warm_decode_seconds: str = _opt("3,6,12", "Granite on CUDA: at startup, decode a batch of each size up to "
-                                            "max_batch for each of these utterance lengths (s), so that the decode "
-                                            "states live traffic needs are captured before it arrives (empty: off)",
-                                            "engine")
-    max_batch: int = _opt(8, "largest inference batch across sessions", "worker")
-    max_wait_ms: float = _opt(5.0, "how long a batch may wait to fill", "worker")
-    max_queue: int = _opt(512, "queued inference requests before partials are shed and new sessions refused", "worker")
-    early_final_ms: float = _opt(200.0, "decode an utterance's final once a pause reaches this, before the VAD's silence_ms "
-                                 "ends it; published if the pause lasts, discarded if speech resumes (0: off)", "worker")
-    partial_refresh: str = _opt("on", "while a partial waits in the inference queue, replace it every partial_interval with "
-                                "one on the newer audio (nothing extra runs; under load partials come fresher and a little "
-                                "less often); off: it runs on the audio it was asked with", "worker", ("on", "off"))
-    diarize_threshold: float = _opt(0.84, "speaker labels (diarize): cosine similarity to the nearest speaker below "
-                                    "which an utterance starts a new speaker (docs/diarization.md); -1..1", "diarization")
-    diarize_max_speakers: int = _opt(8, "speaker labels: at most this many speakers per session (then the nearest)",
-                                     "diarization")
-    diarize_change_threshold: float = _opt(0.75, "speaker labels: two stretches of one utterance less similar than "
-                                           "this are a change of speaker (speaker_turns); -1..1", "diarization")
-    max_sessions: int = _opt(256, "concurrent sessions; more get HTTP 503", "limits")
-    max_sessions_per_ip: int = _opt(32, "concurrent sessions per client address; more get HTTP 429", "limits")
-    max_frame_bytes: int = _opt(1 << 20, "largest audio frame (too_large beyond)", "limits")
-    max_utterance_s: float = _opt(30.0, "upper bound for a client's vad.max_utterance_s", "limits")
-    max_session_s: float = _opt(4 * 3600.0, "seconds of audio per session (0: no limit)", "limits")
-    max_upload_bytes: int = _opt(25 << 20, "largest body POST /v1/audio/transcriptions or /translations accepts "
-                                 "(HTTP 413 file_too_large beyond, refused before it is read)", "limits")
-    max_upload_audio_s: float = _opt(3600.0, "longest decoded audio of an uploaded file (HTTP 413 audio_too_long "
-                                     "beyond; max_session_s applies too; 0: only max_session_s)", "limits")
-    idle_timeout_s: float = _opt(60.0, "end sessions that send nothing this long (0: never)", "limits")
-    realtime_factor: float = _opt(4.0, "throttle clients sending audio faster than this multiple of real time (0: never)",
-                                  "limits")
-    drain_deadline_s: float = _opt(10.0, "on SIGTERM/SIGINT, how long open sessions get to receive their finals",
-                                   "limits")
-    api_keys_file: str = _opt("", "file of accepted API keys, one per line (also $GRANITE_STREAM_API_KEYS)", "security")
-    allowed_origins: str = _opt("", "comma-separated Origin values browsers may connect from (empty: any)", "security")
-    certfile: str = _opt("", "TLS certificate chain (PEM): serve wss:// and https://", "security")
-    keyfile: str = _opt("", "TLS private key (PEM; default: the certfile)", "security")
-    malloc_arenas: int = _opt(2, "cap glibc's malloc arenas (0: glibc's default of 8 per core); fewer arenas keep RSS "
-                              "from creeping up over days", "memory")
-    malloc_mmap_threshold_kb: int = _opt(256, "allocations this large get their own mmap, returned on free (0: glibc's "
-                                         "dynamic threshold, which lets large buffers fragment the heap)", "memory")
-    memory_trim_s: float = _opt(60.0, "every this many seconds, give free heap pages back to the kernel (0: never)",
-                                "memory")
-    log_transcripts: bool = _opt(False, "log final transcripts (off: they are personal data)", "logging")
-    log_format: str = _opt("text", "text or json (one JSON object per line, with session_id where known)", "logging",
-                           ("text", "json"))
-    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", "logging", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    granite: GraniteSettings = field(default_factory=GraniteSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    session: SessionSection = field(default_factory=SessionSection)
+    speakers: SpeakerSettings = field(default_factory=SpeakerSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def value(self, key: str) -> Any:
+        """The setting with this flat key (``"max_batch"``)."""
+        setting = BY_KEY[key]
+        return getattr(getattr(self, setting.section), setting.attr)
+
+    def with_values(self, values: Mapping[str, Any]) -> ServeConfig:
+        """A copy with these settings (flat keys, already converted) replaced."""
+        by_section: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            setting = BY_KEY[key]
+            by_section.setdefault(setting.section, {})[setting.attr] = value
+        return dataclasses.replace(self, **{
+            name: dataclasses.replace(getattr(self, name), **changes) for name, changes in by_section.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting by flat key, in the order of :data:`SETTINGS`."""
+        return {s.key: self.value(s.key) for s in SETTINGS}
+
+
+SECTIONS: dict[str, str] = {
+    "network": "network", "engine": "engine", "granite": "engine.granite", "worker": "worker",
+    "session": "session", "speakers": "speakers", "limits": "limits", "security": "security", "memory": "memory",
+    "logging": "logging", "pool": "pool", "ray": "pool.ray",
+}
+""":class:`ServeConfig` attribute -> the section's TOML table name."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user setting: where it lives (``section``, ``attr``) and how a user names it (``key``)."""
+
+    key: str
+    section: str
+    attr: str
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+    @property
+    def kind(self) -> type:
+        hints = get_type_hints(type(getattr(ServeConfig(), self.section)))
+        return hints[self.attr]
+
+    @property
+    def default(self) -> Any:
+        return ServeConfig().value(self.key)
+
+
+def _section(section: str, prefix: str, entries: list[tuple]) -> list[Setting]:
+    """Settings of one section: ``(attr, help[, choices[, key]])``; the key defaults to prefix + attr."""
+    out = []
+    for entry in entries:
+        attr, help_text, choices, key = (*entry, None, None)[:4]
+        out.append(Setting(key or prefix + attr, section, attr, help_text, choices))
+    return out
+
+
+SETTINGS: list[Setting] = [
+    *_section("network", "", [
+        ("host", "interface to bind (0.0.0.0 for all)"),
+        ("port", "port for WebSocket and HTTP"),
+    ]),
+    *_section("engine", "", [
+        ("name", "auto: Granite on a CUDA GPU when its weights load locally, else bundled Whisper tiny.en",
+         ENGINE_NAMES, "engine"),
+        ("model", "model id or directory (whisper: tiny.en, base or a CTranslate2 dir; granite: HF id or dir)"),
+        ("device", "auto, cpu or cuda", ("auto", "cpu", "cuda")),
+        ("gpus", "workers on GPUs 0..N-1, one engine each (0: one worker on --device)"),
+        ("preset", "auto: with --engine granite on a CUDA device (local inference), the measured GPU "
+         "configuration (GPU_PRESET: padded encoder batching, batch 64, queue 8192, decode states sized "
+         "from free GPU memory, compiled decode step where faster, 1000 sessions) for every setting no "
+         "source gave; elsewhere the defaults below. gpu / cpu force one. --print-config says which and why",
+         ("auto", "gpu", "cpu")),
+        ("cpu_threads", "engine CPU threads (0: Whisper one per core, shared by its two lanes; Granite torch's default)"),
+    ]),
+    *_section("granite", "granite_", [
+        ("encoder_batching", "Granite: exact (each utterance encoded alone: a batch decodes as one by one) or padded "
+         "(one zero-padded encoder batch, replayed from CUDA graphs on a GPU: the benchmarked fast path, "
+         "docs/gpu_server.md); local inference only", ("exact", "padded")),
+        ("decode_max_graphs", "Granite on CUDA: decode states kept (one per batch x KV-capacity bucket, each a "
+         "captured graph plus its KV cache); a state evicted and needed again is captured again under load. More "
+         "cost GPU memory; the measured 400-stream configuration used 32 (docs/deployment.md); 0: as many as half "
+         "the free GPU memory holds at startup (8 to 64)"),
+        ("compile_step", "Granite on CUDA: torch.compile the decode step (on), or compile it and keep it only if a "
+         "timed decode at warm-up is faster than the uncompiled one (auto)", ("off", "on", "auto")),
+        ("speculation", "Granite finals: self-speculative decoding with the CTC draft (on), or always "
+         "autoregressive (off). The paper (arXiv 2603.11243) measured 4.4x the RTFx of greedy decoding for +12 % "
+         "relative WER; docs/granite_gpu.md", ("on", "off")),
+        ("ctc_entropy_threshold", "Granite speculation: accept the CTC draft unverified when its largest frame "
+         "entropy (nats) is at most this (IBM: 0.7; lower: more LLM verification, slower, closer to greedy)"),
+        ("verify_threshold", "Granite speculation: a verified draft is accepted when every token's LLM probability "
+         "is at least this (IBM: 0.1; higher: more decoding, slower, closer to greedy); 0..1"),
+        ("warm_decode_seconds", "Granite on CUDA: at startup, decode a batch of each size up to max_batch for each "
+         "of these utterance lengths (s), so that the decode states live traffic needs are captured before it "
+         "arrives (empty: off)"),
+    ]),
+    *_section("worker", "", [
+        ("max_batch", "largest inference batch across sessions"),
+        ("max_wait_ms", "how long a batch may wait to fill"),
+        ("max_queue", "queued inference requests before partials are shed and new sessions refused"),
+    ]),
+    *_section("session", "", [
+        ("early_final_ms", "decode an utterance's final once a pause reaches this, before the VAD's silence_ms "
+         "ends it; published if the pause lasts, discarded if speech resumes (0: off)"),
+        ("partial_refresh", "while a partial waits in the inference queue, replace it every partial_interval with "
+         "one on the newer audio (nothing extra runs; under load partials come fresher and a little less often); "
+         "off: it runs on the audio it was asked with", ("on", "off")),
+    ]),
+    *_section("speakers", "diarize_", [
+        ("threshold", "speaker labels (diarize): cosine similarity to the nearest speaker below which an "
+         "utterance starts a new speaker (docs/diarization.md); -1..1"),
+        ("max_speakers", "speaker labels: at most this many speakers per session (then the nearest)"),
+        ("change_threshold", "speaker labels: two stretches of one utterance less similar than this are a change "
+         "of speaker (speaker_turns); -1..1"),
+    ]),
+    *_section("limits", "", [
+        ("max_sessions", "concurrent sessions; more get HTTP 503"),
+        ("max_sessions_per_ip", "concurrent sessions per client address; more get HTTP 429"),
+        ("max_frame_bytes", "largest audio frame (too_large beyond)"),
+        ("max_utterance_s", "upper bound for a client's vad.max_utterance_s"),
+        ("max_session_s", "seconds of audio per session (0: no limit)"),
+        ("max_upload_bytes", "largest body POST /v1/audio/transcriptions or /translations accepts (HTTP 413 "
+         "file_too_large beyond, refused before it is read)"),
+        ("max_upload_audio_s", "longest decoded audio of an uploaded file (HTTP 413 audio_too_long beyond; "
+         "max_session_s applies too; 0: only max_session_s)"),
+        ("idle_timeout_s", "end sessions that send nothing this long (0: never)"),
+        ("realtime_factor", "throttle clients sending audio faster than this multiple of real time (0: never)"),
+        ("drain_deadline_s", "on SIGTERM/SIGINT, how long open sessions get to receive their finals"),
+    ]),
+    *_section("security", "", [
+        ("api_keys_file", "file of accepted API keys, one per line (also $GRANITE_STREAM_API_KEYS)"),
+        ("allowed_origins", "comma-separated Origin values browsers may connect from (empty: any)"),
+        ("certfile", "TLS certificate chain (PEM): serve wss:// and https://"),
+        ("keyfile", "TLS private key (PEM; default: the certfile)"),
+    ]),
+    *_section("memory", "", [
+        ("malloc_arenas", "cap glibc's malloc arenas (0: glibc's default of 8 per core); fewer arenas keep RSS "
+         "from creeping up over days"),
+        ("malloc_mmap_threshold_kb", "allocations this large get their own mmap, returned on free (0: glibc's "
+         "dynamic threshold, which lets large buffers fragment the heap)"),
+        ("memory_trim_s", "every this many seconds, give free heap pages back to the kernel (0: never)"),
+    ]),
+    *_section("logging", "", [
+        ("log_transcripts", "log final transcripts (off: they are personal data)"),
+        ("log_format", "text or json (one JSON object per line, with session_id where known)", ("text", "json")),
+        ("log_level", "DEBUG, INFO, WARNING or ERROR", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    ]),
+    *_section("pool", "", [
+        ("inference", "local: engines in this process; ray: a Ray Serve inference pool (needs the ray extra)",
+         ("local", "ray")),
+        ("processes", "server processes sharing the port (SO_REUSEPORT, Linux), each with its own event loop and "
+         "engine; with gpus > 1 process i gets GPU i mod gpus; limits and /metrics are per process"),
+    ]),
+    *_section("ray", "ray_", [
+        ("address", "Ray cluster: local (start one in this process), auto (this host's cluster) or ray://head:10001"),
+        ("app", "Serve application name of the pool"),
+        ("deploy", "missing: deploy the pool if it is not running; never: only connect; always: deploy or update it",
+         ("missing", "never", "always")),
+        ("min_replicas", "pool replicas (a fixed count when equal to ray_max_replicas)"),
+        ("max_replicas", "above ray_min_replicas: Serve autoscaling between the two"),
+        ("target_ongoing", "autoscaling target: ongoing requests per replica"),
+        ("gpus_per_replica", "GPUs per replica (-1: 1 if the cluster has GPUs, else CPU replicas)"),
+        ("cpus_per_replica", "Ray CPUs reserved per replica (0: cpu_threads, 1 on GPU replicas)"),
+        ("max_inflight", "requests this gateway keeps in flight to the pool (0: max replicas x 2 x max_batch)"),
+        ("local_cpus", "CPUs of a ray_address=local instance (0: all)"),
+    ]),
+]
+"""Every user setting, in the order of ``--help`` and the README table."""
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 
 
 class ConfigError(ValueError):
-    """A setting from some source could not be used; the message names the source and the field."""
+    """A setting from some source could not be used; the message names the source and the setting."""
 
 
 def _convert(name: str, kind: type, raw: Any, source: str) -> Any:
@@ -159,36 +350,30 @@ def _convert(name: str, kind: type, raw: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {name} must be {expected}, got {raw!r}") from None
 
 
-def _field_types() -> dict[str, type]:
-    hints = get_type_hints(ServeConfig)  # f.type is a string here (from __future__ import annotations)
-    kinds = {f.name: hints[f.name] for f in fields(ServeConfig)}
-    assert set(kinds.values()) <= {str, int, float, bool}, "a setting is a str, int, float or bool"
-    return kinds
-
-
-def _check(config: ServeConfig, source: str, values: Mapping[str, Any]) -> None:
-    for f in fields(ServeConfig):
-        choices = f.metadata["choices"]
-        if f.name in values and choices and getattr(config, f.name) not in choices:
-            raise ConfigError(f"{source}: {f.name} must be one of {list(choices)}, got {getattr(config, f.name)!r}")
-    if "granite_verify_threshold" in values and not 0.0 <= config.granite_verify_threshold <= 1.0:
+def _check(source: str, values: Mapping[str, Any]) -> None:
+    """Refuse values outside a setting's choices or range (``values``: converted, by flat key)."""
+    for key, value in values.items():
+        choices = BY_KEY[key].choices
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: {key} must be one of {list(choices)}, got {value!r}")
+    if "granite_verify_threshold" in values and not 0.0 <= values["granite_verify_threshold"] <= 1.0:
         raise ConfigError(f"{source}: granite_verify_threshold must be between 0 and 1, got "
-                          f"{config.granite_verify_threshold!r}")
+                          f"{values['granite_verify_threshold']!r}")
     for name in ("diarize_threshold", "diarize_change_threshold"):
-        if name in values and not -1.0 <= getattr(config, name) <= 1.0:
-            raise ConfigError(f"{source}: {name} must be a cosine similarity between -1 and 1, got {getattr(config, name)!r}")
-    if "max_upload_bytes" in values and config.max_upload_bytes < 1:
-        raise ConfigError(f"{source}: max_upload_bytes must be >= 1, got {config.max_upload_bytes!r}")
-    if "max_upload_audio_s" in values and not 0.0 <= config.max_upload_audio_s < math.inf:
+        if name in values and not -1.0 <= values[name] <= 1.0:
+            raise ConfigError(f"{source}: {name} must be a cosine similarity between -1 and 1, got {values[name]!r}")
+    if "max_upload_bytes" in values and values["max_upload_bytes"] < 1:
+        raise ConfigError(f"{source}: max_upload_bytes must be >= 1, got {values['max_upload_bytes']!r}")
+    if "max_upload_audio_s" in values and not 0.0 <= values["max_upload_audio_s"] < math.inf:
         raise ConfigError(f"{source}: max_upload_audio_s must be >= 0 (0: only max_session_s), got "
-                          f"{config.max_upload_audio_s!r}")
-    if "diarize_max_speakers" in values and config.diarize_max_speakers < 1:
+                          f"{values['max_upload_audio_s']!r}")
+    if "diarize_max_speakers" in values and values["diarize_max_speakers"] < 1:
         raise ConfigError(f"{source}: diarize_max_speakers must be >= 1")
-    if "granite_decode_max_graphs" in values and config.granite_decode_max_graphs < 0:
+    if "granite_decode_max_graphs" in values and values["granite_decode_max_graphs"] < 0:
         raise ConfigError(f"{source}: granite_decode_max_graphs must be >= 0 (0: from free GPU memory)")
     if "granite_warm_decode_seconds" in values:
         try:
-            seconds_list(config.granite_warm_decode_seconds)
+            seconds_list(values["granite_warm_decode_seconds"])
         except ValueError as exc:
             raise ConfigError(f"{source}: granite_warm_decode_seconds {exc}") from None
 
@@ -213,6 +398,49 @@ def seconds_list(text: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+_BY_TABLE: dict[tuple[str, str], Setting] = {(SECTIONS[s.section], s.attr): s for s in SETTINGS}
+
+
+def _toml_settings(data: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The raw values of a TOML document, by flat key.
+
+    A value may sit flat at the top level (``max_batch = 8``, the layout before sections), flat under
+    ``[serve]``, or in its section's table (``[worker] max_batch = 8``, ``[engine.granite]
+    encoder_batching = "padded"``, ``[engine] name = "granite"``).
+
+    Raises:
+        ConfigError: an unknown key or table, or one setting given twice.
+    """
+    found: dict[str, Any] = {}
+    unknown: list[str] = []
+    tables = set(SECTIONS.values())
+
+    def put(setting: Setting, value: Any, where: str) -> None:
+        if setting.key in found:
+            raise ConfigError(f"{path}: {setting.key} is given twice (the second time as {where})")
+        found[setting.key] = value
+
+    def walk(table: Mapping[str, Any], prefix: str) -> None:
+        for name, value in table.items():
+            dotted = f"{prefix}.{name}" if prefix else name
+            if isinstance(value, dict) and (dotted in tables or any(t.startswith(dotted + ".") for t in tables)):
+                walk(value, dotted)
+            elif not prefix and name in BY_KEY:
+                put(BY_KEY[name], value, name)
+            elif (prefix, name) in _BY_TABLE:
+                put(_BY_TABLE[(prefix, name)], value, f"[{prefix}] {name}")
+            else:
+                unknown.append(dotted)
+
+    if isinstance(data.get("serve"), dict):
+        walk(data["serve"], "")
+        data = {k: v for k, v in data.items() if k != "serve"}
+    walk(data, "")
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return found
+
+
 def load_config(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
                 toml_path: Path | str | None = None) -> ServeConfig:
     """Merge the sources into one :class:`ServeConfig` (the preset unresolved; see :func:`load_config_and_sources`)."""
@@ -224,21 +452,20 @@ def load_config_and_sources(cli: Mapping[str, Any] | None = None, env: Mapping[s
     """Merge the sources into one :class:`ServeConfig`, and name the settings some source gave.
 
     Args:
-        cli: flag values that were given on the command line (absent flags must be left out).
+        cli: flag values by flat key, for the flags given on the command line (absent ones left out).
         env: the environment (``os.environ`` when ``None``).
-        toml_path: a TOML file; ``None`` uses ``$GRANITE_STREAM_CONFIG`` if set. Keys may sit at the
-            top level or under ``[serve]``.
+        toml_path: a TOML file; ``None`` uses ``$GRANITE_STREAM_CONFIG`` if set. Keys may sit flat at
+            the top level or under ``[serve]``, or in their sections' tables (:func:`_toml_settings`).
 
     Raises:
         ConfigError: unknown TOML keys, wrong types or values, a missing TOML file.
 
     Returns:
-        ``(config, explicit)``: ``explicit`` holds the fields set by the TOML file, the environment or
-        a flag (a preset changes only the others).
+        ``(config, explicit)``: ``explicit`` holds the flat keys set by the TOML file, the environment
+        or a flag (a preset changes only the others).
     """
     env = os.environ if env is None else env
     explicit: set[str] = set()
-    types = _field_types()
     config = ServeConfig()
     toml_path = toml_path or env.get(ENV_PREFIX + "CONFIG") or None
     if toml_path:
@@ -249,27 +476,52 @@ def load_config_and_sources(cli: Mapping[str, Any] | None = None, env: Mapping[s
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        data = data.get("serve", data)
-        unknown = sorted(set(data) - set(types))
-        if unknown:
-            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-        values = {k: _convert(k, types[k], v, str(path)) for k, v in data.items()}
-        config = dataclasses.replace(config, **values)
-        _check(config, str(path), values)
+        values = {k: _convert(k, BY_KEY[k].kind, v, str(path)) for k, v in _toml_settings(data, path).items()}
+        _check(str(path), values)
+        config = config.with_values(values)
         explicit.update(values)
     values = {}
-    for name, kind in types.items():
-        raw = env.get(ENV_PREFIX + name.upper())
+    for s in SETTINGS:
+        raw = env.get(s.env)
         if raw is not None:
-            values[name] = _convert(name, kind, raw, f"${ENV_PREFIX}{name.upper()}")
-    config = dataclasses.replace(config, **values)
-    _check(config, "environment", values)
+            values[s.key] = _convert(s.key, s.kind, raw, f"${s.env}")
+    _check("environment", values)
+    config = config.with_values(values)
     explicit.update(values)
-    values = {k: _convert(k, types[k], v, f"--{k.replace('_', '-')}") for k, v in (cli or {}).items() if v is not None}
-    config = dataclasses.replace(config, **values)
-    _check(config, "command line", values)
+    values = {k: _convert(k, BY_KEY[k].kind, v, BY_KEY[k].flag) for k, v in (cli or {}).items() if v is not None}
+    _check("command line", values)
+    config = config.with_values(values)
     explicit.update(values)
     return config, frozenset(explicit)
+
+
+def ray_pool_settings(config: ServeConfig) -> RayPoolSettings:
+    """:class:`RayPoolSettings` from ``granite-stream serve``'s settings.
+
+    The ``engine`` section shapes the replicas; the ``worker`` section's ``max_batch`` and
+    ``max_wait_ms`` become Serve's ``max_batch_size`` and ``batch_wait_timeout_s``, its
+    ``max_queue`` bounds the gateway queue; the ``pool.ray`` section's 0 and -1 mean "automatic".
+    """
+    ray, engine, worker = config.ray, config.engine, config.worker
+    return RayPoolSettings(
+        address=ray.address or "local",
+        app_name=ray.app or DEFAULT_APP_NAME,
+        deploy=ray.deploy,
+        engine=engine.name,
+        model=engine.model or None,
+        device=engine.device,
+        cpu_threads=engine.cpu_threads or 1,
+        max_batch=worker.max_batch,
+        batch_wait_s=worker.max_wait_ms / 1000.0,
+        min_replicas=ray.min_replicas,
+        max_replicas=max(ray.min_replicas, ray.max_replicas),
+        target_ongoing_requests=ray.target_ongoing,
+        gpus_per_replica=None if ray.gpus_per_replica < 0 else ray.gpus_per_replica,
+        cpus_per_replica=None if ray.cpus_per_replica <= 0 else ray.cpus_per_replica,
+        max_inflight=ray.max_inflight or None,
+        max_queue=worker.max_queue,
+        local_num_cpus=ray.local_cpus or None,
+    )
 
 
 GPU_PRESET: dict[str, Any] = {
@@ -292,7 +544,7 @@ def resolve_preset(config: ServeConfig, explicit: frozenset[str] | set[str] = fr
 
     Args:
         config: merged settings (``preset`` may be ``auto``).
-        explicit: the settings a source gave; the preset never overrides them.
+        explicit: the settings (flat keys) a source gave; the preset never overrides them.
         cuda_available: callable telling whether a CUDA device is present (default: torch's, imported
             only when the answer matters); tests pass their own.
 
@@ -300,20 +552,20 @@ def resolve_preset(config: ServeConfig, explicit: frozenset[str] | set[str] = fr
         ``(config, why)``: ``preset`` is resolved to ``gpu`` or ``cpu``; ``why`` is one line naming
         the reason and every setting the preset changed.
     """
-    choice = config.preset
+    choice = config.engine.preset
+    cpu = config.with_values({"preset": "cpu"})
     if choice == "auto":
-        if config.inference != "local":
-            return dataclasses.replace(config, preset="cpu"), "preset cpu: inference runs in a Ray pool (its replicas have their own settings)"
-        if config.engine != "granite":
+        if config.pool.inference != "local":
+            return cpu, "preset cpu: inference runs in a Ray pool (its replicas have their own settings)"
+        if config.engine.name != "granite":
             # auto may fall back to Whisper on the CPU, where batch 64 and the Granite settings do harm
-            return dataclasses.replace(config, preset="cpu"), (
-                f"preset cpu: engine {config.engine} (the GPU preset needs --engine granite, or --preset gpu)")
-        if config.device == "cpu":
-            return dataclasses.replace(config, preset="cpu"), "preset cpu: --device cpu"
+            return cpu, f"preset cpu: engine {config.engine.name} (the GPU preset needs --engine granite, or --preset gpu)"
+        if config.engine.device == "cpu":
+            return cpu, "preset cpu: --device cpu"
         if cuda_available is None:
             from stream_server.engines import cuda_available
         if not cuda_available():
-            return dataclasses.replace(config, preset="cpu"), "preset cpu: no CUDA device"
+            return cpu, "preset cpu: no CUDA device"
         reason = "preset gpu: a CUDA device is present and engine granite serves there"
     else:
         reason = f"preset {choice}: asked for"
@@ -321,51 +573,59 @@ def resolve_preset(config: ServeConfig, explicit: frozenset[str] | set[str] = fr
         return config, reason
     changed = {k: v for k, v in GPU_PRESET.items() if k not in explicit}
     kept = sorted(k for k in GPU_PRESET if k in explicit)
-    config = dataclasses.replace(config, preset="gpu", **changed)
+    config = config.with_values({"preset": "gpu", **changed})
     detail = ", ".join(f"{k}={v!r}" for k, v in changed.items()) or "nothing (every preset setting was given)"
     if kept:
         detail += f"; kept as given: {', '.join(kept)}"
     return config, f"{reason}; set {detail}"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting, grouped, with no argparse defaults (so only given flags override)."""
+def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None,
+                  skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per setting (of ``sections``, default all, less the keys in ``skip``), grouped by
+    section, with no argparse defaults (so only given flags override). All sections also get
+    ``--config`` and ``--print-config``."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"TOML file of settings (also ${ENV_PREFIX}CONFIG); flags and environment override it")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the effective settings as TOML and exit (--print-config-format for others)")
-    parser.add_argument("--print-config-format", choices=("toml", "json", "markdown"), default="toml")
-    for f in fields(ServeConfig):
-        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default!r}; env {ENV_PREFIX}{f.name.upper()})"
-        if f.type == "bool":
-            group.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+    if sections is None:
+        parser.add_argument("--config", type=Path, default=None,
+                            help=f"TOML file of settings (also ${ENV_PREFIX}CONFIG); flags and environment override it")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the effective settings as TOML and exit (--print-config-format for others)")
+        parser.add_argument("--print-config-format", choices=("toml", "json", "markdown"), default="toml")
+    for s in SETTINGS:
+        if sections is not None and s.section not in sections or s.key in skip:
+            continue
+        table = SECTIONS[s.section]
+        group = groups.setdefault(table, parser.add_argument_group(table))
+        help_text = f"{s.help} (default: {s.default!r}; env {s.env})"
+        if s.kind is bool:
+            group.add_argument(s.flag, dest=s.key, action="store_const", const=True, default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=str, default=None, choices=f.metadata["choices"],
-                               metavar=f.name.upper(), help=help_text)
+            group.add_argument(s.flag, dest=s.key, type=str, default=None, choices=s.choices,
+                               metavar=s.key.upper(), help=help_text)
 
 
 def cli_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given as flags (those left ``None`` were not given)."""
-    return {f.name: getattr(args, f.name) for f in fields(ServeConfig) if getattr(args, f.name, None) is not None}
+    """The settings given as flags, by flat key (those left ``None`` were not given)."""
+    return {s.key: getattr(args, s.key) for s in SETTINGS if getattr(args, s.key, None) is not None}
 
 
 def render(config: ServeConfig, fmt: str = "toml", why: str = "") -> str:
-    """The effective settings as TOML, JSON, or the README's markdown table (defaults, not values).
+    """The effective settings as TOML (in sections), JSON (flat keys), or the README's markdown table
+    (defaults, not values).
 
     ``why`` (the preset's reason, :func:`resolve_preset`) heads the TOML as a comment."""
     if fmt == "json":
         return json.dumps(config.to_dict(), indent=2)
     if fmt == "markdown":
-        rows = ["| setting | flag | environment | default | meaning |", "|---|---|---|---|---|"]
-        for f in fields(ServeConfig):
-            default = f"`{f.default}`" if f.default != "" else "(empty)"
-            rows.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | "
-                        f"{default} | {f.metadata['help']} |")
+        rows = ["| setting | TOML | flag | environment | default | meaning |", "|---|---|---|---|---|---|"]
+        for s in SETTINGS:
+            default = f"`{s.default}`" if s.default != "" else "(empty)"
+            rows.append(f"| `{s.key}` | `[{SECTIONS[s.section]}]` `{s.attr}` | `{s.flag}` | `{s.env}` | "
+                        f"{default} | {s.help} |")
         return "\n".join(rows)
-    lines = [f"# {why}", "[serve]"] if why else ["[serve]"]
-    for key, value in config.to_dict().items():
-        lines.append(f"{key} = {json.dumps(value)}")
+    lines = [f"# {why}"] if why else []
+    for section, table in SECTIONS.items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{s.attr} = {json.dumps(config.value(s.key))}" for s in SETTINGS if s.section == section)
     return "\n".join(lines)

@@ -1,6 +1,5 @@
 """The settings object: sources, precedence, validation, and the README table generated from it."""
 
-import dataclasses
 import io
 import json
 import logging
@@ -10,7 +9,7 @@ import pytest
 
 from stream_server.cli import main, server_settings
 from stream_server.server.logs import configure_logging, current_session
-from stream_server.settings import ConfigError, ServeConfig, load_config, render
+from stream_server.settings import BY_KEY, SETTINGS, ConfigError, ServeConfig, load_config, render
 
 
 def test_precedence_defaults_toml_env_flags(tmp_path):
@@ -18,16 +17,16 @@ def test_precedence_defaults_toml_env_flags(tmp_path):
     toml.write_text('[serve]\nport = 7000\nmax_queue = 9\nlog_transcripts = true\nhost = "0.0.0.0"\n')
     env = {"GRANITE_STREAM_MAX_QUEUE": "10", "GRANITE_STREAM_MAX_BATCH": "4"}
     config = load_config({"max_batch": "2"}, env, toml)
-    assert config.port == 7000 and config.host == "0.0.0.0"  # TOML over defaults
-    assert config.max_queue == 10  # environment over TOML
-    assert config.max_batch == 2  # flags over environment
-    assert config.log_transcripts is True and config.max_sessions == ServeConfig().max_sessions
+    assert config.network.port == 7000 and config.network.host == "0.0.0.0"  # TOML over defaults
+    assert config.worker.max_queue == 10  # environment over TOML
+    assert config.worker.max_batch == 2  # flags over environment
+    assert config.logging.log_transcripts is True and config.limits.max_sessions == ServeConfig().limits.max_sessions
 
 
 def test_config_file_can_come_from_the_environment(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text("idle_timeout_s = 5\n")
-    assert load_config({}, {"GRANITE_STREAM_CONFIG": str(toml)}).idle_timeout_s == 5.0
+    assert load_config({}, {"GRANITE_STREAM_CONFIG": str(toml)}).limits.idle_timeout_s == 5.0
 
 
 @pytest.mark.parametrize(
@@ -64,7 +63,7 @@ def test_print_config_reflects_sources(capsys, monkeypatch):
     printed = json.loads(capsys.readouterr().out)
     assert printed["port"] == 9100 and printed["max_batch"] == 3 and printed["engine"] == "auto"
     assert main(["serve", "--print-config"]) == 0
-    assert "[serve]" in capsys.readouterr().out
+    assert "[worker]\nmax_batch = 8\n" in capsys.readouterr().out
 
 
 def test_readme_table_matches_the_settings_definition():
@@ -118,7 +117,7 @@ def test_granite_settings_reach_the_engine(monkeypatch):
     monkeypatch.setattr(granite_module, "GraniteEngine", Recorder)
     config = load_config({"granite_encoder_batching": "padded", "max_batch": "16", "granite_decode_max_graphs": "32",
                           "granite_warm_decode_seconds": " 2.5, 8 "}, {})
-    load_engine("granite", None, "cpu", 0, config.max_batch, granite_options(config))
+    load_engine("granite", None, "cpu", 0, config.worker.max_batch, granite_options(config))
     assert seen["encoder_batching"] == "padded" and seen["max_batch"] == 16
     assert seen["decode_options"] == {"max_graphs": 32, "compile_step": False}
     assert seen["speculative"] is True and seen["ctc_entropy_threshold"] == 0.7 and seen["verify_threshold"] == 0.1
@@ -226,7 +225,6 @@ RUNTIME = {
     "cpu_threads": ([], "3", lambda s: s["load_engine"][0]["cpu_threads"], 3),
     "processes": ([], "3", lambda s: [c[c.index("serve") + 1:] for c, _ in s["spawned"]],
                   [["--processes", "3", "--processes", "1", "--reuse-port"]] * 3),
-    "reuse_port": ([], None, lambda s: s["settings"].reuse_port, True),
     "inference": ([], "ray", lambda s: "ray" in s and "settings" in s, True),
     "ray_address": (["--inference", "ray"], "ray://head:10001", lambda s: s["ray"].address, "ray://head:10001"),
     "ray_app": (["--inference", "ray"], "captions", lambda s: s["ray"].app_name, "captions"),
@@ -286,28 +284,27 @@ RUNTIME = {
 
 def test_every_setting_has_a_runtime_check():
     """A new setting must say here where it lands (or this fails), so none can be parsed and then ignored."""
-    assert {f.name for f in dataclasses.fields(ServeConfig)} - set(RUNTIME) == set()
+    assert set(BY_KEY) - set(RUNTIME) == set()
 
 
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ServeConfig)])
+@pytest.mark.parametrize("name", [s.key for s in SETTINGS])
 def test_every_setting_reaches_the_object_that_uses_it(name, tmp_path, monkeypatch):
     if name not in RUNTIME:
         pytest.fail(f"setting {name!r} has no entry in RUNTIME: say where it must arrive")
-    for f in dataclasses.fields(ServeConfig):  # the settings must not come from this machine's environment
-        monkeypatch.delenv(f"GRANITE_STREAM_{f.name.upper()}", raising=False)
+    for setting in SETTINGS:  # the settings must not come from this machine's environment
+        monkeypatch.delenv(setting.env, raising=False)
     monkeypatch.delenv("GRANITE_STREAM_CONFIG", raising=False)
     keys = tmp_path / "keys"
     keys.write_text("a" * 24 + "\n")
     context, value, observe, expected = RUNTIME[name]
-    field = next(f for f in dataclasses.fields(ServeConfig) if f.name == name)
-    flag = "--" + name.replace("_", "-")
+    flag = BY_KEY[name].flag
     argv = context + ([flag] if value is None else [flag, value.format(keys=keys)])
     default = _serve_and_capture(context, monkeypatch)
     given = _serve_and_capture(argv, monkeypatch)
     assert observe(given) == expected, (name, observe(given))
     assert observe(default) != expected, f"{name}: the test value must differ from what the default gives"
-    if field.type == "bool":  # the flag form: present means true
-        assert getattr(load_config({name: True}, {}), name) is True
+    if BY_KEY[name].kind is bool:  # the flag form: present means true
+        assert load_config({name: True}, {}).value(name) is True
 
 
 def test_gpu_preset_is_the_measured_configuration_on_cuda_only():
@@ -317,24 +314,26 @@ def test_gpu_preset_is_the_measured_configuration_on_cuda_only():
 
     config, explicit = load_config_and_sources({"engine": "granite", "model": "/m"}, {})
     gpu, why = resolve_preset(config, explicit, cuda_available=lambda: True)
-    assert gpu.preset == "gpu" and "CUDA device" in why
-    assert {k: getattr(gpu, k) for k in GPU_PRESET} == GPU_PRESET
-    assert (gpu.max_batch, gpu.granite_encoder_batching, gpu.granite_compile_step) == (64, "padded", "auto")
+    assert "CUDA device" in why
+    assert gpu.engine.preset == "gpu" and {k: gpu.value(k) for k in GPU_PRESET} == GPU_PRESET
+    assert (gpu.worker.max_batch, gpu.granite.encoder_batching, gpu.granite.compile_step) == (64, "padded", "auto")
     cpu, why = resolve_preset(config, explicit, cuda_available=lambda: False)
-    assert cpu == dataclasses.replace(config, preset="cpu") and "no CUDA" in why
+    assert cpu == config.with_values({"preset": "cpu"}) and "no CUDA" in why
     # A setting some source gave is kept, and the reason says so.
     config, explicit = load_config_and_sources({"engine": "granite", "max_batch": "16"},
                                                {"GRANITE_STREAM_MAX_QUEUE": "100"})
     gpu, why = resolve_preset(config, explicit, cuda_available=lambda: True)
-    assert (gpu.max_batch, gpu.max_queue, gpu.granite_encoder_batching) == (16, 100, "padded")
+    assert (gpu.worker.max_batch, gpu.worker.max_queue, gpu.granite.encoder_batching) == (16, 100, "padded")
     assert "kept as given: max_batch, max_queue" in why
     # Never where Granite is not the GPU engine, and forced either way when asked.
     for fields in ({"engine": "whisper"}, {"engine": "auto"}, {"engine": "granite", "device": "cpu"},
                    {"engine": "granite", "inference": "ray"}):
-        assert resolve_preset(*load_config_and_sources(fields, {}), cuda_available=lambda: True)[0].preset == "cpu"
-    assert resolve_preset(*load_config_and_sources({"preset": "gpu"}, {}), cuda_available=lambda: False)[0].max_batch == 64
-    assert resolve_preset(*load_config_and_sources({"preset": "cpu"}, {}), cuda_available=lambda: True)[0].max_batch == 8
-    assert ServeConfig().max_batch == 8 and ServeConfig().granite_encoder_batching == "exact"  # CPU defaults stay
+        assert resolve_preset(*load_config_and_sources(fields, {}), cuda_available=lambda: True)[0].engine.preset == "cpu"
+    gpu = resolve_preset(*load_config_and_sources({"preset": "gpu"}, {}), cuda_available=lambda: False)[0]
+    assert gpu.worker.max_batch == 64
+    cpu = resolve_preset(*load_config_and_sources({"preset": "cpu"}, {}), cuda_available=lambda: True)[0]
+    assert cpu.worker.max_batch == 8
+    assert ServeConfig().worker.max_batch == 8 and ServeConfig().granite.encoder_batching == "exact"  # CPU defaults stay
 
 
 def test_print_config_shows_the_preset_and_why(capsys, monkeypatch):
@@ -353,3 +352,61 @@ def test_print_config_shows_the_preset_and_why(capsys, monkeypatch):
     monkeypatch.setattr(engines, "cuda_available", lambda: True)
     assert main(["serve", "--print-config"]) == 0  # engine auto: it may fall back to Whisper on the CPU
     assert capsys.readouterr().out.startswith("# preset cpu: engine auto")
+
+
+def test_toml_sections_and_the_flat_keys_of_before(tmp_path):
+    """A file may give settings in their sections' tables or flat by key (top level or [serve]); what
+    --print-config prints loads back as the same settings."""
+    path = tmp_path / "c.toml"
+    path.write_text('[engine]\nname = "whisper"\n[engine.granite]\nencoder_batching = "padded"\n'
+                    '[worker]\nmax_batch = 4\n[pool.ray]\naddress = "auto"\n')
+    config = load_config({}, {}, path)
+    assert (config.engine.name, config.granite.encoder_batching, config.worker.max_batch, config.ray.address) == (
+        "whisper", "padded", 4, "auto")
+    path.write_text('engine = "whisper"\ngranite_encoder_batching = "padded"\n[serve]\nmax_batch = 4\n'
+                    'ray_address = "auto"\n')
+    assert load_config({}, {}, path) == config
+    path.write_text(render(config.with_values({"port": 9000, "log_transcripts": True})))
+    assert load_config({}, {}, path) == config.with_values({"port": 9000, "log_transcripts": True})
+    for text, fragment in (('max_batch = 2\n[worker]\nmax_batch = 3\n', "max_batch is given twice"),
+                           ('[worker]\nmax_batchh = 3\n', "unknown setting(s) worker.max_batchh"),
+                           ('[engine.whisper]\nx = 1\n', "unknown setting(s) engine.whisper"),
+                           ('[worker]\nmax_batch = "many"\n', "max_batch must be an integer")):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config({}, {}, path)
+        assert fragment in str(info.value)
+
+
+def test_reuse_port_is_an_internal_switch_not_a_setting(monkeypatch, capsys):
+    """--processes starts its children with --reuse-port; it is no user setting (no table row, no
+    environment name, not in --help), but it still reaches the server."""
+    assert "reuse_port" not in BY_KEY
+    assert _serve_and_capture(["--reuse-port"], monkeypatch)["settings"].reuse_port is True
+    assert _serve_and_capture([], monkeypatch)["settings"].reuse_port is False
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    usage = capsys.readouterr().out
+    assert "--reuse-port" not in usage
+    assert all(s.flag in usage for s in SETTINGS)
+
+
+def test_transcribe_takes_the_engine_sections_flags(monkeypatch, tmp_path):
+    """`transcribe` reads the serve command's engine settings (flags only): the same names, defaults
+    and Granite options reach the engine loader."""
+    import stream_server.cli as cli
+
+    seen = []
+
+    def load_engine(name, model, device, cpu_threads, max_batch, granite=None):
+        seen.append((name, model, device, cpu_threads, max_batch, granite["encoder_batching"]))
+        raise _Captured
+
+    monkeypatch.setattr(cli, "load_engine", load_engine)
+    monkeypatch.setenv("GRANITE_STREAM_MAX_BATCH", "99")  # not read by transcribe
+    with pytest.raises(_Captured):
+        main(["transcribe", str(tmp_path / "a.wav")])
+    with pytest.raises(_Captured):
+        main(["transcribe", "--engine", "granite", "--model", "/m", "--device", "cpu", "--cpu-threads", "2",
+              "--max-batch", "3", "--granite-encoder-batching", "padded", str(tmp_path / "a.wav")])
+    assert seen == [("auto", None, "auto", 0, 8, "exact"), ("granite", "/m", "cpu", 2, 3, "padded")]

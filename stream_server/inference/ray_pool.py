@@ -65,7 +65,6 @@ __all__ = [
     "connect_pool",
     "init_ray",
     "replica_actor_names",
-    "settings_from_config",
 ]
 
 
@@ -742,42 +741,6 @@ async def _awaitable(response):
 
 
 # ---- configuration -----------------------------------------------------------------------------
-
-
-def settings_from_config(config) -> RayPoolSettings:
-    """:class:`RayPoolSettings` from ``granite-stream serve``'s settings (``stream_server.settings.ServeConfig``).
-
-    The engine settings (``engine``, ``model``, ``device``, ``cpu_threads``) shape the replicas;
-    ``max_batch`` and ``max_wait_ms`` become Serve's ``max_batch_size`` and ``batch_wait_timeout_s``;
-    ``max_queue`` bounds the gateway queue. The ``ray_*`` settings (0 or -1 meaning "automatic") are
-    read with their defaults when absent, so this works with any version of the settings object.
-    """
-    def get(name: str, default):
-        return getattr(config, name, default)
-
-    replicas_min = int(get("ray_min_replicas", 1))
-    replicas_max = int(get("ray_max_replicas", 1))
-    gpus = float(get("ray_gpus_per_replica", -1.0))
-    cpus = float(get("ray_cpus_per_replica", 0.0))
-    return RayPoolSettings(
-        address=get("ray_address", "local") or "local",
-        app_name=get("ray_app", DEFAULT_APP_NAME) or DEFAULT_APP_NAME,
-        deploy=get("ray_deploy", "missing"),
-        engine=get("engine", "auto"),
-        model=get("model", "") or None,
-        device=get("device", "auto"),
-        cpu_threads=int(get("cpu_threads", 0)) or 1,
-        max_batch=int(get("max_batch", 8)),
-        batch_wait_s=float(get("max_wait_ms", 5.0)) / 1000.0,
-        min_replicas=replicas_min,
-        max_replicas=max(replicas_min, replicas_max),
-        target_ongoing_requests=float(get("ray_target_ongoing", 4.0)),
-        gpus_per_replica=None if gpus < 0 else gpus,
-        cpus_per_replica=None if cpus <= 0 else cpus,
-        max_inflight=int(get("ray_max_inflight", 0)) or None,
-        max_queue=int(get("max_queue", 512)),
-        local_num_cpus=int(get("ray_local_cpus", 0)) or None,
-    )
 
 
 _BUILDER_KEYS = ("engine", "model", "device", "cpu_threads", "max_batch", "batch_wait_s", "num_replicas",

@@ -21,6 +21,25 @@ RequestKind = Literal["partial", "final"]
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """How requests are batched and queued: the ``worker`` section of the server's settings.
+
+    One object serves the local worker's scheduler (:meth:`BatchScheduler.from_settings
+    <stream_server.inference.worker.BatchScheduler.from_settings>`), the Ray pool's gateway and
+    replicas, and the engines' announced batch bound; their defaults are these.
+
+    Attributes:
+        max_batch: most requests in one engine call, across sessions.
+        max_wait_ms: how long the oldest queued request may wait for a batch to fill.
+        max_queue: queued requests past which partials are shed and new sessions refused.
+    """
+
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 512
+
+
+@dataclass(frozen=True)
 class EngineCapabilities:
     """What an engine can serve, as announced in the protocol's ``ready`` message.
 
@@ -52,7 +71,7 @@ class EngineCapabilities:
     keywords: bool = False
     partial_modes: tuple[str, ...] = ("llm",)
     prefix: bool = True
-    max_batch: int = 8
+    max_batch: int = WorkerSettings.max_batch
     language_detection: bool = False
     early_results: bool = False
     diarization: bool = False

@@ -238,15 +238,13 @@ def test_connects_to_an_existing_app_by_name(pool):
 
 def test_settings_and_app_builder_without_deploying(pool):
     """``serve`` settings map onto the pool (GPU replicas on GPU clusters, autoscaling when min < max)."""
-    from types import SimpleNamespace
+    from stream_server.inference.ray_pool import app_builder, build_app
+    from stream_server.settings import load_config, ray_pool_settings
 
-    from stream_server.inference.ray_pool import app_builder, build_app, settings_from_config
-
-    config = SimpleNamespace(engine="granite", model="", device="auto", cpu_threads=0, max_batch=16, max_wait_ms=8.0,
-                             max_queue=100, inference="ray", ray_address="auto", ray_app="asr", ray_deploy="never",
-                             ray_min_replicas=1, ray_max_replicas=4, ray_target_ongoing=6.0, ray_gpus_per_replica=-1.0,
-                             ray_cpus_per_replica=0.0, ray_max_inflight=0, ray_local_cpus=0)
-    settings = settings_from_config(config)
+    config = load_config({"engine": "granite", "max_batch": "16", "max_wait_ms": "8", "max_queue": "100",
+                          "inference": "ray", "ray_address": "auto", "ray_app": "asr", "ray_deploy": "never",
+                          "ray_max_replicas": "4", "ray_target_ongoing": "6"}, {})
+    settings = ray_pool_settings(config)
     assert (settings.address, settings.app_name, settings.deploy) == ("auto", "asr", "never")
     assert settings.batch_wait_s == pytest.approx(0.008) and settings.max_queue == 100
     assert settings.inflight_bound() == 4 * 32  # max replicas × max ongoing (2 × max_batch)
