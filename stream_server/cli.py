@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ import numpy as np
 from stream_server.engines import load_engine
 from stream_server.inference.types import SAMPLE_RATE
 from stream_server.engines.base import Engine
+from stream_server.core.events import AudioFormat, Start, Stop
 from stream_server.core.protocol import ProtocolLimits, StreamConfig
 from stream_server.core.session import Send, Session, SessionSettings
 from stream_server.server.driver import SessionDriver
@@ -312,7 +314,7 @@ async def stream_audio(
     worker: InferenceWorker,
     session: Session,
     audio: np.ndarray,
-    start: dict,
+    start: Start,
     speed: float = 0.0,
     chunk_s: float = 0.1,
     on_event=None,
@@ -323,24 +325,24 @@ async def stream_audio(
         worker: a started inference worker.
         session: a fresh session.
         audio: mono float32 at 16 kHz.
-        start: the ``start`` message (its ``audio`` field is set here).
+        start: the ``start`` command (its ``audio`` is replaced here by the float samples fed).
         speed: multiple of real time to feed at; 0 feeds as fast as the engine keeps up.
         chunk_s: seconds of audio per frame.
-        on_event: called with each event as it is produced.
+        on_event: called with each event (in its wire form) as it is produced.
 
     Returns:
-        Every event the session sent, in order.
+        Every event the session sent, in order, in its wire form (what ``--json`` prints).
     """
     events: list[dict] = []
 
     def emit(action) -> None:
         if isinstance(action, Send):
-            events.append(action.event)
+            events.append(action.event.to_wire())
             if on_event is not None:
-                on_event(action.event)
+                on_event(events[-1])
 
     driver = SessionDriver(session, worker, emit)
-    driver.text(json.dumps({**start, "audio": {"encoding": "pcm_f32le", "sample_rate": SAMPLE_RATE, "channels": 1}}))
+    driver.command(replace(start, audio=AudioFormat("pcm_f32le", SAMPLE_RATE, 1)))
     step = int(chunk_s * SAMPLE_RATE)
     loop = asyncio.get_running_loop()
     began = loop.time()
@@ -354,7 +356,7 @@ async def stream_audio(
             await asyncio.sleep(0)
             while worker.queue_depth > 2 * worker.scheduler.max_batch:
                 await asyncio.sleep(0.01)
-    driver.text(json.dumps({"type": "stop"}))
+    driver.command(Stop())
     await driver.closed.wait()
     return events
 
@@ -374,13 +376,14 @@ async def _transcribe(args, config: ServeConfig) -> int:
     worker = InferenceWorker(engine, BatchScheduler(max_batch=config.worker.max_batch))
     worker.start(asyncio.get_running_loop())
     keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
-    start = {
-        "type": "start", "task": args.task, "language": None if args.language == "auto" else args.language,
+    options: dict = {
+        "task": args.task, "language": None if args.language == "auto" else args.language,
         "target_language": args.target_language, "keywords": keywords, "partials": bool(args.partials),
         "vad": {"silence_ms": args.silence_ms},
     }
     if args.diarize:
-        start["diarize"] = True
+        options["diarize"] = True
+    start = Start(options=options)
     settings = SessionSettings(default_config=StreamConfig(), limits=ProtocolLimits())
     status = 0
     try:

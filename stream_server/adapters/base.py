@@ -2,8 +2,8 @@
 
 An adapter is a **translator** (sans-I/O, one per connection; the interface is
 :class:`~stream_server.server.connection.Translator`): it turns the foreign client's frames into inputs for
-one or more native sessions (protocol v1 JSON control messages and audio bytes), and the sessions'
-native events into the foreign server's messages. It never touches a socket, a thread or a clock,
+one or more native sessions (typed commands, :mod:`stream_server.core.events`, and audio bytes), and
+the sessions' typed events into the foreign server's messages (matched on their classes). It never touches a socket, a thread or a clock,
 so it is tested by calling its methods directly. The connection itself (limits, idle timeout,
 throttling, outbox, metrics, drain) is run by the one shell every route shares,
 :func:`~stream_server.server.connection.serve_connection`.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import struct
 import uuid
 from dataclasses import dataclass
@@ -21,17 +20,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from stream_server.server.connection import Hangup, OpenStream, Out, Reply, StreamAudio, StreamText, Translator
+from stream_server.server.connection import Hangup, OpenStream, Out, Reply, StreamAudio, StreamCommand, Translator
 
 __all__ = [
-    "ALAW_TABLE", "Hangup", "OpenStream", "Out", "Reply", "StreamAudio", "StreamText", "Translator", "WavHeader",
-    "alaw_to_pcm16", "audio_chunks", "decode_base64", "native", "new_id", "parse_wav_header", "query_params",
+    "ALAW_TABLE", "Hangup", "OpenStream", "Out", "Reply", "StreamAudio", "StreamCommand", "Translator", "WavHeader",
+    "alaw_to_pcm16", "audio_chunks", "decode_base64", "new_id", "parse_wav_header", "query_params",
 ]
-
-
-def native(key: str, message_type: str, **fields) -> StreamText:
-    """A native control message for the session under ``key``."""
-    return StreamText(key, json.dumps({"type": message_type, **fields}))
 
 
 def audio_chunks(key: str, data: bytes, max_bytes: int, sample_bytes: int = 1) -> list[StreamAudio]:

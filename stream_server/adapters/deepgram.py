@@ -39,12 +39,13 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any, overload
+from typing import Any, Mapping, Sequence, overload
 
 from stream_server.inference.types import EngineCapabilities
 from stream_server.core.session import SessionSettings
-from stream_server.speakers.clustering import Attribution, SpeakerTurn
-from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, WavHeader, alaw_to_pcm16, audio_chunks, native, parse_wav_header, query_params
+from stream_server.speakers.clustering import Attribution
+from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, StreamCommand, WavHeader, alaw_to_pcm16, audio_chunks, parse_wav_header, query_params
+from stream_server.core.events import AudioFormat, Configure, Configured, End, Error, Event, Final, Finalize, Partial, SpeechEnded, SpeechStarted, Start, Stop
 
 ROUTE = "/deepgram/v1/listen"
 KEY = "main"
@@ -182,18 +183,14 @@ class DeepgramTranslator:
         keywords += [re.sub(r":-?[0-9.]+$", "", k) for k in query.get("keywords", [])]
         self.keywords = list(dict.fromkeys(k.strip() for k in keywords if k.strip()))
 
-    def _start_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "audio": {"encoding": "pcm_s16le" if self.native_encoding == "alaw" else self.native_encoding,
-                      "sample_rate": self.sample_rate, "channels": self.channels},
-            "language": self.language, "keywords": self.keywords, "partials": self.interim,
-            "vad": {"silence_ms": self.silence_ms},
-        }
-        if self.multichannel:
-            fields["multichannel"] = True
+    def _start_command(self) -> Start:
+        audio = AudioFormat("pcm_s16le" if self.native_encoding == "alaw" else self.native_encoding,
+                            self.sample_rate, self.channels)
+        options: dict[str, Any] = {"language": self.language, "keywords": self.keywords, "partials": self.interim,
+                                   "vad": {"silence_ms": self.silence_ms}}
         if self.diarize:
-            fields["diarize"] = True
-        return fields
+            options["diarize"] = True
+        return Start(audio, options, True if self.multichannel else None)
 
     @property
     def output_channels(self) -> int:
@@ -210,7 +207,7 @@ class DeepgramTranslator:
 
     def _start(self) -> list[Out]:
         self.started = True
-        return [OpenStream(KEY), native(KEY, "start", **self._start_fields())]
+        return [OpenStream(KEY), StreamCommand(KEY, self._start_command())]
 
     def client_bytes(self, data: bytes) -> list[Out]:
         self._forcing = None
@@ -256,7 +253,7 @@ class DeepgramTranslator:
             if not self.started:
                 return []
             self._forcing = "finalize"
-            return [native(KEY, "finalize")]
+            return [StreamCommand(KEY, Finalize())]
         if kind == "CloseStream":
             return self._close_stream()
         if kind == "Configure":
@@ -269,7 +266,7 @@ class DeepgramTranslator:
         if not self.started:
             return [self._metadata(), Hangup(1000, "end of stream")]
         self._forcing = "close"
-        return [native(KEY, "stop")]
+        return [StreamCommand(KEY, Stop())]
 
     def _configure(self, message: dict) -> list[Out]:
         keyterms = message.get("keyterms")
@@ -282,53 +279,51 @@ class DeepgramTranslator:
         if not self.started:
             return [Reply({"type": "ConfigureSuccess", "request_id": self.request_id, "keyterms": self.keywords})]
         self._configuring = True
-        return [native(KEY, "configure", keywords=self.keywords)]
+        return [StreamCommand(KEY, Configure({"keywords": self.keywords}))]
 
     # ---- native events --------------------------------------------------------------------------
 
-    def native_event(self, key: str, event: dict) -> list[Out]:
-        kind = event.get("type")
-        channel = event.get("channel", 0)
-        if kind == "speech_ended":
-            # Ended by the client's Finalize/CloseStream (this very message), not by endpointing.
-            if self._forcing is not None:
-                self._forced[(channel, event["utterance_id"])] = self._forcing
-            return []
-        if kind == "speech_started":
-            self._starts[(channel, event["utterance_id"])] = event["start"]
-            self._armed.discard(channel)
-            if self.vad_events:
-                return [Reply({"type": "SpeechStarted", "channel": [channel, self.output_channels],
-                               "timestamp": event["start"]})]
-            return []
-        if kind == "partial":
-            return [self._results(event, channel, is_final=False)] if self.interim else []
-        if kind == "final":
-            forced = self._forced.pop((channel, event["utterance_id"]), None)
-            self._starts.pop((channel, event["utterance_id"]), None)
-            outs: list[Out] = [self._results(event, channel, is_final=True, forced=forced)]
-            if event["text"].strip():
-                self._last_word_end[channel] = event["end"]
-                if self.utterance_end_ms is not None:
-                    self._armed.add(channel)
-            return outs + self._utterance_ends()
-        if kind == "configured":
-            if self._configuring:
-                self._configuring = False
-                return [Reply({"type": "ConfigureSuccess", "request_id": self.request_id, "keyterms": self.keywords})]
-            return []
-        if kind == "error":
-            if self._configuring and event.get("code") == "bad_config":
-                self._configuring = False
-                return [Reply({"type": "ConfigureFailure", "request_id": self.request_id,
-                               "code": "CONFIGURE_INTERNAL_ERROR", "description": event.get("message", "")})]
-            outs = [self._error(event.get("code", "internal").upper(), event.get("message", ""))]
-            if not self.closing and event.get("code") == "bad_config":  # the start itself was refused
-                self.closing = True
-                outs.append(Hangup(1008, "invalid options"))
-            return outs
-        if kind == "end":
-            return [self._metadata()]
+    def native_event(self, key: str, event: Event) -> list[Out]:
+        match event:
+            case SpeechEnded():
+                # Ended by the client's Finalize/CloseStream (this very message), not by endpointing.
+                if self._forcing is not None:
+                    self._forced[(event.channel or 0, event.utterance_id)] = self._forcing
+            case SpeechStarted():
+                channel = event.channel or 0
+                self._starts[(channel, event.utterance_id)] = event.start
+                self._armed.discard(channel)
+                if self.vad_events:
+                    return [Reply({"type": "SpeechStarted", "channel": [channel, self.output_channels],
+                                   "timestamp": event.start})]
+            case Partial():
+                return [self._results(event, is_final=False)] if self.interim else []
+            case Final():
+                channel = event.channel or 0
+                forced = self._forced.pop((channel, event.utterance_id), None)
+                self._starts.pop((channel, event.utterance_id), None)
+                outs: list[Out] = [self._results(event, is_final=True, forced=forced)]
+                if event.text.strip():
+                    self._last_word_end[channel] = event.end
+                    if self.utterance_end_ms is not None:
+                        self._armed.add(channel)
+                return outs + self._utterance_ends()
+            case Configured():
+                if self._configuring:
+                    self._configuring = False
+                    return [Reply({"type": "ConfigureSuccess", "request_id": self.request_id, "keyterms": self.keywords})]
+            case Error():
+                if self._configuring and event.code == "bad_config":
+                    self._configuring = False
+                    return [Reply({"type": "ConfigureFailure", "request_id": self.request_id,
+                                   "code": "CONFIGURE_INTERNAL_ERROR", "description": event.message})]
+                outs = [self._error(event.code.upper(), event.message)]
+                if not self.closing and event.code == "bad_config":  # the start itself was refused
+                    self.closing = True
+                    outs.append(Hangup(1008, "invalid options"))
+                return outs
+            case End():
+                return [self._metadata()]
         return []
 
     def native_closed(self, key: str, code: int, reason: str) -> list[Out]:
@@ -337,16 +332,17 @@ class DeepgramTranslator:
 
     # ---- messages -------------------------------------------------------------------------------
 
-    def _results(self, event: dict, channel: int, is_final: bool, forced: str | None = None) -> Reply:
-        start, end = event["start"], event["end"]
-        text = event["text"]
-        timed = event.get("words")
+    def _results(self, event: Partial | Final, is_final: bool, forced: str | None = None) -> Reply:
+        start, end, text, channel = event.start, event.end, event.text, event.channel or 0
+        timed = event.words if isinstance(event, Final) else None
         words = _timed_words(timed) if timed is not None else _words(text, start, end)
-        confidence = event.get("confidence")
+        confidence = event.confidence if isinstance(event, Final) else None
         if confidence is None:  # not scored (interim results, translations): see docs/protocol.md
             confidence = 0.0
-        if is_final and "speaker" in event:
-            words = _label_words(words, event)
+        if isinstance(event, Final) and event.speaker is not None:
+            # Deepgram's diarized words: the speaker of the final's turn overlapping the word most, else
+            # the final's; speaker_confidence is not measured, so it is left out.
+            words = Attribution(event.speaker, event.speaker_turns).label_words(words)
         return Reply({
             "type": "Results",
             "channel_index": [channel, self.output_channels],
@@ -399,7 +395,7 @@ def _plain(token: str) -> str:
     return re.sub(r"[^\w'-]", "", token.lower()) or token.lower()
 
 
-def _timed_words(words: list[dict]) -> list[dict]:
+def _timed_words(words: Sequence[Mapping[str, Any]]) -> list[dict]:
     """A native final's timed ``words`` in Deepgram's shape (an unscored word gets confidence 0)."""
     return [{"word": _plain(w["word"]), "start": w["start"], "end": w["end"],
              "confidence": 0.0 if w["confidence"] is None else w["confidence"], "punctuated_word": w["word"]}
@@ -421,13 +417,6 @@ def _words(text: str, start: float, end: float) -> list[dict]:
                       "punctuated_word": token})
         at += span
     return words
-
-
-def _label_words(words: list[dict], event: dict) -> list[dict]:
-    """Deepgram's diarized words: ``speaker`` of the native final's turn overlapping the word most,
-    else the final's ``speaker``; ``speaker_confidence`` is not measured, so it is left out."""
-    turns = tuple(SpeakerTurn(t["speaker"], t["start"], t["end"]) for t in event.get("speaker_turns") or ())
-    return Attribution(event["speaker"], turns).label_words(words)
 
 
 def translator(server, ws) -> DeepgramTranslator:

@@ -33,12 +33,13 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from stream_server.inference.types import EngineCapabilities
 from stream_server.core.protocol import StreamConfig
 from stream_server.core.session import Send, Session, SessionSettings, State
-from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, alaw_to_pcm16, audio_chunks, decode_base64, native, new_id, query_params
+from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, StreamCommand, alaw_to_pcm16, audio_chunks, decode_base64, new_id, query_params
+from stream_server.core.events import AudioFormat, Configure, Configured, Error, Event, Final, Finalize, Partial, SpeechEnded, SpeechStarted, Start
 
 ROUTE = "/v1/realtime"
 KEY = "main"
@@ -153,8 +154,8 @@ class _Item:
     start: float
     utterances: list[int] = field(default_factory=list)
     finals: dict[int, str] = field(default_factory=dict)
-    words: dict[int, list[dict]] = field(default_factory=dict)  # the finals' timed words, where given
-    failed: dict | None = None
+    words: dict[int, Sequence[Mapping[str, Any]]] = field(default_factory=dict)  # the finals' timed words, where given
+    failed: Error | None = None
     emitted: str = ""  # the deltas sent so far, concatenated
     end: float | None = None
     stopped: bool = False  # speech_stopped/committed sent (server VAD)
@@ -249,17 +250,19 @@ class RealtimeTranscriptionTranslator:
             raise ApiError("turn_detection cannot switch between server_vad and null after audio was appended; "
                            "open a new connection", param="session.audio.input.turn_detection")
         self._pending = (candidate, reply, event_id)
-        return [native(KEY, "configure", **candidate.native_settings(self.settings.limits.max_utterance_s))]
+        return [StreamCommand(KEY, Configure(candidate.native_settings(self.settings.limits.max_utterance_s)))]
 
     def _check_native(self, config: TranscriptionConfig) -> str | None:
         """Validate against the engine and the server limits exactly as the native session will."""
         probe = Session("probe", self.capabilities, self.settings)
-        start = {"audio": config.native_audio, **config.native_settings(self.settings.limits.max_utterance_s)}
-        actions = probe.receive_text(json.dumps({"type": "start", **start}))
+        actions = probe.handle(self._start_command(config))
         if probe.state == State.STREAMING:
             return None
-        errors = [a.event["message"] for a in actions if isinstance(a, Send) and a.event.get("type") == "error"]
+        errors = [a.event.message for a in actions if isinstance(a, Send) and isinstance(a.event, Error)]
         return errors[0] if errors else "the session settings were not accepted"
+
+    def _start_command(self, config: TranscriptionConfig) -> Start:
+        return Start(AudioFormat(**config.native_audio), config.native_settings(self.settings.limits.max_utterance_s))
 
     def _updated(self, reply: str) -> Reply:
         if reply == "transcription_session.updated":
@@ -275,8 +278,7 @@ class RealtimeTranscriptionTranslator:
         outs: list[Out] = []
         if not self.started:
             self.started = True
-            start = {"audio": self.config.native_audio, **self.config.native_settings(self.settings.limits.max_utterance_s)}
-            outs += [OpenStream(KEY), native(KEY, "start", **start)]
+            outs += [OpenStream(KEY), StreamCommand(KEY, self._start_command(self.config))]
         if not data:
             return outs
         self.position += len(data) / self.config.bytes_per_second
@@ -289,7 +291,7 @@ class RealtimeTranscriptionTranslator:
         uncommitted = self.position - self.commit_point
         if not self.config.manual:
             if self._current is not None:  # speech in progress: end it now (speech_stopped/committed follow)
-                return [native(KEY, "finalize")]
+                return [StreamCommand(KEY, Finalize())]
             if uncommitted < _MIN_COMMIT_S:
                 raise self._commit_empty(uncommitted)
             item = _Item(new_id("item_", 22), self.commit_point)  # no speech in the buffer: an empty item
@@ -304,7 +306,7 @@ class RealtimeTranscriptionTranslator:
         self._current = None
         item.end = self.position
         committed = self._commit_item(item, complete=False)
-        finalize: list[Out] = [native(KEY, "finalize")] if self.started else []
+        finalize: list[Out] = [StreamCommand(KEY, Finalize())] if self.started else []
         # committed goes out before anything the finalize may produce; then the item completes
         # now if all its utterances are already final, else when the last final arrives.
         return committed + finalize + self._maybe_complete(item)
@@ -328,45 +330,45 @@ class RealtimeTranscriptionTranslator:
         if self._current is not None:
             self._current.discarded = True
             self._current = None
-            outs.append(native(KEY, "finalize"))
+            outs.append(StreamCommand(KEY, Finalize()))
         self.commit_point = self.position
         return outs + [self._event("input_audio_buffer.cleared")]
 
     # ---- native events --------------------------------------------------------------------------
 
-    def native_event(self, key: str, event: dict) -> list[Out]:
-        kind = event.get("type")
-        if kind == "speech_started":
-            return self._speech_started(event)
-        if kind == "speech_ended":
-            return self._speech_ended(event)
-        if kind == "partial":
-            item = self._items.get(event["utterance_id"])
-            return [] if item is None else self._deltas(item, event["utterance_id"], event["stable_text"])
-        if kind == "final":
-            return self._final(event)
-        if kind == "configured":
-            if self._pending is None:
-                return []
-            self.config, reply, _ = self._pending
-            self._pending = None
-            return [self._updated(reply)]
-        if kind == "error":
-            return self._native_error(event)
+    def native_event(self, key: str, event: Event) -> list[Out]:
+        match event:
+            case SpeechStarted():
+                return self._speech_started(event)
+            case SpeechEnded():
+                return self._speech_ended(event)
+            case Partial():
+                item = self._items.get(event.utterance_id)
+                return [] if item is None else self._deltas(item, event.utterance_id, event.stable_text)
+            case Final():
+                return self._final(event)
+            case Configured():
+                if self._pending is None:
+                    return []
+                self.config, reply, _ = self._pending
+                self._pending = None
+                return [self._updated(reply)]
+            case Error():
+                return self._native_error(event)
         return []  # ready, end: nothing to say in this protocol
 
     def native_closed(self, key: str, code: int, reason: str) -> list[Out]:
         self.closed = True
         return [Hangup(code, reason)]
 
-    def _speech_ended(self, event: dict) -> list[Out]:
-        item = self._items.get(event["utterance_id"])
+    def _speech_ended(self, event: SpeechEnded) -> list[Out]:
+        item = self._items.get(event.utterance_id)
         if item is None or self.config.manual or item.discarded or item.stopped:
             return []
-        return self._speech_stopped(item, event["end"])
+        return self._speech_stopped(item, event.end)
 
-    def _speech_started(self, event: dict) -> list[Out]:
-        uid, start = event["utterance_id"], event["start"]
+    def _speech_started(self, event: SpeechStarted) -> list[Out]:
+        uid, start = event.utterance_id, event.start
         self._utterance_start[uid] = start
         if self.config.manual:
             if self._current is None:
@@ -389,32 +391,32 @@ class RealtimeTranscriptionTranslator:
                                        item_id=item.item_id)]
         return outs + self._commit_item(item)
 
-    def _final(self, event: dict) -> list[Out]:
-        uid = event["utterance_id"]
+    def _final(self, event: Final) -> list[Out]:
+        uid = event.utterance_id
         item = self._items.get(uid)
         if item is None:
             return []
         # Every final follows its utterance's speech_ended (the session sends one for each ended
         # utterance, drains included), so the item is already stopped and committed here.
-        item.finals[uid] = event["text"]
-        if event.get("words") is not None:
-            item.words[uid] = event["words"]
-        outs: list[Out] = [] if item.discarded else self._deltas(item, uid, event["text"], final=True)
+        item.finals[uid] = event.text
+        if event.words is not None:
+            item.words[uid] = event.words
+        outs: list[Out] = [] if item.discarded else self._deltas(item, uid, event.text, final=True)
         return outs + self._maybe_complete(item)
 
-    def _native_error(self, event: dict) -> list[Out]:
-        uid = event.get("utterance_id")
+    def _native_error(self, event: Error) -> list[Out]:
+        uid = event.utterance_id
         if uid is not None and uid in self._items:
             item = self._items[uid]
             item.failed = event
             item.finals[uid] = ""
             return self._maybe_complete(item)
         pending = self._pending
-        if pending is not None and event.get("code") == "bad_config":
+        if pending is not None and event.code == "bad_config":
             self._pending = None
-            return [self._error(ApiError(event.get("message", ""), param="session"), pending[2])]
-        kind = "invalid_request_error" if event.get("code") in _CLIENT_ERRORS else "server_error"
-        return [self._error(ApiError(event.get("message", ""), code=event.get("code", "server_error"), kind=kind))]
+            return [self._error(ApiError(event.message, param="session"), pending[2])]
+        kind = "invalid_request_error" if event.code in _CLIENT_ERRORS else "server_error"
+        return [self._error(ApiError(event.message, code=event.code, kind=kind))]
 
     # ---- transcript assembly --------------------------------------------------------------------
 
@@ -453,8 +455,8 @@ class RealtimeTranscriptionTranslator:
         self._forget(item)
         if item.failed is not None:
             return [self._event("conversation.item.input_audio_transcription.failed", item_id=item.item_id,
-                                content_index=0, error={"type": "server_error", "code": item.failed.get("code"),
-                                                        "message": item.failed.get("message"), "param": None})]
+                                content_index=0, error={"type": "server_error", "code": item.failed.code,
+                                                        "message": item.failed.message, "param": None})]
         transcript = " ".join(t for t in (item.finals[u] for u in item.utterances) if t)
         outs: list[Out] = []
         if transcript != item.emitted and transcript.startswith(item.emitted):

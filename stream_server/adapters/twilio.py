@@ -29,7 +29,8 @@ from typing import Any
 
 from stream_server.inference.types import EngineCapabilities
 from stream_server.core.session import SessionSettings
-from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, audio_chunks, decode_base64, native, query_params
+from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, StreamCommand, audio_chunks, decode_base64, query_params
+from stream_server.core.events import AudioFormat, End, Error, Event, Final, Partial, Ready, SpeechEnded, SpeechStarted, Start, Stop
 
 ROUTE = "/v1/twilio"
 TRACKS = ("inbound", "outbound")
@@ -115,7 +116,7 @@ class TwilioTranslator:
         if track in self.tracks:
             return []
         self.tracks[track] = {"ready": False, "failed": False, "ms": 0.0, "end": None, "closed": False}
-        fields: dict[str, Any] = {"audio": {"encoding": "mulaw", "sample_rate": self.rate, "channels": 1}}
+        fields: dict[str, Any] = {}
         opts = self.options
         if "language" in opts:
             fields["language"] = opts["language"]
@@ -128,7 +129,7 @@ class TwilioTranslator:
         if "silence_ms" in opts:
             value = opts["silence_ms"]
             fields["vad"] = {"silence_ms": int(value) if str(value).isdigit() else value}
-        return [OpenStream(track), native(track, "start", **fields)]
+        return [OpenStream(track), StreamCommand(track, Start(AudioFormat("mulaw", self.rate, 1), fields))]
 
     def _media(self, message: dict) -> list[Out]:
         if self.stream_sid is None:
@@ -167,39 +168,46 @@ class TwilioTranslator:
         outs: list[Out] = []
         for track, state in self.tracks.items():
             if state["ready"] and not state["closed"]:
-                outs.append(native(track, "stop"))
+                outs.append(StreamCommand(track, Stop()))
         return outs + self._maybe_end()
 
     # ---- native events --------------------------------------------------------------------------
 
-    def native_event(self, track: str, event: dict) -> list[Out]:
-        kind = event.get("type")
+    def native_event(self, track: str, event: Event) -> list[Out]:
         state = self.tracks.get(track)
         if state is None:
             return []
-        if kind == "ready":
-            state["ready"] = True
-            return []
-        if kind == "speech_started":
-            return [self._event("speech_started", track=track, utterance_id=event["utterance_id"], start=event["start"])]
-        if kind == "speech_ended":
-            return [self._event("speech_ended", track=track, utterance_id=event["utterance_id"], end=event["end"])]
-        if kind == "partial":
-            return [self._event("transcript", track=track, utterance_id=event["utterance_id"], is_final=False,
-                                text=event["text"], stable_text=event["stable_text"], start=event["start"],
-                                end=event["end"])]
-        if kind == "final":
-            timing = {k: event[k] for k in ("words", "confidence", "timing", "truncated") if k in event}
-            return [self._event("transcript", track=track, utterance_id=event["utterance_id"], is_final=True,
-                                text=event["text"], start=event["start"], end=event["end"],
-                                language=event.get("language"), **timing)]
-        if kind == "error":
-            if not state["ready"]:
-                state["failed"] = True  # its start was refused: drop the track's media from now on
-            extra = {k: event[k] for k in ("utterance_id", "start", "end") if k in event}
-            return [self._error(event.get("code", "internal"), event.get("message", ""), track, **extra)]
-        if kind == "end":
-            state["end"] = {"utterances": event.get("utterances", 0), "audio_seconds": event.get("audio_seconds", 0.0)}
+        match event:
+            case Ready():
+                state["ready"] = True
+            case SpeechStarted():
+                return [self._event("speech_started", track=track, utterance_id=event.utterance_id, start=event.start)]
+            case SpeechEnded():
+                return [self._event("speech_ended", track=track, utterance_id=event.utterance_id, end=event.end)]
+            case Partial():
+                return [self._event("transcript", track=track, utterance_id=event.utterance_id, is_final=False,
+                                    text=event.text, stable_text=event.stable_text, start=event.start, end=event.end)]
+            case Final():
+                timing: dict[str, Any] = {}
+                if event.words is not None:
+                    timing["words"] = [dict(w) for w in event.words]
+                    if event.confidence is not None:
+                        timing["confidence"] = event.confidence
+                else:
+                    timing["timing"] = "utterance"
+                if event.truncated:
+                    timing["truncated"] = True
+                return [self._event("transcript", track=track, utterance_id=event.utterance_id, is_final=True,
+                                    text=event.text, start=event.start, end=event.end, language=event.language,
+                                    **timing)]
+            case Error():
+                if not state["ready"]:
+                    state["failed"] = True  # its start was refused: drop the track's media from now on
+                extra = {} if event.utterance_id is None else \
+                    {"utterance_id": event.utterance_id, "start": event.start, "end": event.end}
+                return [self._error(event.code, event.message, track, **extra)]
+            case End():
+                state["end"] = {"utterances": event.utterances, "audio_seconds": event.audio_seconds}
         return []
 
     def native_closed(self, track: str, code: int, reason: str) -> list[Out]:

@@ -6,7 +6,7 @@ transcript; with ``"multichannel": true`` in ``start`` every channel gets its ow
 its own VAD, its own utterances, its own partials and finals, each event tagged ``"channel": i``.
 
 :class:`MultichannelSession` has the interface the shells use of a :class:`Session`
-(``receive_text``, ``receive_bytes``, ``inference_done``, ``connection_lost``, ``state``, …), so
+(``handle``, ``receive_text``, ``receive_bytes``, ``inference_done``, ``connection_lost``, ``state``, …), so
 the :class:`~stream_server.server.driver.SessionDriver` drives it unchanged. Until a ``start`` asks for
 multichannel it simply forwards everything to one ordinary session, so protocol v1 clients see no
 difference at all. After a multichannel ``start`` it
@@ -28,16 +28,17 @@ lists them for cancellation.
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 
 import numpy as np
 
+from stream_server.core.events import Audio, Command, Configured, End, Error, Final, Partial, Ready, SpeechEnded, SpeechStarted, Start
 from stream_server.inference.types import EngineCapabilities, InferenceRequest, InferenceResult
-from stream_server.core.protocol import BAD_AUDIO, BAD_CONFIG, INTERNAL, OVERLOADED, ProtocolError, parse_audio_format, round_time
+from stream_server.core.protocol import BAD_AUDIO, INTERNAL, OVERLOADED, ProtocolError, check_audio_format, parse_command, round_time
 from stream_server.core.session import Action, Close, Send, Session, SessionSettings, State
 
 _BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1}
-_CHANNEL_EVENTS = {"speech_started", "speech_ended", "partial", "final"}
+_CHANNEL_EVENTS = (SpeechStarted, SpeechEnded, Partial, Final)
 _CHANNEL_ERRORS = {BAD_AUDIO, OVERLOADED}  # errors about one channel's audio or inference
 
 
@@ -60,7 +61,7 @@ class MultichannelSession:
         self._index: dict[str, int] = {}
         self._carry = b""
         self._frame_bytes = 0
-        self._ended: dict[int, dict] = {}
+        self._ended: dict[int, End] = {}
         self._end_close: Close | None = None
         self._closed = False
 
@@ -121,19 +122,38 @@ class MultichannelSession:
     # ---- inputs -------------------------------------------------------------------------------
 
     def receive_text(self, text: str) -> list[Action]:
-        if self._channels is None:
-            start = self._multichannel_start(text)
-            if start is None:
-                return self._main.receive_text(text)
-            return start
-        actions: list[Action] = []
-        for i, channel in enumerate(self._channels):
-            actions += self._merge(i, channel.receive_text(text))
-        return actions
+        """The JSON edge (see :meth:`Session.receive_text`)."""
+        try:
+            command = parse_command(text, self.settings.limits)
+        except ProtocolError as exc:
+            if self._channels is None:
+                return self._main.reject(exc)
+            actions: list[Action] = []
+            for i, channel in enumerate(self._channels):
+                actions += self._merge(i, channel.reject(exc))
+            return actions
+        return self.handle(command)
 
     def receive_bytes(self, data: bytes) -> list[Action]:
+        """The binary edge: one interleaved frame of every channel's audio."""
+        return self.handle(Audio(data))
+
+    def handle(self, command: Command) -> list[Action]:
+        """Handle one command: a multichannel ``start`` splits the stream; afterwards control
+        commands go to every channel and audio is de-interleaved."""
         if self._channels is None:
-            return self._main.receive_bytes(data)
+            if isinstance(command, Start) and command.multichannel is not None and self._main.state == State.AWAITING_START:
+                return self._multichannel_start(command)
+            return self._main.handle(command)
+        if isinstance(command, Audio):
+            return self._audio(command.data)
+        actions: list[Action] = []
+        for i, channel in enumerate(self._channels):
+            actions += self._merge(i, channel.handle(command))
+        return actions
+
+    def _audio(self, data: bytes) -> list[Action]:
+        assert self._channels is not None
         first = self._channels[0]
         if first.state != State.STREAMING or len(data) > self.settings.max_frame_bytes:
             # The first channel answers with the right error (after stop, too large) for all.
@@ -161,7 +181,7 @@ class MultichannelSession:
             return []
         return self._merge(i, self._channels[i].inference_done(request, result, error, code))
 
-    def end_stream(self, notice: dict | None = None, close_code: int = 1000, close_reason: str = "end of stream") -> list[Action]:
+    def end_stream(self, notice: Error | None = None, close_code: int = 1000, close_reason: str = "end of stream") -> list[Action]:
         """Finish every channel as ``stop`` does (see :meth:`Session.end_stream`); ``notice`` is sent once."""
         if self._channels is None:
             return self._main.end_stream(notice, close_code, close_reason)
@@ -178,50 +198,30 @@ class MultichannelSession:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _multichannel_start(self, text: str) -> list[Action] | None:
-        """Handle a ``start`` that names ``multichannel``; ``None`` means "not mine, forward it"."""
-        if self._main.state != State.AWAITING_START:
-            return None
-        if len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text) > self.settings.limits.max_text_bytes:
-            return None
+    def _multichannel_start(self, command: Start) -> list[Action]:
+        """Handle a ``start`` that names ``multichannel``."""
+        if not command.multichannel:
+            return self._main.handle(replace(command, multichannel=None))
         try:
-            message = json.loads(text)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(message, dict) or message.get("type") != "start" or "multichannel" not in message:
-            return None
-        enabled = message.pop("multichannel")
-        if not isinstance(enabled, bool):
-            return [Send(ProtocolError(BAD_CONFIG, f"multichannel must be true or false, got {enabled!r}").to_event())]
-        if not enabled:
-            return self._main.receive_text(json.dumps(message))
-        try:
-            fmt = parse_audio_format(message.get("audio"))
+            fmt = check_audio_format(command.audio)
         except ProtocolError as exc:
             return [Send(exc.to_event())]
-        audio = dict(message.get("audio") or {})
-        audio["channels"] = 1
-        mono_start = json.dumps({**message, "audio": audio})
+        mono_start = replace(command, audio=replace(fmt, channels=1), multichannel=None)
         sessions = [Session(f"{self.session_id}.{i}", self.capabilities, self.settings) for i in range(fmt.channels)]
-        first = sessions[0].receive_text(mono_start)
+        first = sessions[0].handle(mono_start)
         if sessions[0].state != State.STREAMING:
             return first  # bad_config and the like: still waiting for a valid start
         for session in sessions[1:]:
-            session.receive_text(mono_start)
+            session.handle(mono_start)
         self._channels = sessions
         self._index = {s.session_id: i for i, s in enumerate(sessions)}
         self._frame_bytes = _BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels
-        ready = next(a.event for a in first if isinstance(a, Send) and a.event.get("type") == "ready")
-        return [Send(self._whole_stream({**ready, "session_id": self.session_id}))]
+        ready = next(a.event for a in first if isinstance(a, Send) and isinstance(a.event, Ready))
+        return [Send(self._whole_stream(replace(ready, session_id=self.session_id)))]
 
-    def _whole_stream(self, event: dict) -> dict:
+    def _whole_stream(self, event: Ready | Configured) -> Ready | Configured:
         """Restate a channel's ``ready``/``configured`` for the whole stream."""
-        if "config" in event:
-            config = dict(event["config"])
-            config["audio"] = {**config["audio"], "channels": len(self._channels or ())}
-            config["multichannel"] = True
-            event = {**event, "config": config}
-        return event
+        return replace(event, audio=replace(event.audio, channels=len(self._channels or ())), multichannel=True)
 
     def _merge(self, i: int, actions: list[Action]) -> list[Action]:
         merged: list[Action] = []
@@ -229,16 +229,15 @@ class MultichannelSession:
         for action in actions:
             if isinstance(action, Send):
                 event = action.event
-                kind = event.get("type")
-                if kind in _CHANNEL_EVENTS or (
-                    kind == "error" and ("utterance_id" in event or event.get("code") in _CHANNEL_ERRORS)
+                if isinstance(event, _CHANNEL_EVENTS) or (
+                    isinstance(event, Error) and (event.utterance_id is not None or event.code in _CHANNEL_ERRORS)
                 ):
-                    merged.append(Send({**event, "channel": i}))
-                elif kind == "end":
+                    merged.append(Send(replace(event, channel=i)))
+                elif isinstance(event, End):
                     self._ended[i] = event
                     ended = True
                 elif i == 0:
-                    merged.append(Send(self._whole_stream(event)))
+                    merged.append(Send(self._whole_stream(event) if isinstance(event, (Ready, Configured)) else event))
             elif isinstance(action, Close):
                 if ended:  # the close that follows this channel's `end`
                     self._end_close = self._end_close or action
@@ -258,11 +257,10 @@ class MultichannelSession:
             return []
         self._closed = True
         return [
-            Send({
-                "type": "end",
-                "utterances": sum(e.get("utterances", 0) for e in self._ended.values()),
-                "audio_seconds": round_time(max(e.get("audio_seconds", 0.0) for e in self._ended.values())),
-            }),
+            Send(End(
+                sum(e.utterances for e in self._ended.values()),
+                round_time(max(e.audio_seconds for e in self._ended.values())),
+            )),
             self._end_close or Close(1000, "end of stream"),
         ]
 

@@ -1,20 +1,22 @@
-"""Wire protocol v1: message validation and event construction.
+"""Wire protocol v1 at the edge: client text into typed commands, and message validation.
 
-Everything here is pure: JSON text in, validated dataclasses (or :class:`ProtocolError`) out, and
-plain dicts for server events. The session decides what to do with them; the server only moves bytes.
-The contract is documented in ``docs/protocol.md``.
+Everything here is pure: JSON text in, typed commands (:mod:`stream_server.core.events`) or
+validated dataclasses (or :class:`ProtocolError`) out. Events become JSON through their own
+``to_wire``. The session decides what to do with commands; the server only moves bytes. The
+contract is documented in ``docs/protocol.md``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import AbstractSet, Any
 
 from vad import VadConfig
 
-PROTOCOL_VERSION = 1
+from stream_server.core.events import PROTOCOL_VERSION as PROTOCOL_VERSION  # re-exported: the version is part of the protocol
+from stream_server.core.events import AudioFormat, Command, Configure, Error, Finalize, Start, Stop, StreamConfig
 
 ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw")
 TASKS = ("transcribe", "translate")
@@ -54,9 +56,9 @@ class ProtocolError(Exception):
         self.message = message
         self.fatal = fatal
 
-    def to_event(self, **extra: Any) -> dict:
+    def to_event(self) -> Error:
         """The ``error`` event reporting this problem."""
-        return error_event(self.code, self.message, self.fatal, **extra)
+        return Error(self.code, self.message, self.fatal)
 
 
 @dataclass(frozen=True)
@@ -74,60 +76,6 @@ class ProtocolLimits:
     max_keywords: int = 100
     max_keyword_chars: int = 64
     max_utterance_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class AudioFormat:
-    """The audio a client declared in ``start``."""
-
-    encoding: str = "pcm_s16le"
-    sample_rate: int = 16_000
-    channels: int = 1
-
-    def to_wire(self) -> dict:
-        return {"encoding": self.encoding, "sample_rate": self.sample_rate, "channels": self.channels}
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """The effective recognition settings of a session (the parts ``configure`` may change).
-
-    Attributes:
-        task: ``transcribe`` or ``translate``.
-        language: spoken language (ISO 639-1), or ``None`` for auto-detection where the engine allows it.
-        target_language: translation target; ``None`` means English for ``translate``.
-        keywords: terms to bias recognition towards.
-        partials: ``False`` for no partials, else the partial mode (``"llm"`` or ``"ctc"``).
-        partial_interval: seconds of audio between partial hypotheses.
-        vad: voice-activity segmentation settings.
-        diarize: label each final with its ``speaker`` (0, 1, … in order of first appearance);
-            needs an engine whose capabilities say ``diarization`` (docs/diarization.md).
-    """
-
-    task: str = "transcribe"
-    language: str | None = "en"
-    target_language: str | None = None
-    keywords: tuple[str, ...] = ()
-    partials: str | bool = "llm"
-    partial_interval: float = 0.5
-    vad: VadConfig = field(default_factory=VadConfig)
-    diarize: bool = False
-
-    def to_wire(self) -> dict:
-        return {
-            "task": self.task,
-            "language": self.language,
-            "target_language": self.target_language,
-            "keywords": list(self.keywords),
-            "partials": self.partials,
-            "partial_interval": self.partial_interval,
-            "vad": {
-                "silence_ms": self.vad.silence_ms,
-                "aggressiveness": self.vad.aggressiveness,
-                "max_utterance_s": self.vad.max_utterance_s,
-            },
-            "diarize": self.diarize,
-        }
 
 
 _CONFIG_FIELDS = {"task", "language", "target_language", "keywords", "partials", "partial_interval", "vad", "diarize"}
@@ -166,6 +114,32 @@ def parse_message(text: str | bytes, limits: ProtocolLimits = ProtocolLimits()) 
     return obj
 
 
+def parse_command(text: str | bytes, limits: ProtocolLimits = ProtocolLimits()) -> Command:
+    """The edge for text: one JSON control message as the typed command it asks for.
+
+    The envelope, the ``audio`` object's types and ``multichannel`` are checked here; the
+    configuration fields stay as sent in :attr:`Start.options` / :attr:`Configure.options` (the
+    session validates them against the configuration they change, see :func:`apply_config`), and
+    an audio format's ranges are checked by the session (:func:`check_audio_format`).
+
+    Raises:
+        ProtocolError: as :func:`parse_message`, or ``bad_config`` for a malformed ``audio`` or
+            ``multichannel`` of a ``start`` (all non-fatal).
+    """
+    message = parse_message(text, limits)
+    kind = message.pop("type")
+    if kind == "start":
+        multichannel = message.pop("multichannel", None)
+        if multichannel is not None and not isinstance(multichannel, bool):
+            raise ProtocolError(BAD_CONFIG, f"multichannel must be true or false, got {multichannel!r}")
+        return Start(_audio_fields(message.pop("audio", None)), message, multichannel)
+    if kind == "configure":
+        return Configure(message)
+    if kind == "finalize":
+        return Finalize()
+    return Stop()
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
@@ -176,23 +150,40 @@ def parse_audio_format(obj: Any) -> AudioFormat:
     Raises:
         ProtocolError: ``bad_config`` naming the offending field.
     """
+    return check_audio_format(_audio_fields(obj))
+
+
+def _audio_fields(obj: Any) -> AudioFormat:
+    """The ``audio`` object's fields, type-checked (not range-checked: :func:`check_audio_format`)."""
     if obj is None:
         return AudioFormat()
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_CONFIG, "\"audio\" must be an object")
     _reject_unknown(obj, _AUDIO_FIELDS, "audio")
     encoding = obj.get("encoding", "pcm_s16le")
-    if encoding not in ENCODINGS:
+    if not isinstance(encoding, str):
         raise ProtocolError(BAD_CONFIG, f"audio.encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
     rate = _int_field(obj, "sample_rate", 16_000, "audio.sample_rate")
+    channels = _int_field(obj, "channels", 1, "audio.channels")
+    return AudioFormat(encoding, rate, channels)
+
+
+def check_audio_format(fmt: AudioFormat) -> AudioFormat:
+    """``fmt`` if the server accepts it (the encodings and the ranges of rate and channels).
+
+    Raises:
+        ProtocolError: ``bad_config`` naming the offending field.
+    """
+    encoding, rate, channels = fmt.encoding, fmt.sample_rate, fmt.channels
+    if encoding not in ENCODINGS:
+        raise ProtocolError(BAD_CONFIG, f"audio.encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise ProtocolError(
             BAD_CONFIG, f"audio.sample_rate must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz, got {rate}"
         )
-    channels = _int_field(obj, "channels", 1, "audio.channels")
     if not 1 <= channels <= MAX_CHANNELS:
         raise ProtocolError(BAD_CONFIG, f"audio.channels must be between 1 and {MAX_CHANNELS}, got {channels}")
-    return AudioFormat(encoding, rate, channels)
+    return fmt
 
 
 def apply_config(
@@ -311,24 +302,6 @@ def _is_number(value: Any) -> bool:
 
 def _is_language_code(value: str) -> bool:
     return 2 <= len(value) <= 3 and value.isascii() and value.isalpha()
-
-
-# ---- server events -------------------------------------------------------------------------------
-
-
-def error_event(code: str, message: str, fatal: bool = False, **extra: Any) -> dict:
-    """An ``error`` event; ``extra`` may carry e.g. ``utterance_id``."""
-    return {"type": "error", "code": code, "message": message, "fatal": fatal, **extra}
-
-
-def ready_event(session_id: str, engine: dict, audio: AudioFormat, config: StreamConfig) -> dict:
-    return {
-        "type": "ready",
-        "session_id": session_id,
-        "protocol": PROTOCOL_VERSION,
-        "engine": engine,
-        "config": {"audio": audio.to_wire(), **config.to_wire()},
-    }
 
 
 def round_time(seconds: float) -> float:

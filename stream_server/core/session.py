@@ -1,7 +1,8 @@
 """The per-connection session: a pure, synchronous state machine (sans-I/O).
 
-A :class:`Session` is fed what arrived on the connection (text frames, binary frames) and what the
-inference worker finished, and answers with :class:`Action` objects: events to send, inference
+A :class:`Session` is fed typed commands (:mod:`stream_server.core.events`; ``receive_text`` and
+``receive_bytes`` are the thin edges for JSON text and audio frames) and what the inference worker
+finished, and answers with :class:`Action` objects: events to send, inference
 requests to submit, a close to perform. It never touches a socket, a thread or a clock; the asyncio
 server and the ``transcribe`` command are thin shells that carry out the actions. Every behaviour of
 the protocol is therefore testable by calling these methods directly.
@@ -14,15 +15,18 @@ schedule independent of how fast the client sends.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from vad import SpeechEnded, SpeechStarted, VadSegmenter
+from vad import SpeechEnded as VadSpeechEnded
+from vad import SpeechStarted as VadSpeechStarted
+from vad import VadSegmenter
 
 from stream_server.core.audio import AudioDecoder, SampleHistory
 from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word
-from stream_server.core.protocol import ALREADY_STARTED, BAD_AUDIO, BAD_CONFIG, BAD_MESSAGE, INTERNAL, NOT_STARTED, OVERLOADED, SESSION_LIMIT, TOO_LARGE, AudioFormat, ProtocolError, ProtocolLimits, StreamConfig, apply_config, error_event, parse_audio_format, parse_message, ready_event, round_time
+from stream_server.core.events import Audio, Command, Configure, Configured, End, Error, Event, Final, Finalize, Partial, Ready, SpeechEnded, SpeechStarted, Start, Stop
+from stream_server.core.protocol import ALREADY_STARTED, BAD_AUDIO, BAD_CONFIG, BAD_MESSAGE, INTERNAL, NOT_STARTED, OVERLOADED, SESSION_LIMIT, TOO_LARGE, AudioFormat, ProtocolError, ProtocolLimits, StreamConfig, apply_config, check_audio_format, parse_command, round_time
 from stream_server.speakers.clustering import SpeakerSettings, SpeakerTracker
 from stream_server.core.stabilizer import PartialStabilizer, drop_repeated_lead
 from stream_server.core.timing import final_words, words_to_wire
@@ -30,9 +34,9 @@ from stream_server.core.timing import final_words, words_to_wire
 
 @dataclass(frozen=True)
 class Send:
-    """Send ``event`` to the client as a JSON text frame."""
+    """Send ``event`` to the client (a native client gets ``event.to_wire()`` as a JSON text frame)."""
 
-    event: dict
+    event: Event
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ class _Utterance:
     voiced_start: int = 0  # sample index of the VAD's first voiced frame (after the pre-roll)
     final_confidence: float | None = None
     speaker_embeddings: object = field(default=None, repr=False)  # SpeakerEmbeddings of a diarize final; never logged
-    final_error: dict | None = None
+    final_error: Error | None = None
     language: str | None = None
     early_request: InferenceRequest | None = None  # a final decoded while the silence is still short
     early_outcome: tuple[InferenceResult | None, str | None, str] | None = None  # (result, error, code)
@@ -184,35 +188,70 @@ class Session:
         return [self.session_id]
 
     def receive_text(self, text: str) -> list[Action]:
-        """Handle one JSON control message.
+        """The JSON edge: one control message, parsed (:func:`parse_command`) and handled.
+
+        Returns:
+            As :meth:`handle`; a message that does not parse becomes an ``error`` event.
+        """
+        try:
+            command = parse_command(text, self.settings.limits)
+        except ProtocolError as exc:
+            return self.reject(exc)
+        return self.handle(command)
+
+    def receive_bytes(self, data: bytes) -> list[Action]:
+        """The binary edge: one frame of audio in the declared encoding."""
+        return self.handle(Audio(data))
+
+    def reject(self, exc: ProtocolError) -> list[Action]:
+        """Answer a control message that could not be parsed, as the session's state asks."""
+        refused = self._refuse_control()
+        return self._protocol_error(exc) if refused is None else refused
+
+    def handle(self, command: Command) -> list[Action]:
+        """Handle one command.
 
         Returns:
             Actions to carry out, in order. Protocol violations become ``error`` events; only fatal
             ones close the connection.
         """
+        if isinstance(command, Audio):
+            return self._on_audio(command.data)
+        refused = self._refuse_control()
+        if refused is not None:
+            return refused
+        try:
+            match command:
+                case Start():
+                    return self._on_start(command)
+                case Configure():
+                    return self._on_configure(command)
+                case Finalize():
+                    return self._on_finalize()
+                case Stop():
+                    return self._on_stop()
+        except ProtocolError as exc:
+            return self._protocol_error(exc)
+        raise TypeError(f"not a session command: {command!r}")
+
+    def _refuse_control(self) -> list[Action] | None:
         if self.state == State.CLOSED:
             return []  # `end` was the last event; the connection is closing
         if self.state == State.STOPPING:
-            return [Send(error_event(BAD_MESSAGE, "the stream is stopping; no more messages are accepted"))]
-        try:
-            message = parse_message(text, self.settings.limits)
-            handler = getattr(self, f"_on_{message['type']}")
-            return handler(message)
-        except ProtocolError as exc:
-            return self._protocol_error(exc)
+            return [Send(Error(BAD_MESSAGE, "the stream is stopping; no more messages are accepted"))]
+        return None
 
-    def receive_bytes(self, data: bytes) -> list[Action]:
-        """Handle one binary frame of audio in the declared encoding."""
+    def _on_audio(self, data: bytes) -> list[Action]:
         if self.state == State.AWAITING_START:
-            return [Send(error_event(NOT_STARTED, "audio arrived before \"start\"; the frame was discarded"))]
+            return [Send(Error(NOT_STARTED, "audio arrived before \"start\"; the frame was discarded"))]
         if self.state == State.CLOSED:
             return []
         if self.state != State.STREAMING:
-            return [Send(error_event(BAD_MESSAGE, "audio arrived after \"stop\"; the frame was discarded"))]
+            return [Send(Error(BAD_MESSAGE, "audio arrived after \"stop\"; the frame was discarded"))]
         if len(data) > self.settings.max_frame_bytes:
             return [
                 Send(
-                    error_event(
+                    Error(
                         TOO_LARGE,
                         f"audio frame of {len(data)} bytes exceeds the limit of {self.settings.max_frame_bytes}; "
                         "the frame was discarded",
@@ -224,14 +263,14 @@ class Session:
         actions = self._ingest(samples)
         limit = self.settings.max_session_s
         if limit and self.audio_seconds >= limit:
-            notice = error_event(
+            notice = Error(
                 SESSION_LIMIT, f"the session reached its limit of {limit:g} s of audio; reconnect to continue", True
             )
             return actions + self.end_stream(notice, 1008, "session length limit")
         if self._decoder.nonfinite_samples > self._nonfinite_reported:
             count = self._decoder.nonfinite_samples - self._nonfinite_reported
             self._nonfinite_reported = self._decoder.nonfinite_samples
-            actions.insert(0, Send(error_event(BAD_AUDIO, f"{count} non-finite float samples were replaced by silence")))
+            actions.insert(0, Send(Error(BAD_AUDIO, f"{count} non-finite float samples were replaced by silence")))
         return actions
 
     def inference_done(
@@ -283,9 +322,9 @@ class Session:
         # Settled: the piece it continued is not needed any more (no chain of cut pieces is kept).
         utterance.continues = None
         if result is None:
-            utterance.final_error = error_event(
+            utterance.final_error = Error(
                 code, f"utterance {utterance.utterance_id} could not be transcribed: {error or 'dropped'}",
-                utterance_id=utterance.utterance_id, start=round_time(utterance.start / SAMPLE_RATE),
+                False, utterance_id=utterance.utterance_id, start=round_time(utterance.start / SAMPLE_RATE),
                 end=round_time((utterance.end or 0) / SAMPLE_RATE),
             )
 
@@ -299,38 +338,42 @@ class Session:
 
     # ---- control messages ---------------------------------------------------------------------
 
-    def _on_start(self, message: dict) -> list[Action]:
+    def _on_start(self, command: Start) -> list[Action]:
         if self.state != State.AWAITING_START:
             raise ProtocolError(ALREADY_STARTED, "\"start\" was already received; use \"configure\" to change settings")
-        audio = parse_audio_format(message.get("audio"))
-        config = apply_config(message, self.settings.default_config, self.settings.limits, allowed_extra={"audio"})
+        audio = check_audio_format(command.audio)
+        options = dict(command.options)
+        if command.multichannel is not None:  # only a MultichannelSession splits channels
+            options["multichannel"] = command.multichannel
+        config = apply_config({"type": "start", **options}, self.settings.default_config, self.settings.limits)
         self._check_capability(config)
         self.audio_format = audio
         self.config = config
         self._decoder = AudioDecoder(audio)
         self._segmenter = VadSegmenter(config.vad)
         self.state = State.STREAMING
-        return [Send(ready_event(self.session_id, self.capabilities.to_wire(), audio, config))]
+        return [Send(Ready(self.session_id, self.capabilities.to_wire(), audio, config))]
 
-    def _on_configure(self, message: dict) -> list[Action]:
+    def _on_configure(self, command: Configure) -> list[Action]:
         self._require_started()
-        config = apply_config(message, self.config, self.settings.limits)
+        config = apply_config({"type": "configure", **command.options}, self.config, self.settings.limits)
         self._check_capability(config)
         self.config = config
         assert self._segmenter is not None
         self._segmenter.reconfigure(config.vad)
-        return [Send({"type": "configured", "config": {"audio": self.audio_format.to_wire(), **config.to_wire()}})]
+        assert self.audio_format is not None
+        return [Send(Configured(self.audio_format, config))]
 
-    def _on_finalize(self, message: dict) -> list[Action]:
+    def _on_finalize(self) -> list[Action]:
         self._require_started()
         assert self._segmenter is not None
         return self._handle_vad_events(self._segmenter.force_end())
 
-    def _on_stop(self, message: dict) -> list[Action]:
+    def _on_stop(self) -> list[Action]:
         self._require_started()
         return self.end_stream()
 
-    def end_stream(self, notice: dict | None = None, close_code: int = 1000, close_reason: str = "end of stream") -> list[Action]:
+    def end_stream(self, notice: Error | None = None, close_code: int = 1000, close_reason: str = "end of stream") -> list[Action]:
         """Finish the stream as ``stop`` does: finalize open audio, send finals, then ``end`` and close.
 
         Used for the client's ``stop`` and by the server for a drain (close 1001), an idle timeout or
@@ -394,7 +437,7 @@ class Session:
     def _handle_vad_events(self, events: list) -> list[Action]:
         actions: list[Action] = []
         for event in events:
-            if isinstance(event, SpeechStarted):
+            if isinstance(event, VadSpeechStarted):
                 utterance = _Utterance(self._next_utterance_id, event.start, self.config)
                 utterance.voiced_start = event.start if event.voiced is None else event.voiced
                 if self._last_ended is not None and self._last_ended.end == event.start:
@@ -402,11 +445,8 @@ class Session:
                     utterance.continues = self._last_ended
                 self._next_utterance_id += 1
                 self._open = utterance
-                actions.append(
-                    Send({"type": "speech_started", "utterance_id": utterance.utterance_id,
-                          "start": round_time(event.start / SAMPLE_RATE)})
-                )
-            elif isinstance(event, SpeechEnded) and self._open is not None:
+                actions.append(Send(SpeechStarted(utterance.utterance_id, round_time(event.start / SAMPLE_RATE))))
+            elif isinstance(event, VadSpeechEnded) and self._open is not None:
                 utterance = self._open
                 self._open = None
                 utterance.end = max(event.end, utterance.start)
@@ -420,8 +460,7 @@ class Session:
                 # it from this event (an early final is submitted at a short pause too, so the
                 # shape of an inference request says nothing about the end of speech).
                 actions.append(
-                    Send({"type": "speech_ended", "utterance_id": utterance.utterance_id,
-                          "end": round_time(utterance.end / SAMPLE_RATE), "reason": event.reason})
+                    Send(SpeechEnded(utterance.utterance_id, round_time(utterance.end / SAMPLE_RATE), event.reason))
                 )
                 early, outcome = utterance.early_request, utterance.early_outcome
                 covered = utterance.early_covers(utterance.end)
@@ -545,7 +584,7 @@ class Session:
         ):
             # Shedding partials is the first step of backpressure; say so (at most every 10 s of audio).
             self._overload_reported_at = self.audio_seconds
-            actions.append(Send(error_event(OVERLOADED, f"server busy: partial results are being skipped ({error})")))
+            actions.append(Send(Error(OVERLOADED, f"server busy: partial results are being skipped ({error})")))
         utterance = self._open
         if utterance is None or utterance.utterance_id != request.utterance_id:
             return actions  # the utterance ended meanwhile; its final supersedes this partial
@@ -557,9 +596,8 @@ class Session:
             utterance.shown_partial_end = end
             text, stable = utterance.stabilizer.update(self._own_words(utterance, result.text), request.duration)
             actions.append(
-                Send({"type": "partial", "utterance_id": utterance.utterance_id, "text": text, "stable_text": stable,
-                      "start": round_time(utterance.start / SAMPLE_RATE),
-                      "end": round_time((utterance.start + len(request.audio)) / SAMPLE_RATE)})
+                Send(Partial(utterance.utterance_id, text, stable, round_time(utterance.start / SAMPLE_RATE),
+                             round_time((utterance.start + len(request.audio)) / SAMPLE_RATE)))
             )
         return actions + self._maybe_partial()
 
@@ -572,49 +610,39 @@ class Session:
                 actions.append(Send(utterance.final_error))
             else:
                 config = utterance.config
-                event = {
-                    "type": "final",
-                    "utterance_id": utterance.utterance_id,
-                    "text": utterance.final_text,
-                    "start": round_time(utterance.start / SAMPLE_RATE),
-                    "end": round_time((utterance.end or utterance.start) / SAMPLE_RATE),
-                    "language": utterance.language,
-                    "task": config.task,
-                }
-                if config.task == "translate":
-                    event["target_language"] = config.target_language or "en"
-                if utterance.final_truncated:
-                    event["truncated"] = True
-                if utterance.final_words is not None:
-                    event["words"] = words_to_wire(utterance.final_words)
-                    if utterance.final_confidence is not None:
-                        event["confidence"] = utterance.final_confidence
-                else:
-                    event["timing"] = "utterance"  # the engine could not time this final's words
+                assert utterance.final_text is not None
+                # No words: the engine could not time this final's words (the wire says "timing": "utterance").
+                words = words_to_wire(utterance.final_words) if utterance.final_words is not None else None
+                event = Final(
+                    utterance.utterance_id, utterance.final_text, round_time(utterance.start / SAMPLE_RATE),
+                    round_time((utterance.end or utterance.start) / SAMPLE_RATE), utterance.language, config.task,
+                    target_language=(config.target_language or "en") if config.task == "translate" else None,
+                    truncated=utterance.final_truncated, words=None if words is None else tuple(words),
+                    confidence=utterance.final_confidence if words is not None else None,
+                )
                 if config.diarize and utterance.speaker_embeddings is not None:
-                    self._label_speaker(event, utterance)
+                    event = self._label_speaker(event, utterance)
                 actions.append(Send(event))
             self.utterances_finalized += 1
         return actions + self._maybe_end()
 
-    def _label_speaker(self, event: dict, utterance: _Utterance) -> None:
+    def _label_speaker(self, event: Final, utterance: _Utterance) -> Final:
         # Called in publishing (utterance) order, so labels number speakers by first appearance.
         if self._speakers is None:
             self._speakers = SpeakerTracker(self.settings.speakers)
-        attribution = self._speakers.attribute(utterance.speaker_embeddings, event["start"], event["end"])
+        attribution = self._speakers.attribute(utterance.speaker_embeddings, event.start, event.end)
         utterance.speaker_embeddings = None  # the centroids keep what is needed; the rest is dropped now
-        event["speaker"] = attribution.speaker
-        if attribution.changes:
-            event["speaker_turns"] = [t.to_wire() for t in attribution.turns]
-        if "words" in event:
-            event["words"] = attribution.label_words(event["words"])
+        return replace(
+            event, speaker=attribution.speaker, speaker_turns=tuple(attribution.turns) if attribution.changes else (),
+            words=None if event.words is None else tuple(attribution.label_words(event.words)),
+        )
 
     def _maybe_end(self) -> list[Action]:
         if self.state != State.STOPPING or self._finishing:
             return []
         self.state = State.CLOSED
         return [
-            Send({"type": "end", "utterances": self.utterances_finalized, "audio_seconds": round_time(self.audio_seconds)}),
+            Send(End(self.utterances_finalized, round_time(self.audio_seconds))),
             self._close,
         ]
 

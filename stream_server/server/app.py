@@ -36,7 +36,8 @@ from stream_server.server.logs import current_session
 from stream_server.core.multichannel import MultichannelSession
 from stream_server.server import http_api
 from stream_server.inference import memory
-from stream_server.core.protocol import SHUTTING_DOWN, error_event
+from stream_server.core.events import Error, Event, Final, Partial
+from stream_server.core.protocol import SHUTTING_DOWN
 from stream_server.server.connection import TranslatorFactory, native_translator, serve_connection
 from stream_server.core.session import Send, SessionSettings
 from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker
@@ -321,7 +322,7 @@ class StreamServer:
         # Keep listening while draining: new upgrades get HTTP 503 "shutting down" and /readyz says
         # draining (so a load balancer takes this server out), instead of a refused connection.
         self.draining = True
-        notice = error_event(SHUTTING_DOWN, "the server is shutting down; open audio is being finalized")
+        notice = Error(SHUTTING_DOWN, "the server is shutting down; open audio is being finalized")
         for driver in list(self._sessions.values()):
             driver.dispatch(driver.session.end_stream(notice, 1001, "server shutting down"))
         loop = asyncio.get_running_loop()
@@ -507,8 +508,8 @@ class StreamServer:
             return emit
 
         def logged(action) -> None:
-            if isinstance(action, Send) and action.event.get("type") == "final":
-                log.info("session %s final %s: %s", session_id, action.event["utterance_id"], action.event["text"])
+            if isinstance(action, Send) and isinstance(action.event, Final):
+                log.info("session %s final %s: %s", session_id, action.event.utterance_id, action.event.text)
             emit(action)
 
         return logged
@@ -518,15 +519,14 @@ class StreamServer:
         path = ws.request.path.split("?", 1)[0]
         await serve_connection(self, ws, self.routes[path](self, ws))
 
-    def count_event(self, event: dict) -> None:
-        """Count a native event in the metrics as it leaves for a client (any protocol)."""
-        kind = event.get("type")
-        if kind == "final":
+    def count_event(self, event: Event) -> None:
+        """Count a session's event in the metrics as it leaves for a client (any protocol)."""
+        if isinstance(event, Final):
             self.metrics.finals.inc()
-        elif kind == "partial":
+        elif isinstance(event, Partial):
             self.metrics.partials.inc()
-        elif kind == "error":
-            self.metrics.errors.labels(event.get("code", "unknown")).inc()
+        elif isinstance(event, Error):
+            self.metrics.errors.labels(event.code).inc()
 
     def _observe_inference(self, request: InferenceRequest, seconds: float) -> None:
         self.metrics.inference_seconds.labels(request.kind).observe(seconds)

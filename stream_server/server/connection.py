@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from websockets.exceptions import ConnectionClosed
 
-from stream_server.core.protocol import IDLE_TIMEOUT, error_event
+from stream_server.core.events import Command, Error, Event
+from stream_server.core.protocol import IDLE_TIMEOUT
 from stream_server.core.session import Close, Send
 
 if TYPE_CHECKING:
@@ -62,10 +63,19 @@ class OpenStream:
 
 @dataclass(frozen=True)
 class StreamText:
-    """Feed a protocol v1 control message (JSON text) to the session under ``key``."""
+    """Feed a protocol v1 control message (JSON text, as a native client sent it) to the session
+    under ``key``: the session's JSON edge parses it and answers a malformed one with ``error``."""
 
     key: str
     text: str
+
+
+@dataclass(frozen=True)
+class StreamCommand:
+    """Hand a typed command (``Start``, ``Configure``, ``Finalize``, ``Stop``) to the session under ``key``."""
+
+    key: str
+    command: Command
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class StreamAudio:
     data: bytes
 
 
-Out = Reply | Hangup | OpenStream | StreamText | StreamAudio
+Out = Reply | Hangup | OpenStream | StreamText | StreamCommand | StreamAudio
 
 
 class Translator(Protocol):
@@ -94,8 +104,9 @@ class Translator(Protocol):
         """A binary frame from the client."""
         ...
 
-    def native_event(self, key: str, event: dict) -> list[Out]:
-        """A protocol v1 event of the session under ``key`` (``speech_ended`` marks the end of speech)."""
+    def native_event(self, key: str, event: Event) -> list[Out]:
+        """A typed event of the session under ``key`` (:class:`~stream_server.core.events.SpeechEnded`
+        marks the end of speech)."""
         ...
 
     def native_closed(self, key: str, code: int, reason: str) -> list[Out]:
@@ -129,8 +140,8 @@ class NativeTranslator:
     def client_bytes(self, data: bytes) -> list[Out]:
         return [StreamAudio(self.KEY, data)]
 
-    def native_event(self, key: str, event: dict) -> list[Out]:
-        return [Reply(event)]
+    def native_event(self, key: str, event: Event) -> list[Out]:
+        return [Reply(event.to_wire())]  # the one place a native event becomes its JSON
 
     def native_closed(self, key: str, code: int, reason: str) -> list[Out]:
         return [Hangup(code, reason)]
@@ -219,6 +230,8 @@ async def serve_connection(server: "StreamServer", ws: "ServerConnection", trans
             elif (driver := drivers.get(out.key)) is not None:
                 if isinstance(out, StreamText):
                     driver.text(out.text)
+                elif isinstance(out, StreamCommand):
+                    driver.command(out.command)
                 else:
                     driver.audio(out.data)
                     seconds = driver.session.audio_seconds
@@ -262,7 +275,7 @@ async def serve_connection(server: "StreamServer", ws: "ServerConnection", trans
                                 deadline.reschedule(loop.time() + ahead + idle)  # our own pause is not idleness
                             await asyncio.sleep(ahead)
         except TimeoutError:
-            notice = error_event(
+            notice = Error(
                 IDLE_TIMEOUT, f"nothing received for {settings.idle_timeout_s:g} s; ending the session", True
             )
             live = [driver for driver in drivers.values() if not driver.closed.is_set()]

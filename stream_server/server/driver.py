@@ -12,6 +12,7 @@ import asyncio
 import time
 from typing import Callable
 
+from stream_server.core.events import Command
 from stream_server.inference.types import InferenceRequest
 from stream_server.core.protocol import OVERLOADED
 from stream_server.core.multichannel import MultichannelSession
@@ -45,6 +46,9 @@ class SessionDriver:
 
     def text(self, message: str) -> None:
         self.dispatch(self.session.receive_text(message))
+
+    def command(self, command: Command) -> None:
+        self.dispatch(self.session.handle(command))
 
     def audio(self, data: bytes) -> None:
         self.dispatch(self.session.receive_bytes(data))

@@ -73,6 +73,7 @@ from stream_server.server.auth import check_access
 from stream_server.inference.types import SAMPLE_RATE
 from stream_server.core.protocol import BAD_CONFIG, BAD_MESSAGE, OVERLOADED, SESSION_LIMIT, SHUTTING_DOWN, TOO_LARGE
 from stream_server.core.session import Send
+from stream_server.core.events import AudioFormat, Error, Final, Start, Stop
 
 if TYPE_CHECKING:
     from stream_server.server.driver import SessionDriver
@@ -391,16 +392,15 @@ class FileTranscriptionApi:
             status, reason = refusal
             code = SHUTTING_DOWN if server.draining else "overloaded" if status == 503 else "rate_limit_exceeded"
             raise ApiError(HTTPStatus(status), reason, code=code)
-        finals: list[dict] = []
-        errors: list[dict] = []
+        finals: list[dict] = []  # wire form: the response is built from them as the client would get them
+        errors: list[Error] = []
 
         def emit(action) -> None:
             if isinstance(action, Send):
                 server.count_event(action.event)
-                kind = action.event.get("type")
-                if kind == "final":
-                    finals.append(action.event)
-                elif kind == "error":
+                if isinstance(action.event, Final):
+                    finals.append(action.event.to_wire())
+                elif isinstance(action.event, Error):
                     errors.append(action.event)
 
         driver = server.open_session(emit, client_ip=conn.client_ip)  # holds the slot until the answer
@@ -423,7 +423,7 @@ class FileTranscriptionApi:
         return response
 
     async def _run(self, conn: "HttpServerConnection", driver: "SessionDriver", headers: Headers, path: str,
-                   errors: list[dict]) -> tuple[Upload, float]:
+                   errors: list[Error]) -> tuple[Upload, float]:
         """Read the body, decode it, stream it through the session; returns the upload and its duration."""
         settings = self.server.settings
         body = await conn.read_body(settings.max_upload_bytes, settings.idle_timeout_s or None)
@@ -435,22 +435,20 @@ class FileTranscriptionApi:
         del body
         if driver.closed.is_set():  # drained while the file was read
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down", code=SHUTTING_DOWN)
-        start: dict[str, Any] = {"type": "start", "task": PATHS[path], "keywords": list(upload.keywords),
-                                 "partials": False,
-                                 "audio": {"encoding": "pcm_f32le", "sample_rate": SAMPLE_RATE, "channels": 1}}
+        options: dict[str, Any] = {"task": PATHS[path], "keywords": list(upload.keywords), "partials": False}
         if upload.language:
-            start["language"] = upload.language
+            options["language"] = upload.language
         if PATHS[path] == "translate":
-            start["target_language"] = "en"
-        await self._stream(driver, audio, start)
+            options["target_language"] = "en"
+        await self._stream(driver, audio, Start(AudioFormat("pcm_f32le", SAMPLE_RATE, 1), options))
         if errors:
             error = errors[0]
-            status = _SESSION_ERROR_STATUS.get(error.get("code"), HTTPStatus.INTERNAL_SERVER_ERROR)
-            param = "language" if error.get("code") == BAD_CONFIG and upload.language else None
-            raise ApiError(status, error.get("message", "the transcription failed"), code=error.get("code"), param=param)
+            status = _SESSION_ERROR_STATUS.get(error.code, HTTPStatus.INTERNAL_SERVER_ERROR)
+            param = "language" if error.code == BAD_CONFIG and upload.language else None
+            raise ApiError(status, error.message or "the transcription failed", code=error.code, param=param)
         return upload, len(audio) / SAMPLE_RATE
 
-    async def _stream(self, driver: "SessionDriver", audio: np.ndarray, start: dict) -> None:
+    async def _stream(self, driver: "SessionDriver", audio: np.ndarray, start: Start) -> None:
         """Feed the audio through the session as ``transcribe`` does, then ``stop`` and wait for its end.
 
         Fed as fast as the worker keeps up (no real-time throttle: the upload is complete), yielding
@@ -458,7 +456,7 @@ class FileTranscriptionApi:
         streams' requests keep their turn.
         """
         server = self.server
-        driver.text(json.dumps(start))
+        driver.command(start)
         step = int(FEED_CHUNK_S * SAMPLE_RATE)
         pace = 2 * server.settings.max_batch
         counted = 0.0
@@ -473,7 +471,7 @@ class FileTranscriptionApi:
             while server.worker.status().queue_depth > pace and not driver.closed.is_set():
                 await asyncio.sleep(0.01)
         if not driver.closed.is_set():
-            driver.text(json.dumps({"type": "stop"}))
+            driver.command(Stop())
         await driver.closed.wait()
 
 

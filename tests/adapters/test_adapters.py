@@ -22,11 +22,12 @@ import pytest
 from websockets.asyncio.client import connect
 
 from stream_server.adapters import ROUTES
-from stream_server.adapters.base import Hangup, OpenStream, Reply, StreamAudio, StreamText, alaw_to_pcm16, parse_wav_header
+from stream_server.adapters.base import Hangup, OpenStream, Reply, StreamAudio, StreamCommand, alaw_to_pcm16, parse_wav_header
 from stream_server.adapters.deepgram import DeepgramTranslator
 from stream_server.adapters.openai_realtime import RealtimeTranscriptionTranslator
 from stream_server.adapters.twilio import TwilioTranslator
 from stream_server.core.audio import encode_mulaw
+from stream_server.core.events import Error
 from stream_server.core.multichannel import MultichannelSession
 from stream_server.server.app import ServerSettings, StreamServer
 from stream_server.core.session import Close, Send, SessionSettings, State, Submit
@@ -84,9 +85,9 @@ class Harness:
                 self.hangup = out
             elif isinstance(out, OpenStream):
                 self.sessions[out.key] = MultichannelSession(f"s-{out.key}", self.engine.capabilities, self.settings)
-            elif isinstance(out, StreamText):
-                self.native_log.append((out.key, json.loads(out.text)))
-                self.feed(out.key, self.sessions[out.key].receive_text(out.text))
+            elif isinstance(out, StreamCommand):
+                self.native_log.append((out.key, out.command.to_wire()))  # as a native client would send it
+                self.feed(out.key, self.sessions[out.key].handle(out.command))
             elif isinstance(out, StreamAudio):
                 self.feed(out.key, self.sessions[out.key].receive_bytes(out.data))
 
@@ -151,7 +152,7 @@ def mc_session(engine=None, **settings):
 def run_session(session, engine, actions, events, closes):
     for action in actions:
         if isinstance(action, Send):
-            events.append(action.event)
+            events.append(action.event.to_wire())
         elif isinstance(action, Close):
             closes.append(action)
         else:
@@ -216,26 +217,26 @@ def test_without_multichannel_the_session_is_a_plain_session():
 def test_bad_multichannel_start_is_bad_config_and_a_good_one_still_works(start, problem):
     session, engine = mc_session()
     [action] = session.receive_text(json.dumps({"type": "start", **start}))
-    assert action.event["code"] == "bad_config" and problem in action.event["message"]
+    assert action.event.to_wire()["code"] == "bad_config" and problem in action.event.to_wire()["message"]
     assert session.state == State.AWAITING_START and not session.multichannel
     [action] = session.receive_bytes(b"\x00\x00")
-    assert action.event["code"] == "not_started"
+    assert action.event.to_wire()["code"] == "not_started"
     [ready] = session.receive_text('{"type":"start","multichannel":true,"audio":{"channels":2}}')
-    assert ready.event["type"] == "ready" and session.multichannel
+    assert ready.event.to_wire()["type"] == "ready" and session.multichannel
 
 
 def test_multichannel_answers_stream_wide_messages_once():
     session, engine = mc_session()
     session.receive_text('{"type":"start","multichannel":true,"audio":{"channels":3}}')
     [configured] = session.receive_text('{"type":"configure","language":"fr"}')
-    assert configured.event["type"] == "configured" and configured.event["config"]["audio"]["channels"] == 3
-    assert configured.event["config"]["multichannel"] is True
+    assert configured.event.to_wire()["type"] == "configured" and configured.event.to_wire()["config"]["audio"]["channels"] == 3
+    assert configured.event.to_wire()["config"]["multichannel"] is True
     for bad, code in (("{nope", "bad_json"), ('{"type":"configure","task":1}', "bad_config"),
                       ('{"type":"start"}', "already_started")):
         [action] = session.receive_text(bad)
-        assert action.event["code"] == code and "channel" not in action.event
+        assert action.event.to_wire()["code"] == code and "channel" not in action.event.to_wire()
     [too_large] = session.receive_bytes(b"\x00" * (SessionSettings().max_frame_bytes + 2))
-    assert too_large.event["code"] == "too_large"
+    assert too_large.event.to_wire()["code"] == "too_large"
 
 
 def test_multichannel_end_stream_keeps_the_close_code_and_sends_the_notice_once():
@@ -244,7 +245,7 @@ def test_multichannel_end_stream_keeps_the_close_code_and_sends_the_notice_once(
     session.receive_text('{"type":"start","multichannel":true,"audio":{"channels":2}}')
     run_session(session, engine, session.receive_bytes(stereo(np.concatenate([quiet(0.4), buzz(1.0)]),
                                                               np.concatenate([quiet(0.4), buzz(1.0)]))), events, closes)
-    notice = {"type": "error", "code": "shutting_down", "message": "bye", "fatal": False}
+    notice = Error("shutting_down", "bye")
     run_session(session, engine, session.end_stream(notice, 1001, "server shutting down"), events, closes)
     assert [e["type"] for e in events if e["type"] != "partial"].count("error") == 1
     assert sorted(e["channel"] for e in events if e["type"] == "final") == [0, 1]

@@ -26,7 +26,7 @@ def test_malformed_messages_get_a_code(text, code):
         parse_message(text)
     assert info.value.code == code
     assert not info.value.fatal
-    event = info.value.to_event()
+    event = info.value.to_event().to_wire()
     assert event["type"] == "error" and event["code"] == code and event["message"]
 
 

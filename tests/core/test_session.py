@@ -38,7 +38,7 @@ class Harness:
     def run(self, actions):
         for action in actions:
             if isinstance(action, Send):
-                self.events.append(action.event)
+                self.events.append(action.event.to_wire())
             elif isinstance(action, Close):
                 self.closed = action
             elif isinstance(action, Submit):
@@ -108,7 +108,7 @@ def new_session(engine, **settings):
 def test_start_returns_ready_with_engine_and_effective_config(engine):
     session = new_session(engine)
     [action] = start(session, language="fr", keywords=["Granite"])
-    ready = action.event
+    ready = action.event.to_wire()
     assert ready["type"] == "ready" and ready["protocol"] == 1 and ready["session_id"] == "s1"
     assert ready["engine"]["name"] == "fake" and "transcribe" in ready["engine"]["tasks"]
     assert ready["config"]["language"] == "fr" and ready["config"]["keywords"] == ["Granite"]
@@ -119,8 +119,8 @@ def test_start_returns_ready_with_engine_and_effective_config(engine):
 def test_audio_before_start_is_an_error_and_start_still_works(engine):
     session = new_session(engine)
     [action] = session.receive_bytes(b"\x00\x01" * 100)
-    assert action.event["code"] == "not_started" and not action.event["fatal"]
-    assert start(session)[0].event["type"] == "ready"
+    assert action.event.to_wire()["code"] == "not_started" and not action.event.to_wire()["fatal"]
+    assert start(session)[0].event.to_wire()["type"] == "ready"
 
 
 @pytest.mark.parametrize(
@@ -131,17 +131,17 @@ def test_audio_before_start_is_an_error_and_start_still_works(engine):
 def test_bad_messages_before_start_leave_session_usable(engine, message, code):
     session = new_session(engine)
     [action] = session.receive_text(message)
-    assert action.event["type"] == "error" and action.event["code"] == code
-    assert start(session)[0].event["type"] == "ready"
+    assert action.event.to_wire()["type"] == "error" and action.event.to_wire()["code"] == code
+    assert start(session)[0].event.to_wire()["type"] == "ready"
 
 
 def test_second_start_and_bad_configure_are_non_fatal(engine):
     session = new_session(engine)
     start(session)
     [action] = start(session)
-    assert action.event["code"] == "already_started"
+    assert action.event.to_wire()["code"] == "already_started"
     [action] = session.receive_text('{"type":"configure","task":1}')
-    assert action.event["code"] == "bad_config"
+    assert action.event.to_wire()["code"] == "bad_config"
     assert session.state == State.STREAMING
 
 
@@ -149,13 +149,13 @@ def test_missing_capability_is_bad_config_naming_it():
     caps = EngineCapabilities(name="whisper", model="tiny.en", languages=("en",), tasks=("transcribe",))
     session = Session("s", caps)
     [action] = start(session, task="translate", language="en", target_language="de")
-    assert action.event["code"] == "bad_config" and "translate" in action.event["message"]
+    assert action.event.to_wire()["code"] == "bad_config" and "translate" in action.event.to_wire()["message"]
     assert session.state == State.AWAITING_START
     [action] = start(session, language="de")
-    assert "'de'" in action.event["message"]
-    assert start(session)[0].event["type"] == "ready"
+    assert "'de'" in action.event.to_wire()["message"]
+    assert start(session)[0].event.to_wire()["type"] == "ready"
     [action] = session.receive_text('{"type":"configure","task":"translate"}')
-    assert action.event["code"] == "bad_config" and not action.event["fatal"]
+    assert action.event.to_wire()["code"] == "bad_config" and not action.event.to_wire()["fatal"]
     assert session.state == State.STREAMING
 
 
@@ -297,11 +297,11 @@ def test_too_large_frame_and_nonfinite_audio_are_reported(engine):
     session = Session("s", engine.capabilities, SessionSettings(max_frame_bytes=1000))
     start(session)
     [action] = session.receive_bytes(b"\0" * 1002)
-    assert action.event["code"] == "too_large"
+    assert action.event.to_wire()["code"] == "too_large"
     session2 = new_session(engine)
     session2.receive_text(json.dumps({"type": "start", "audio": {"encoding": "pcm_f32le"}}))
     actions = session2.receive_bytes(np.array([np.nan, 0.0], "<f4").tobytes())
-    assert actions[0].event["code"] == "bad_audio" and not actions[0].event["fatal"]
+    assert actions[0].event.to_wire()["code"] == "bad_audio" and not actions[0].event.to_wire()["fatal"]
 
 
 def test_connection_lost_ignores_late_results(engine):

@@ -205,7 +205,7 @@ def drive_session(ops) -> Checker:
     def run(actions):
         for action in actions:
             if isinstance(action, Send):
-                check.see(action.event)
+                check.see(action.event.to_wire())
             elif isinstance(action, Submit):
                 pending.append(action.request)
             else:

@@ -336,10 +336,10 @@ def test_diarize_off_changes_nothing():
 def test_diarize_needs_an_engine_that_can_label_speakers():
     session = new_session(CountingEngine())
     [action] = start(session, diarize=True)
-    assert action.event["code"] == "bad_config" and "speakers" in action.event["message"]
+    assert action.event.to_wire()["code"] == "bad_config" and "speakers" in action.event.to_wire()["message"]
     session = new_session(CountingEngine())
     [action] = start(session, diarize="yes")
-    assert action.event["code"] == "bad_config"
+    assert action.event.to_wire()["code"] == "bad_config"
 
 
 def test_configure_turns_diarize_on_from_the_next_utterance():

@@ -883,7 +883,7 @@ def test_a_final_that_hit_its_budget_says_truncated_on_the_wire(tiny):
         def run(actions):
             for action in actions:
                 if isinstance(action, Send):
-                    events.append(action.event)
+                    events.append(action.event.to_wire())
                 elif isinstance(action, Submit):
                     run(session.inference_done(action.request, engine_answer(action.request)))
 

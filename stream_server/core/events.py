@@ -1,0 +1,326 @@
+"""The session's typed contract: the commands it takes and the events it emits (sans-I/O).
+
+Everything inside the server speaks these frozen dataclasses: the session, multichannel, the
+adapters, the connection shell and the metrics. JSON exists only at the edge: client text is parsed
+into commands by :func:`stream_server.core.protocol.parse_command`, and an event becomes the wire
+message of protocol v1 (``docs/protocol.md``) through its :meth:`to_wire` when it leaves for a
+native client. ``to_wire`` is the protocol: it gives exactly the JSON object the client receives.
+
+Times are seconds on the stream's audio clock, already rounded to the wire's millisecond
+resolution (:func:`~stream_server.core.protocol.round_time`). ``channel`` is set only by
+:class:`~stream_server.core.multichannel.MultichannelSession` (``None``: a mono stream, not sent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from vad import VadConfig
+
+from stream_server.speakers.clustering import SpeakerTurn
+
+PROTOCOL_VERSION = 1
+
+# ---- configuration (what start/configure set; ready/configured restate it) -----------------------
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """The audio a client declared in ``start``."""
+
+    encoding: str = "pcm_s16le"
+    sample_rate: int = 16_000
+    channels: int = 1
+
+    def to_wire(self) -> dict:
+        return {"encoding": self.encoding, "sample_rate": self.sample_rate, "channels": self.channels}
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """The effective recognition settings of a session (the parts ``configure`` may change).
+
+    Attributes:
+        task: ``transcribe`` or ``translate``.
+        language: spoken language (ISO 639-1), or ``None`` for auto-detection where the engine allows it.
+        target_language: translation target; ``None`` means English for ``translate``.
+        keywords: terms to bias recognition towards.
+        partials: ``False`` for no partials, else the partial mode (``"llm"`` or ``"ctc"``).
+        partial_interval: seconds of audio between partial hypotheses.
+        vad: voice-activity segmentation settings.
+        diarize: label each final with its ``speaker`` (0, 1, … in order of first appearance);
+            needs an engine whose capabilities say ``diarization`` (docs/diarization.md).
+    """
+
+    task: str = "transcribe"
+    language: str | None = "en"
+    target_language: str | None = None
+    keywords: tuple[str, ...] = ()
+    partials: str | bool = "llm"
+    partial_interval: float = 0.5
+    vad: VadConfig = field(default_factory=VadConfig)
+    diarize: bool = False
+
+    def to_wire(self) -> dict:
+        return {
+            "task": self.task,
+            "language": self.language,
+            "target_language": self.target_language,
+            "keywords": list(self.keywords),
+            "partials": self.partials,
+            "partial_interval": self.partial_interval,
+            "vad": {
+                "silence_ms": self.vad.silence_ms,
+                "aggressiveness": self.vad.aggressiveness,
+                "max_utterance_s": self.vad.max_utterance_s,
+            },
+            "diarize": self.diarize,
+        }
+
+
+# ---- commands (client → session) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Open the stream.
+
+    Attributes:
+        audio: the declared audio format (its ranges are checked by the session, which answers
+            ``bad_config``).
+        options: the configuration fields the client set (``language``, ``vad``, …, as in the
+            wire message). They are validated by the session against the configuration they
+            overlay (a ``vad`` change is checked together with the current VAD settings), so
+            they stay in their wire form here; unknown names are refused there with ``bad_config``.
+        multichannel: ``True`` for one session per channel (see ``MultichannelSession``); ``None``
+            when the client did not say.
+    """
+
+    audio: AudioFormat = field(default_factory=AudioFormat)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    multichannel: bool | None = None
+
+    def to_wire(self) -> dict:
+        """The control message a client sends for this command (what :func:`parse_command` reads)."""
+        wire = {"type": "start", "audio": self.audio.to_wire(), **self.options}
+        if self.multichannel is not None:
+            wire["multichannel"] = self.multichannel
+        return wire
+
+
+@dataclass(frozen=True)
+class Configure:
+    """Change configuration fields mid-stream (``options`` as in :class:`Start`)."""
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        return {"type": "configure", **self.options}
+
+
+@dataclass(frozen=True)
+class Finalize:
+    """End the open utterance now (its final follows)."""
+
+    def to_wire(self) -> dict:
+        return {"type": "finalize"}
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Finish the stream: finals of everything received, then ``end`` and a close."""
+
+    def to_wire(self) -> dict:
+        return {"type": "stop"}
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Audio bytes in the encoding ``start`` declared."""
+
+    data: bytes
+
+
+Command = Start | Configure | Finalize | Stop | Audio
+
+# ---- events (session → client) --------------------------------------------------------------------
+
+
+def _channel(wire: dict, channel: int | None) -> dict:
+    if channel is not None:
+        wire["channel"] = channel
+    return wire
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The stream started with this effective configuration. ``multichannel`` restates a channel's
+    ``ready`` for the whole stream (``config.multichannel`` = true)."""
+
+    session_id: str
+    engine: Mapping[str, Any]
+    audio: AudioFormat
+    config: StreamConfig
+    multichannel: bool = False
+
+    def to_wire(self) -> dict:
+        return {"type": "ready", "session_id": self.session_id, "protocol": PROTOCOL_VERSION,
+                "engine": dict(self.engine), "config": _config_wire(self.audio, self.config, self.multichannel)}
+
+
+@dataclass(frozen=True)
+class Configured:
+    """A ``configure`` was applied; the new effective configuration."""
+
+    audio: AudioFormat
+    config: StreamConfig
+    multichannel: bool = False
+
+    def to_wire(self) -> dict:
+        return {"type": "configured", "config": _config_wire(self.audio, self.config, self.multichannel)}
+
+
+def _config_wire(audio: AudioFormat, config: StreamConfig, multichannel: bool) -> dict:
+    wire = {"audio": audio.to_wire(), **config.to_wire()}
+    if multichannel:
+        wire["multichannel"] = True
+    return wire
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """The VAD opened utterance ``utterance_id`` at ``start``."""
+
+    utterance_id: int
+    start: float
+    channel: int | None = None
+
+    def to_wire(self) -> dict:
+        return _channel({"type": "speech_started", "utterance_id": self.utterance_id, "start": self.start},
+                        self.channel)
+
+
+@dataclass(frozen=True)
+class SpeechEnded:
+    """The end of utterance ``utterance_id`` was decided: the one moment speech ends.
+
+    ``reason`` is the VAD's (``silence``, ``max_length``, ``forced`` by finalize/stop). Adapters
+    announce the end of speech from this event only; an inference request says nothing about it
+    (an early final is requested at a short pause that may not end the speech).
+    """
+
+    utterance_id: int
+    end: float
+    reason: str
+    channel: int | None = None
+
+    def to_wire(self) -> dict:
+        return _channel({"type": "speech_ended", "utterance_id": self.utterance_id, "end": self.end,
+                         "reason": self.reason}, self.channel)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A hypothesis of the open utterance over ``[start, end]``; ``stable_text`` is its prefix that
+    later partials and the final keep (see :class:`~stream_server.core.stabilizer.PartialStabilizer`)."""
+
+    utterance_id: int
+    text: str
+    stable_text: str
+    start: float
+    end: float
+    channel: int | None = None
+
+    def to_wire(self) -> dict:
+        return _channel({"type": "partial", "utterance_id": self.utterance_id, "text": self.text,
+                         "stable_text": self.stable_text, "start": self.start, "end": self.end}, self.channel)
+
+
+@dataclass(frozen=True)
+class Final:
+    """The transcript of an ended utterance (finals go out in utterance order).
+
+    Attributes:
+        target_language: set for ``task == "translate"`` only.
+        truncated: the engine's decode hit its token budget.
+        words: the timed words in their wire form (``word``, ``start``, ``end``, ``confidence``,
+            and ``speaker`` when labelled), or ``None`` when the engine could not time them (the
+            wire then says ``"timing": "utterance"``).
+        confidence: the mean of the scored words (only with ``words``).
+        speaker: the speaker label of a ``diarize`` final; ``speaker_turns`` when it changes inside.
+    """
+
+    utterance_id: int
+    text: str
+    start: float
+    end: float
+    language: str | None
+    task: str
+    target_language: str | None = None
+    truncated: bool = False
+    words: tuple[Mapping[str, Any], ...] | None = None
+    confidence: float | None = None
+    speaker: int | None = None
+    speaker_turns: tuple[SpeakerTurn, ...] = ()
+    channel: int | None = None
+
+    def to_wire(self) -> dict:
+        wire: dict[str, Any] = {"type": "final", "utterance_id": self.utterance_id, "text": self.text,
+                                "start": self.start, "end": self.end, "language": self.language, "task": self.task}
+        if self.task == "translate":
+            wire["target_language"] = self.target_language
+        if self.truncated:
+            wire["truncated"] = True
+        if self.words is not None:
+            wire["words"] = [dict(w) for w in self.words]
+            if self.confidence is not None:
+                wire["confidence"] = self.confidence
+        else:
+            wire["timing"] = "utterance"
+        if self.speaker is not None:
+            wire["speaker"] = self.speaker
+            if self.speaker_turns:
+                wire["speaker_turns"] = [t.to_wire() for t in self.speaker_turns]
+        return _channel(wire, self.channel)
+
+
+@dataclass(frozen=True)
+class Error:
+    """A problem, named by ``code`` (``docs/protocol.md`` lists them); ``fatal`` ones close the stream.
+
+    ``utterance_id``/``start``/``end`` are set when an utterance could not be transcribed.
+    """
+
+    code: str
+    message: str
+    fatal: bool = False
+    utterance_id: int | None = None
+    start: float | None = None
+    end: float | None = None
+    channel: int | None = None
+
+    def to_wire(self) -> dict:
+        wire: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message, "fatal": self.fatal}
+        if self.utterance_id is not None:
+            wire.update(utterance_id=self.utterance_id, start=self.start, end=self.end)
+        return _channel(wire, self.channel)
+
+
+@dataclass(frozen=True)
+class End:
+    """The last event of a stream: how many utterances were finalized over how much audio."""
+
+    utterances: int
+    audio_seconds: float
+
+    def to_wire(self) -> dict:
+        return {"type": "end", "utterances": self.utterances, "audio_seconds": self.audio_seconds}
+
+
+Event = Ready | Configured | SpeechStarted | SpeechEnded | Partial | Final | Error | End
+
+__all__ = [
+    "Audio", "Command", "Configure", "Configured", "End", "Error", "Event", "Final", "Finalize", "Partial", "Ready",
+    "SpeechEnded", "SpeechStarted", "Start", "Stop",
+]
