@@ -8,8 +8,9 @@ events that came out, in order. The whole pipeline from audio to ``final`` then 
 stack: tests assert on typed events, and a file can be transcribed without a server.
 
 The requests one input makes are run right after that input's actions, in order, up to
-``max_batch`` at a time; a failing batch is retried one request at a time so only the failing
-request's utterance gets the error, as in the worker. So no partial is ever still waiting when the
+``max_batch`` at a time, through the worker's own failure isolation
+(:func:`~stream_server.inference.worker.decode_isolated`: a failing batch is retried one request at
+a time, so only the failing request's utterance gets the error). So no partial is ever still waiting when the
 session asks for the next one: the engine keeps up, as an idle server's does, and the queue rules
 that matter under load (a ``refresh_only`` partial replacing a waiting one) do not arise; one that
 found nothing waiting would be dropped unrun, as the worker does.
@@ -17,17 +18,13 @@ found nothing waiting would be dropped unrun, as the worker does.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from stream_server.core.events import Audio, Command, Event
 from stream_server.core.session import Action, Close, Send, Submit
+from stream_server.engines.base import Engine
 from stream_server.inference.types import InferenceRequest, InferenceResult
-
-
-class BatchTranscriber(Protocol):
-    """What the loopback needs of an engine (``stream_server.engines.base.Engine`` has it)."""
-
-    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> Sequence[InferenceResult]: ...
+from stream_server.inference.worker import decode_isolated
 
 
 class SessionLike(Protocol):
@@ -44,7 +41,7 @@ class Loopback:
 
     Args:
         session: a fresh session (nothing sent to it yet).
-        engine: runs the inference requests.
+        engine: runs the inference requests, on the caller's thread (bound to it here).
         max_batch: most requests handed to ``transcribe_batch`` at once.
 
     Attributes:
@@ -53,7 +50,7 @@ class Loopback:
         closed: the close the session asked for, once it did.
     """
 
-    def __init__(self, session: SessionLike, engine: BatchTranscriber, max_batch: int = 1):
+    def __init__(self, session: SessionLike, engine: Engine, max_batch: int = 1):
         self.session = session
         self.engine = engine
         self.max_batch = max(1, max_batch)
@@ -61,6 +58,7 @@ class Loopback:
         self.requests: list[InferenceRequest] = []
         self.closed: Close | None = None
         self._queue: list[InferenceRequest] = []
+        engine.bind_thread()
 
     def send(self, *commands: Command) -> list[Event]:
         """Hand the session ``commands`` in order, running inference after each; returns the new events."""
@@ -97,16 +95,13 @@ class Loopback:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             self.requests += batch
-            for request, result, error in self._transcribe(batch):
-                self._dispatch(self.session.inference_done(request, result, error))
-
-    def _transcribe(self, batch: list[InferenceRequest]) -> list[tuple[InferenceRequest, InferenceResult | None, str | None]]:
-        try:
-            return [(r, res, None) for r, res in zip(batch, self.engine.transcribe_batch(batch), strict=True)]
-        except Exception as exc:  # noqa: BLE001 - the engine's failure becomes the utterance's error
-            if len(batch) > 1:
-                return [out for r in batch for out in self._transcribe([r])]
-            return [(batch[0], None, f"{type(exc).__name__}: {exc}")]
+            outcomes, _ = decode_isolated(self.engine, batch)
+            for request, outcome in zip(batch, outcomes):
+                if isinstance(outcome, BaseException):
+                    # The engine's failure becomes this utterance's error, worded as the driver words it.
+                    self._dispatch(self.session.inference_done(request, None, f"{type(outcome).__name__}: {outcome}"))
+                else:
+                    self._dispatch(self.session.inference_done(request, outcome))
 
 
-__all__ = ["BatchTranscriber", "Loopback", "SessionLike"]
+__all__ = ["Loopback", "SessionLike"]

@@ -3,7 +3,7 @@
 import numpy as np
 
 from stream_server.core.events import AudioFormat, End, Error, Final, Finalize, Partial, Ready, SpeechEnded, SpeechStarted, Start, Stop
-from stream_server.core.loopback import Loopback
+from stream_server.server.loopback import Loopback
 from stream_server.core.multichannel import MultichannelSession
 from stream_server.core.session import Close, Session, SessionSettings
 from tests.fakes import CountingEngine
