@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -18,10 +19,10 @@ import numpy as np
 from stream_server.engines import load_engine
 from stream_server.inference.types import SAMPLE_RATE
 from stream_server.engines.base import Engine
-from stream_server.core.events import AudioFormat, Start, Stop
+from stream_server.core.events import Audio, AudioFormat, Event, Start, Stop
 from stream_server.core.protocol import ProtocolLimits, StreamConfig
-from stream_server.core.session import Send, Session, SessionSettings
-from stream_server.server.driver import SessionDriver
+from stream_server.core.session import Session, SessionSettings
+from stream_server.server.loopback import Loopback
 from stream_server.server.logs import configure_logging
 from stream_server.settings import (ConfigError, ServeConfig, add_arguments, cli_values, load_config,
                                     load_config_and_sources, render, resolve_preset, seconds_list)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as exc:
                 print(f"granite-stream: {exc}", file=sys.stderr)
                 return 2
-            return asyncio.run(_transcribe(args, config))
+            return _transcribe(args, config)
     except KeyboardInterrupt:
         return 130
     return 2
@@ -310,9 +311,8 @@ def load_audio(path: Path) -> np.ndarray:
         raise ValueError(f"cannot decode {path}: {exc}") from exc
 
 
-async def stream_audio(
-    worker: InferenceWorker,
-    session: Session,
+def stream_audio(
+    loopback: Loopback,
     audio: np.ndarray,
     start: Start,
     speed: float = 0.0,
@@ -321,12 +321,15 @@ async def stream_audio(
 ) -> list[dict]:
     """Stream 16 kHz float audio through a session as a client would, and collect its events.
 
+    The session and the engine run in one thread through a :class:`Loopback` (each inference request
+    is decoded as soon as the frame that asked for it is handled); the decisions are the session's,
+    on the audio clock, as in the server.
+
     Args:
-        worker: a started inference worker.
-        session: a fresh session.
+        loopback: a fresh session joined to the engine.
         audio: mono float32 at 16 kHz.
         start: the ``start`` command (its ``audio`` is replaced here by the float samples fed).
-        speed: multiple of real time to feed at; 0 feeds as fast as the engine keeps up.
+        speed: multiple of real time to feed at (at most); 0 feeds as fast as the engine keeps up.
         chunk_s: seconds of audio per frame.
         on_event: called with each event (in its wire form) as it is produced.
 
@@ -335,33 +338,24 @@ async def stream_audio(
     """
     events: list[dict] = []
 
-    def emit(action) -> None:
-        if isinstance(action, Send):
-            events.append(action.event.to_wire())
+    def take(new: list[Event]) -> None:
+        for event in new:
+            events.append(event.to_wire())  # what leaves for the user: printed as JSON, written as captions
             if on_event is not None:
                 on_event(events[-1])
 
-    driver = SessionDriver(session, worker, emit)
-    driver.command(replace(start, audio=AudioFormat("pcm_f32le", SAMPLE_RATE, 1)))
+    take(loopback.send(replace(start, audio=AudioFormat("pcm_f32le", SAMPLE_RATE, 1))))
     step = int(chunk_s * SAMPLE_RATE)
-    loop = asyncio.get_running_loop()
-    began = loop.time()
+    began = time.monotonic()
     for offset in range(0, len(audio), step):
-        driver.audio(audio[offset : offset + step].astype("<f4").tobytes())
+        take(loopback.send(Audio(audio[offset : offset + step].astype("<f4").tobytes())))
         if speed > 0:
-            due = began + (offset + step) / SAMPLE_RATE / speed
-            await asyncio.sleep(max(0.0, due - loop.time()))
-        else:
-            # Let results flow back; pace to the worker so partials are not starved.
-            await asyncio.sleep(0)
-            while worker.queue_depth > 2 * worker.scheduler.max_batch:
-                await asyncio.sleep(0.01)
-    driver.command(Stop())
-    await driver.closed.wait()
+            time.sleep(max(0.0, began + (offset + step) / SAMPLE_RATE / speed - time.monotonic()))
+    take(loopback.send(Stop()))
     return events
 
 
-async def _transcribe(args, config: ServeConfig) -> int:
+def _transcribe(args, config: ServeConfig) -> int:
     from tqdm import tqdm
 
     from stream_server.core import captions
@@ -373,8 +367,6 @@ async def _transcribe(args, config: ServeConfig) -> int:
         return 2
     engine, reason = load_configured_engine(config)
     log.info("engine: %s %s — %s", engine.capabilities.name, engine.capabilities.model, reason)
-    worker = InferenceWorker(engine, BatchScheduler(max_batch=config.worker.max_batch))
-    worker.start(asyncio.get_running_loop())
     keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
     options: dict = {
         "task": args.task, "language": None if args.language == "auto" else args.language,
@@ -410,7 +402,8 @@ async def _transcribe(args, config: ServeConfig) -> int:
                     tqdm.write(f"error ({event['code']}): {event['message']}", file=sys.stderr)
 
             session = Session(uuid.uuid4().hex[:12], engine.capabilities, settings)
-            events = await stream_audio(worker, session, audio, start, speed=args.speed, on_event=show)
+            loopback = Loopback(session, engine, config.worker.max_batch)
+            events = stream_audio(loopback, audio, start, speed=args.speed, on_event=show)
             bar.close()
             if any(e["type"] == "error" and e.get("fatal") or e.get("code") == "bad_config" for e in events):
                 status = 1
@@ -422,7 +415,7 @@ async def _transcribe(args, config: ServeConfig) -> int:
             for fmt in formats:
                 (out_dir / f"{path.stem}.{fmt}").write_text(writers[fmt](finals), encoding="utf-8")
     finally:
-        worker.stop()
+        engine.close()
     return status
 
 
