@@ -131,7 +131,7 @@ def server_settings(config: ServeConfig, reuse_port: bool = False) -> "ServerSet
     certfile = Path(security.certfile) if security.certfile else None
     return ServerSettings(
         host=config.network.host, port=config.network.port, session=session, max_sessions=limits.max_sessions,
-        max_batch=config.worker.max_batch, max_wait_ms=config.worker.max_wait_ms, max_queue=config.worker.max_queue,
+        worker=config.worker,
         max_sessions_per_ip=limits.max_sessions_per_ip, idle_timeout_s=limits.idle_timeout_s,
         realtime_factor=limits.realtime_factor, drain_deadline_s=limits.drain_deadline_s, access=access,
         certfile=certfile, keyfile=Path(security.keyfile) if security.keyfile else certfile,
@@ -166,7 +166,7 @@ def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
         The workers and why their engine serves.
     """
     def scheduler() -> BatchScheduler:
-        return BatchScheduler(config.worker.max_batch, config.worker.max_wait_ms / 1000.0, config.worker.max_queue)
+        return BatchScheduler.from_settings(config.worker)
 
     gpus = config.engine.gpus
     if gpus > 0:

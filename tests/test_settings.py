@@ -250,7 +250,7 @@ RUNTIME = {
                (64, 8192, 1000)),
     "max_batch": ([], "16", lambda s: (s["load_engine"][0]["max_batch"], _scheduler(s).max_batch), (16, 16)),
     "max_wait_ms": ([], "20", lambda s: _scheduler(s).max_wait, 0.02),
-    "max_queue": ([], "64", lambda s: (_scheduler(s).max_queue, s["settings"].max_queue), (64, 64)),
+    "max_queue": ([], "64", lambda s: (_scheduler(s).max_queue, s["settings"].worker.max_queue), (64, 64)),
     "early_final_ms": ([], "350", lambda s: s["settings"].session.early_final_s, 0.35),
     "partial_refresh": ([], "off", lambda s: s["settings"].session.refresh_waiting_partials, False),
     "diarize_threshold": ([], "0.7", lambda s: s["settings"].session.speakers.threshold, 0.7),

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word
+from stream_server.inference.types import (SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word,
+                                          WorkerSettings)
 from stream_server.engines.base import Engine
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ class WhisperEngine(Engine):
         tail_s: float = 1.0,
         final_window_s: float = 15.0,
         partial_window_s: float = 10.0,
-        max_batch: int = 8,
+        max_batch: int = WorkerSettings.max_batch,
         lanes: int = 0,
         beam_size: int = 1,
         onednn_cache: int = 16,

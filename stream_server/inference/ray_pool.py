@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from stream_server.engines.base import Engine
-from stream_server.inference.types import EngineCapabilities, InferenceRequest, InferenceResult
+from stream_server.inference.types import EngineCapabilities, InferenceRequest, InferenceResult, WorkerSettings
 from stream_server.inference.worker import QUEUE_EVENTS, BatchObserver, BatchScheduler, PoolStatus, QueueFull, Superseded, WorkerStatus, decode_isolated, settle_future
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,8 @@ class RayPoolSettings:
     model: str | None = None
     device: str = "auto"
     cpu_threads: int = 1
-    max_batch: int = 8
-    batch_wait_s: float = 0.005
+    max_batch: int = WorkerSettings.max_batch
+    batch_wait_s: float = WorkerSettings.max_wait_ms / 1000.0
     num_replicas: int | None = None
     min_replicas: int = 1
     max_replicas: int = 1
@@ -126,7 +126,7 @@ class RayPoolSettings:
     cpus_per_replica: float | None = None
     max_ongoing_requests: int | None = None
     max_inflight: int | None = None
-    max_queue: int = 512
+    max_queue: int = WorkerSettings.max_queue
     final_reserve: int = 64
     max_retries: int = 3
     retry_backoff_s: float = 0.2
@@ -173,7 +173,8 @@ class InferenceReplica:
         batch_wait_s: Serve's ``batch_wait_timeout_s``.
     """
 
-    def __init__(self, engine_kwargs: dict, max_batch: int = 8, batch_wait_s: float = 0.005):
+    def __init__(self, engine_kwargs: dict, max_batch: int = RayPoolSettings.max_batch,
+                 batch_wait_s: float = RayPoolSettings.batch_wait_s):
         from ray import serve
 
         from stream_server.engines import load_engine
@@ -477,13 +478,13 @@ class RayServeWorker:
         capabilities: EngineCapabilities,
         *,
         max_inflight: int = 32,
-        max_batch: int = 8,
-        max_queue: int = 512,
-        final_reserve: int = 64,
-        max_retries: int = 3,
-        retry_backoff_s: float = 0.2,
-        request_timeout_s: float = 120.0,
-        health_interval_s: float = 5.0,
+        max_batch: int = RayPoolSettings.max_batch,
+        max_queue: int = RayPoolSettings.max_queue,
+        final_reserve: int = RayPoolSettings.final_reserve,
+        max_retries: int = RayPoolSettings.max_retries,
+        retry_backoff_s: float = RayPoolSettings.retry_backoff_s,
+        request_timeout_s: float = RayPoolSettings.request_timeout_s,
+        health_interval_s: float = RayPoolSettings.health_interval_s,
         on_result: ResultObserver | None = None,
         description: str = "Ray Serve pool",
     ):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Generic, Mapping, Protocol, Sequence, TypeVar
 
 from stream_server.engines.base import Engine
-from stream_server.inference.types import InferenceRequest, InferenceResult
+from stream_server.inference.types import InferenceRequest, InferenceResult, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ class BatchScheduler(Generic[Token]):
         final_reserve: extra places only finals may take.
     """
 
-    def __init__(self, max_batch: int = 8, max_wait: float = 0.005, max_queue: int = 256, final_reserve: int = 64):
+    def __init__(self, max_batch: int = WorkerSettings.max_batch, max_wait: float = WorkerSettings.max_wait_ms / 1000.0,
+                 max_queue: int = WorkerSettings.max_queue, final_reserve: int = 64):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be positive")
         self.max_batch = max_batch
@@ -225,6 +226,11 @@ class BatchScheduler(Generic[Token]):
         self._finals: collections.deque[_Entry[Token]] = collections.deque()
         self._partials: dict[tuple[str, int], _Entry[Token]] = {}
         self.stats = SchedulerStats()
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> BatchScheduler[Token]:
+        """The scheduler the ``worker`` settings describe (``max_wait_ms`` in milliseconds)."""
+        return cls(settings.max_batch, settings.max_wait_ms / 1000.0, settings.max_queue)
 
     def __len__(self) -> int:
         return len(self._finals) + len(self._partials)

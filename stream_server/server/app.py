@@ -29,7 +29,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from stream_server.engines.base import Engine
-from stream_server.inference.types import InferenceRequest
+from stream_server.inference.types import InferenceRequest, WorkerSettings
 from stream_server.server.auth import AccessPolicy, check_access, select_subprotocol
 from stream_server.server.driver import SessionDriver
 from stream_server.server.logs import current_session
@@ -93,7 +93,7 @@ class ServerSettings:
         host, port: where to listen (port 0 picks a free port; see :attr:`StreamServer.port`).
         session: per-session bounds and defaults.
         max_sessions: concurrent WebSocket sessions; more are refused with HTTP 503.
-        max_batch, max_wait_ms, max_queue: worker batching and queue bounds.
+        worker: batching and queue bounds of the worker the server builds when it is given none.
         outbox_limit: events queued for one slow client before it is disconnected (close 1008).
         web_root: directory served at ``/``.
         max_sessions_per_ip: concurrent sessions from one client address; more get HTTP 429.
@@ -122,9 +122,7 @@ class ServerSettings:
     port: int = 8765
     session: SessionSettings = field(default_factory=SessionSettings)
     max_sessions: int = 256
-    max_batch: int = 8
-    max_wait_ms: float = 5.0
-    max_queue: int = 512
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
     outbox_limit: int = 1024
     web_root: Path = WEB_ROOT
     max_sessions_per_ip: int = 32
@@ -248,7 +246,7 @@ class StreamServer:
         if worker is None:
             worker = InferenceWorker(
                 engine,
-                BatchScheduler(self.settings.max_batch, self.settings.max_wait_ms / 1000.0, self.settings.max_queue),
+                BatchScheduler.from_settings(self.settings.worker),
             )
         worker.observe_batches(self._observe_batch)
         self.worker: InferencePool = worker

@@ -458,7 +458,7 @@ class FileTranscriptionApi:
         server = self.server
         driver.command(start)
         step = int(FEED_CHUNK_S * SAMPLE_RATE)
-        pace = 2 * server.settings.max_batch
+        pace = 2 * server.settings.worker.max_batch
         counted = 0.0
         for offset in range(0, len(audio), step):
             if driver.closed.is_set():

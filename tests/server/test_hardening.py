@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from stream_server.server.auth import AccessPolicy
 from stream_server.server.app import ServerSettings, StreamServer
 from stream_server.core.session import SessionSettings
+from stream_server.inference.types import WorkerSettings
 from tests.fakes import CountingEngine, GatedEngine
 from tests.vad.test_vad import voiced
 
@@ -134,7 +135,7 @@ async def test_slow_reader_is_disconnected_with_a_reason():
 
 async def test_partials_shed_under_overload_are_announced_once():
     engine = CountingEngine(delay=0.3)
-    settings = ServerSettings(port=0, max_queue=1, realtime_factor=0)
+    settings = ServerSettings(port=0, worker=WorkerSettings(max_queue=1), realtime_factor=0)
     async with StreamServer(engine, settings) as server:
         clients = [await connect(server.url) for _ in range(4)]
         for ws in clients:
@@ -160,7 +161,7 @@ async def test_partials_shed_under_overload_are_announced_once():
 async def test_overload_is_announced_once_per_10_s_of_audio():
     """Every partial of a 25 s utterance is shed: the client hears of it at 0, 10 and 20 s of audio, 3 times."""
     engine = GatedEngine()
-    settings = ServerSettings(port=0, max_queue=1, realtime_factor=0)
+    settings = ServerSettings(port=0, worker=WorkerSettings(max_queue=1), realtime_factor=0)
     try:
         async with StreamServer(engine, settings) as server:
             # Both connect first: while the queue is full, new sessions are refused (HTTP 503).
