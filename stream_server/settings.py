@@ -6,7 +6,8 @@ Precedence, lowest to highest: built-in defaults < TOML file (``--config FILE`` 
 Each section (``network``, ``engine``, ``engine.granite``, ``worker``, ``session``, ``speakers``,
 ``limits``, ``security``, ``memory``, ``logging``, ``pool``, ``pool.ray``) is a frozen dataclass; where
 a runtime object takes the values as they are (:class:`~stream_server.inference.types.WorkerSettings`,
-:class:`~stream_server.speakers.clustering.SpeakerSettings`) the section *is* that object, and the
+:class:`~stream_server.engines.EngineSettings`, :class:`~stream_server.speakers.clustering.SpeakerSettings`)
+the section *is* that object, and the
 other sections take their defaults from the runtime objects they feed, so that every default is
 written once. Every setting also has a stable flat key (``max_batch``, ``granite_encoder_batching``,
 ``ray_address``): the flag is ``--max-batch``, the environment name ``GRANITE_STREAM_MAX_BATCH``, and
@@ -29,7 +30,7 @@ from typing import Any, Mapping, get_type_hints
 
 from stream_server.core.protocol import ProtocolLimits
 from stream_server.core.session import SessionSettings
-from stream_server.engines import ENGINE_NAMES
+from stream_server.engines import ENGINE_NAMES, EngineSettings
 from stream_server.inference.ray_pool import DEFAULT_APP_NAME, RayPoolSettings
 from stream_server.inference.types import WorkerSettings
 from stream_server.server.app import ServerSettings
@@ -42,16 +43,6 @@ ENV_PREFIX = "GRANITE_STREAM_"
 class NetworkSettings:
     host: str = ServerSettings.host
     port: int = ServerSettings.port
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    name: str = "auto"
-    model: str = ""
-    device: str = "auto"
-    gpus: int = 0
-    preset: str = "auto"
-    cpu_threads: int = 0
 
 
 @dataclass(frozen=True)

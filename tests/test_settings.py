@@ -1,5 +1,6 @@
 """The settings object: sources, precedence, validation, and the README table generated from it."""
 
+import dataclasses
 import io
 import json
 import logging
@@ -410,3 +411,101 @@ def test_transcribe_takes_the_engine_sections_flags(monkeypatch, tmp_path):
         main(["transcribe", "--engine", "granite", "--model", "/m", "--device", "cpu", "--cpu-threads", "2",
               "--max-batch", "3", "--granite-encoder-batching", "padded", str(tmp_path / "a.wav")])
     assert seen == [("auto", None, "auto", 0, 8, "exact"), ("granite", "/m", "cpu", 2, 3, "padded")]
+
+
+# ---- each default is written once ------------------------------------------------------------
+
+# Literal defaults (of a parameter or a dataclass field) that may repeat a name a user setting flows
+# into, each with the reason it is not the same default. Anything else written twice fails below.
+_OTHER_MEANINGS = {
+    ("max_batch", "stream_server/server/loopback.py", "1"): "the loopback decodes one request at a time unless asked",
+    ("max_inflight", "stream_server/inference/ray_pool.py", "32"): "a gateway built by hand (the pool computes its own)",
+    ("device", "stream_server/speakers/encoder.py", "'cpu'"): "the speaker encoder's device, not the engine's",
+    ("device", "stream_server/engines/whisper.py", "'cpu'"): "WhisperEngine's own device (load_engine resolves auto)",
+    ("device", "stream_server/engines/granite/engine.py", "None"): "GraniteEngine: None picks cuda when present",
+    ("device", "stream_server/engines/granite/features.py", "'cpu'"): "the feature extractor's device",
+    ("device", "stream_server/cli.py", "None"): "load_configured_engine: None means the section's device",
+    ("model", "stream_server/adapters/openai_realtime.py", "'whisper-1'"): "the OpenAI protocol's model name",
+    ("certfile", "stream_server/server/app.py", "None"): "the runtime form of the empty setting",
+    ("keyfile", "stream_server/server/app.py", "None"): "the runtime form of the empty setting",
+    ("gpus_per_replica", "stream_server/inference/ray_pool.py", "None"): "the runtime form of -1 (automatic)",
+    ("cpus_per_replica", "stream_server/inference/ray_pool.py", "None"): "the runtime form of 0 (automatic)",
+    ("max_inflight", "stream_server/inference/ray_pool.py", "None"): "the runtime form of 0 (automatic)",
+    ("model", "stream_server/inference/ray_pool.py", "None"): "the runtime form of the empty setting",
+    ("model", "stream_server/engines/__init__.py", "None"): "the runtime form of the empty setting",
+    ("model", "stream_server/engines/whisper.py", "None"): "the runtime form of the empty setting",
+    ("model", "stream_server/engines/granite/engine.py", "None"): "the runtime form of the empty setting",
+    ("cpu_threads", "stream_server/inference/ray_pool.py", "1"): "a replica reserves at least one Ray CPU",
+    ("cpu_threads", "stream_server/engines/whisper.py", "0"): "WhisperEngine's own (0: one per core)",
+    ("max_batch", "stream_server/engines/__init__.py", "None"): "None: the engine's own bound",
+    ("compile_step", "stream_server/engines/granite/decode.py", "False"): "the decoder's bool form",
+    # Until the Granite engine's options object exists, GraniteEngine repeats these (issue #17 item 5).
+    ("max_batch", "stream_server/engines/granite/engine.py", "8"): "Granite options object pending",
+    ("encoder_batching", "stream_server/engines/granite/engine.py", "'exact'"): "Granite options object pending",
+    ("ctc_entropy_threshold", "stream_server/engines/granite/engine.py", "0.7"): "Granite options object pending",
+    ("verify_threshold", "stream_server/engines/granite/engine.py", "0.1"): "Granite options object pending",
+}
+
+
+def _literal_defaults(root: Path, names: set[str]) -> list[tuple[str, str, str]]:
+    """``(name, file, default)`` for every parameter default and dataclass-style class field in the
+    product whose name is in ``names`` and whose default is written as a literal (not a reference)."""
+    import ast
+
+    def literal(node) -> bool:
+        return isinstance(node, ast.Constant) or (isinstance(node, (ast.BinOp, ast.UnaryOp)) and all(
+            isinstance(n, (ast.Constant, ast.operator, ast.unaryop, ast.BinOp, ast.UnaryOp)) for n in ast.walk(node)))
+
+    found = []
+    for path in sorted((root / "stream_server").rglob("*.py")):
+        where = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            pairs = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                positional = node.args.posonlyargs + node.args.args
+                pairs += zip(positional[len(positional) - len(node.args.defaults):], node.args.defaults)
+                pairs += [(a, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
+                pairs = [(a.arg, d) for a, d in pairs]
+            elif isinstance(node, ast.ClassDef):
+                pairs = [(s.target.id, s.value) for s in node.body if isinstance(s, ast.AnnAssign)
+                         and isinstance(s.target, ast.Name) and s.value is not None]
+            found += [(name, where, ast.unparse(value)) for name, value in pairs if name in names and literal(value)]
+    return found
+
+
+def test_every_default_is_written_once():
+    """A default a user setting feeds is written in one place; the sections, the runtime objects and
+    the functions that build them refer to it. Fails when a literal default is added for one of
+    those names (``max_batch: int = 8`` in a new class), unless it means something else and says so."""
+    import collections
+
+    runtime_names = {"max_wait", "batch_wait_s", "early_final_s", "refresh_waiting_partials", "final_reserve",
+                     "target_ongoing_requests", "app_name", "max_retries", "retry_backoff_s", "request_timeout_s",
+                     "health_interval_s"}
+    names = {s.attr for s in SETTINGS} | set(BY_KEY) | runtime_names
+    found = _literal_defaults(Path(__file__).parent.parent, names)
+    written = collections.defaultdict(list)
+    for name, where, value in found:
+        if (name, where, value) not in _OTHER_MEANINGS:
+            written[name].append(f"{where}: {value}")
+    assert {name: places for name, places in written.items() if len(places) > 1} == {}
+    stale = set(_OTHER_MEANINGS) - set(found)
+    assert not stale, f"no longer written, drop from _OTHER_MEANINGS: {sorted(stale)}"
+    # Where a section does not hold the runtime object, its defaults are the runtime objects'.
+    from stream_server.core.session import SessionSettings
+    from stream_server.server.app import ServerSettings
+
+    server, session = ServerSettings(), SessionSettings()
+    limits = ServeConfig().limits
+    assert (limits.max_sessions, limits.idle_timeout_s, limits.max_session_s, limits.max_utterance_s) == (
+        server.max_sessions, server.idle_timeout_s, session.max_session_s, session.limits.max_utterance_s)
+    assert server_settings(ServeConfig()) == dataclasses.replace(server, access=server_settings(ServeConfig()).access)
+
+
+def test_the_default_check_finds_a_second_literal(tmp_path):
+    (tmp_path / "stream_server").mkdir()
+    (tmp_path / "stream_server" / "a.py").write_text(
+        "class A:\n    max_batch: int = 8\n    max_queue: int = B.max_queue\n\ndef f(max_batch=4 * 2, *, max_queue=-1):\n    pass\n")
+    assert _literal_defaults(tmp_path, {"max_batch", "max_queue"}) == [
+        ("max_batch", "stream_server/a.py", "8"), ("max_batch", "stream_server/a.py", "4 * 2"),
+        ("max_queue", "stream_server/a.py", "-1")]

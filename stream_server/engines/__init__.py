@@ -8,6 +8,7 @@ startup log and the ``ready`` message can say what is serving and why.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult
@@ -17,6 +18,30 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAMES = ("auto", "whisper", "granite")
 DEFAULT_GRANITE_MODEL = "ibm-granite/granite-4.0-1b-speech"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which engine serves and where: the ``engine`` section of the server's settings.
+
+    Its defaults are :func:`load_engine`'s; ``granite-stream transcribe`` reads the same section.
+
+    Attributes:
+        name: one of :data:`ENGINE_NAMES`.
+        model: model id or directory; empty for the engine's own default.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        gpus: one worker per GPU 0..N-1, each with its own engine; 0 for one worker on ``device``.
+        preset: ``auto``, ``gpu`` or ``cpu``: which configuration fills the settings no source gave
+            (``stream_server.settings.resolve_preset``).
+        cpu_threads: engine CPU threads (0: Whisper one per core, shared by its lanes; Granite torch's default).
+    """
+
+    name: str = "auto"
+    model: str = ""
+    device: str = "auto"
+    gpus: int = 0
+    preset: str = "auto"
+    cpu_threads: int = 0
 
 
 def cuda_available() -> bool:
@@ -29,10 +54,10 @@ def cuda_available() -> bool:
 
 
 def load_engine(
-    name: str = "auto",
+    name: str = EngineSettings.name,
     model: str | None = None,
-    device: str = "auto",
-    cpu_threads: int = 0,
+    device: str = EngineSettings.device,
+    cpu_threads: int = EngineSettings.cpu_threads,
     max_batch: int | None = None,
     granite_options: Mapping[str, Any] | None = None,
     speakers: bool = True,
@@ -108,6 +133,7 @@ def _granite(model, device, max_batch, options: Mapping[str, Any] | None = None)
 __all__ = [
     "DEFAULT_GRANITE_MODEL",
     "ENGINE_NAMES",
+    "EngineSettings",
     "Engine",
     "EngineCapabilities",
     "InferenceRequest",

@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from stream_server.engines import EngineSettings
 from stream_server.engines.base import Engine
 from stream_server.inference.types import EngineCapabilities, InferenceRequest, InferenceResult, WorkerSettings
 from stream_server.inference.worker import QUEUE_EVENTS, BatchObserver, BatchScheduler, PoolStatus, QueueFull, Superseded, WorkerStatus, decode_isolated, settle_future
@@ -112,9 +113,9 @@ class RayPoolSettings:
     app_name: str = DEFAULT_APP_NAME
     deploy: str = "missing"
     namespace: str = "granite-stream"
-    engine: str = "auto"
+    engine: str = EngineSettings.name
     model: str | None = None
-    device: str = "auto"
+    device: str = EngineSettings.device
     cpu_threads: int = 1
     max_batch: int = WorkerSettings.max_batch
     batch_wait_s: float = WorkerSettings.max_wait_ms / 1000.0
@@ -127,7 +128,7 @@ class RayPoolSettings:
     max_ongoing_requests: int | None = None
     max_inflight: int | None = None
     max_queue: int = WorkerSettings.max_queue
-    final_reserve: int = 64
+    final_reserve: int = WorkerSettings.final_reserve
     max_retries: int = 3
     retry_backoff_s: float = 0.2
     request_timeout_s: float = 120.0

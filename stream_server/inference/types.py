@@ -32,11 +32,14 @@ class WorkerSettings:
         max_batch: most requests in one engine call, across sessions.
         max_wait_ms: how long the oldest queued request may wait for a batch to fill.
         max_queue: queued requests past which partials are shed and new sessions refused.
+        final_reserve: queue places beyond ``max_queue`` that only finals may take (not a user
+            setting), so that a flood of partials cannot starve endpoints.
     """
 
     max_batch: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 512
+    final_reserve: int = 64
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ class BatchScheduler(Generic[Token]):
     """
 
     def __init__(self, max_batch: int = WorkerSettings.max_batch, max_wait: float = WorkerSettings.max_wait_ms / 1000.0,
-                 max_queue: int = WorkerSettings.max_queue, final_reserve: int = 64):
+                 max_queue: int = WorkerSettings.max_queue, final_reserve: int = WorkerSettings.final_reserve):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be positive")
         self.max_batch = max_batch
@@ -230,7 +230,7 @@ class BatchScheduler(Generic[Token]):
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> BatchScheduler[Token]:
         """The scheduler the ``worker`` settings describe (``max_wait_ms`` in milliseconds)."""
-        return cls(settings.max_batch, settings.max_wait_ms / 1000.0, settings.max_queue)
+        return cls(settings.max_batch, settings.max_wait_ms / 1000.0, settings.max_queue, settings.final_reserve)
 
     def __len__(self) -> int:
         return len(self._finals) + len(self._partials)
