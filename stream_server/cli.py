@@ -24,7 +24,7 @@ from stream_server.core.protocol import ProtocolLimits, StreamConfig
 from stream_server.core.session import Session, SessionSettings
 from stream_server.server.loopback import Loopback
 from stream_server.server.logs import configure_logging
-from stream_server.settings import (ConfigError, ServeConfig, add_arguments, cli_values, load_config,
+from stream_server.settings import (SETTINGS, ConfigError, ServeConfig, add_arguments, cli_values, load_config,
                                     load_config_and_sources, render, resolve_preset, seconds_list)
 from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker, WorkerPool
 
@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("granite_stream")
 
+
+
+TRANSCRIBE_SETTINGS = [s.key for s in SETTINGS if s.section in ("engine", "granite") and s.key not in ("gpus", "preset")
+                       ] + ["max_batch", "log_level"]
+"""The serve settings ``transcribe`` takes (as flags): one session on a local engine."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("transcribe", help="stream audio files through the same session path and print finals")
     tr.add_argument("files", nargs="+", type=Path, help="audio files (anything ffmpeg/PyAV decodes: wav, mp3, flac…)")
-    # The serve command's engine sections and batch bound, flags only (no environment or TOML here).
-    add_arguments(tr, ("engine", "granite"), skip=("gpus", "preset"))
-    tr.add_argument("--max-batch", dest="max_batch", default=None, metavar="MAX_BATCH",
-                    help="largest inference batch (the serve setting max_batch)")
-    tr.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    # The serve command's engine sections, batch bound and log level: flags only (no environment or TOML here).
+    add_arguments(tr, TRANSCRIBE_SETTINGS, environment=False)
     tr.add_argument("--language", default="en", help="spoken language, or 'auto' where the engine detects it")
     tr.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
     tr.add_argument("--target-language", default=None)
@@ -97,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                 return run_processes(config, argv[argv.index("serve") + 1 :])
             return asyncio.run(_serve(config, reuse_port=args.reuse_port))
         if args.command == "transcribe":
-            configure_logging(args.log_level)
             try:
                 config = load_config(cli_values(args), env={})
             except ConfigError as exc:
                 print(f"granite-stream: {exc}", file=sys.stderr)
                 return 2
+            configure_logging(config.logging.log_level)
             return _transcribe(args, config)
     except KeyboardInterrupt:
         return 130

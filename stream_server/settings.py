@@ -26,7 +26,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, get_type_hints
+from typing import Any, Collection, Mapping, get_type_hints
 
 from stream_server.core.protocol import ProtocolLimits
 from stream_server.core.session import SessionSettings
@@ -571,24 +571,25 @@ def resolve_preset(config: ServeConfig, explicit: frozenset[str] | set[str] = fr
     return config, f"{reason}; set {detail}"
 
 
-def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None,
-                  skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per setting (of ``sections``, default all, less the keys in ``skip``), grouped by
-    section, with no argparse defaults (so only given flags override). All sections also get
-    ``--config`` and ``--print-config``."""
+def add_arguments(parser: argparse.ArgumentParser, keys: Collection[str] | None = None,
+                  environment: bool = True) -> None:
+    """Add one flag per setting (those named in ``keys``, default all), grouped by section, with no
+    argparse defaults (so only given flags override). All settings also get ``--config`` and
+    ``--print-config``; ``environment`` says whether the help names the environment variables (a
+    command that reads none passes False)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    if sections is None:
+    if keys is None:
         parser.add_argument("--config", type=Path, default=None,
                             help=f"TOML file of settings (also ${ENV_PREFIX}CONFIG); flags and environment override it")
         parser.add_argument("--print-config", action="store_true",
                             help="print the effective settings as TOML and exit (--print-config-format for others)")
         parser.add_argument("--print-config-format", choices=("toml", "json", "markdown"), default="toml")
     for s in SETTINGS:
-        if sections is not None and s.section not in sections or s.key in skip:
+        if keys is not None and s.key not in keys:
             continue
         table = SECTIONS[s.section]
         group = groups.setdefault(table, parser.add_argument_group(table))
-        help_text = f"{s.help} (default: {s.default!r}; env {s.env})"
+        help_text = f"{s.help} (default: {s.default!r}; env {s.env})" if environment else f"{s.help} (default: {s.default!r})"
         if s.kind is bool:
             group.add_argument(s.flag, dest=s.key, action="store_const", const=True, default=None, help=help_text)
         else:
