@@ -39,13 +39,13 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence, overload
+from typing import Any, Sequence, overload
 
 from stream_server.inference.types import EngineCapabilities
 from stream_server.core.session import SessionSettings
 from stream_server.speakers.clustering import Attribution
 from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, StreamCommand, WavHeader, alaw_to_pcm16, audio_chunks, parse_wav_header, query_params
-from stream_server.core.events import AudioFormat, Configure, Configured, End, Error, Event, Final, Finalize, Partial, SpeechEnded, SpeechStarted, Start, Stop
+from stream_server.core.events import AudioFormat, Configure, Configured, End, Error, Event, Final, FinalWord, Finalize, Partial, SpeechEnded, SpeechStarted, Start, Stop
 
 ROUTE = "/deepgram/v1/listen"
 KEY = "main"
@@ -395,10 +395,10 @@ def _plain(token: str) -> str:
     return re.sub(r"[^\w'-]", "", token.lower()) or token.lower()
 
 
-def _timed_words(words: Sequence[Mapping[str, Any]]) -> list[dict]:
+def _timed_words(words: Sequence[FinalWord]) -> list[dict]:
     """A native final's timed ``words`` in Deepgram's shape (an unscored word gets confidence 0)."""
-    return [{"word": _plain(w["word"]), "start": w["start"], "end": w["end"],
-             "confidence": 0.0 if w["confidence"] is None else w["confidence"], "punctuated_word": w["word"]}
+    return [{"word": _plain(w.word), "start": w.start, "end": w.end,
+             "confidence": 0.0 if w.confidence is None else w.confidence, "punctuated_word": w.word}
             for w in words]
 
 

@@ -33,13 +33,13 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from stream_server.inference.types import EngineCapabilities
 from stream_server.core.protocol import StreamConfig
 from stream_server.core.session import Send, Session, SessionSettings, State
 from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, StreamCommand, alaw_to_pcm16, audio_chunks, decode_base64, new_id, query_params
-from stream_server.core.events import AudioFormat, Configure, Configured, Error, Event, Final, Finalize, Partial, SpeechEnded, SpeechStarted, Start
+from stream_server.core.events import AudioFormat, Configure, Configured, Error, Event, Final, FinalWord, Finalize, Partial, SpeechEnded, SpeechStarted, Start
 
 ROUTE = "/v1/realtime"
 KEY = "main"
@@ -154,7 +154,7 @@ class _Item:
     start: float
     utterances: list[int] = field(default_factory=list)
     finals: dict[int, str] = field(default_factory=dict)
-    words: dict[int, Sequence[Mapping[str, Any]]] = field(default_factory=dict)  # the finals' timed words, where given
+    words: dict[int, Sequence[FinalWord]] = field(default_factory=dict)  # the finals' timed words, where given
     failed: Error | None = None
     emitted: str = ""  # the deltas sent so far, concatenated
     end: float | None = None
@@ -496,12 +496,12 @@ def _logprobs(item: _Item) -> list[dict] | None:
     scored = False
     for uid in item.utterances:
         for word in item.words.get(uid) or ():
-            if word["confidence"] is None:
+            if word.confidence is None:
                 continue
             scored = True
-            token = (" " if entries else "") + word["word"]
+            token = (" " if entries else "") + word.word
             entries.append({"token": token, "bytes": list(token.encode("utf-8")),
-                            "logprob": round(math.log(max(word["confidence"], 1e-6)), 4)})
+                            "logprob": round(math.log(max(word.confidence, 1e-6)), 4)})
     return entries if scored else None
 
 

@@ -190,7 +190,7 @@ class TwilioTranslator:
             case Final():
                 timing: dict[str, Any] = {}
                 if event.words is not None:
-                    timing["words"] = [dict(w) for w in event.words]
+                    timing["words"] = [w.to_wire() for w in event.words]
                     if event.confidence is not None:
                         timing["confidence"] = event.confidence
                 else:

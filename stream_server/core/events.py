@@ -238,15 +238,37 @@ class Partial:
 
 
 @dataclass(frozen=True)
+class FinalWord:
+    """One timed word of a final, on the stream clock (seconds).
+
+    Attributes:
+        word: as in the final's text, punctuation attached; a final's words joined with spaces give its text.
+        confidence: the engine's probability for the word, or ``None`` when it did not score it.
+        speaker: the word's speaker label, in a ``diarize`` final only.
+    """
+
+    word: str
+    start: float
+    end: float
+    confidence: float | None = None
+    speaker: int | None = None
+
+    def to_wire(self) -> dict:
+        wire: dict[str, Any] = {"word": self.word, "start": self.start, "end": self.end, "confidence": self.confidence}
+        if self.speaker is not None:
+            wire["speaker"] = self.speaker
+        return wire
+
+
+@dataclass(frozen=True)
 class Final:
     """The transcript of an ended utterance (finals go out in utterance order).
 
     Attributes:
         target_language: set for ``task == "translate"`` only.
         truncated: the engine's decode hit its token budget.
-        words: the timed words in their wire form (``word``, ``start``, ``end``, ``confidence``,
-            and ``speaker`` when labelled), or ``None`` when the engine could not time them (the
-            wire then says ``"timing": "utterance"``).
+        words: the timed words, or ``None`` when the engine could not time them (the wire then
+            says ``"timing": "utterance"``).
         confidence: the mean of the scored words (only with ``words``).
         speaker: the speaker label of a ``diarize`` final; ``speaker_turns`` when it changes inside.
     """
@@ -259,7 +281,7 @@ class Final:
     task: str
     target_language: str | None = None
     truncated: bool = False
-    words: tuple[Mapping[str, Any], ...] | None = None
+    words: tuple[FinalWord, ...] | None = None
     confidence: float | None = None
     speaker: int | None = None
     speaker_turns: tuple[SpeakerTurn, ...] = ()
@@ -273,7 +295,7 @@ class Final:
         if self.truncated:
             wire["truncated"] = True
         if self.words is not None:
-            wire["words"] = [dict(w) for w in self.words]
+            wire["words"] = [w.to_wire() for w in self.words]
             if self.confidence is not None:
                 wire["confidence"] = self.confidence
         else:
@@ -321,6 +343,6 @@ class End:
 Event = Ready | Configured | SpeechStarted | SpeechEnded | Partial | Final | Error | End
 
 __all__ = [
-    "Audio", "Command", "Configure", "Configured", "End", "Error", "Event", "Final", "Finalize", "Partial", "Ready",
+    "Audio", "Command", "Configure", "Configured", "End", "Error", "Event", "Final", "FinalWord", "Finalize", "Partial", "Ready",
     "SpeechEnded", "SpeechStarted", "Start", "Stop",
 ]

@@ -25,11 +25,11 @@ from vad import VadSegmenter
 
 from stream_server.core.audio import AudioDecoder, SampleHistory
 from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word
-from stream_server.core.events import Audio, Command, Configure, Configured, End, Error, Event, Final, Finalize, Partial, Ready, SpeechEnded, SpeechStarted, Start, Stop
+from stream_server.core.events import Audio, Command, Configure, Configured, End, Error, Event, Final, FinalWord, Finalize, Partial, Ready, SpeechEnded, SpeechStarted, Start, Stop
 from stream_server.core.protocol import ALREADY_STARTED, BAD_AUDIO, BAD_CONFIG, BAD_MESSAGE, INTERNAL, NOT_STARTED, OVERLOADED, SESSION_LIMIT, TOO_LARGE, AudioFormat, ProtocolError, ProtocolLimits, StreamConfig, apply_config, check_audio_format, parse_command, round_time
 from stream_server.speakers.clustering import SpeakerSettings, SpeakerTracker
 from stream_server.core.stabilizer import PartialStabilizer, drop_repeated_lead
-from stream_server.core.timing import final_words, words_to_wire
+from stream_server.core.timing import final_words
 
 
 @dataclass(frozen=True)
@@ -612,12 +612,13 @@ class Session:
                 config = utterance.config
                 assert utterance.final_text is not None
                 # No words: the engine could not time this final's words (the wire says "timing": "utterance").
-                words = words_to_wire(utterance.final_words) if utterance.final_words is not None else None
+                words = None if utterance.final_words is None else \
+                    tuple(FinalWord(w.word, w.start, w.end, w.confidence) for w in utterance.final_words)
                 event = Final(
                     utterance.utterance_id, utterance.final_text, round_time(utterance.start / SAMPLE_RATE),
                     round_time((utterance.end or utterance.start) / SAMPLE_RATE), utterance.language, config.task,
                     target_language=(config.target_language or "en") if config.task == "translate" else None,
-                    truncated=utterance.final_truncated, words=None if words is None else tuple(words),
+                    truncated=utterance.final_truncated, words=words,
                     confidence=utterance.final_confidence if words is not None else None,
                 )
                 if config.diarize and utterance.speaker_embeddings is not None:
@@ -634,7 +635,8 @@ class Session:
         utterance.speaker_embeddings = None  # the centroids keep what is needed; the rest is dropped now
         return replace(
             event, speaker=attribution.speaker, speaker_turns=tuple(attribution.turns) if attribution.changes else (),
-            words=None if event.words is None else tuple(attribution.label_words(event.words)),
+            words=None if event.words is None else
+            tuple(replace(w, speaker=attribution.speaker_at(w.start, w.end)) for w in event.words),
         )
 
     def _maybe_end(self) -> list[Action]:

@@ -81,8 +81,3 @@ def final_words(text: str, timed: Sequence[Word] | None, offset: float, end: flo
         words.append(Word(word.word, round(start, 3), round(stop, 3), word.confidence))
         floor = start
     return words
-
-
-def words_to_wire(words: Sequence[Word]) -> list[dict]:
-    """The protocol's ``words`` array."""
-    return [{"word": w.word, "start": w.start, "end": w.end, "confidence": w.confidence} for w in words]
