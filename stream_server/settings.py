@@ -6,7 +6,8 @@ Precedence, lowest to highest: built-in defaults < TOML file (``--config FILE`` 
 Each section (``network``, ``engine``, ``engine.granite``, ``worker``, ``session``, ``speakers``,
 ``limits``, ``security``, ``memory``, ``logging``, ``pool``, ``pool.ray``) is a frozen dataclass; where
 a runtime object takes the values as they are (:class:`~stream_server.inference.types.WorkerSettings`,
-:class:`~stream_server.engines.EngineSettings`, :class:`~stream_server.speakers.clustering.SpeakerSettings`)
+:class:`~stream_server.engines.EngineSettings`, :class:`~stream_server.speakers.clustering.SpeakerSettings`,
+:class:`~stream_server.server.logs.LoggingSettings`)
 the section *is* that object, and the
 other sections take their defaults from the runtime objects they feed, so that every default is
 written once. Every setting also has a stable flat key (``max_batch``, ``granite_encoder_batching``,
@@ -34,6 +35,7 @@ from stream_server.engines import ENGINE_NAMES, EngineSettings
 from stream_server.inference.ray_pool import DEFAULT_APP_NAME, RayPoolSettings
 from stream_server.inference.types import WorkerSettings
 from stream_server.server.app import ServerSettings
+from stream_server.server.logs import LoggingSettings
 from stream_server.speakers.clustering import SpeakerSettings
 
 ENV_PREFIX = "GRANITE_STREAM_"
@@ -91,13 +93,6 @@ class MemorySettings:
     malloc_arenas: int = 2
     malloc_mmap_threshold_kb: int = 256
     memory_trim_s: float = ServerSettings.memory_trim_s
-
-
-@dataclass(frozen=True)
-class LoggingSettings:
-    log_transcripts: bool = ServerSettings.log_transcripts
-    log_format: str = "text"
-    log_level: str = "INFO"
 
 
 @dataclass(frozen=True)

@@ -481,7 +481,7 @@ def test_every_default_is_written_once():
 
     runtime_names = {"max_wait", "batch_wait_s", "early_final_s", "refresh_waiting_partials", "final_reserve",
                      "target_ongoing_requests", "app_name", "max_retries", "retry_backoff_s", "request_timeout_s",
-                     "health_interval_s"}
+                     "health_interval_s", "level", "fmt"}
     names = {s.attr for s in SETTINGS} | set(BY_KEY) | runtime_names
     found = _literal_defaults(Path(__file__).parent.parent, names)
     written = collections.defaultdict(list)

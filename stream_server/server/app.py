@@ -32,7 +32,7 @@ from stream_server.engines.base import Engine
 from stream_server.inference.types import InferenceRequest, WorkerSettings
 from stream_server.server.auth import AccessPolicy, check_access, select_subprotocol
 from stream_server.server.driver import SessionDriver
-from stream_server.server.logs import current_session
+from stream_server.server.logs import LoggingSettings, current_session
 from stream_server.core.multichannel import MultichannelSession
 from stream_server.server import http_api
 from stream_server.inference import memory
@@ -133,7 +133,7 @@ class ServerSettings:
     access: AccessPolicy = field(default_factory=AccessPolicy)
     certfile: Path | None = None
     keyfile: Path | None = None
-    log_transcripts: bool = False
+    log_transcripts: bool = LoggingSettings.log_transcripts
     memory_trim_s: float = 60.0
     reuse_port: bool = False
     handshake_timeout_s: float = 10.0

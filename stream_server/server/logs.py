@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_session", default=None)
 
@@ -47,7 +48,23 @@ class _TextFormatter(logging.Formatter):
         return f"{text} [session {session_id}]" if session_id else text
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
+@dataclass(frozen=True)
+class LoggingSettings:
+    """The ``logging`` section of the server's settings.
+
+    Attributes:
+        log_transcripts: log final texts at INFO (off: transcripts are personal data).
+        log_format: ``text``, or ``json`` (one object per line, with ``session_id`` where known).
+        log_level: the root logger's level.
+    """
+
+    log_transcripts: bool = False
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+
+def configure_logging(level: str = LoggingSettings.log_level, fmt: str = LoggingSettings.log_format,
+                      stream=None) -> None:
     """Install one handler on the root logger (replacing earlier ones)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(_SessionFilter())
