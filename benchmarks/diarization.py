@@ -17,8 +17,10 @@ final (from the speaker wrapper's counters), and final latency and WER with and 
 ``--tune`` instead embeds each reference turn offline and prints attribution accuracy over a grid of
 clustering thresholds (no server): how the defaults of ``SpeakerSettings`` were chosen; with
 ``--precision`` it does so for each of the encoder's arithmetics. ``--cost`` times the encoder per
-final on the turns' audio, float32 (Resemblyzer's own arithmetic, the baseline) against the
-server's default (``auto``), in the same run.
+final on the utterances' audio, float32 (Resemblyzer's own arithmetic, the baseline) against
+``auto`` (bfloat16 where the CPU computes it) windowed over the whole utterance and between pauses
+(the server's default), in the same run. Every mode prints where attribution is lost
+(:func:`breakdown`).
 """
 
 from __future__ import annotations
@@ -149,13 +151,79 @@ def score(turns: Sequence[Turn], finals: Sequence[dict]) -> dict:
         labels.append(max(overlap, key=overlap.__getitem__) if overlap else None)
     truth = sorted({t.speaker for t in turns})
     found = sorted({s for s, _, _ in segments})
-    best = 0
+    best, best_mapping = -1, {}
     hyp = found + [None] * max(0, len(truth) - len(found))
     for perm in itertools.permutations(hyp, len(truth)):
         mapping = dict(zip(truth, perm))
-        best = max(best, sum(1 for t, label in zip(turns, labels) if label is not None and mapping[t.speaker] == label))
+        right = sum(1 for t, label in zip(turns, labels) if label is not None and mapping[t.speaker] == label)
+        if right > best:
+            best, best_mapping = right, mapping
+    owner = {label: speaker for speaker, label in best_mapping.items() if label is not None}
+    per_turn: list[dict] = []
+    seen: dict[str, int] = {}
+    for index, (t, label) in enumerate(zip(turns, labels)):
+        seen[t.speaker] = seen.get(t.speaker, 0) + 1
+        if label is not None and best_mapping[t.speaker] == label:
+            error = None
+        elif label is None:
+            error = "unlabelled"
+        else:  # another true speaker's label, or a label no true speaker got (a wrong new speaker)
+            error = "other_speaker" if label in owner else "extra_label"
+        # Whether one final joins this turn and another (a change of speaker inside an utterance):
+        # a final overlapping this turn by over 0.2 s and some other reference turn by over 0.2 s.
+        mixed = any(min(f["end"], t.end) - max(f["start"], t.start) > 0.2
+                    and any(min(f["end"], u.end) - max(f["start"], u.start) > 0.2 for u in turns if u is not t)
+                    for f in finals)
+        pieces = sum(1 for f in finals if min(f["end"], t.end) - max(f["start"], t.start) > 0.2)
+        per_turn.append({"index": index, "duration": t.end - t.start, "nth": seen[t.speaker], "mixed": mixed,
+                         "pieces": pieces, "error": error})
     return {"turns": len(turns), "correct": best, "accuracy": best / len(turns), "speakers_true": len(truth),
-            "speakers_found": len(found)}
+            "speakers_found": len(found), "per_turn": per_turn}
+
+
+DURATION_BINS = (2.0, 3.0, 4.0, 6.0, 8.01)
+MARGIN_BINS = (-1.0, 0.0, 0.03, 0.06, 0.1, 2.0)
+
+
+def breakdown(scores: Sequence[dict]) -> dict:
+    """Where attribution is lost: the error rate of the reference turns by duration, by the
+    speaker's n-th turn (the first ones meet a young centroid), by whether one final joined the turn
+    with another speaker's, and by the similarity margin where the offline run recorded it
+    (``margin``: similarity to the assigned speaker minus that to the next nearest one); and the
+    kinds of error (another true speaker's label, a label no true speaker got, none)."""
+    rows = [t for s in scores for t in s["per_turn"]]
+
+    def rate(selected: list[dict]) -> dict:
+        wrong = sum(1 for t in selected if t["error"])
+        return {"turns": len(selected), "wrong": wrong, "error_rate": round(wrong / max(1, len(selected)), 3)}
+
+    out: dict = {"all": rate(rows)}
+    out["by_duration_s"] = {f"{a:g}-{b:.0f}": rate([t for t in rows if a <= t["duration"] < b])
+                            for a, b in zip(DURATION_BINS, DURATION_BINS[1:])}
+    out["by_nth_turn_of_speaker"] = {str(n): rate([t for t in rows if min(t["nth"], 4) == n]) for n in (1, 2, 3)}
+    out["by_nth_turn_of_speaker"]["4+"] = rate([t for t in rows if t["nth"] >= 4])
+    out["joined_with_another_turn"] = {"yes": rate([t for t in rows if t["mixed"]]),
+                                       "no": rate([t for t in rows if not t["mixed"]])}
+    out["finals_over_turn"] = {str(n): rate([t for t in rows if min(t["pieces"], 3) == n]) for n in (0, 1, 2)}
+    out["finals_over_turn"]["3+"] = rate([t for t in rows if t["pieces"] >= 3])
+    if rows and "margin" in rows[0]:
+        out["by_margin"] = {f"{a:g}..{b:g}": rate([t for t in rows if a <= t["margin"] < b])
+                            for a, b in zip(MARGIN_BINS, MARGIN_BINS[1:])}
+    kinds: dict = {}
+    for t in rows:
+        if t["error"]:
+            kinds[t["error"]] = kinds.get(t["error"], 0) + 1
+    out["errors_by_kind"] = kinds
+    return out
+
+
+def print_breakdown(title: str, table: dict) -> None:
+    print(f"{title}: {table['all']['wrong']} of {table['all']['turns']} turns wrong; kinds {table['errors_by_kind']}")
+    for key in ("by_duration_s", "by_nth_turn_of_speaker", "joined_with_another_turn", "finals_over_turn",
+                "by_margin"):
+        if key in table:
+            cells = "  ".join(f"{k}: {v['wrong']}/{v['turns']}" for k, v in table[key].items())
+            print(f"  {key:26s} {cells}")
 
 
 def summarize(scores: Sequence[dict]) -> dict:
@@ -168,18 +236,17 @@ def summarize(scores: Sequence[dict]) -> dict:
                                       "median": round(statistics.median(s["accuracy"] for s in scores), 3)},
         "speaker_count_right": round(sum(s["speakers_found"] == s["speakers_true"] for s in scores) / len(scores), 3),
         "speakers_found": [s["speakers_found"] for s in scores],
+        "breakdown": breakdown(scores),
     }
 
 
 # ---- offline tuning -------------------------------------------------------------------------------
 
 
-def tune(convs: Sequence[Conversation], grid: Sequence[float], precision: str = "auto") -> dict:
-    """Attribution accuracy per clustering threshold, each reference turn embedded as one utterance
-    by the encoder in ``precision``."""
+def embed_turns(convs: Sequence[Conversation], precision: str = "auto") -> list[list]:
+    """Each reference turn's audio embedded as one utterance (``SpeakerEmbeddings`` per turn)."""
     import soxr
 
-    from stream_server.speakers.clustering import SpeakerSettings, SpeakerTracker
     from stream_server.speakers.encoder import SpeakerEncoder
 
     encoder = SpeakerEncoder("cpu", threads=1, precision=precision)
@@ -188,26 +255,66 @@ def tune(convs: Sequence[Conversation], grid: Sequence[float], precision: str = 
         wavs = [soxr.resample(conv.audio[int(t.start * SEND_RATE):int(t.end * SEND_RATE)], SEND_RATE, 16000)
                 for t in conv.turns]
         embedded.append(encoder.embed(wavs))
+    return embedded
+
+
+def label_offline(convs: Sequence[Conversation], embedded: Sequence[list], settings) -> list[dict]:
+    """Score each conversation with its turns labelled in order by a fresh ``SpeakerTracker``; each
+    turn also gets ``margin``: its embedding's similarity to the nearest speaker centroid minus that
+    to the next nearest (minus the new-speaker threshold where only one speaker exists yet), taken
+    before the turn is folded in (the first turn of a conversation gets 1)."""
+    from stream_server.speakers.clustering import SpeakerTracker
+
+    scores = []
+    for conv, embs in zip(convs, embedded):
+        tracker = SpeakerTracker(settings)
+        finals, margins = [], []
+        for t, e in zip(conv.turns, embs):
+            sims = sorted(tracker.clusterer.similarities(e.utterance).values(), reverse=True)
+            margins.append(1.0 if not sims else sims[0] - (sims[1] if len(sims) > 1 else settings.threshold))
+            a = tracker.attribute(e, t.start, t.end)
+            finals.append({"start": t.start, "end": t.end, "speaker": a.speaker,
+                           "speaker_turns": [x.to_wire() for x in a.turns]})
+        scored = score(conv.turns, finals)
+        for row, margin in zip(scored["per_turn"], margins):
+            row["margin"] = margin
+        scores.append(scored)
+    return scores
+
+
+def tune(convs: Sequence[Conversation], grid: Sequence[float], precision: str = "auto") -> dict:
+    """Attribution accuracy per clustering threshold, each reference turn embedded as one utterance
+    by the encoder in ``precision``."""
+    from stream_server.speakers.clustering import SpeakerSettings
+
+    embedded = embed_turns(convs, precision)
     out = {}
     for threshold in grid:
         settings = replace(SpeakerSettings(), threshold=threshold, merge_threshold=max(threshold + 0.05, 0.9))
-        scores = []
-        for conv, embs in zip(convs, embedded):
-            tracker = SpeakerTracker(settings)
-            finals = []
-            for t, e in zip(conv.turns, embs):
-                a = tracker.attribute(e, t.start, t.end)
-                finals.append({"start": t.start, "end": t.end, "speaker": a.speaker,
-                               "speaker_turns": [x.to_wire() for x in a.turns]})
-            scores.append(score(conv.turns, finals))
-        out[threshold] = summarize(scores)
+        out[threshold] = summarize(label_offline(convs, embedded, settings))
     return out
 
 
+JOIN_S = 0.55  # turns closer than this come out of the server's VAD as one utterance (mostly)
+
+
+def vad_like_utterances(conv: Conversation) -> list[tuple[float, float]]:
+    """The conversation's utterances as the server's VAD mostly cuts them: turns separated by less
+    than ``JOIN_S`` joined into one (offline stand-in, for timing the encoder on such audio)."""
+    spans: list[list[float]] = []
+    for t in conv.turns:
+        if spans and t.start - spans[-1][1] < JOIN_S:
+            spans[-1][1] = t.end
+        else:
+            spans.append([t.start, t.end])
+    return [(a, b) for a, b in spans]
+
+
 def cost(convs: Sequence[Conversation], batches: Sequence[int] = (1, 8), repeats: int = 3,
-         precisions: Sequence[str] = ("float32", "auto")) -> list[dict]:
-    """Encoder time per final on the turns' audio (one torch thread, as the server's CPU encoder
-    uses), for each precision and each number of finals per call: the best of ``repeats`` passes,
+         precisions: Sequence[str] = ("float32", "auto", "auto+pauses")) -> list[dict]:
+    """Encoder time per final on the utterances' audio (:func:`vad_like_utterances`; one torch
+    thread, as the server's CPU encoder uses), for each precision (``+pauses``: windowed between
+    pauses, as the server does) and each number of finals per call: the best of ``repeats`` passes,
     and its median call. The passes of the precisions alternate, so that a change in the machine's
     load reaches all of them alike; the first precision is the baseline, and each row says how its
     embeddings compare with the baseline's (lowest cosine over the turns)."""
@@ -215,9 +322,11 @@ def cost(convs: Sequence[Conversation], batches: Sequence[int] = (1, 8), repeats
 
     from stream_server.speakers.encoder import SpeakerEncoder
 
-    encoders = [SpeakerEncoder("cpu", threads=1, precision=p) for p in precisions]
-    wavs = [soxr.resample(c.audio[int(t.start * SEND_RATE):int(t.end * SEND_RATE)], SEND_RATE, 16000)
-            for c in convs for t in c.turns]
+    # "+pauses": each stretch between pauses windowed on its own (SpeakerEncoder.split_pauses).
+    encoders = [SpeakerEncoder("cpu", threads=1, precision=p.split("+")[0], split_pauses=p.endswith("+pauses"))
+                for p in precisions]
+    wavs = [soxr.resample(c.audio[int(a * SEND_RATE):int(b * SEND_RATE)], SEND_RATE, 16000)
+            for c in convs for a, b in vad_like_utterances(c)]
     utterances = []
     for encoder in encoders:
         encoder.embed(wavs[:2])  # warm-up
@@ -330,6 +439,9 @@ async def run(args) -> dict:
                     run["embed_ms_per_final"] = round(1000 * seconds / max(1, embedded), 2)
                     run["finals_embedded"] = embedded
                     run["finals_with_turns"] = sum(1 for s in logs for f in _finals(s) if f.get("speaker_turns"))
+                    # What was published, for reading the errors against the reference turns.
+                    run["labels"] = [[[f["start"], f["end"], f.get("speaker"), f.get("speaker_turns")] for f in _finals(s)]
+                                     for s in logs]
                 entry["diarize" if diarize else "off"] = run
                 log.info("%d speakers, diarize=%s: %s", k, diarize, json.dumps(run))
             results[f"speakers_{k}"] = entry
@@ -367,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {"cost": cost(convs)}
         print(json.dumps(results, indent=1))
     elif args.tune:
+        from stream_server.speakers.clustering import SpeakerSettings
+
         clips = voice_clips()
         grid = [round(x, 2) for x in np.arange(0.70, 0.92, 0.02)]
         results = {f"{precision} {k}": tune(conversations(args.conversations, k, args.turns, args.seed, clips), grid,
@@ -377,9 +491,14 @@ def main(argv: list[str] | None = None) -> int:
             for threshold, row in rows.items():
                 print(f"{precision}: {k} speakers threshold {threshold:.2f}: accuracy {row['accuracy']:.3f} "
                       f"count right {row['speaker_count_right']:.2f} found {row['speakers_found']}")
+            default = SpeakerSettings().threshold
+            print_breakdown(f"{precision}: {k} speakers, each turn alone, threshold {default:.2f}",
+                            rows[min(rows, key=lambda x: abs(x - default))]["breakdown"])
     else:
         results = asyncio.run(run(args))
         print(json.dumps(results, indent=1, default=str))
+        for k in args.speakers:
+            print_breakdown(f"{k} speakers, streamed", results[f"speakers_{k}"]["diarize"]["breakdown"])
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, default=str))
     return 0

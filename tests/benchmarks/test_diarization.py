@@ -14,3 +14,19 @@ def test_the_benchmark_scores_turns_under_the_best_label_mapping():
               {"start": 9.5, "end": 12, "speaker": 2}]
     result = score(turns, finals)
     assert result["correct"] == 3 and result["speakers_found"] == 3 and result["speakers_true"] == 2
+
+
+def test_the_breakdown_says_where_turns_were_lost():
+    from granite_stream_testing.datasets import Clip
+    from benchmarks.diarization import Turn, breakdown, score
+
+    clip = Clip("x/y", None, "", "en", 16000, "x")
+    turns = [Turn("a", clip, 0, 2.5), Turn("b", clip, 3, 7), Turn("a", clip, 7.3, 9), Turn("b", clip, 10, 15)]
+    # The second and third turns came out as one final labelled b: the third turn (a's second,
+    # 1.7 s long) is lost, inside a final joined with another turn.
+    finals = [{"start": 0, "end": 2.5, "speaker": 0}, {"start": 3, "end": 9, "speaker": 1},
+              {"start": 10, "end": 15, "speaker": 1}]
+    table = breakdown([score(turns, finals)])
+    assert table["all"] == {"turns": 4, "wrong": 1, "error_rate": 0.25}
+    assert table["joined_with_another_turn"]["yes"]["wrong"] == 1 and table["joined_with_another_turn"]["no"]["wrong"] == 0
+    assert table["by_nth_turn_of_speaker"]["2"]["wrong"] == 1 and table["errors_by_kind"] == {"other_speaker": 1}
