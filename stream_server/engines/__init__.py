@@ -73,8 +73,8 @@ def load_engine(
         granite_options: extra :class:`~stream_server.engines.granite.engine.GraniteEngine` keyword arguments
             (e.g. ``encoder_batching``, ``decode_options``) when Granite serves.
         speakers: wrap the engine in :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`
-            (speaker labels on request; the encoder loads when the engine is warmed, on the
-            engine's device) when torch and the encoder's weights are installed.
+            (speaker labels on request; the encoder loads, on the engine's device, when the first
+            diarizing request arrives) when torch and the encoder's weights are installed.
 
     Returns:
         ``(engine, reason)`` where ``reason`` says why this engine was chosen.

@@ -34,6 +34,10 @@ class SpeakerSettings:
             less similar than this are different speakers (``speaker_turns``).
         min_turn_windows: a stretch inside an utterance needs at least this many 1.6 s windows
             (about 1.5 s of its own audio at 1.3 windows per second) to count as a turn.
+        pause_change_threshold: the same as ``change_threshold`` for a cut at a pause inside the
+            utterance (where the encoder windowed each side on its own, see
+            :func:`~stream_server.speakers.encoder.pause_pieces`): there one window a side is
+            enough, and the threshold is higher, a pause being where turns change.
     """
 
     threshold: float = 0.84
@@ -42,10 +46,11 @@ class SpeakerSettings:
     min_new_speaker_s: float = 1.0
     change_threshold: float = 0.75
     min_turn_windows: int = 2
+    pause_change_threshold: float = 0.88
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting out of range."""
-        for name in ("threshold", "merge_threshold", "change_threshold"):
+        for name in ("threshold", "merge_threshold", "change_threshold", "pause_change_threshold"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a cosine similarity in [-1, 1]")
         if self.max_speakers < 1:
@@ -205,7 +210,7 @@ class SpeakerTracker:
         deepest such cut first, then recursively); each stretch is clustered on its own mean.
         """
         duration = max(end - start, 0.0)
-        groups = self._segment(embeddings.partials)
+        groups = self._segment(embeddings.partials, embeddings.pieces)
         if len(groups) == 1:
             label = self.clusterer.assign(embeddings.utterance, duration)
             return Attribution(label, (SpeakerTurn(label, start, end),))
@@ -213,8 +218,9 @@ class SpeakerTracker:
         for index, (a, b) in enumerate(groups):
             # A stretch runs from the middle of the overlap of its first window with the previous
             # stretch's last window to the same point at its other end.
-            t0 = start if index == 0 else start + (embeddings.ends[a - 1] + embeddings.starts[a]) / 2
-            t1 = end if index == len(groups) - 1 else start + (embeddings.ends[b - 1] + embeddings.starts[b]) / 2
+            # At a pause, the middle of the pause.
+            t0 = start if index == 0 else start + self._boundary(embeddings, a)
+            t1 = end if index == len(groups) - 1 else start + self._boundary(embeddings, b)
             t1 = min(max(t1, t0), end)
             label = self.clusterer.assign(_unit(embeddings.partials[a:b].mean(axis=0)), t1 - t0)
             if turns and turns[-1].speaker == label:
@@ -226,17 +232,34 @@ class SpeakerTracker:
             longest[t.speaker] = longest.get(t.speaker, 0.0) + t.end - t.start
         return Attribution(max(longest, key=longest.__getitem__), tuple(turns))
 
-    def _segment(self, partials: np.ndarray) -> list[tuple[int, int]]:
-        """Window index ranges ``[a, b)`` of the speaker stretches of one utterance."""
-        need = self.settings.min_turn_windows
+    @staticmethod
+    def _boundary(embeddings: SpeakerEmbeddings, k: int) -> float:
+        """Seconds from the utterance's start where a stretch starting at window ``k`` begins."""
+        pieces = embeddings.pieces
+        if pieces is not None and pieces[k] != pieces[k - 1]:
+            pause_start, pause_end = embeddings.pauses[int(pieces[k]) - 1]
+            return (pause_start + pause_end) / 2
+        return float(embeddings.ends[k - 1] + embeddings.starts[k]) / 2
+
+    def _segment(self, partials: np.ndarray, pieces: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """Window index ranges ``[a, b)`` of the speaker stretches of one utterance: cut where the
+        two sides' mean embeddings are less similar than ``change_threshold`` (each side at least
+        ``min_turn_windows`` windows), or, at a pause between ``pieces``, than
+        ``pause_change_threshold`` (each side at least one window); the cut furthest below its
+        threshold first, then each side again."""
+        s = self.settings
         out: list[tuple[int, int]] = []
 
         def split(a: int, b: int) -> None:
-            best, cut = self.settings.change_threshold, None
-            for k in range(a + need, b - need + 1):
+            best, cut = 0.0, None  # the deepest cut: similarity minus its threshold, below zero
+            for k in range(a + 1, b):
+                at_pause = pieces is not None and pieces[k] != pieces[k - 1]
+                if not at_pause and (k - a < s.min_turn_windows or b - k < s.min_turn_windows):
+                    continue
                 similarity = float(_unit(partials[a:k].mean(axis=0)) @ _unit(partials[k:b].mean(axis=0)))
-                if similarity < best:
-                    best, cut = similarity, k
+                depth = similarity - (s.pause_change_threshold if at_pause else s.change_threshold)
+                if depth < best:
+                    best, cut = depth, k
             if cut is None:
                 out.append((a, b))
             else:

@@ -156,6 +156,52 @@ def partial_slices(n_samples: int, rate: float = 1.3, min_coverage: float = 0.75
     return slices
 
 
+PAUSE_S = 0.25  # a quiet stretch at least this long inside an utterance splits it into pieces
+PAUSE_FLOOR_DB = -35.0  # quiet: 10 ms frames this far below the utterance's loud frames (95th percentile)
+MIN_PIECE_S = 0.5  # a piece shorter than this is no piece: the pause beside it is not used
+
+
+def pause_pieces(wav: np.ndarray, pause_s: float = PAUSE_S, floor_db: float = PAUSE_FLOOR_DB,
+                 min_piece_s: float = MIN_PIECE_S) -> list[tuple[int, int]]:
+    """Sample ranges ``[start, stop)`` of the stretches of sound in ``wav`` (16 kHz) separated by
+    pauses of at least ``pause_s`` seconds, a pause being 10 ms frames ``floor_db`` dB or more below
+    the utterance's loud frames. One range, the whole ``wav``, when it has no such pause (so an
+    utterance without a pause is embedded exactly as Resemblyzer does); the first range starts at 0
+    and the last ends at ``len(wav)`` (the edges are the VAD's business, not trimmed here)."""
+    n = len(wav) // HOP
+    if n == 0:
+        return [(0, len(wav))]
+    energy = np.mean(np.asarray(wav[: n * HOP], np.float64).reshape(n, HOP) ** 2, axis=1)
+    loud = float(np.percentile(energy, 95))
+    if loud <= 0:
+        return [(0, len(wav))]
+    quiet = energy < loud * 10 ** (floor_db / 10)
+    need = int(round(pause_s * SAMPLE_RATE / HOP))
+    pauses, run_start = [], None  # (first quiet frame, one past the last) of each long enough run
+    for i, q in enumerate(np.append(quiet, False)):
+        if q and run_start is None:
+            run_start = i
+        elif not q and run_start is not None:
+            if i - run_start >= need and run_start > 0 and i < n:  # inside the utterance only
+                pauses.append((run_start, i))
+            run_start = None
+    bounds = [0] + [b for pause in pauses for b in pause] + [n]
+    pieces = [(bounds[2 * k], bounds[2 * k + 1]) for k in range(len(pauses) + 1)]
+    short = int(round(min_piece_s * SAMPLE_RATE / HOP))
+    while len(pieces) > 1:  # fold the shortest piece under the minimum into its nearer neighbour
+        k = min(range(len(pieces)), key=lambda j: pieces[j][1] - pieces[j][0])
+        if pieces[k][1] - pieces[k][0] >= short:
+            break
+        if k == 0 or (k < len(pieces) - 1 and pieces[k + 1][0] - pieces[k][1] < pieces[k][0] - pieces[k - 1][1]):
+            pieces[k : k + 2] = [(pieces[k][0], pieces[k + 1][1])]
+        else:
+            pieces[k - 1 : k + 1] = [(pieces[k - 1][0], pieces[k][1])]
+    if len(pieces) == 1:
+        return [(0, len(wav))]
+    out = [(a * HOP, b * HOP) for a, b in pieces]
+    return [(0, out[0][1])] + out[1:-1] + [(out[-1][0], len(wav))]
+
+
 @dataclass(frozen=True)
 class SpeakerEmbeddings:
     """The speaker embeddings of one utterance. In memory only: never serialised, never logged
@@ -163,13 +209,18 @@ class SpeakerEmbeddings:
 
     Attributes:
         partials: ``(n, 256)`` unit vectors, one per 1.6 s window.
-        starts, ends: each window's span in seconds from the utterance's start (the last may pass
-            the end: it was zero-padded).
+        starts, ends: each window's span in seconds from the utterance's start (the last window of
+            a piece may pass the piece's end: it was zero-padded).
+        pieces: for an utterance with pauses (:func:`pause_pieces`), the piece each window belongs
+            to (windows never straddle a pause); ``None`` when the utterance is one piece.
+        pauses: ``(start, end)`` seconds from the utterance's start of each pause between pieces.
     """
 
     partials: np.ndarray = field(repr=False)
     starts: np.ndarray = field(repr=False)
     ends: np.ndarray = field(repr=False)
+    pieces: np.ndarray | None = field(default=None, repr=False)
+    pauses: tuple[tuple[float, float], ...] = field(default=(), repr=False)
 
     @property
     def utterance(self) -> np.ndarray:
@@ -210,6 +261,8 @@ class SpeakerEncoder:
         precision: the network's arithmetic: ``"float32"`` (Resemblyzer's own), ``"bfloat16"``, or
             ``"auto"``: bfloat16 on a CPU that computes it natively (:func:`native_bfloat16`),
             float32 elsewhere (on a GPU the encoder's time is small beside the engine's).
+        split_pauses: window each stretch between pauses of the utterance on its own
+            (:func:`pause_pieces`; ``False``: windows over the whole utterance, Resemblyzer's rule).
 
     Attributes:
         precision: the arithmetic in use, ``"float32"`` or ``"bfloat16"`` (``"auto"`` resolved).
@@ -220,7 +273,7 @@ class SpeakerEncoder:
     """
 
     def __init__(self, device: str = "cpu", rate: float = 1.3, weights: Path | str | None = None, threads: int = 0,
-                 precision: str = "auto"):
+                 precision: str = "auto", split_pauses: bool = True):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         try:
@@ -230,6 +283,7 @@ class SpeakerEncoder:
             raise EncoderUnavailable("speaker labels need torch (the granite extra)") from exc
         self._torch = torch
         self.rate = rate
+        self.split_pauses = split_pauses
         self.device = torch.device(device)
         if precision == "auto":
             precision = "bfloat16" if native_bfloat16(device) else "float32"
@@ -265,16 +319,29 @@ class SpeakerEncoder:
         mels: list[np.ndarray] = []
         spans: list[np.ndarray] = []
         counts: list[int] = []
+        layout: list[tuple[np.ndarray | None, tuple[tuple[float, float], ...]]] = []
         for wav in wavs:
             wav = normalize_volume(np.asarray(wav, dtype=np.float32))
-            slices = partial_slices(len(wav), self.rate)
-            need = slices[-1][1] * HOP
-            if need > len(wav):
-                wav = np.pad(wav, (0, need - len(wav)))
-            mel = mel_spectrogram(wav)
-            mels.extend(mel[a:b] for a, b in slices)
-            spans.append(np.array(slices, dtype=np.float64) * HOP / SAMPLE_RATE)
-            counts.append(len(slices))
+            # Each piece between pauses gets its own windows, so that no window mixes the voices on
+            # either side of a pause (where a turn most often changes inside one utterance).
+            pieces = pause_pieces(wav) if self.split_pauses else [(0, len(wav))]
+            piece_of: list[int] = []
+            utterance_spans = []
+            for index, (a, b) in enumerate(pieces):
+                piece = wav[a:b]
+                slices = partial_slices(len(piece), self.rate)
+                need = slices[-1][1] * HOP
+                if need > len(piece):
+                    piece = np.pad(piece, (0, need - len(piece)))
+                mel = mel_spectrogram(piece)
+                mels.extend(mel[x:y] for x, y in slices)
+                utterance_spans.append((np.array(slices, dtype=np.float64) * HOP + a) / SAMPLE_RATE)
+                piece_of += [index] * len(slices)
+            spans.append(np.concatenate(utterance_spans))
+            counts.append(len(piece_of))
+            layout.append((np.array(piece_of), tuple((pieces[k][1] / SAMPLE_RATE, pieces[k + 1][0] / SAMPLE_RATE)
+                                                     for k in range(len(pieces) - 1)))
+                          if len(pieces) > 1 else (None, ()))
         torch = self._torch
         with self._lock, torch.inference_mode():
             batch = torch.from_numpy(np.stack(mels)).to(self.device, self._dtype)
@@ -282,8 +349,8 @@ class SpeakerEncoder:
         if self.precision != "float32":  # unit length again, to float32's accuracy
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         out, offset = [], 0
-        for count, span in zip(counts, spans):
-            out.append(SpeakerEmbeddings(vectors[offset : offset + count], span[:, 0], span[:, 1]))
+        for count, span, (pieces_of, pauses) in zip(counts, spans, layout):
+            out.append(SpeakerEmbeddings(vectors[offset : offset + count], span[:, 0], span[:, 1], pieces_of, pauses))
             offset += count
         return out
 

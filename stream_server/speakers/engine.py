@@ -5,9 +5,10 @@ inner engine's batch, then embeds the audio of the batch's final requests that a
 (``InferenceRequest.diarize``) in one batched encoder call, and attaches the embeddings to their
 results (``InferenceResult.speaker``, never serialised to clients, never logged). It therefore runs
 wherever the engine runs: on the worker thread, never on the event loop; on the engine's device.
-The encoder loads in :meth:`SpeakerEmbeddingEngine.warmup` (the server warms its engines at start,
-off the event loop), so the first diarized final does not wait for it; an engine that is never
-warmed loads it on the first request that needs it.
+The encoder (and torch with it) loads when the first request of a diarizing session reaches the
+engine, on a thread of its own, so a server whose sessions never ask for speakers never imports
+torch; the first diarized final of the process waits for that load (``preload=True`` loads it at
+warm-up instead). docs/diarization.md has the trade-off.
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ class SpeakerEmbeddingEngine(Engine):
         encoder_factory: builds the encoder on first use (tests pass a fake); default
             :class:`~stream_server.speakers.encoder.SpeakerEncoder` where the inner engine computes
             (:meth:`Engine.placement`).
+        preload: load the encoder in :meth:`warmup` (every server start pays for it) instead of
+            when the first diarizing request arrives (that session's first final waits for it).
     """
 
-    def __init__(self, inner: Engine, encoder_factory: Callable[[], Any] | None = None):
+    def __init__(self, inner: Engine, encoder_factory: Callable[[], Any] | None = None, preload: bool = False):
         self.inner = inner
         self._factory = encoder_factory or self._default_encoder
+        self.preload = preload
         self._encoder = None
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._loader: threading.Thread | None = None
         self.embedded = 0  # finals embedded
         self.embed_seconds = 0.0  # time spent embedding them
 
@@ -64,7 +70,8 @@ class SpeakerEmbeddingEngine(Engine):
 
     @property
     def encoder(self):
-        """The speaker encoder, loaded on first use (:meth:`warmup` uses it first)."""
+        """The speaker encoder, loaded on first use (by the loader thread, or :meth:`warmup` with
+        ``preload``; a caller arriving during the load waits for it)."""
         with self._lock:
             if self._encoder is None:
                 started = time.perf_counter()
@@ -81,6 +88,8 @@ class SpeakerEmbeddingEngine(Engine):
         result of the inner engine that needs an embedding gets it before it is handed on. The
         returned list holds every result, embeddings attached.
         """
+        if self._encoder is None and any(r.diarize for r in requests):
+            self._start_loading()
         on_result = hooks.pop("on_result", None)
         handed: set[int] = set()
 
@@ -106,9 +115,10 @@ class SpeakerEmbeddingEngine(Engine):
         return results
 
     def _attach(self, requests: Sequence[InferenceRequest], results: Sequence[InferenceResult]) -> None:
-        started = time.perf_counter()
         try:
-            embeddings = self.encoder.embed([r.audio for r in requests])
+            encoder = self.encoder  # waits for a load under way; not counted as embedding time
+            started = time.perf_counter()
+            embeddings = encoder.embed([r.audio for r in requests])
         except Exception as exc:  # noqa: BLE001 - the transcripts stand; the finals go out unlabelled
             log.warning("speaker embedding failed for %d finals (%s)", len(requests), type(exc).__name__)
             return
@@ -117,16 +127,36 @@ class SpeakerEmbeddingEngine(Engine):
         self.embedded += len(requests)
         self.embed_seconds += time.perf_counter() - started
 
-    def warmup(self, *args, **kwargs) -> None:
-        """Warm the inner engine (its own options, e.g. Granite's ``graph_seconds``, pass through),
-        then load the encoder and embed one window of silence, so that the first diarized final pays
-        neither for loading the weights nor for the first call's kernel setup. A failure to load is
-        logged and left to the first diarized final to retry (its transcript goes out unlabelled)."""
-        self.inner.warmup(*args, **kwargs)
+    def _load_and_warm(self, warm: bool = True) -> None:
+        # Load, and with ``warm`` embed one window of silence so that the first real call does not
+        # pay for the kernels' first-call setup either (the on-demand loader does not: a final may
+        # be waiting, and a call of its own would only queue in front of it). A failure is logged
+        # and left to the first diarized final to retry (its transcript goes out unlabelled).
         try:
-            self.encoder.embed([np.zeros(SAMPLE_RATE, np.float32)])
+            encoder = self.encoder
+            if warm:
+                encoder.embed([np.zeros(SAMPLE_RATE, np.float32)])
         except Exception as exc:  # noqa: BLE001 - speaker labels are optional; transcription goes on
-            log.warning("speaker encoder failed to load at warmup (%s: %s)", type(exc).__name__, exc)
+            log.warning("speaker encoder failed to load (%s: %s)", type(exc).__name__, exc)
+
+    def _start_loading(self) -> None:
+        # On a thread of its own, so that a request announcing a diarizing session ahead of its
+        # first final lets the load overlap speech; whoever needs the encoder meanwhile waits on
+        # the lock the loader holds.
+        with self._start_lock:  # not self._lock: the loader holds that one while it loads
+            if self._loader is not None:
+                return
+            self._loader = threading.Thread(target=self._load_and_warm, args=(False,), name="speaker-encoder-load",
+                                            daemon=True)
+        self._loader.start()
+
+    def warmup(self, *args, **kwargs) -> None:
+        """Warm the inner engine (its own options, e.g. Granite's ``graph_seconds``, pass through);
+        with ``preload``, also load the encoder and make its first call here, so that the first
+        diarized final waits for neither."""
+        self.inner.warmup(*args, **kwargs)
+        if self.preload:
+            self._load_and_warm()
 
     def bind_thread(self) -> None:
         self.inner.bind_thread()

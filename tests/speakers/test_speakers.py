@@ -105,6 +105,52 @@ def test_a_change_of_speaker_inside_an_utterance_becomes_speaker_turns():
     assert not tracker.attribute(blip, 30.0, 35.0).changes
 
 
+def test_a_change_of_speaker_at_a_pause_is_cut_there_with_one_window_a_side():
+    # Two people with a pause shorter than the VAD's end of speech: one utterance, two pieces
+    # (the encoder windows each on its own). One window a side is enough at a pause, and the turn
+    # boundary is the middle of the pause.
+    a, b = voice(1), voice(2)
+    tracker = SpeakerTracker()
+    tracker.attribute(windows([sample(a) for _ in range(4)]), 0.0, 4.0)
+    starts = np.array([0.0, 2.4])
+    joined = SpeakerEmbeddings(np.stack([sample(b), sample(a)]), starts, starts + 1.6, np.array([0, 1]),
+                               ((2.0, 2.4),))
+    result = tracker.attribute(joined, 10.0, 14.0)
+    assert [t.speaker for t in result.turns] == [1, 0]
+    assert result.turns[0].end == pytest.approx(12.2)
+    # The same two windows without the pause between them stay one stretch (two windows a side).
+    plain = SpeakerEmbeddings(np.stack([sample(b), sample(a)]), starts, starts + 1.6)
+    assert not tracker.attribute(plain, 20.0, 24.0).changes
+
+
+def test_the_encoder_windows_each_side_of_a_pause_on_its_own(librivox_clips, asterisk_en_dev):
+    import soxr
+
+    from stream_server.speakers.encoder import pause_pieces
+
+    reader = read_audio(librivox_clips[0])[0][: 3 * SAMPLE_RATE]
+    phone = soxr.resample(read_audio(asterisk_en_dev[0])[0], 8000, SAMPLE_RATE)[: 3 * SAMPLE_RATE]
+    gap = np.zeros(int(0.4 * SAMPLE_RATE), np.float32)
+    joined = np.concatenate([reader, gap, phone]).astype(np.float32)
+    pieces = pause_pieces(joined)
+    # A pause covers the inserted 0.4 s of silence (it may be longer: the clips' own silent edges).
+    assert any(b <= 3.05 * SAMPLE_RATE and a >= 3.35 * SAMPLE_RATE for (_, b), (a, _) in zip(pieces, pieces[1:]))
+    # A pause shorter than PAUSE_S is no cut, nor is one that would leave a piece under MIN_PIECE_S.
+    assert len(pause_pieces(np.concatenate([reader, gap[:1600], reader]))) == len(pause_pieces(reader))
+    assert pause_pieces(np.concatenate([reader, gap, reader[:1600]])) == pause_pieces(np.concatenate([reader, gap, reader[:1600]]))[:1]
+    [embedding] = SpeakerEncoder("cpu").embed([joined])
+    assert embedding.pieces is not None and len(embedding.pauses) == len(pieces) - 1
+    for k, (pause_start, pause_end) in enumerate(embedding.pauses):
+        before, after = embedding.pieces <= k, embedding.pieces > k
+        assert np.all(embedding.starts[after] >= pause_end) and np.all(embedding.starts[before] < pause_start)
+    result = SpeakerTracker().attribute(embedding, 0.0, len(joined) / SAMPLE_RATE)
+    assert [t.speaker for t in result.turns] == [0, 1]
+    [middle] = [(a + b) / 2 for a, b in embedding.pauses if a <= 3.05 and b >= 3.35]
+    assert result.turns[0].end == pytest.approx(middle)
+    [whole] = SpeakerEncoder("cpu", split_pauses=False).embed([joined])
+    assert whole.pieces is None
+
+
 def test_words_take_the_speaker_of_the_turn_they_overlap_most():
     attribution = Attribution(1, (SpeakerTurn(1, 0.0, 3.0), SpeakerTurn(0, 3.0, 5.0)))
     words = [{"word": "a", "start": 0.1, "end": 0.5}, {"word": "b", "start": 2.8, "end": 3.6},
@@ -251,14 +297,22 @@ def test_results_that_need_no_embedding_are_handed_on_before_the_encoder_runs():
     assert results[0].speaker is not None and results[2].speaker is None
 
 
-def test_the_encoder_loads_at_warmup_so_the_first_diarized_final_does_not_wait_for_it():
+def test_a_server_whose_sessions_never_diarize_never_loads_the_encoder():
+    built = []
+    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=lambda: built.append(1) or DirectionEncoder())
+    engine.warmup()
+    engine.transcribe_batch([request("final", diarize=False), request("partial", diarize=False)])
+    assert built == [] and engine.capabilities.diarization  # it can still label speakers when asked
+
+
+def test_with_preload_the_encoder_loads_at_warmup_so_the_first_diarized_final_does_not_wait_for_it():
     built: list[DirectionEncoder] = []
 
     def factory():
         built.append(DirectionEncoder())
         return built[-1]
 
-    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=factory)
+    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=factory, preload=True)
     engine.warmup()
     assert len(built) == 1 and built[0].calls == [1]  # loaded, and its first call made
     engine.transcribe_batch([request("final")])
@@ -266,20 +320,41 @@ def test_the_encoder_loads_at_warmup_so_the_first_diarized_final_does_not_wait_f
     assert engine.stats()["speaker_embeddings"] == 1  # the warm-up is not counted as a final
 
 
-def test_an_engine_never_warmed_loads_the_encoder_on_the_first_diarized_final():
+def test_the_encoder_loads_on_the_first_diarized_request_and_that_final_is_labelled():
     built = []
     engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=lambda: built.append(1) or DirectionEncoder())
-    engine.transcribe_batch([request("final", diarize=False), request("partial")])
+    engine.warmup()
+    engine.transcribe_batch([request("final", diarize=False), request("partial", diarize=False)])
     assert built == []
+    [result] = engine.transcribe_batch([request("final")])
+    assert built == [1] and result.speaker is not None  # loaded once, and the final waited for it
     engine.transcribe_batch([request("final")])
     assert built == [1]
+
+
+def test_a_diarizing_partial_starts_the_load_without_waiting_for_it():
+    # A session that says it diarizes on its partials lets the load overlap its first utterance.
+    import threading
+
+    release = threading.Event()
+
+    def slow():
+        release.wait(5)
+        return DirectionEncoder()
+
+    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=slow)
+    [partial] = engine.transcribe_batch([request("partial")])
+    assert partial.text and partial.speaker is None and not release.is_set()  # answered during the load
+    release.set()
+    [final] = engine.transcribe_batch([request("final")])
+    assert final.speaker is not None
 
 
 def test_a_failure_to_load_at_warmup_leaves_transcription_working():
     def broken():
         raise RuntimeError("no weights")
 
-    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=broken)
+    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=broken, preload=True)
     engine.warmup()  # logged, not raised
     [result] = engine.transcribe_batch([request("final")])
     assert result.text and result.speaker is None
