@@ -541,7 +541,9 @@ class Session:
             prefix=utterance.stabilizer.stable_text if prefix is None else prefix,
             partial_mode=config.partials or "llm",
             request_id=self._next_id(),
-            diarize=kind == "final" and config.diarize,
+            # Partials carry it too: the first one starts loading the speaker encoder (loaded on
+            # demand), so the session's first final does not wait for the load.
+            diarize=config.diarize,
             context=self._context(utterance),
         )
 

@@ -151,8 +151,9 @@ class InferenceRequest:
         refresh_only: a partial that only replaces its utterance's partial while that one still waits
             in the queue (the same work, on fresher audio); if none is queued (it has started, or
             finished) the scheduler drops this one unrun, as superseded. Engines ignore it.
-        diarize: a final whose result should carry speaker embeddings (``InferenceResult.speaker``);
-            engines ignore it, the speaker wrapper acts on it.
+        diarize: the session asks for speakers: a final's result should carry speaker embeddings
+            (``InferenceResult.speaker``; partials get none, but the first request loads the
+            encoder); engines ignore it, the speaker wrapper acts on it.
         context: what was said just before this audio, when it continues the same speech (the
             utterance before it was cut at ``max_utterance_s``); never part of the result. Engines
             may condition on it (Whisper: its previous-text prompt) or ignore it.

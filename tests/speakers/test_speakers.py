@@ -601,3 +601,21 @@ def test_the_wrapper_computes_where_its_engine_does(whisper_engine):
     assert SpeakerEmbeddingEngine(whisper_engine).model_path == whisper_engine.model_path  # the benchmarks read it
     wrapped.bind_thread()
     assert bound == [True]
+
+
+def test_a_diarize_session_marks_its_partials_so_the_encoder_loads_before_its_first_final():
+    """The encoder loads on demand; a diarize session's partials ask for speakers too, so the load
+    overlaps the first utterance instead of delaying its final (the wrapper embeds finals only)."""
+    from tests.vad.test_vad import voiced
+
+    def requests(**fields):
+        engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=DirectionEncoder)
+        session = new_session(engine)
+        h = Harness(session, engine, hold=True)
+        h.run(start(session, **fields))
+        h.feed(voiced(2.0, f0=200))
+        return h.held
+
+    marked = requests(diarize=True)
+    assert marked and all(r.kind == "partial" and r.diarize for r in marked)
+    assert not any(r.diarize for r in requests(diarize=False))
