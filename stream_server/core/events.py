@@ -14,7 +14,7 @@ resolution (:func:`~stream_server.core.protocol.round_time`). ``channel`` is set
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from vad import VadConfig
 
@@ -57,7 +57,7 @@ class StreamConfig:
     language: str | None = "en"
     target_language: str | None = None
     keywords: tuple[str, ...] = ()
-    partials: str | bool = "llm"
+    partials: str | Literal[False] = "llm"  # a "start" with true means "llm"
     partial_interval: float = 0.5
     vad: VadConfig = field(default_factory=VadConfig)
     diarize: bool = False

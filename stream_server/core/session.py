@@ -27,7 +27,7 @@ from stream_server.core.audio import AudioDecoder, SampleHistory
 from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word
 from stream_server.core.events import Audio, Command, Configure, Configured, End, Error, Event, Final, FinalWord, Finalize, Partial, Ready, SpeechEnded, SpeechStarted, Start, Stop
 from stream_server.core.protocol import ALREADY_STARTED, BAD_AUDIO, BAD_CONFIG, BAD_MESSAGE, INTERNAL, NOT_STARTED, OVERLOADED, SESSION_LIMIT, TOO_LARGE, AudioFormat, ProtocolError, ProtocolLimits, StreamConfig, apply_config, check_audio_format, parse_command, round_time
-from stream_server.speakers.clustering import SpeakerSettings, SpeakerTracker
+from stream_server.speakers.clustering import SpeakerEmbeddings, SpeakerSettings, SpeakerTracker
 from stream_server.core.stabilizer import PartialStabilizer, drop_repeated_lead
 from stream_server.core.timing import final_words
 
@@ -118,7 +118,7 @@ class _Utterance:
     final_words: list[Word] | None = None  # the final text's words on the stream clock, if timed
     voiced_start: int = 0  # sample index of the VAD's first voiced frame (after the pre-roll)
     final_confidence: float | None = None
-    speaker_embeddings: object = field(default=None, repr=False)  # SpeakerEmbeddings of a diarize final; never logged
+    speaker_embeddings: SpeakerEmbeddings | None = field(default=None, repr=False)  # of a diarize final; never logged
     final_error: Error | None = None
     language: str | None = None
     early_request: InferenceRequest | None = None  # a final decoded while the silence is still short
@@ -401,7 +401,7 @@ class Session:
             raise ProtocolError(NOT_STARTED, "send \"start\" first")
 
     def _check_capability(self, config: StreamConfig) -> None:
-        partial_mode = config.partials if config.partials else None
+        partial_mode = config.partials or None
         problem = self.capabilities.check(
             config.task, config.language, config.target_language, config.keywords, partial_mode
         )
@@ -501,9 +501,9 @@ class Session:
 
     def _maybe_partial(self) -> list[Action]:
         utterance = self._open
-        config = utterance.config if utterance else None
-        if utterance is None or not config.partials:
+        if utterance is None or not utterance.config.partials:
             return []
+        config = utterance.config
         if utterance.early_request is not None:
             return []  # the speaker paused and the final is on its way; a partial would only add silence
         pending = utterance.pending_partials
@@ -624,16 +624,16 @@ class Session:
                     confidence=utterance.final_confidence if words is not None else None,
                 )
                 if config.diarize and utterance.speaker_embeddings is not None:
-                    event = self._label_speaker(event, utterance)
+                    event = self._label_speaker(event, utterance, utterance.speaker_embeddings)
                 actions.append(Send(event))
             self.utterances_finalized += 1
         return actions + self._maybe_end()
 
-    def _label_speaker(self, event: Final, utterance: _Utterance) -> Final:
+    def _label_speaker(self, event: Final, utterance: _Utterance, embeddings: SpeakerEmbeddings) -> Final:
         # Called in publishing (utterance) order, so labels number speakers by first appearance.
         if self._speakers is None:
             self._speakers = SpeakerTracker(self.settings.speakers)
-        attribution = self._speakers.attribute(utterance.speaker_embeddings, event.start, event.end)
+        attribution = self._speakers.attribute(embeddings, event.start, event.end)
         utterance.speaker_embeddings = None  # the centroids keep what is needed; the rest is dropped now
         return replace(
             event, speaker=attribution.speaker, speaker_turns=tuple(attribution.turns) if attribution.changes else (),
