@@ -191,7 +191,7 @@ def run_offline_stage(args, sets: dict[str, list[Clip]], languages: Sequence[str
     from granite_stream_testing.textnorm import wer_cer
 
     engine = _offline_engine(args)
-    model_path = str(getattr(engine, "model_path", "") or "")
+    model_path = str(engine.model_path or "")
     modes = list(args.offline)
     if not model_path:
         modes = [m for m in modes if m == "engine"]  # faster-whisper needs a CTranslate2 Whisper directory

@@ -10,6 +10,7 @@ against those declarations instead of guessing from the model name.
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -25,6 +26,9 @@ class Engine(abc.ABC):
     """
 
     capabilities: EngineCapabilities
+    model_path: Path | None = None
+    """The model's directory on disk where the engine loaded one from there (Whisper's CTranslate2
+    directory, which the benchmarks' offline references read), else ``None``."""
 
     @abc.abstractmethod
     def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:

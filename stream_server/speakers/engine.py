@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -43,6 +42,7 @@ class SpeakerEmbeddingEngine(Engine):
 
     def __init__(self, inner: Engine, encoder_factory: Callable[[], Any] | None = None, preload: bool = False):
         self.inner = inner
+        self.model_path = inner.model_path  # the inner engine's (Engine.model_path); anything else engine-specific is read from inner
         self._factory = encoder_factory or self._default_encoder
         self.preload = preload
         self._encoder = None
@@ -176,14 +176,6 @@ class SpeakerEmbeddingEngine(Engine):
         if self._encoder is not None:
             self._encoder.close()
             self._encoder = None
-
-    @property
-    def model_path(self) -> Path | None:
-        """The inner engine's model directory where it has one (Whisper's CTranslate2 directory,
-        which the benchmarks' offline modes read), else ``None``. Anything else engine-specific is
-        read from :attr:`inner`."""
-        path = getattr(self.inner, "model_path", None)
-        return Path(path) if path else None
 
 
 def _wants(request: InferenceRequest) -> bool:
