@@ -209,6 +209,7 @@ def build_engines(args) -> list:
 
     from benchmarks.granite_gpu_bench import build_full, build_tiny
     from stream_server.engines.granite.engine import GraniteEngine
+    from stream_server.engines.granite.options import GraniteOptions
 
     engines = []
     for i in range(args.n_gpus):
@@ -219,13 +220,13 @@ def build_engines(args) -> list:
         else:
             with torch.cuda.device(i):
                 model, tok = build_full(device, torch.bfloat16 if not args.cpu else torch.float32)
-        eng = GraniteEngine.from_model(
-            model, tok, model_label=f"granite-random-{'tiny' if args.tiny else 'full'}@{device}",
+        options = GraniteOptions(
             max_batch=args.max_batch, decode_backend="loop" if args.cpu else args.decode_backend,
-            force_tokens_per_second=args.tokens_per_second, force_min_tokens=args.min_tokens,
-            speculative=False, encoder_batching=args.encoder_batching,
-            decode_options=dict({"compile_step": True} if args.compile_step else {}, max_graphs=args.decode_max_graphs),
-            encoder_backend="eager" if args.cpu else args.encoder_backend,
+            speculative=False, encoder_batching=args.encoder_batching, compile_step=bool(args.compile_step),
+            decode_max_graphs=args.decode_max_graphs, encoder_backend="eager" if args.cpu else args.encoder_backend)
+        eng = GraniteEngine(
+            model=model, tokenizer=tok, model_label=f"granite-random-{'tiny' if args.tiny else 'full'}@{device}",
+            force_tokens_per_second=args.tokens_per_second, force_min_tokens=args.min_tokens, options=options,
         )
         print(f"engine {i} on {device}: built in {time.perf_counter() - t0:.1f} s", flush=True)
         engines.append(eng)

@@ -32,6 +32,7 @@ Timings: warm-up first, ``torch.cuda.synchronize()`` around each call, median of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -45,6 +46,7 @@ import torch
 
 from stream_server.inference.types import InferenceRequest
 from stream_server.engines.granite.engine import GraniteEngine
+from stream_server.engines.granite.options import GraniteOptions
 
 SR = 16000
 
@@ -275,11 +277,14 @@ def main(argv=None) -> int:
     info["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
     print(json.dumps(info), flush=True)
 
+    option_fields = {f.name for f in dataclasses.fields(GraniteOptions)}
+
     def engine(backend, cls=GraniteEngine, **kw):
         kw.setdefault("force_new_tokens", args.tokens)
         kw.setdefault("speculative", False)
-        return cls(model=model, tokenizer=tokenizer, model_label="bench", debug_token_ids=True,
-                   decode_backend=backend, max_batch=max(args.batch, 8), **kw)
+        options = GraniteOptions(decode_backend=backend, max_batch=max(args.batch, 8),
+                                 **{k: kw.pop(k) for k in list(kw) if k in option_fields})
+        return cls(model=model, tokenizer=tokenizer, model_label="bench", debug_token_ids=True, options=options, **kw)
 
     encoder_kw = {"encoder_batching": "padded"} if args.encoder_graphs else {}
     base = engine("generate")
@@ -433,11 +438,11 @@ def main(argv=None) -> int:
                                      cuda_available=lambda: device == "cuda")
         options = granite_options(config)
         eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="bench", debug_token_ids=True,
-                            max_batch=config.worker.max_batch, force_new_tokens=args.tokens, **options)
+                            force_new_tokens=args.tokens, options=options)
         t0 = time.perf_counter()
         eng.warmup()
         sync(device)
-        r = {"preset": why, "warmup_s": time.perf_counter() - t0, "options": {k: repr(v) for k, v in options.items()},
+        r = {"preset": why, "warmup_s": time.perf_counter() - t0, "options": {k: repr(v) for k, v in dataclasses.asdict(options).items()},
              "compile_choice": eng.compile_choice, "decode_backend": eng.decode_backend,
              "encoder_backend": eng.encoder_backend,
              "max_graphs": eng.decoder.max_graphs if eng.decode_backend != "generate" else None}
@@ -452,7 +457,7 @@ def main(argv=None) -> int:
     def compiled():
         # The same encoder setting as the fast path (before the third session's fix it was always
         # the eager encoder here, so "graphs+compile" paid ~20 ms of eager encoder at batch 1).
-        eng = engine("graphs", decode_options={"compile_step": True}, **encoder_kw)
+        eng = engine("graphs", compile_step=True, **encoder_kw)
         r = {}
         t0 = time.perf_counter()
         eng.transcribe_batch(reqs([utt]))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stream_server.engines import load_engine
+from stream_server.engines.granite.options import CompileStep, GraniteOptions
 from stream_server.inference.types import SAMPLE_RATE
 from stream_server.engines.base import Engine
 from stream_server.core.events import Audio, AudioFormat, Event, Start, Stop
@@ -142,16 +143,19 @@ def server_settings(config: ServeConfig, reuse_port: bool = False) -> "ServerSet
     )
 
 
-def granite_options(config: ServeConfig) -> dict:
-    """The settings that become :class:`~stream_server.engines.granite.engine.GraniteEngine` arguments."""
+def granite_options(config: ServeConfig) -> GraniteOptions:
+    """The ``engine.granite`` settings (and the batch bound) as the engine's options.
+
+    They override the ``default`` preset, whose backends follow the device: on CUDA with padded
+    encoder batching (the GPU preset's settings) that is the ``fast`` preset's path.
+    """
     granite = config.granite
-    compile_step = {"off": False, "on": True, "auto": "auto"}[granite.compile_step]
-    return {"encoder_batching": granite.encoder_batching,
-            "decode_options": {"max_graphs": granite.decode_max_graphs, "compile_step": compile_step},
-            "warm_decode_seconds": seconds_list(granite.warm_decode_seconds),
-            "speculative": granite.speculation == "on",
-            "ctc_entropy_threshold": granite.ctc_entropy_threshold,
-            "verify_threshold": granite.verify_threshold}
+    compile_step: CompileStep = {"off": False, "on": True, "auto": "auto"}[granite.compile_step]  # type: ignore[assignment]
+    return GraniteOptions.preset(
+        "default", max_batch=config.worker.max_batch, encoder_batching=granite.encoder_batching,
+        decode_max_graphs=granite.decode_max_graphs, compile_step=compile_step,
+        warm_decode_seconds=seconds_list(granite.warm_decode_seconds), speculative=granite.speculation == "on",
+        ctc_entropy_threshold=granite.ctc_entropy_threshold, verify_threshold=granite.verify_threshold)
 
 
 def load_configured_engine(config: ServeConfig, device: str | None = None) -> tuple[Engine, str]:

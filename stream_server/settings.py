@@ -32,6 +32,7 @@ from typing import Any, Collection, Mapping, get_type_hints
 from stream_server.core.protocol import ProtocolLimits
 from stream_server.core.session import SessionSettings
 from stream_server.engines import ENGINE_NAMES, EngineSettings
+from stream_server.engines.granite.options import GraniteOptions
 from stream_server.inference.ray_pool import DEFAULT_APP_NAME, RayPoolSettings
 from stream_server.inference.types import WorkerSettings
 from stream_server.server.app import ServerSettings
@@ -47,15 +48,21 @@ class NetworkSettings:
     port: int = ServerSettings.port
 
 
+_OFF_ON_AUTO = {False: "off", True: "on", "auto": "auto"}
+
+
 @dataclass(frozen=True)
 class GraniteSettings:
-    encoder_batching: str = "exact"
-    decode_max_graphs: int = 8
-    compile_step: str = "off"
-    speculation: str = "on"
-    ctc_entropy_threshold: float = 0.7
-    verify_threshold: float = 0.1
-    warm_decode_seconds: str = "3,6,12"
+    """The user-facing :class:`~stream_server.engines.granite.options.GraniteOptions`, in settings units
+    (on/off, comma-separated seconds); ``stream_server.cli.granite_options`` maps them back."""
+
+    encoder_batching: str = GraniteOptions.encoder_batching
+    decode_max_graphs: int = GraniteOptions.decode_max_graphs
+    compile_step: str = _OFF_ON_AUTO[GraniteOptions.compile_step]
+    speculation: str = "on" if GraniteOptions.speculative else "off"
+    ctc_entropy_threshold: float = GraniteOptions.ctc_entropy_threshold
+    verify_threshold: float = GraniteOptions.verify_threshold
+    warm_decode_seconds: str = ",".join(f"{s:g}" for s in GraniteOptions.warm_decode_seconds)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def test_json_logs_carry_the_session_id():
 
 
 def test_granite_settings_reach_the_engine(monkeypatch):
-    # --granite-encoder-batching / --granite-decode-max-graphs become GraniteEngine arguments.
+    # --granite-encoder-batching / --granite-decode-max-graphs / ... become the engine's GraniteOptions.
     import stream_server.engines.granite.engine as granite_module
     from stream_server.cli import granite_options
     from stream_server.engines import load_engine
@@ -112,6 +112,8 @@ def test_granite_settings_reach_the_engine(monkeypatch):
     seen = {}
 
     class Recorder:
+        model_path = None  # Engine.model_path, read by the speaker wrapper
+
         def __init__(self, model, **kwargs):
             seen.update(kwargs, model=model)
 
@@ -119,21 +121,22 @@ def test_granite_settings_reach_the_engine(monkeypatch):
     config = load_config({"granite_encoder_batching": "padded", "max_batch": "16", "granite_decode_max_graphs": "32",
                           "granite_warm_decode_seconds": " 2.5, 8 "}, {})
     load_engine("granite", None, "cpu", 0, config.worker.max_batch, granite_options(config))
-    assert seen["encoder_batching"] == "padded" and seen["max_batch"] == 16
-    assert seen["decode_options"] == {"max_graphs": 32, "compile_step": False}
-    assert seen["speculative"] is True and seen["ctc_entropy_threshold"] == 0.7 and seen["verify_threshold"] == 0.1
+    options = seen["options"]
+    assert options.encoder_batching == "padded" and options.max_batch == 16
+    assert (options.decode_max_graphs, options.compile_step) == (32, False)
+    assert options.speculative is True and options.ctc_entropy_threshold == 0.7 and options.verify_threshold == 0.1
     off = granite_options(load_config({"granite_speculation": "off", "granite_ctc_entropy_threshold": "0.3",
                                        "granite_verify_threshold": "0.25", "granite_compile_step": "auto"}, {}))
-    assert (off["speculative"], off["ctc_entropy_threshold"], off["verify_threshold"]) == (False, 0.3, 0.25)
-    assert off["decode_options"]["compile_step"] == "auto"
+    assert (off.speculative, off.ctc_entropy_threshold, off.verify_threshold) == (False, 0.3, 0.25)
+    assert off.compile_step == "auto"
     for bad in ("-0.1", "1.5"):
         with pytest.raises(ConfigError, match="granite_verify_threshold"):
             load_config({"granite_verify_threshold": bad}, {})
-    assert seen["warm_decode_seconds"] == (2.5, 8.0)
+    assert options.warm_decode_seconds == (2.5, 8.0)
     for bad in ("3,x", "0", "-1,2", "nan"):
         with pytest.raises(ConfigError, match="granite_warm_decode_seconds"):
             load_config({"granite_warm_decode_seconds": bad}, {})
-    assert granite_options(load_config({"granite_warm_decode_seconds": ""}, {}))["warm_decode_seconds"] == ()
+    assert granite_options(load_config({"granite_warm_decode_seconds": ""}, {})).warm_decode_seconds == ()
     with pytest.raises(ConfigError, match="granite_encoder_batching"):
         load_config({"granite_encoder_batching": "sloppy"}, {})
 
@@ -237,15 +240,15 @@ RUNTIME = {
     "ray_cpus_per_replica": (["--inference", "ray"], "2", lambda s: s["ray"].cpus_per_replica, 2.0),
     "ray_max_inflight": (["--inference", "ray"], "40", lambda s: s["ray"].max_inflight, 40),
     "ray_local_cpus": (["--inference", "ray"], "6", lambda s: s["ray"].local_num_cpus, 6),
-    "granite_encoder_batching": ([], "padded", lambda s: s["load_engine"][0]["granite"]["encoder_batching"], "padded"),
-    "granite_decode_max_graphs": ([], "32", lambda s: s["load_engine"][0]["granite"]["decode_options"]["max_graphs"],
+    "granite_encoder_batching": ([], "padded", lambda s: s["load_engine"][0]["granite"].encoder_batching, "padded"),
+    "granite_decode_max_graphs": ([], "32", lambda s: s["load_engine"][0]["granite"].decode_max_graphs,
                                   32),
-    "granite_warm_decode_seconds": ([], "2.5,8", lambda s: s["load_engine"][0]["granite"]["warm_decode_seconds"],
+    "granite_warm_decode_seconds": ([], "2.5,8", lambda s: s["load_engine"][0]["granite"].warm_decode_seconds,
                                     (2.5, 8.0)),
-    "granite_compile_step": ([], "on", lambda s: s["load_engine"][0]["granite"]["decode_options"]["compile_step"], True),
-    "granite_speculation": ([], "off", lambda s: s["load_engine"][0]["granite"]["speculative"], False),
-    "granite_ctc_entropy_threshold": ([], "0.5", lambda s: s["load_engine"][0]["granite"]["ctc_entropy_threshold"], 0.5),
-    "granite_verify_threshold": ([], "0.3", lambda s: s["load_engine"][0]["granite"]["verify_threshold"], 0.3),
+    "granite_compile_step": ([], "on", lambda s: s["load_engine"][0]["granite"].compile_step, True),
+    "granite_speculation": ([], "off", lambda s: s["load_engine"][0]["granite"].speculative, False),
+    "granite_ctc_entropy_threshold": ([], "0.5", lambda s: s["load_engine"][0]["granite"].ctc_entropy_threshold, 0.5),
+    "granite_verify_threshold": ([], "0.3", lambda s: s["load_engine"][0]["granite"].verify_threshold, 0.3),
     # gpu: GPU_PRESET's measured configuration for every setting not given (settings.py)
     "preset": ([], "gpu", lambda s: (_scheduler(s).max_batch, _scheduler(s).max_queue, s["settings"].max_sessions),
                (64, 8192, 1000)),
@@ -400,7 +403,7 @@ def test_transcribe_takes_the_engine_sections_flags(monkeypatch, tmp_path):
     seen = []
 
     def load_engine(name, model, device, cpu_threads, max_batch, granite=None):
-        seen.append((name, model, device, cpu_threads, max_batch, granite["encoder_batching"]))
+        seen.append((name, model, device, cpu_threads, max_batch, granite.encoder_batching))
         raise _Captured
 
     monkeypatch.setattr(cli, "load_engine", load_engine)
@@ -439,11 +442,6 @@ _OTHER_MEANINGS = {
     ("cpu_threads", "stream_server/engines/whisper.py", "0"): "WhisperEngine's own (0: one per core)",
     ("max_batch", "stream_server/engines/__init__.py", "None"): "None: the engine's own bound",
     ("compile_step", "stream_server/engines/granite/decode.py", "False"): "the decoder's bool form",
-    # Until the Granite engine's options object exists, GraniteEngine repeats these (issue #17 item 5).
-    ("max_batch", "stream_server/engines/granite/engine.py", "8"): "Granite options object pending",
-    ("encoder_batching", "stream_server/engines/granite/engine.py", "'exact'"): "Granite options object pending",
-    ("ctc_entropy_threshold", "stream_server/engines/granite/engine.py", "0.7"): "Granite options object pending",
-    ("verify_threshold", "stream_server/engines/granite/engine.py", "0.1"): "Granite options object pending",
 }
 
 

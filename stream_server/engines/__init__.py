@@ -8,9 +8,9 @@ startup log and the ``ready`` message can say what is serving and why.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
 
+from stream_server.engines.granite.options import GraniteOptions
 from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult
 from stream_server.engines.base import Engine
 
@@ -59,7 +59,7 @@ def load_engine(
     device: str = EngineSettings.device,
     cpu_threads: int = EngineSettings.cpu_threads,
     max_batch: int | None = None,
-    granite_options: Mapping[str, Any] | None = None,
+    granite_options: GraniteOptions | None = None,
     speakers: bool = True,
 ) -> tuple[Engine, str]:
     """Build the engine a server or command should use.
@@ -70,8 +70,8 @@ def load_engine(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         cpu_threads: CPU threads for the engine (0: Whisper one per core, shared by its lanes; Granite torch's default).
         max_batch: override the engine's batch bound.
-        granite_options: extra :class:`~stream_server.engines.granite.engine.GraniteEngine` keyword arguments
-            (e.g. ``encoder_batching``, ``decode_options``) when Granite serves.
+        granite_options: the Granite engine's options when Granite serves (default
+            :class:`~stream_server.engines.granite.options.GraniteOptions`; ``max_batch``, when given, replaces theirs).
         speakers: wrap the engine in :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`
             (speaker labels on request; the encoder loads, on the engine's device, when the first
             diarizing request arrives) when torch and the encoder's weights are installed.
@@ -121,13 +121,13 @@ def _whisper(model, device, cpu_threads, max_batch) -> Engine:
                          compute_type="int8" if dev == "cpu" else "float16", cpu_threads=cpu_threads, **kwargs)
 
 
-def _granite(model, device, max_batch, options: Mapping[str, Any] | None = None) -> Engine:
+def _granite(model, device, max_batch, options: GraniteOptions | None = None) -> Engine:
     from stream_server.engines.granite.engine import GraniteEngine
 
-    kwargs = dict(options or {})
+    options = options or GraniteOptions()
     if max_batch is not None:
-        kwargs["max_batch"] = max_batch
-    return GraniteEngine(model or DEFAULT_GRANITE_MODEL, device=None if device == "auto" else device, **kwargs)
+        options = replace(options, max_batch=max_batch)
+    return GraniteEngine(model or DEFAULT_GRANITE_MODEL, device=None if device == "auto" else device, options=options)
 
 
 __all__ = [

@@ -68,6 +68,11 @@ from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, Infer
 from stream_server.engines.base import Engine
 from stream_server.engines.granite.ctc_align import align_words, with_token_probabilities
 from stream_server.engines.granite.features import GraniteFeatureExtractor
+from stream_server.engines.granite.options import (  # noqa: F401 - re-exported
+    DEFAULT_TOKENS_PER_SECOND,
+    DEFAULT_TOKENS_PER_SECOND_BY_LANGUAGE,
+    GraniteOptions,
+)
 from stream_server.engines.whisper import collapse_repeats, looks_repetitive
 
 __all__ = [
@@ -104,13 +109,6 @@ CTC_LANGUAGES = ("en", "fr", "de", "es", "pt")
 
 KNOWN_CTC_CLASSES = 348
 """granite-4.0-1b-speech's CTC head: class ``i`` is ``chr(i)``, blank 0 (U+0001..U+015B)."""
-
-DEFAULT_TOKENS_PER_SECOND = 8.0
-DEFAULT_TOKENS_PER_SECOND_BY_LANGUAGE = {"ja": 16.0, "zh": 12.0}
-"""New-token budget rates by *output* language. Granite's BPE spends about one token per
-Japanese or Chinese character (several characters per second of speech) where it spends one per
-English word or word piece, so ``8 x seconds + 20`` cut long Japanese finals. Not measured on real
-weights (none here); twice / 1.5x the default rate, leaving the EOS to end the decode."""
 
 ENCODER_FRAME_S = 0.02
 """Seconds per encoder (and CTC) frame: 10 ms mel hop, two frames stacked (granite_features)."""
@@ -379,12 +377,8 @@ class GraniteEngine(Engine):
         device, dtype: for loading; default CUDA + bfloat16 when available, else CPU + float32.
         local_files_only: passed to ``from_pretrained``; keep ``True`` (no downloads).
         model_label: the ``model`` string announced in the capabilities (default: the id/path).
-        max_batch: announced largest batch.
-        tokens_per_second, extra_new_tokens: new-token budget ``ceil(seconds * tps) + extra``, ``tps``
-            taken from ``tokens_per_second_by_language`` for the output language (the target
-            language of a translation) when listed there (default
-            :data:`DEFAULT_TOKENS_PER_SECOND_BY_LANGUAGE`). A decode that uses its whole budget
-            without ending is reported with ``InferenceResult.truncated``.
+        options: backend, batching and decoding choices (:class:`~.options.GraniteOptions`;
+            presets ``GraniteOptions.preset("exact")`` / ``("fast")``); default ``GraniteOptions()``.
         force_new_tokens: generate exactly this many tokens per LLM decode (EOS suppressed, no
             speculation) — for benchmarks; ``None`` for normal decoding.
         force_tokens_per_second: like ``force_new_tokens`` but proportional to the audio: exactly
@@ -392,57 +386,15 @@ class GraniteEngine(Engine):
             (EOS suppressed, no speculation) — for load tests with random weights, whose decodes
             never stop on their own. Ignored when ``force_new_tokens`` is set.
         force_min_tokens: the floor of the per-second forced length.
-        speculative: use CTC self-speculative decoding for transcription finals (needs the CTC head).
-        ctc_entropy_threshold, ctc_entropy_reduce: accept the CTC draft directly when the frame
-            entropy reduced with ``"max"`` (IBM) or ``"mean"`` is ≤ the threshold (IBM uses 0.7 with max).
-        verify_threshold: accept the draft after teacher-forced scoring when every token's
-            probability is ≥ this (IBM uses 0.1).
-        word_timestamps: time and score the words of transcription finals in CTC languages by
-            aligning the final's characters to the CTC posteriors of the encoder pass the final
-            already made (:mod:`.ctc_align`; no second model pass). A word's confidence is the mean CTC
-            posterior of its characters, combined (geometric mean) with the mean probability of its
-            LLM tokens where an LLM pass scored the final (verified drafts, decodes; not an
-            unverified CTC draft): :func:`~.ctc_align.with_token_probabilities`.
-        resume_from_draft: when verification rejects a draft, decode greedily after its longest
-            prefix of tokens that passed (the paper's step 3; path ``resumed``) instead of from
-            scratch (IBM's notebook; ``False``). The tokens equal ``generate`` on the prompt followed
-            by that prefix.
-        repetition_guard: a final whose text loops (:func:`~stream_server.engines.whisper.looks_repetitive`,
-            the Whisper engine's test) is published with the repeats collapsed, and counted in
-            :meth:`stats` as ``repetition_loops``.
         ctc_vocab: text of each CTC class (see the module docstring); ``None`` = ``chr(class)``, which
             is only trusted for the known 348-class head (:data:`KNOWN_CTC_CLASSES`): a head of any
             other size without a vocabulary is not used (no CTC partials, no speculation).
         ctc_blank_id: the CTC blank class.
         ctc_languages: languages whose CTC transcripts are usable (CTC partials and speculation);
             other languages fall back to the LLM.
-        encoder_batching: ``"exact"`` (batched = one-by-one) or ``"padded"`` (HF processor behaviour).
         prompts: instruction strings.
-        min_audio_samples: shorter clips are zero-padded to this many samples (the STFT needs > 256).
         debug_token_ids: put the generated token ids in ``InferenceResult.info["token_ids"]`` (and, for
             verified drafts, ``verify_token_probs`` / ``verify_is_argmax``).
-        generate_kwargs: extra ``GenerationConfig`` fields for the autoregressive decode (default:
-            plain greedy — ``num_beams=1``, ``repetition_penalty=1.0``; the token budget, EOS and
-            padding ids are always the engine's).
-        decode_backend: how the autoregressive decode runs — ``"generate"`` (transformers'
-            ``generate``), ``"loop"`` (the engine's greedy loop over a static KV cache,
-            :class:`~stream_server.engines.granite.decode.StaticGreedyDecoder`, eager), ``"graphs"``
-            (the same loop with each step replayed as a CUDA graph; CUDA only) or ``"auto"``
-            (``"graphs"`` on CUDA, ``"generate"`` elsewhere). The loop is plain greedy: when
-            ``generate_kwargs`` is non-empty, ``generate`` is used whatever the backend.
-        decode_options: extra keyword arguments for the ``StaticGreedyDecoder`` (e.g.
-            ``{"compile_step": True}``, ``{"fused": False}``). ``max_graphs=0`` sizes the decode states
-            from the free GPU memory (:meth:`decode_states_for_free_memory`); ``compile_step="auto"``
-            compiles the step and keeps it only if a decode timed at :meth:`warmup` is faster
-            (:attr:`compile_choice`).
-        encoder_backend: ``"eager"``, ``"graphs"`` (the encoder replayed from CUDA graphs per batch and
-            1 s length bucket, :class:`~stream_server.engines.granite.encoder.EncoderGraphs`; needs CUDA
-            and ``encoder_batching="padded"``, whose approximation it shares) or ``"auto"`` (graphs
-            where allowed).
-        warm_decode_seconds: with the ``graphs`` decode backend, :meth:`warmup` decodes a batch of
-            every size bucket up to ``max_batch`` for each of these utterance lengths, so the decode
-            states (graph + KV cache per batch x capacity bucket) live traffic needs are captured
-            before it arrives; a capture under load stalls its batch. Empty: none.
     """
 
     def __init__(
@@ -455,32 +407,15 @@ class GraniteEngine(Engine):
         dtype: torch.dtype | None = None,
         local_files_only: bool = True,
         model_label: str | None = None,
-        max_batch: int = 8,
-        tokens_per_second: float = DEFAULT_TOKENS_PER_SECOND,
-        extra_new_tokens: int = 20,
-        tokens_per_second_by_language: dict[str, float] | None = None,
-        force_new_tokens: int | None = None,
-        force_tokens_per_second: float | None = None,
-        force_min_tokens: int = 4,
-        speculative: bool = True,
-        ctc_entropy_threshold: float = 0.7,
-        ctc_entropy_reduce: str = "max",
-        verify_threshold: float = 0.1,
-        resume_from_draft: bool = True,
-        word_timestamps: bool = True,
-        repetition_guard: bool = True,
+        options: GraniteOptions | None = None,
+        prompts: GranitePrompts | None = None,
         ctc_vocab: Sequence[str] | None = None,
         ctc_blank_id: int = 0,
         ctc_languages: Sequence[str] = CTC_LANGUAGES,
-        encoder_batching: str = "exact",
-        prompts: GranitePrompts | None = None,
-        min_audio_samples: int = 512,
+        force_new_tokens: int | None = None,
+        force_tokens_per_second: float | None = None,
+        force_min_tokens: int = 4,
         debug_token_ids: bool = False,
-        generate_kwargs: dict | None = None,
-        decode_backend: str = "auto",
-        decode_options: dict | None = None,
-        encoder_backend: str = "auto",
-        warm_decode_seconds: Sequence[float] = (3.0, 6.0, 12.0),
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -493,32 +428,13 @@ class GraniteEngine(Engine):
             if tokenizer is None:
                 raise ValueError("model given without tokenizer")
             label = model_label or getattr(getattr(model, "config", None), "_name_or_path", "") or "granite-speech"
-        if ctc_entropy_reduce not in ("max", "mean"):
-            raise ValueError("ctc_entropy_reduce must be 'max' or 'mean'")
-        if encoder_batching not in ("exact", "padded"):
-            raise ValueError("encoder_batching must be 'exact' or 'padded'")
         if force_new_tokens is not None and force_new_tokens < 1:
             raise ValueError("force_new_tokens must be >= 1")
         if force_tokens_per_second is not None and not force_tokens_per_second > 0:
             raise ValueError("force_tokens_per_second must be > 0")
         if force_min_tokens < 1:
             raise ValueError("force_min_tokens must be >= 1")
-        if decode_backend not in ("auto", "generate", "loop", "graphs"):
-            raise ValueError("decode_backend must be 'auto', 'generate', 'loop' or 'graphs'")
-        if encoder_backend not in ("auto", "eager", "graphs"):
-            raise ValueError("encoder_backend must be 'auto', 'eager' or 'graphs'")
-        if int((decode_options or {}).get("max_graphs", 1)) < 0:
-            raise ValueError("decode_options['max_graphs'] must be >= 1, or 0 (from free GPU memory)")
-        if (decode_options or {}).get("compile_step", False) not in (False, True, "auto"):
-            raise ValueError("decode_options['compile_step'] must be False, True or 'auto'")
-        if any(not s > 0 for s in warm_decode_seconds):
-            raise ValueError("warm_decode_seconds must be positive")
-        rates = dict(DEFAULT_TOKENS_PER_SECOND_BY_LANGUAGE if tokens_per_second_by_language is None
-                     else tokens_per_second_by_language)
-        if not tokens_per_second > 0 or any(not r > 0 for r in rates.values()):
-            raise ValueError("tokens per second must be > 0")
-        if not 0.0 <= verify_threshold <= 1.0:
-            raise ValueError("verify_threshold must be a probability in [0, 1]")
+        opts = options if options is not None else GraniteOptions()
         check_checkpoint(model)
 
         model.eval()
@@ -531,43 +447,46 @@ class GraniteEngine(Engine):
         self.features = GraniteFeatureExtractor.from_config(self.config)
         self.audio_token_id = int(self.config.audio_token_id)
 
-        self.tokens_per_second = float(tokens_per_second)
-        self.tokens_per_second_by_language = {k: float(v) for k, v in rates.items()}
-        self.extra_new_tokens = int(extra_new_tokens)
-        self.resume_from_draft = bool(resume_from_draft)
-        self.word_timestamps = bool(word_timestamps)
-        self.repetition_guard = bool(repetition_guard)
+        self.options = opts
+        self.tokens_per_second = opts.tokens_per_second
+        self.tokens_per_second_by_language = dict(opts.tokens_per_second_by_language)
+        self.extra_new_tokens = opts.extra_new_tokens
+        self.resume_from_draft = opts.resume_from_draft
+        self.word_timestamps = opts.word_timestamps
+        self.repetition_guard = opts.repetition_guard
         self.force_new_tokens = force_new_tokens
         self.force_tokens_per_second = None if force_tokens_per_second is None else float(force_tokens_per_second)
         self.force_min_tokens = int(force_min_tokens)
-        self.ctc_entropy_threshold = float(ctc_entropy_threshold)
-        self.ctc_entropy_reduce = ctc_entropy_reduce
-        self.verify_threshold = float(verify_threshold)
+        self.ctc_entropy_threshold = opts.ctc_entropy_threshold
+        self.ctc_entropy_reduce = opts.ctc_entropy_reduce
+        self.verify_threshold = opts.verify_threshold
         self.ctc_blank_id = int(ctc_blank_id)
         self.ctc_vocab = list(ctc_vocab) if ctc_vocab is not None else None
         self.ctc_languages = tuple(ctc_languages)
-        self.encoder_batching = encoder_batching
+        self.encoder_batching = opts.encoder_batching
         self.prompts = prompts or GranitePrompts()
-        self.min_audio_samples = max(int(min_audio_samples), self.features.min_samples)
+        self.min_audio_samples = max(opts.min_audio_samples, self.features.min_samples)
         self.debug_token_ids = debug_token_ids
-        self.generate_kwargs = dict(generate_kwargs or {})
+        self.generate_kwargs = dict(opts.generate_kwargs)
+        decode_backend = opts.decode_backend
         if decode_backend == "auto":
             decode_backend = "graphs" if self.device.type == "cuda" else "generate"
         if decode_backend == "graphs" and self.device.type != "cuda":
             raise ValueError("decode_backend='graphs' needs the model on a CUDA device")
         self.decode_backend = decode_backend
-        self.decode_options = dict(decode_options or {})
+        self.decode_options = opts.decoder_options()
         self._decoder = None
+        encoder_backend = opts.encoder_backend
         if encoder_backend == "auto":
-            encoder_backend = "graphs" if self.device.type == "cuda" and encoder_batching == "padded" else "eager"
-        if encoder_backend == "graphs" and (self.device.type != "cuda" or encoder_batching != "padded"):
-            raise ValueError("encoder_backend='graphs' needs a CUDA device and encoder_batching='padded'")
+            encoder_backend = "graphs" if self.device.type == "cuda" and opts.encoder_batching == "padded" else "eager"
+        if encoder_backend == "graphs" and self.device.type != "cuda":
+            raise ValueError("encoder_backend='graphs' needs a CUDA device")
         self.encoder_backend = encoder_backend
-        self.warm_decode_seconds = tuple(float(s) for s in warm_decode_seconds)
+        self.warm_decode_seconds = opts.warm_decode_seconds
         self._encoder_graphs = None
         self._projector_graphs = None
         self.compile_choice: dict | None = None  # with compile_step "auto": the warm-up timing that decided
-        self.max_batch = int(max_batch)
+        self.max_batch = opts.max_batch
 
         encoder = model.model.encoder
         head = getattr(encoder, "out", None)
@@ -575,7 +494,7 @@ class GraniteEngine(Engine):
         # something else, and reading them as code points would publish garbage partials.
         self.has_ctc = isinstance(head, torch.nn.Linear) and (
             self.ctc_vocab is not None or int(head.out_features) == KNOWN_CTC_CLASSES)
-        self.speculative = bool(speculative) and self.has_ctc
+        self.speculative = opts.speculative and self.has_ctc
         text_config = self.config.text_config
         self.logits_scaling = float(getattr(text_config, "logits_scaling", 1.0) or 1.0)
 
@@ -606,15 +525,10 @@ class GraniteEngine(Engine):
             keywords=True,
             partial_modes=("llm", "ctc") if self.has_ctc else ("llm",),
             prefix=True,
-            max_batch=max_batch,
+            max_batch=self.max_batch,
             language_detection=False,
             early_results=True,
         )
-
-    @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> "GraniteEngine":
-        """Wrap an already constructed model and tokenizer (same keyword arguments as the constructor)."""
-        return cls(model=model, tokenizer=tokenizer, **kwargs)
 
     @property
     def _forced(self) -> bool:

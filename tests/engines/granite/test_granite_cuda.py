@@ -3,12 +3,15 @@
 Run on the lent GPU machine with ``python -m pytest -q tests/test_granite_cuda.py``.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from stream_server.inference.types import InferenceRequest
 from stream_server.engines.granite.engine import GraniteEngine
+from stream_server.engines.granite.options import GraniteOptions
 from granite_stream_testing.tiny_granite import build_tiny_granite
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -51,8 +54,8 @@ def test_encoder_graphs_replay_the_eager_encoder(tiny_cuda):
 
 def test_engine_with_encoder_graphs_serves_ctc_partials_and_finals(tiny_cuda):
     model, tokenizer = tiny_cuda
-    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", encoder_batching="padded",
-                        decode_backend="graphs", max_batch=8)
+    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny",
+                        options=GraniteOptions(encoder_batching="padded", decode_backend="graphs", max_batch=8))
     assert eng.encoder_backend == "graphs"
     audio = [_tone(0.8, 300.0, 1), _tone(1.7, 900.0, 2), _tone(2.6, 1400.0, 3)]
     reqs = [InferenceRequest("s", i, "partial", a, partial_mode="ctc") for i, a in enumerate(audio)]
@@ -69,7 +72,8 @@ def test_engine_with_encoder_graphs_serves_ctc_partials_and_finals(tiny_cuda):
 
 def test_projector_window_graphs_match_the_eager_projector(tiny_cuda):
     model, tokenizer = tiny_cuda
-    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", encoder_batching="padded", max_batch=4)
+    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny",
+                        options=GraniteOptions(encoder_batching="padded", max_batch=4))
     graphs = eng.projector_graphs
     hidden = int(model.config.encoder_config.hidden_dim)
     torch.manual_seed(1)
@@ -82,8 +86,9 @@ def test_projector_window_graphs_match_the_eager_projector(tiny_cuda):
 
 def test_warmup_captures_the_decode_states_of_every_batch_bucket(tiny_cuda):
     model, tokenizer = tiny_cuda
-    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", decode_backend="graphs", max_batch=4,
-                        speculative=False, warm_decode_seconds=(1.0, 2.0), decode_options={"max_graphs": 16})
+    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny",
+                        options=GraniteOptions(decode_backend="graphs", max_batch=4, speculative=False,
+                                               warm_decode_seconds=(1.0, 2.0), decode_max_graphs=16))
     eng.warmup()
     batches = {key[0] for key in eng.decoder._states}
     assert {1, 2, 4} <= batches and eng.decoder.captures >= 3
@@ -97,9 +102,10 @@ def test_graph_replayed_draft_scoring_matches_the_eager_forward(tiny_cuda):
     # The verify pass replays a captured prefill (per batch x prompt bucket); its token
     # probabilities must equal transformers' eager forward, on the first call and on replays.
     model, tokenizer = tiny_cuda
-    kw = dict(model_label="tiny", ctc_entropy_threshold=-1.0, verify_threshold=0.0, debug_token_ids=True)
-    fast = GraniteEngine(model=model, tokenizer=tokenizer, decode_backend="graphs", **kw)
-    ref = GraniteEngine(model=model, tokenizer=tokenizer, decode_backend="generate", **kw)
+    kw = dict(model_label="tiny", debug_token_ids=True)
+    spec = GraniteOptions(ctc_entropy_threshold=-1.0, verify_threshold=0.0)
+    fast = GraniteEngine(model=model, tokenizer=tokenizer, options=replace(spec, decode_backend="graphs"), **kw)
+    ref = GraniteEngine(model=model, tokenizer=tokenizer, options=replace(spec, decode_backend="generate"), **kw)
     reqs = [InferenceRequest("s", i, "final", _tone(0.9 + 0.5 * i, 500.0 + 200 * i, i)) for i in range(3)]
     want = ref.transcribe_batch(reqs)
     for _ in range(2):
@@ -110,11 +116,13 @@ def test_graph_replayed_draft_scoring_matches_the_eager_forward(tiny_cuda):
 
 
 def test_gpu_preset_engine_options_run_on_cuda(tiny_cuda):
-    # What `serve` builds under the GPU preset: padded encoder batching, decode states from free
-    # memory, compile_step "auto" (timed at warm-up), speculation with the reference thresholds.
+    # What `serve` builds under the GPU preset (the "fast" options): padded encoder batching with
+    # encoder graphs, decode states from free memory, compile_step "auto" (timed at warm-up),
+    # speculation with the reference thresholds.
     model, tokenizer = tiny_cuda
-    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", encoder_batching="padded", max_batch=8,
-                        decode_options={"max_graphs": 0, "compile_step": "auto"}, warm_decode_seconds=(1.0,))
+    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny",
+                        options=GraniteOptions.preset("fast", max_batch=8, warm_decode_seconds=(1.0,)))
+    assert eng.encoder_backend == "graphs" and eng.decode_backend == "graphs"
     assert 8 <= eng.decoder.max_graphs <= 64
     eng.warmup()
     assert eng.compile_choice is not None and eng.compile_choice["kept"] in ("compiled", "eager")

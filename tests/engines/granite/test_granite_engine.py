@@ -6,6 +6,7 @@ Nothing is downloaded: the model and tokenizer come from
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from stream_server.inference.types import InferenceRequest
 from stream_server.engines.granite.engine import GraniteEngine, GraniteModelNotFoundError, _force_prefix
 from stream_server.engines.granite.features import GraniteFeatureExtractor, melscale_fbanks, num_audio_tokens
+from stream_server.engines.granite.options import GraniteOptions
 from granite_stream_testing.tiny_granite import build_tiny_granite
 
 hf_fe = pytest.importorskip("transformers.models.granite_speech.feature_extraction_granite_speech")
@@ -35,10 +37,26 @@ def tiny():
     return build_tiny_granite(seed=0)
 
 
+OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(GraniteOptions))
+
+
+def split_options(kw: dict) -> GraniteOptions:
+    """Pop the keywords that name :class:`GraniteOptions` fields (and ``decode_options``, the
+    decoder's own keywords) out of ``kw`` into one options object."""
+    fields = {k: kw.pop(k) for k in list(kw) if k in OPTION_FIELDS}
+    decoder = dict(kw.pop("decode_options", {}))
+    if "max_graphs" in decoder:
+        fields["decode_max_graphs"] = decoder.pop("max_graphs")
+    if "compile_step" in decoder:
+        fields["compile_step"] = decoder.pop("compile_step")
+    return GraniteOptions(**fields, decode_extra=decoder)
+
+
 def make_engine(tiny, **kw) -> GraniteEngine:
     model, tokenizer = tiny
     kw.setdefault("debug_token_ids", True)
-    return GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", **kw)
+    options = split_options(kw)
+    return GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", options=options, **kw)
 
 
 def req(audio, kind="final", i=0, **kw) -> InferenceRequest:
@@ -362,7 +380,7 @@ def test_load_from_directory(tiny, tmp_path):
     model, tokenizer = tiny
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
-    eng = GraniteEngine(str(tmp_path / "ckpt"), debug_token_ids=True, speculative=False)
+    eng = GraniteEngine(str(tmp_path / "ckpt"), debug_token_ids=True, options=GraniteOptions(speculative=False))
     assert eng.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert eng.capabilities.model == str(tmp_path / "ckpt")
     if eng.device.type == "cpu":
@@ -825,7 +843,7 @@ def test_preprocessor_config_must_match_the_engine_features(tiny, tmp_path):
     good = {"melspec_kwargs": {"sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 160, "n_mels": 80},
             "projector_window_size": 15, "projector_downsample_rate": 5, "sampling_rate": 16000}
     (ckpt / "preprocessor_config.json").write_text(json.dumps(good))
-    GraniteEngine(str(ckpt), speculative=False)  # matching: loads
+    GraniteEngine(str(ckpt), options=GraniteOptions(speculative=False))  # matching: loads
     bad = dict(good, melspec_kwargs=dict(good["melspec_kwargs"], hop_length=320))
     (ckpt / "preprocessor_config.json").write_text(json.dumps(bad))
     with pytest.raises(GraniteCheckpointError, match="hop_length=320"):

@@ -8,6 +8,7 @@ import pytest
 
 from stream_server.inference.types import InferenceRequest
 from stream_server.engines.granite.engine import GraniteEngine
+from stream_server.engines.granite.options import GraniteOptions
 from granite_stream_testing.tiny_granite import build_tiny_granite
 
 
@@ -27,7 +28,7 @@ def tone(seconds: float, freq: float, seed: int = 0) -> np.ndarray:
 def test_forced_length_is_proportional_to_audio(tiny, backend):
     model, tokenizer = tiny
     eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", debug_token_ids=True,
-                        decode_backend=backend, force_tokens_per_second=3.0, force_min_tokens=4)
+                        options=GraniteOptions(decode_backend=backend), force_tokens_per_second=3.0, force_min_tokens=4)
     reqs = [InferenceRequest("s", i, "final", tone(s, 300.0 + 100 * i, i)) for i, s in enumerate((0.5, 2.0, 5.0))]
     results = eng.transcribe_batch(reqs)
     # 0.5 s -> max(4, 2) = 4; 2 s -> 6; 5 s -> 15 (one batch, different budgets per row)
@@ -39,7 +40,7 @@ def test_forced_length_is_proportional_to_audio(tiny, backend):
 def test_ctc_partials_unaffected_and_constant_wins(tiny):
     model, tokenizer = tiny
     eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", debug_token_ids=True,
-                        decode_backend="loop", force_tokens_per_second=3.0, force_new_tokens=5)
+                        options=GraniteOptions(decode_backend="loop"), force_tokens_per_second=3.0, force_new_tokens=5)
     p = InferenceRequest("s", 0, "partial", tone(1.0, 400.0), partial_mode="ctc")
     f = InferenceRequest("s", 1, "final", tone(4.0, 500.0, 1))
     rp, rf = eng.transcribe_batch([p, f])
