@@ -208,7 +208,7 @@ def build_engines(args) -> list:
     import torch
 
     from benchmarks.granite_gpu_bench import build_full, build_tiny
-    from stream_server.engines.granite.engine import GraniteEngine
+    from granite_stream_testing.forced_granite import ForcedLengthGraniteEngine
     from stream_server.engines.granite.options import GraniteOptions
 
     engines = []
@@ -224,7 +224,7 @@ def build_engines(args) -> list:
             max_batch=args.max_batch, decode_backend="loop" if args.cpu else args.decode_backend,
             speculative=False, encoder_batching=args.encoder_batching, compile_step=bool(args.compile_step),
             decode_max_graphs=args.decode_max_graphs, encoder_backend="eager" if args.cpu else args.encoder_backend)
-        eng = GraniteEngine(
+        eng = ForcedLengthGraniteEngine(
             model=model, tokenizer=tok, model_label=f"granite-random-{'tiny' if args.tiny else 'full'}@{device}",
             force_tokens_per_second=args.tokens_per_second, force_min_tokens=args.min_tokens, options=options,
         )

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from stream_server.inference.types import InferenceRequest
-from stream_server.engines.granite.engine import GraniteEngine
+from granite_stream_testing.forced_granite import ForcedLengthGraniteEngine
 from stream_server.engines.granite.options import GraniteOptions
 
 SR = 16000
@@ -185,7 +185,7 @@ def timeit(fn, device: str, warmup: int, repeats: int) -> dict:
     }
 
 
-class DraftCutEngine(GraniteEngine):
+class DraftCutEngine(ForcedLengthGraniteEngine):
     """Bench-only: the CTC draft's tokens cut to ``draft_tokens`` (random weights give junk drafts
     as long as the frame count; a real 10 s draft is ~30 tokens)."""
 
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
 
     option_fields = {f.name for f in dataclasses.fields(GraniteOptions)}
 
-    def engine(backend, cls=GraniteEngine, **kw):
+    def engine(backend, cls=ForcedLengthGraniteEngine, **kw):
         kw.setdefault("force_new_tokens", args.tokens)
         kw.setdefault("speculative", False)
         options = GraniteOptions(decode_backend=backend, max_batch=max(args.batch, 8),
@@ -437,8 +437,8 @@ def main(argv=None) -> int:
         config, why = resolve_preset(*load_config_and_sources({"engine": "granite"}, {}),
                                      cuda_available=lambda: device == "cuda")
         options = granite_options(config)
-        eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="bench", debug_token_ids=True,
-                            force_new_tokens=args.tokens, options=options)
+        eng = ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, model_label="bench", debug_token_ids=True,
+                                        force_new_tokens=args.tokens, options=options)
         t0 = time.perf_counter()
         eng.warmup()
         sync(device)

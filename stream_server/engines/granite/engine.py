@@ -29,8 +29,9 @@ Pipeline per request (``transcribe_batch``):
    ASSISTANT:`` for granite-4.0-1b-speech, also the fallback); the request's ``prefix`` is appended
    after the assistant tag so greedy decoding continues it. Rows are left-padded into one
    ``generate`` call (greedy); each row's new-token budget is ``ceil(seconds * tokens_per_second)
-   + extra_new_tokens`` (the rate of the output language) unless ``force_new_tokens`` fixes it
-   (benchmarks: exactly N tokens, EOS suppressed). A decode that spends its budget is reported
+   + extra_new_tokens`` (the rate of the output language); benchmark subclasses fix it through
+   :meth:`GraniteEngine.token_budget` and :attr:`GraniteEngine.forced_lengths` (exactly N tokens,
+   EOS suppressed). A decode that spends its budget is reported
    ``truncated``; a looping final is published with its repeats collapsed.
 
 CTC vocabulary: Granite Speech's encoder is trained on character targets and IBM decodes class
@@ -379,13 +380,6 @@ class GraniteEngine(Engine):
         model_label: the ``model`` string announced in the capabilities (default: the id/path).
         options: backend, batching and decoding choices (:class:`~.options.GraniteOptions`;
             presets ``GraniteOptions.preset("exact")`` / ``("fast")``); default ``GraniteOptions()``.
-        force_new_tokens: generate exactly this many tokens per LLM decode (EOS suppressed, no
-            speculation) — for benchmarks; ``None`` for normal decoding.
-        force_tokens_per_second: like ``force_new_tokens`` but proportional to the audio: exactly
-            ``max(force_min_tokens, round(seconds * force_tokens_per_second))`` tokens per request
-            (EOS suppressed, no speculation) — for load tests with random weights, whose decodes
-            never stop on their own. Ignored when ``force_new_tokens`` is set.
-        force_min_tokens: the floor of the per-second forced length.
         ctc_vocab: text of each CTC class (see the module docstring); ``None`` = ``chr(class)``, which
             is only trusted for the known 348-class head (:data:`KNOWN_CTC_CLASSES`): a head of any
             other size without a vocabulary is not used (no CTC partials, no speculation).
@@ -412,9 +406,6 @@ class GraniteEngine(Engine):
         ctc_vocab: Sequence[str] | None = None,
         ctc_blank_id: int = 0,
         ctc_languages: Sequence[str] = CTC_LANGUAGES,
-        force_new_tokens: int | None = None,
-        force_tokens_per_second: float | None = None,
-        force_min_tokens: int = 4,
         debug_token_ids: bool = False,
     ) -> None:
         if model is None:
@@ -428,12 +419,6 @@ class GraniteEngine(Engine):
             if tokenizer is None:
                 raise ValueError("model given without tokenizer")
             label = model_label or getattr(getattr(model, "config", None), "_name_or_path", "") or "granite-speech"
-        if force_new_tokens is not None and force_new_tokens < 1:
-            raise ValueError("force_new_tokens must be >= 1")
-        if force_tokens_per_second is not None and not force_tokens_per_second > 0:
-            raise ValueError("force_tokens_per_second must be > 0")
-        if force_min_tokens < 1:
-            raise ValueError("force_min_tokens must be >= 1")
         opts = options if options is not None else GraniteOptions()
         check_checkpoint(model)
 
@@ -454,9 +439,6 @@ class GraniteEngine(Engine):
         self.resume_from_draft = opts.resume_from_draft
         self.word_timestamps = opts.word_timestamps
         self.repetition_guard = opts.repetition_guard
-        self.force_new_tokens = force_new_tokens
-        self.force_tokens_per_second = None if force_tokens_per_second is None else float(force_tokens_per_second)
-        self.force_min_tokens = int(force_min_tokens)
         self.ctc_entropy_threshold = opts.ctc_entropy_threshold
         self.ctc_entropy_reduce = opts.ctc_entropy_reduce
         self.verify_threshold = opts.verify_threshold
@@ -531,9 +513,17 @@ class GraniteEngine(Engine):
         )
 
     @property
-    def _forced(self) -> bool:
-        """Decode lengths are forced (benchmarks): EOS suppressed, no speculation."""
-        return self.force_new_tokens is not None or self.force_tokens_per_second is not None
+    def forced_lengths(self) -> bool:
+        """Whether :meth:`token_budget` fixes each decode's length (a benchmark subclass's choice):
+        then EOS is suppressed and finals never speculate. ``False`` for the product engine."""
+        return False
+
+    def token_budget(self, request: InferenceRequest, n_samples: int) -> int:
+        """New tokens one LLM decode of ``request`` (``n_samples`` of audio) may generate:
+        ``ceil(seconds * rate) + extra_new_tokens``, the rate of the output language."""
+        output_language = (request.target_language or "en") if request.task == "translate" else request.language
+        rate = self.tokens_per_second_by_language.get(output_language or "", self.tokens_per_second)
+        return int(math.ceil(n_samples / SAMPLE_RATE * rate)) + self.extra_new_tokens
 
     # ------------------------------------------------------------------ public API
     def placement(self) -> str:
@@ -739,7 +729,7 @@ class GraniteEngine(Engine):
                     if req.partial_mode == "ctc":
                         w.info["ctc_unavailable"] = True
                     llm.append(w)
-            elif self.speculative and ctc_ok and not self._forced:
+            elif self.speculative and ctc_ok and not self.forced_lengths:
                 w.path = "speculate"
             else:
                 w.path = "autoregressive"
@@ -843,14 +833,7 @@ class GraniteEngine(Engine):
             n_frames=self.features.num_encoder_frames(n),
             n_tokens=self.features.num_audio_tokens(n),
         )
-        if self.force_new_tokens is not None:
-            w.budget = int(self.force_new_tokens)
-        elif self.force_tokens_per_second is not None:
-            w.budget = max(self.force_min_tokens, int(round(n / SAMPLE_RATE * self.force_tokens_per_second)))
-        else:
-            output_language = (req.target_language or "en") if req.task == "translate" else req.language
-            rate = self.tokens_per_second_by_language.get(output_language or "", self.tokens_per_second)
-            w.budget = int(math.ceil(n / SAMPLE_RATE * rate)) + self.extra_new_tokens
+        w.budget = self.token_budget(req, n)
         return w
 
     # ------------------------------------------------------------------ encoder / CTC / projector
@@ -1194,7 +1177,7 @@ class GraniteEngine(Engine):
         seqs = [self._sequence(w) for w in works]
         embeds, mask, _ = self._embed_batch(seqs, [w.embeds() for w in works])
         max_new = max(self._budget_left(w) for w in works)
-        forced = self._forced
+        forced = self.forced_lengths
         self._adapter_on()
         if self.decode_backend in ("loop", "graphs") and not self.generate_kwargs:
             out, probs = self.decoder.generate_with_probs(

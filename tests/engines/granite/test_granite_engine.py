@@ -17,6 +17,7 @@ from stream_server.inference.types import InferenceRequest
 from stream_server.engines.granite.engine import GraniteEngine, GraniteModelNotFoundError, _force_prefix
 from stream_server.engines.granite.features import GraniteFeatureExtractor, melscale_fbanks, num_audio_tokens
 from stream_server.engines.granite.options import GraniteOptions
+from granite_stream_testing.forced_granite import ForcedLengthGraniteEngine
 from granite_stream_testing.tiny_granite import build_tiny_granite
 
 hf_fe = pytest.importorskip("transformers.models.granite_speech.feature_extraction_granite_speech")
@@ -56,7 +57,9 @@ def make_engine(tiny, **kw) -> GraniteEngine:
     model, tokenizer = tiny
     kw.setdefault("debug_token_ids", True)
     options = split_options(kw)
-    return GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", options=options, **kw)
+    # Forced decode lengths are a benchmark subclass's, not the product engine's.
+    cls = ForcedLengthGraniteEngine if "force_new_tokens" in kw else GraniteEngine
+    return cls(model=model, tokenizer=tokenizer, model_label="tiny", options=options, **kw)
 
 
 def req(audio, kind="final", i=0, **kw) -> InferenceRequest:

@@ -1,4 +1,4 @@
-"""``GraniteEngine(force_tokens_per_second=...)``: forced decode lengths proportional to the audio
+"""``ForcedLengthGraniteEngine(force_tokens_per_second=...)``: forced decode lengths proportional to the audio
 (load tests with random weights, see benchmarks/gpu_server_bench.py)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from stream_server.inference.types import InferenceRequest
-from stream_server.engines.granite.engine import GraniteEngine
 from stream_server.engines.granite.options import GraniteOptions
+from granite_stream_testing.forced_granite import ForcedLengthGraniteEngine
 from granite_stream_testing.tiny_granite import build_tiny_granite
 
 
@@ -27,7 +27,7 @@ def tone(seconds: float, freq: float, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("backend", ["generate", "loop"])
 def test_forced_length_is_proportional_to_audio(tiny, backend):
     model, tokenizer = tiny
-    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", debug_token_ids=True,
+    eng = ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", debug_token_ids=True,
                         options=GraniteOptions(decode_backend=backend), force_tokens_per_second=3.0, force_min_tokens=4)
     reqs = [InferenceRequest("s", i, "final", tone(s, 300.0 + 100 * i, i)) for i, s in enumerate((0.5, 2.0, 5.0))]
     results = eng.transcribe_batch(reqs)
@@ -39,7 +39,7 @@ def test_forced_length_is_proportional_to_audio(tiny, backend):
 
 def test_ctc_partials_unaffected_and_constant_wins(tiny):
     model, tokenizer = tiny
-    eng = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", debug_token_ids=True,
+    eng = ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", debug_token_ids=True,
                         options=GraniteOptions(decode_backend="loop"), force_tokens_per_second=3.0, force_new_tokens=5)
     p = InferenceRequest("s", 0, "partial", tone(1.0, 400.0), partial_mode="ctc")
     f = InferenceRequest("s", 1, "final", tone(4.0, 500.0, 1))
@@ -51,6 +51,6 @@ def test_ctc_partials_unaffected_and_constant_wins(tiny):
 def test_rejects_bad_values(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError):
-        GraniteEngine(model=model, tokenizer=tokenizer, force_tokens_per_second=0.0)
+        ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, force_tokens_per_second=0.0)
     with pytest.raises(ValueError):
-        GraniteEngine(model=model, tokenizer=tokenizer, force_tokens_per_second=3.0, force_min_tokens=0)
+        ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, force_tokens_per_second=3.0, force_min_tokens=0)
