@@ -31,6 +31,27 @@ Token = TypeVar("Token")
 BatchObserver = Callable[[list[InferenceRequest], float], None]
 """``(requests, seconds)`` after every engine call (called on the worker thread)."""
 
+
+
+class WorkerObserver(Protocol):
+    """Watches an :class:`InferenceWorker`'s traffic (benchmarks, tracing); never changes it.
+
+    Several may be attached (:meth:`InferenceWorker.add_observer`). An observer's exception is
+    logged and otherwise ignored: observing never fails a request or a batch. Keep the methods
+    cheap: :meth:`on_submit` runs on the event loop, the batch methods on the lane's thread, around
+    the engine call.
+    """
+
+    def on_submit(self, request: InferenceRequest) -> None:
+        """``request`` was queued (a refused one is not reported)."""
+
+    def on_batch_start(self, requests: Sequence[InferenceRequest]) -> None:
+        """A lane took ``requests`` from the queue and is about to run them."""
+
+    def on_batch_end(self, requests: Sequence[InferenceRequest], seconds: float) -> None:
+        """The engine call for ``requests`` returned (or failed) after ``seconds``; results are delivered."""
+
+
 QUEUE_EVENTS = ("submitted", "replaced", "refreshes_dropped", "rejected", "batches")
 """The scheduler counters a pool reports (see :class:`SchedulerStats`)."""
 
@@ -368,6 +389,7 @@ class InferenceWorker:
         self.scheduler: BatchScheduler[asyncio.Future] = scheduler if scheduler is not None else BatchScheduler()
         self.scheduler.max_batch = min(self.scheduler.max_batch, engine.capabilities.max_batch)
         self.on_batch = on_batch
+        self._observers: list[WorkerObserver] = []
         self.lanes = max(1, engine.capabilities.concurrency)
         self._partial_lanes_max = max(1, self.lanes - 1)
         self._partial_lanes_busy = 0  # lanes now running a batch that holds partials (guarded by _cond)
@@ -430,7 +452,29 @@ class InferenceWorker:
         for old in replaced:
             self._resolve(old, exc=Superseded("replaced by a newer request" if old is not future
                                               else "refresh dropped: the partial it would replace has started"))
+        self._notify(lambda observer: observer.on_submit(request))
         return future
+
+    def add_observer(self, observer: WorkerObserver) -> None:
+        """Attach ``observer`` (see :class:`WorkerObserver`); each attached observer is called in order."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: WorkerObserver) -> None:
+        """Detach ``observer``; unknown observers are ignored."""
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def _notify(self, call: Callable[[WorkerObserver], None]) -> None:
+        for observer in list(self._observers):  # a copy: observers may be added from another thread
+            try:
+                call(observer)
+            except Exception:  # noqa: BLE001 - observing must never fail the traffic it observes
+                log.exception("worker observer %r failed", observer)
+
+    @property
+    def lane_thread_ids(self) -> list[int]:
+        """Native ids of the lanes' live threads (per-thread CPU accounting)."""
+        return [t.native_id for t in self._threads if t is not None and t.is_alive() and t.native_id is not None]
 
     def cancel_session(self, session_id: str) -> None:
         """Forget every queued request of a session (its client went away)."""
@@ -533,6 +577,7 @@ class InferenceWorker:
 
     def _run_batch(self, batch: list[tuple[InferenceRequest, asyncio.Future]]) -> None:
         requests = [r for r, _ in batch]
+        self._notify(lambda observer: observer.on_batch_start(requests))
         started = time.monotonic()
         delivered: set[int] = set()
 
@@ -557,6 +602,7 @@ class InferenceWorker:
             self.failures += failed
             self.busy_seconds += elapsed
             self.last_batch_at = time.monotonic()
+        self._notify(lambda observer: observer.on_batch_end(requests, elapsed))
         if self.on_batch is not None:
             try:
                 self.on_batch(requests, elapsed)

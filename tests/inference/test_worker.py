@@ -367,3 +367,46 @@ async def test_with_one_lane_a_final_waits_for_the_batch_in_progress():
     finally:
         engine.gate.set()
         worker.stop()
+
+
+class _Recorder:
+    """A worker observer that records what it saw; ``fail`` makes every call raise after recording."""
+
+    def __init__(self, fail: bool = False):
+        self.events: list[tuple] = []
+        self.fail = fail
+
+    def _record(self, *event) -> None:
+        self.events.append(event)
+        if self.fail:
+            raise RuntimeError("observer bug")
+
+    def on_submit(self, request):
+        self._record("submit", request.utterance_id)
+
+    def on_batch_start(self, requests):
+        self._record("start", tuple(r.utterance_id for r in requests))
+
+    def on_batch_end(self, requests, seconds):
+        assert seconds >= 0.0
+        self._record("end", tuple(r.utterance_id for r in requests))
+
+
+async def test_observers_see_submits_and_batches_and_cannot_break_them():
+    engine = CountingEngine(delay=0.0)
+    worker = InferenceWorker(engine, BatchScheduler(max_batch=4, max_wait=0.05))
+    broken, watching = _Recorder(fail=True), _Recorder()
+    worker.add_observer(broken)
+    worker.add_observer(watching)
+    worker.start()
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(worker.submit(req("s", u, "final")) for u in (1, 2))), 5)
+        assert [r.text for r in results] == ["w0 w1", "w0 w1"]  # the failing observer changed nothing
+        await until(lambda: len(watching.events) == 4, "the batch end to be observed")
+        assert watching.events == [("submit", 1), ("submit", 2), ("start", (1, 2)), ("end", (1, 2))]
+        assert broken.events == watching.events and worker.failures == 0
+        worker.remove_observer(watching)
+        await asyncio.wait_for(worker.submit(req("s", 3, "final")), 5)
+        assert len(watching.events) == 4
+    finally:
+        worker.stop()
