@@ -262,7 +262,7 @@ def warm(engine, args, clips_audio: list[np.ndarray], index: int) -> float:
                     msg = f"warm engine {index} b={b} s={s} {kind}: {type(exc).__name__}: {str(exc)[:200]}"
                     print(msg, flush=True)
                     WARM_ERRORS.append(msg)
-    if getattr(engine, "encoder_graphs", None) is not None:
+    if engine.encoder_graphs is not None:
         # Encoder and projector graphs for every batch bucket up to the longest warm length (+ rolls, margin).
         engine.warmup(graph_seconds=max(lens) + 3.0)
     if not args.cpu:
@@ -353,9 +353,9 @@ def hist_quantiles(before: dict, after: dict, qs=(0.5, 0.95, 0.99)) -> dict:
         les = sorted(buckets)
         counts = [buckets[le] - prev.get(le, 0.0) for le in les]
         total = counts[-1] if counts else 0
-        row = {"n": int(total)}
+        row: dict[str, object] = {"n": int(total)}
         for q in qs:
-            le_q = None
+            le_q: float | None = None
             for le, c in zip(les, counts):
                 if total and c >= q * total:
                     le_q = le
@@ -382,31 +382,6 @@ def summarize_level(results, chunks: list[dict]) -> dict:
     }
 
 
-def _patch_capture_mode(mode: str) -> None:
-    """Make ``torch.cuda.graph`` capture with ``capture_error_mode=mode`` (bench-only).
-
-    With torch's default (``"global"``), CUDA work launched by another thread — here the other GPU's
-    inference worker — while one worker captures a new decode graph invalidates that capture
-    (``cudaErrorStreamCaptureInvalidated``); ``"thread_local"`` confines the check to the capturing
-    thread, which is what one worker per GPU in one process needs.
-    """
-    import functools
-
-    import torch
-
-    original = torch.cuda.graph
-    if getattr(original, "_bench_patched", False):
-        return
-
-    @functools.wraps(original)
-    def graph(cuda_graph, *a, **kw):
-        kw.setdefault("capture_error_mode", mode)
-        return original(cuda_graph, *a, **kw)
-
-    graph._bench_patched = True
-    torch.cuda.graph = graph
-
-
 PROFILE_DIR: str | None = None
 
 
@@ -415,6 +390,7 @@ def _dump_profile(profiler: "cProfile.Profile", name: str) -> None:
     import io
     import pstats
 
+    assert PROFILE_DIR is not None, "profiles are written only with --profile-dir"
     folder = Path(PROFILE_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
@@ -456,71 +432,97 @@ def _session_settings(args):
     return SessionSettings(refresh_waiting_partials=args.partial_refresh == "on")
 
 
-def _device_worker_class():
+class BatchLog:
+    """Worker observer: one entry per engine call, saying what waited how long for what.
+
+    Submit times are kept by request, popped when its batch starts; those that never run
+    (superseded partials) are pruned once old. A refresh's wait counts from the refresh, i.e. it is
+    the age of the audio that runs, not the time since the stream first asked.
+    """
+
+    def __init__(self) -> None:
+        self._submitted_at: dict[int, float] = {}
+        self._prune_above = 50_000
+        self._started: dict[int, float] = {}  # lane thread -> when its batch started
+        self.entries: list[dict] = []
+
+    def on_submit(self, request) -> None:
+        now = time.monotonic()
+        self._submitted_at[id(request)] = now
+        if len(self._submitted_at) > self._prune_above:  # nothing waits 30 s in a level that counts
+            # list() copies in one C call: the worker thread pops from this dict meanwhile.
+            for key, at in list(self._submitted_at.items()):
+                if now - at >= 30.0:
+                    self._submitted_at.pop(key, None)
+            self._prune_above = max(50_000, 2 * len(self._submitted_at))  # amortised: no scan per submit
+
+    def on_batch_start(self, requests) -> None:
+        self._started[threading.get_ident()] = time.monotonic()
+
+    def on_batch_end(self, requests, seconds: float) -> None:
+        started = self._started.pop(threading.get_ident(), time.monotonic() - seconds)
+        waits: dict[str, list[float]] = {"final": [], "partial": []}
+        for request in requests:
+            at = self._submitted_at.pop(id(request), None)
+            if at is not None:
+                waits["final" if request.kind == "final" else "partial"].append(started - at)
+        self.entries.append({"finals": len(waits["final"]), "partials": len(waits["partial"]),
+                             "seconds": seconds, "waits": waits})
+
+
+class BatchProfiler:
+    """Worker observer (``--profile-dir``): cProfile of the engine calls, per lane thread."""
+
+    def __init__(self) -> None:
+        self.profilers: dict[int, cProfile.Profile] = {}
+
+    def on_submit(self, request) -> None:
+        pass
+
+    def on_batch_start(self, requests) -> None:
+        profiler = self.profilers.setdefault(threading.get_ident(), cProfile.Profile())
+        try:
+            profiler.enable()
+        except ValueError:  # Python >= 3.12: one profiler per process, already on (it sees every thread)
+            pass
+
+    def on_batch_end(self, requests, seconds: float) -> None:
+        profiler = self.profilers.get(threading.get_ident())
+        if profiler is not None:
+            profiler.disable()
+
+    def dump(self, name: str) -> None:
+        for tid, profiler in self.profilers.items():
+            _dump_profile(profiler, f"{name}-{tid:x}")
+
+
+def _observed_worker(engine, scheduler):
+    """The stock worker (which makes its engine's GPU current in its thread) with a :class:`BatchLog`
+    attached as ``batch_log`` (and a :class:`BatchProfiler`, as ``profiler``, with ``--profile-dir``)."""
     from stream_server.inference.worker import InferenceWorker
 
-    class DeviceWorker(InferenceWorker):
-        """The stock worker (which makes its engine's GPU current in its thread), optionally profiled
-        (``--profile-dir``)."""
-
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            # Submit times by future, popped when its batch starts; those that never run (superseded
-            # partials) are pruned once old. A refresh's wait counts from the refresh, i.e. it is the
-            # age of the audio that runs, not the time since the stream first asked.
-            self._submitted_at: dict[int, float] = {}
-            self._prune_above = 50_000
-            self.batch_log: list[dict] = []  # one entry per engine call: what waited how long for what
-
-        def submit(self, request):
-            future = super().submit(request)
-            now = time.monotonic()
-            self._submitted_at[id(future)] = now
-            if len(self._submitted_at) > self._prune_above:  # nothing waits 30 s in a level that counts
-                # list() copies in one C call: the worker thread pops from this dict meanwhile.
-                for key, at in list(self._submitted_at.items()):
-                    if now - at >= 30.0:
-                        self._submitted_at.pop(key, None)
-                self._prune_above = max(50_000, 2 * len(self._submitted_at))  # amortised: no scan per submit
-            return future
-
-        def _run_batch(self, batch) -> None:
-            started = time.monotonic()
-            waits = {"final": [], "partial": []}
-            for request, future in batch:
-                at = self._submitted_at.pop(id(future), None)
-                if at is not None:
-                    waits["final" if request.kind == "final" else "partial"].append(started - at)
-            super()._run_batch(batch)
-            self.batch_log.append({"finals": len(waits["final"]), "partials": len(waits["partial"]),
-                                   "seconds": time.monotonic() - started, "waits": waits})
-
-        def _run(self) -> None:
-            if PROFILE_DIR is None:
-                super()._run()
-                return
-            profiler = cProfile.Profile()
-            profiler.enable()
-            try:
-                super()._run()
-            finally:
-                profiler.disable()
-                _dump_profile(profiler, f"worker-{id(self):x}")
-
-    return DeviceWorker
+    worker = InferenceWorker(engine, scheduler)
+    log = BatchLog()
+    worker.add_observer(log)
+    profiler = BatchProfiler() if PROFILE_DIR is not None else None
+    if profiler is not None:
+        worker.add_observer(profiler)
+    return worker, log, profiler
 
 
 async def run_sweep(engines, n_workers: int, args, executor, deadline: float, out: dict) -> list[dict]:
+    from stream_server.inference.types import WorkerSettings
     from stream_server.server.app import ServerSettings, StreamServer
     from stream_server.inference.worker import BatchScheduler, WorkerPool
 
-    InferenceWorker = _device_worker_class()
-    workers = [InferenceWorker(e, BatchScheduler(args.max_batch, args.max_wait_ms / 1000.0, args.max_queue,
-                                                 final_reserve=args.max_queue))
-               for e in engines[:n_workers]]
+    observed = [_observed_worker(e, BatchScheduler(args.max_batch, args.max_wait_ms / 1000.0, args.max_queue,
+                                                   final_reserve=args.max_queue))
+                for e in engines[:n_workers]]
+    workers = [w for w, _, _ in observed]
+    batch_logs = [log for _, log, _ in observed]
     pool = WorkerPool(workers)
     settings = ServerSettings(host="127.0.0.1", port=0, max_sessions=100_000, max_sessions_per_ip=100_000,
-                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                              worker=WorkerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
                               realtime_factor=0, idle_timeout_s=0, session=_session_settings(args))
     server = StreamServer(engines[0], settings, f"gpu_server_bench, {n_workers} worker(s)", worker=pool)
     await server.start()
@@ -540,7 +542,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             sched0 = [(w.scheduler.stats.batches, sum(k * v for k, v in w.scheduler.stats.batch_sizes.items()),
                        w.scheduler.stats.replaced, w.scheduler.stats.rejected, w.busy_seconds) for w in workers]
             h0 = hist_snapshot(server)
-            log0 = [len(w.batch_log) for w in workers]
+            log0 = [len(log.entries) for log in batch_logs]
             cpu0 = thread_cpu()
             pc0 = time.process_time()
             t0 = time.perf_counter()
@@ -551,7 +553,7 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                 except ValueError:  # Python >= 3.12: one profiler per process, already on (it sees every thread)
                     loop_profiler = None
             with GpuSampler(not args.cpu) as gpu:
-                futs = [loop.run_in_executor(None, lambda j=j: executor.submit(loadgen_chunk, j).result()) for j in jobs]
+                futs = [loop.run_in_executor(None, executor.submit(loadgen_chunk, j).result) for j in jobs]
                 chunks = await asyncio.gather(*futs)
             wall = time.perf_counter() - t0
             if loop_profiler is not None:
@@ -563,20 +565,20 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             row = {"workers": n_workers, "streams": n, "wall_s": round(wall, 1)}
             row.update(summarize_level(results, chunks))
             row["server_inference_latency"] = hist_quantiles(h0, hist_snapshot(server))
-            paths = {}
+            paths: dict[str, int] = {}
             for e, s0 in zip(engines[:n_workers], stats0):
                 for k, v in e.stats().items():
                     paths[k] = paths.get(k, 0) + v - s0.get(k, 0)
             row["engine_paths"] = paths
             if not args.cpu:
-                row["graph_captures_total"] = [getattr(e.decoder, "captures", None) for e in engines[:n_workers]]
+                row["graph_captures_total"] = [e.decoder.captures for e in engines[:n_workers]]
                 row["encoder_graphs"] = [
                     {"captures": g.captures, "replays": g.replays, "eager_calls": g.eager_calls} if g else None
                     for g in (e.encoder_graphs for e in engines[:n_workers])]
                 row["projector_graphs"] = [
                     {"captures": g.captures, "replays": g.replays, "eager_calls": g.eager_calls} if g else None
-                    for g in (getattr(e, "projector_graphs", None) for e in engines[:n_workers])]
-            row["batch_breakdown"] = [summarize_batches(w.batch_log[n0:]) for w, n0 in zip(workers, log0)]
+                    for g in (e.projector_graphs for e in engines[:n_workers])]
+            row["batch_breakdown"] = [summarize_batches(log.entries[n0:]) for log, n0 in zip(batch_logs, log0)]
             row["workers_detail"] = []
             for w, (b0, r0, rep0, rej0, busy0) in zip(workers, sched0):
                 st = w.scheduler.stats
@@ -586,11 +588,11 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
                     "batches": batches, "requests": reqs, "mean_batch": round(reqs / batches, 1) if batches else None,
                     "partials_superseded": st.replaced - rep0, "rejected": st.rejected - rej0,
                     "busy_percent": round(100 * (w.busy_seconds - busy0) / wall, 1),
-                    "thread_cpu_percent": round(100 * (cpu1.get(w._thread.native_id, 0) - cpu0.get(w._thread.native_id, 0)) / wall, 1)
-                    if w._thread is not None and w._thread.native_id else None,
+                    "thread_cpu_percent": round(100 * sum(cpu1.get(t, 0) - cpu0.get(t, 0) for t in w.lane_thread_ids)
+                                                / wall, 1) if w.lane_thread_ids else None,
                 })
             others = sum(cpu1[t] - cpu0.get(t, 0) for t in cpu1 if t != main_tid) - sum(
-                (cpu1.get(w._thread.native_id, 0) - cpu0.get(w._thread.native_id, 0)) for w in workers if w._thread)
+                cpu1.get(t, 0) - cpu0.get(t, 0) for w in workers for t in w.lane_thread_ids)
             row["server_cpu"] = {
                 "process_percent": round(100 * proc_cpu / wall, 1),
                 "event_loop_thread_percent": round(100 * (cpu1.get(main_tid, 0) - cpu0.get(main_tid, 0)) / wall, 1),
@@ -610,6 +612,9 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
             await asyncio.sleep(2.0)  # let queues drain between levels
     finally:
         await server.close()
+        for _, _, profiler in observed:
+            if profiler is not None:
+                profiler.dump(f"worker-{n_workers}w")
     return rows
 
 
@@ -637,13 +642,14 @@ def server_process_main(index: int, args_dict: dict, port: int, ready, stop) -> 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     async def serve() -> None:
+        from stream_server.inference.types import WorkerSettings
         from stream_server.server.app import ServerSettings, StreamServer
         from stream_server.inference.worker import BatchScheduler
 
-        worker = _device_worker_class()(engine, BatchScheduler(args.max_batch, args.max_wait_ms / 1000.0,
-                                                               args.max_queue, final_reserve=args.max_queue))
+        worker, _, profiler = _observed_worker(engine, BatchScheduler(args.max_batch, args.max_wait_ms / 1000.0,
+                                                                      args.max_queue, final_reserve=args.max_queue))
         settings = ServerSettings(host="127.0.0.1", port=port, max_sessions=100_000, max_sessions_per_ip=100_000,
-                                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                                  worker=WorkerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
                                   realtime_factor=0, idle_timeout_s=0, reuse_port=True,
                                   session=_session_settings(args))
         server = StreamServer(engine, settings, f"gpu_server_bench process {index}", worker=worker)
@@ -652,6 +658,8 @@ def server_process_main(index: int, args_dict: dict, port: int, ready, stop) -> 
         while not stop.is_set():
             await asyncio.sleep(0.2)
         await server.close()
+        if profiler is not None:
+            profiler.dump(f"worker-process-{index}")
 
     asyncio.run(serve())
 
@@ -674,7 +682,7 @@ def run_processes_sweep(n_procs: int, args, executor, deadline: float, out: dict
              for i in range(n_procs)]
     for p in procs:
         p.start()
-    pids = {}
+    pids: dict[int, int] = {}
     try:
         while len(pids) < n_procs:
             index, pid = ready.get(timeout=600)
@@ -784,8 +792,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens-per-second", type=float, default=3.0, help="forced final decode length per audio second")
     ap.add_argument("--min-tokens", type=int, default=4)
     ap.add_argument("--warm-seconds", default="1.5,3,5,7,9,12", help="utterance lengths exercised in warm-up")
-    ap.add_argument("--capture-mode", default="global", choices=("global", "thread_local", "relaxed"),
-                    help="torch.cuda.graph capture_error_mode for the decode graphs (see _patch_capture_mode)")
     ap.add_argument("--uvloop", action="store_true", help="serve on uvloop (the image has it) instead of asyncio's loop")
     ap.add_argument("--target-s", type=float, default=1.0, help="p95 final and partial-lag target")
     ap.add_argument("--stop-s", type=float, default=1.0, help="stop a sweep after a level whose p95 final exceeds this")
@@ -860,8 +866,6 @@ def main(argv=None) -> int:
 
     clips = load_clips(args.data)
     audio = [read_audio(c)[0] for c in clips]
-    if not args.cpu and args.capture_mode != "global":
-        _patch_capture_mode(args.capture_mode)
     t0 = time.perf_counter()
     # One engine after the other: a CUDA-graph capture in one thread is invalidated by CUDA work
     # that another thread launches meanwhile (capture_error_mode="global", torch's default).
@@ -870,12 +874,12 @@ def main(argv=None) -> int:
     out["info"]["warmup_errors"] = WARM_ERRORS
     out["info"]["warmup_wall_s"] = round(time.perf_counter() - t0, 1)
     if not args.cpu:
-        out["info"]["graph_captures"] = [getattr(e.decoder, "captures", None) for e in engines]
+        out["info"]["graph_captures"] = [e.decoder.captures for e in engines]
         out["info"]["max_memory_allocated_GiB"] = [round(torch.cuda.max_memory_allocated(i) / 2**30, 1)
                                                    for i in range(len(engines))]
     print("warm-up", out["info"]["warmup_s"], "s", flush=True)
     for e in engines:  # warm-up counts are not load
-        e._stats = {k: 0 for k in e._stats}
+        e.reset_stats()
     _save(out, args.out)
 
     if args.uvloop:
@@ -907,7 +911,7 @@ def print_table(out: dict) -> None:
         srv = r["server_inference_latency"].get("final", {}).get("p95_le")
         print(f"{r['workers']:7d} {r['streams']:7d} | {fl['p50']}/{fl['p95']}/{fl['p99']} | {r['partial_lag']['p95']} | "
               f"{srv} | {r['server_cpu']['event_loop_thread_percent']}% | {g} | {r['meets_target']}")
-    best = {}
+    best: dict = {}
     for r in out.get("levels", []):
         if r["meets_target"]:
             best[r["workers"]] = max(best.get(r["workers"], 0), r["streams"])

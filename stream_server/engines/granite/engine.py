@@ -646,6 +646,10 @@ class GraniteEngine(Engine):
         finals whose loops were collapsed (``repetition_loops``)."""
         return dict(self._stats)
 
+    def reset_stats(self) -> None:
+        """Zero the :meth:`stats` counters (e.g. after a warm-up that is not traffic)."""
+        self._stats = {k: 0 for k in self._stats}
+
     def close(self) -> None:
         self.model = None
         self.tokenizer = None
