@@ -321,30 +321,25 @@ def main(argv=None) -> int:
     # -- breakdown of the fast path at batch 1
     def breakdown():
         r = {}
-        works = [fast._prepare(0, q) for q in reqs([utt])]
+        works = fast.prepare(reqs([utt]))
 
         def enc():
-            for w in works:
-                w.audio_embeds = None
-            fast._encode_audio(works)
-            fast._project(works)
+            fast.encode(works)
+            fast.project(works)
 
         with torch.inference_mode():
             r["encoder_projector"] = timeit(enc, device, args.warmup, args.repeats)
-            seqs = [fast._sequence(w) for w in works]
-            embeds, mask, _ = fast._embed_batch(seqs, [w.audio_embeds for w in works])
+            embeds, mask = fast.prompt_embeddings(works)
             r["prompt_len"] = int(embeds.shape[1])
-            dec = fast.decoder if fast_backend != "generate" else None
-            if dec is not None:
-                kw = dict(eos_token_ids=fast.eos_ids, pad_token_id=fast.pad_id, suppress_eos=True)
-                one = timeit(lambda: dec.generate(embeds, mask, 1, **kw), device, args.warmup, args.repeats)
-                full = timeit(lambda: dec.generate(embeds, mask, args.tokens, **kw), device, args.warmup, args.repeats)
+            if fast_backend != "generate":
+                one = timeit(lambda: fast.decode(embeds, mask, 1, suppress_eos=True), device, args.warmup, args.repeats)
+                full = timeit(lambda: fast.decode(embeds, mask, args.tokens, suppress_eos=True), device, args.warmup,
+                              args.repeats)
                 r["prefill_plus_first_token"] = one
                 r["decode_all"] = full
                 r["per_token_ms"] = (full["median_ms"] - one["median_ms"]) / max(1, args.tokens - 1)
-            base_kw = dict(forced=True)
-            gen_one = timeit(lambda: base._hf_generate(embeds, mask, 1, **base_kw), device, 1, rb)
-            gen_full = timeit(lambda: base._hf_generate(embeds, mask, args.tokens, **base_kw), device, 1, rb)
+            gen_one = timeit(lambda: base.decode(embeds, mask, 1, suppress_eos=True), device, 1, rb)
+            gen_full = timeit(lambda: base.decode(embeds, mask, args.tokens, suppress_eos=True), device, 1, rb)
             r["generate_prefill_plus_first_token"] = gen_one
             r["generate_decode_all"] = gen_full
             r["generate_per_token_ms"] = (gen_full["median_ms"] - gen_one["median_ms"]) / max(1, args.tokens - 1)
@@ -361,13 +356,11 @@ def main(argv=None) -> int:
             t = timeit(lambda: eng.transcribe_batch(reqs(clips)), device, 1, n)
             t["rtfx"] = audio_s / (t["median_ms"] / 1e3)
             r[label] = t
-        works = [fast._prepare(i, q) for i, q in enumerate(reqs(clips))]
+        works = fast.prepare(reqs(clips))
 
         def enc():
-            for w in works:
-                w.audio_embeds = None
-            fast._encode_audio(works)
-            fast._project(works)
+            fast.encode(works)
+            fast.project(works)
 
         with torch.inference_mode():
             r["encoder_projector"] = timeit(enc, device, 1, 3)
@@ -468,14 +461,13 @@ def main(argv=None) -> int:
         tb = base.transcribe_batch(reqs([utt]))[0].info["token_ids"]
         r["b1_tokens_equal_generate"] = tc == tb
         with torch.inference_mode():
-            works = [eng._prepare(0, q) for q in reqs([utt])]
-            eng._encode_audio(works)
-            eng._project(works)
-            seqs = [eng._sequence(w) for w in works]
-            embeds, mask, _ = eng._embed_batch(seqs, [w.audio_embeds for w in works])
-            kw = dict(eos_token_ids=eng.eos_ids, pad_token_id=eng.pad_id, suppress_eos=True)
-            one = timeit(lambda: eng.decoder.generate(embeds, mask, 1, **kw), device, args.warmup, args.repeats)
-            full = timeit(lambda: eng.decoder.generate(embeds, mask, args.tokens, **kw), device, args.warmup, args.repeats)
+            works = eng.prepare(reqs([utt]))
+            eng.encode(works)
+            eng.project(works)
+            embeds, mask = eng.prompt_embeddings(works)
+            one = timeit(lambda: eng.decode(embeds, mask, 1, suppress_eos=True), device, args.warmup, args.repeats)
+            full = timeit(lambda: eng.decode(embeds, mask, args.tokens, suppress_eos=True), device, args.warmup,
+                          args.repeats)
         r["prefill_plus_first_token"] = one
         r["per_token_ms"] = (full["median_ms"] - one["median_ms"]) / max(1, args.tokens - 1)
         clips = [clip(args.seconds, 100 + i) for i in range(args.batch)]

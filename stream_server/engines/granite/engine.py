@@ -650,6 +650,40 @@ class GraniteEngine(Engine):
         """Zero the :meth:`stats` counters (e.g. after a warm-up that is not traffic)."""
         self._stats = {k: 0 for k in self._stats}
 
+    # ------------------------------------------------------------------ stages (benchmarks, tools)
+    # transcribe_batch runs these in order (plus speculation, verification and publishing); they are
+    # public so that a benchmark can time one stage on the product's own code path.
+    def prepare(self, requests: Sequence[InferenceRequest]) -> list[_Work]:
+        """Stage 0: one work item per request (audio padded to the minimum, token budget set)."""
+        return [self._prepare(i, r) for i, r in enumerate(requests)]
+
+    def encode(self, works: list[_Work]) -> None:
+        """Stage 1: features, encoder and CTC head for ``works`` (per ``encoder_batching``/``encoder_backend``).
+
+        Clears any audio embeddings from an earlier :meth:`project`, so that a timed loop of
+        ``encode`` + ``project`` does the whole work each time."""
+        for w in works:
+            w.audio_embeds = None
+        self._encode_audio(works)
+
+    def project(self, works: list[_Work]) -> None:
+        """Stage 2: the projector: LLM audio embeddings for every encoded work item that has none."""
+        self._project(works)
+
+    def prompt_embeddings(self, works: list[_Work]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 3: the batch's left-padded prompt embeddings (audio placed) and attention mask."""
+        embeds, mask, _ = self._embed_batch([self._sequence(w) for w in works], [w.embeds() for w in works])
+        return embeds, mask
+
+    def decode(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *,
+               suppress_eos: bool = False) -> torch.Tensor:
+        """Stage 4: greedy decode of up to ``max_new_tokens`` (exactly that many with ``suppress_eos``)
+        on this engine's ``decode_backend``; returns the new token ids, one row per prompt."""
+        if self.decode_backend in ("loop", "graphs") and not self.generate_kwargs:
+            return self.decoder.generate(embeds, mask, max_new_tokens, eos_token_ids=self.eos_ids,
+                                         pad_token_id=self.pad_id, suppress_eos=suppress_eos)
+        return self._hf_generate(embeds, mask, max_new_tokens, suppress_eos)
+
     def close(self) -> None:
         self.model = None
         self.tokenizer = None

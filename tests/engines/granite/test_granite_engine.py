@@ -1017,3 +1017,20 @@ def test_finals_are_timed_from_the_ctc_posteriors(tiny):
     assert partial.words is None
     off = make_engine(tiny, ctc_entropy_threshold=math.inf, word_timestamps=False)
     assert off.transcribe_batch([req(audio[0])])[0].words is None
+
+
+@pytest.mark.parametrize("backend", ["generate", "loop"])
+def test_public_stages_compose_to_the_batch_decode(tiny, backend):
+    # prepare -> encode -> project -> prompt_embeddings -> decode is transcribe_batch's own path
+    # (benchmarks time the stages one by one): the same tokens for the same batch.
+    eng = make_engine(tiny, speculative=False, force_new_tokens=6, decode_backend=backend)
+    requests = [req(tone(0.8, 300.0, 1), "final", 0), req(tone(1.6, 900.0, 2), "final", 1)]
+    want = [r.info["token_ids"] for r in eng.transcribe_batch(requests)]
+    with torch.inference_mode():
+        works = eng.prepare(requests)
+        for _ in range(2):  # encode clears the previous projection: repeating the stages repeats the work
+            eng.encode(works)
+            eng.project(works)
+        embeds, mask = eng.prompt_embeddings(works)
+        got = eng.decode(embeds, mask, 6, suppress_eos=True)
+    assert [list(map(int, row)) for row in got.tolist()] == want
