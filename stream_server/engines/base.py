@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult
+
+ResultHook = Callable[[int, InferenceResult], None]
+"""``(index in the batch, result)``: a result handed on before its batch ends."""
 
 
 class Engine(abc.ABC):
@@ -31,12 +34,16 @@ class Engine(abc.ABC):
     directory, which the benchmarks' offline references read), else ``None``."""
 
     @abc.abstractmethod
-    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
+    def transcribe_batch(self, requests: Sequence[InferenceRequest],
+                         on_result: ResultHook | None = None) -> list[InferenceResult]:
         """Decode a batch.
 
         Args:
             requests: at most ``capabilities.max_batch`` requests, each already validated with
                 :meth:`EngineCapabilities.check`.
+            on_result: for engines that declare ``capabilities.early_results``: called (from the
+                worker thread) as ``on_result(index, result)`` for results ready before the whole
+                batch is. Other engines ignore it; the worker passes it only to those that declare it.
 
         Returns:
             One result per request, in the same order.
@@ -44,9 +51,7 @@ class Engine(abc.ABC):
         Raises:
             Exception: any failure fails the whole batch; the worker reports it per request.
 
-        Engines that declare ``capabilities.early_results`` also accept ``on_result``, a callable
-        ``(index, result)`` that they call (from the worker thread) for results ready before the
-        whole batch is; the returned list still holds every result.
+        The returned list holds every result, those handed to ``on_result`` too.
         """
 
     def placement(self) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 
 from stream_server.inference.types import (SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word,
                                           WorkerSettings)
-from stream_server.engines.base import Engine
+from stream_server.engines.base import Engine, ResultHook
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,8 @@ class WhisperEngine(Engine):
         feats = self.features(padded, padding=0)
         return feats[:, : total_samples // self.features.hop_length]
 
-    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
+    def transcribe_batch(self, requests: Sequence[InferenceRequest],
+                         on_result: ResultHook | None = None) -> list[InferenceResult]:
         """Decode a batch greedily; see :class:`Engine`.
 
         Finals and partials are encoded as two sub-batches: one window serves a whole encoder call,

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from stream_server.engines import EngineSettings
-from stream_server.engines.base import Engine
+from stream_server.engines.base import Engine, ResultHook
 from stream_server.inference.types import EngineCapabilities, InferenceRequest, InferenceResult, WorkerSettings
 from stream_server.inference.worker import QUEUE_EVENTS, BatchObserver, BatchScheduler, PoolStatus, QueueFull, Superseded, WorkerStatus, decode_isolated, settle_future
 
@@ -432,7 +432,8 @@ class RemoteEngine(Engine):
         self.description = description
         self.stats_source: Callable[[], dict] | None = None  # the gateway worker's counters
 
-    def transcribe_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
+    def transcribe_batch(self, requests: Sequence[InferenceRequest],
+                         on_result: ResultHook | None = None) -> list[InferenceResult]:
         responses = [self.handle.transcribe.remote(r) for r in requests]
         return [r.result() for r in responses]
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from stream_server.inference.types import SAMPLE_RATE, InferenceRequest, InferenceResult
-from stream_server.engines.base import Engine
+from stream_server.engines.base import Engine, ResultHook
 from stream_server.speakers.encoder import SpeakerEncoder
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class SpeakerEmbeddingEngine(Engine):
                 log.info("speaker encoder loaded in %.2f s", time.perf_counter() - started)
             return self._encoder
 
-    def transcribe_batch(self, requests: Sequence[InferenceRequest], **hooks) -> list[InferenceResult]:
+    def transcribe_batch(self, requests: Sequence[InferenceRequest],
+                         on_result: ResultHook | None = None) -> list[InferenceResult]:
         """The inner engine's results, with ``speaker`` embeddings on diarized finals.
 
         With ``on_result`` (the worker passes it: this wrapper declares ``early_results``), every
@@ -90,7 +91,7 @@ class SpeakerEmbeddingEngine(Engine):
         """
         if self._encoder is None and any(r.diarize for r in requests):
             self._start_loading()
-        on_result = hooks.pop("on_result", None)
+        hooks: dict[str, ResultHook] = {}
         handed: set[int] = set()
 
         def hand_on(index: int, result: InferenceResult) -> None:

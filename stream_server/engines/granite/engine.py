@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult
-from stream_server.engines.base import Engine
+from stream_server.engines.base import Engine, ResultHook
 from stream_server.engines.granite.ctc_align import align_words, with_token_probabilities
 from stream_server.engines.granite.features import GraniteFeatureExtractor
 from stream_server.engines.granite.options import (  # noqa: F401 - re-exported
@@ -690,7 +690,8 @@ class GraniteEngine(Engine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def transcribe_batch(self, requests: Sequence[InferenceRequest], on_result=None) -> list[InferenceResult]:
+    def transcribe_batch(self, requests: Sequence[InferenceRequest],
+                         on_result: ResultHook | None = None) -> list[InferenceResult]:
         """See :class:`Engine`; ``on_result(index, result)``, if given, receives each CTC partial as soon as
         its CTC pass is done, before the batch's finals are decoded (``capabilities.early_results``)."""
         if self.model is None:
