@@ -188,13 +188,7 @@ class TwilioTranslator:
                 return [self._event("transcript", track=track, utterance_id=event.utterance_id, is_final=False,
                                     text=event.text, stable_text=event.stable_text, start=event.start, end=event.end)]
             case Final():
-                timing: dict[str, Any] = {}
-                if event.words is not None:
-                    timing["words"] = [w.to_wire() for w in event.words]
-                    if event.confidence is not None:
-                        timing["confidence"] = event.confidence
-                else:
-                    timing["timing"] = "utterance"
+                timing = event.timing_wire()
                 if event.truncated:
                     timing["truncated"] = True
                 return [self._event("transcript", track=track, utterance_id=event.utterance_id, is_final=True,

@@ -287,6 +287,16 @@ class Final:
     speaker_turns: tuple[SpeakerTurn, ...] = ()
     channel: int | None = None
 
+    def timing_wire(self) -> dict[str, Any]:
+        """The wire fields that say how the final is timed: ``words`` (and ``confidence``) where
+        the engine timed its words, else ``"timing": "utterance"`` (adapters reuse it)."""
+        if self.words is None:
+            return {"timing": "utterance"}
+        timing: dict[str, Any] = {"words": [w.to_wire() for w in self.words]}
+        if self.confidence is not None:
+            timing["confidence"] = self.confidence
+        return timing
+
     def to_wire(self) -> dict:
         wire: dict[str, Any] = {"type": "final", "utterance_id": self.utterance_id, "text": self.text,
                                 "start": self.start, "end": self.end, "language": self.language, "task": self.task}
@@ -294,12 +304,7 @@ class Final:
             wire["target_language"] = self.target_language
         if self.truncated:
             wire["truncated"] = True
-        if self.words is not None:
-            wire["words"] = [w.to_wire() for w in self.words]
-            if self.confidence is not None:
-                wire["confidence"] = self.confidence
-        else:
-            wire["timing"] = "utterance"
+        wire.update(self.timing_wire())
         if self.speaker is not None:
             wire["speaker"] = self.speaker
             if self.speaker_turns:
