@@ -592,6 +592,7 @@ def add_arguments(parser: argparse.ArgumentParser, keys: Collection[str] | None 
         table = SECTIONS[s.section]
         group = groups.setdefault(table, parser.add_argument_group(table))
         help_text = f"{s.help} (default: {s.default!r}; env {s.env})" if environment else f"{s.help} (default: {s.default!r})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help texts; ours hold literal "%"
         if s.kind is bool:
             group.add_argument(s.flag, dest=s.key, action="store_const", const=True, default=None, help=help_text)
         else:

@@ -5,7 +5,7 @@ launches per call (23 ms of host time at batch 1 on an H100, most of it launch o
 the server calls it for every partial of every stream. Captured once per bucket, a call is one
 graph launch plus a copy of the input.
 
-Buckets: the batch is rounded up to a power of two (:func:`~.granite_decode.batch_bucket`) and
+Buckets: the batch is rounded up to a power of two (:func:`~.decode.batch_bucket`) and
 the length to a multiple of ``frame_step`` encoder frames. The caller pads the *audio* (zeros)
 to :meth:`EncoderGraphs.samples_for` of the bucket before computing features, so the padded
 frames are the log-mel of silence, the same kind of padding as ``encoder_batching="padded"``;
@@ -93,10 +93,10 @@ class EncoderGraphs:
         return max(self.frame_step, math.ceil(frames / self.frame_step) * self.frame_step)
 
     def samples_for(self, frames: int) -> int:
-        """The most audio samples whose features are ``frames`` encoder frames (see granite_features).
+        """The most audio samples whose features are ``frames`` encoder frames (see .features).
 
         Every shorter clip has at most ``frames`` frames, so zero-padding a batch to this length
-        gives exactly ``frames`` (:func:`~.granite_features.max_samples_for_frames`).
+        gives exactly ``frames`` (:func:`~.features.max_samples_for_frames`).
         """
         return max_samples_for_frames(frames, self.HOP)
 

@@ -112,7 +112,7 @@ KNOWN_CTC_CLASSES = 348
 """granite-4.0-1b-speech's CTC head: class ``i`` is ``chr(i)``, blank 0 (U+0001..U+015B)."""
 
 ENCODER_FRAME_S = 0.02
-"""Seconds per encoder (and CTC) frame: 10 ms mel hop, two frames stacked (granite_features)."""
+"""Seconds per encoder (and CTC) frame: 10 ms mel hop, two frames stacked (.features)."""
 
 PATHS = ("ctc_accept", "verify_accept", "resumed", "autoregressive")
 
@@ -187,7 +187,7 @@ FEATURE_SETTINGS = {"sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_
 def check_preprocessor(preprocessor: dict, config) -> None:
     """Refuse a ``preprocessor_config.json`` whose feature settings differ from the engine's.
 
-    The engine computes the features itself (torch only, :mod:`granite_features`) with
+    The engine computes the features itself (torch only, :mod:`.features`) with
     :data:`FEATURE_SETTINGS` and the model config's projector window and downsampling; a checkpoint
     trained on other features would get inputs it never saw.
 
