@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stream_server.engines import load_engine
-from stream_server.engines.granite.options import CompileStep, GraniteOptions
+from stream_server.engines.granite.options import GraniteOptions
 from stream_server.inference.types import SAMPLE_RATE
 from stream_server.engines.base import Engine
 from stream_server.core.events import Audio, AudioFormat, Event, Start, Stop
@@ -26,7 +26,7 @@ from stream_server.core.session import Session, SessionSettings
 from stream_server.server.loopback import Loopback
 from stream_server.server.logs import configure_logging
 from stream_server.settings import (SETTINGS, ConfigError, ServeConfig, add_arguments, cli_values, load_config,
-                                    load_config_and_sources, render, resolve_preset, seconds_list)
+                                    load_config_and_sources, render, resolve_preset)
 from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker, WorkerPool
 
 if TYPE_CHECKING:
@@ -140,22 +140,14 @@ def server_settings(config: ServeConfig, reuse_port: bool = False) -> "ServerSet
         certfile=certfile, keyfile=Path(security.keyfile) if security.keyfile else certfile,
         log_transcripts=config.logging.log_transcripts, memory_trim_s=config.memory.memory_trim_s,
         reuse_port=reuse_port, max_upload_bytes=limits.max_upload_bytes, max_upload_audio_s=limits.max_upload_audio_s,
+        upload_timeout_s=limits.upload_timeout_s,
     )
 
 
 def granite_options(config: ServeConfig) -> GraniteOptions:
-    """The ``engine.granite`` settings (and the batch bound) as the engine's options.
-
-    They override the ``default`` preset, whose backends follow the device: on CUDA with padded
-    encoder batching (the GPU preset's settings) that is the ``fast`` preset's path.
-    """
-    granite = config.granite
-    compile_step: CompileStep = {"off": False, "on": True, "auto": "auto"}[granite.compile_step]  # type: ignore[assignment]
-    return GraniteOptions.preset(
-        "default", max_batch=config.worker.max_batch, encoder_batching=granite.encoder_batching,
-        decode_max_graphs=granite.decode_max_graphs, compile_step=compile_step,
-        warm_decode_seconds=seconds_list(granite.warm_decode_seconds), speculative=granite.speculation == "on",
-        ctc_entropy_threshold=granite.ctc_entropy_threshold, verify_threshold=granite.verify_threshold)
+    """The ``engine.granite`` section as the engine's options, with the ``worker`` section's batch bound
+    (:meth:`~stream_server.settings.GraniteSettings.options`)."""
+    return config.granite.options(config.worker.max_batch)
 
 
 def load_configured_engine(config: ServeConfig, device: str | None = None) -> tuple[Engine, str]:

@@ -54,15 +54,30 @@ _OFF_ON_AUTO = {False: "off", True: "on", "auto": "auto"}
 @dataclass(frozen=True)
 class GraniteSettings:
     """The user-facing :class:`~stream_server.engines.granite.options.GraniteOptions`, in settings units
-    (on/off, comma-separated seconds); ``stream_server.cli.granite_options`` maps them back."""
+    (on/off, comma-separated seconds); :meth:`options` maps them back (the one place that does)."""
 
     encoder_batching: str = GraniteOptions.encoder_batching
     decode_max_graphs: int = GraniteOptions.decode_max_graphs
     compile_step: str = _OFF_ON_AUTO[GraniteOptions.compile_step]
-    speculation: str = "on" if GraniteOptions.speculative else "off"
+    speculation: str = _OFF_ON_AUTO[GraniteOptions.speculative]
     ctc_entropy_threshold: float = GraniteOptions.ctc_entropy_threshold
     verify_threshold: float = GraniteOptions.verify_threshold
     warm_decode_seconds: str = ",".join(f"{s:g}" for s in GraniteOptions.warm_decode_seconds)
+
+    def options(self, max_batch: int = WorkerSettings.max_batch) -> GraniteOptions:
+        """These settings as the engine's options, over the ``default`` preset (whose backends follow
+        the device: on CUDA with padded encoder batching, the GPU preset's settings, that is the
+        ``fast`` preset's path). ``max_batch`` is the ``worker`` section's batch bound.
+
+        Raises:
+            ValueError: a value the options refuse (the settings' own checks refuse them earlier).
+        """
+        from_words = {word: value for value, word in _OFF_ON_AUTO.items()}
+        return GraniteOptions.preset(
+            "default", max_batch=max_batch, encoder_batching=self.encoder_batching,
+            decode_max_graphs=self.decode_max_graphs, compile_step=from_words[self.compile_step],
+            warm_decode_seconds=seconds_list(self.warm_decode_seconds), speculative=from_words[self.speculation],
+            ctc_entropy_threshold=self.ctc_entropy_threshold, verify_threshold=self.verify_threshold)
 
 
 @dataclass(frozen=True)

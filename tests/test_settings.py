@@ -106,8 +106,7 @@ def test_json_logs_carry_the_session_id():
 def test_granite_settings_reach_the_engine(monkeypatch):
     # --granite-encoder-batching / --granite-decode-max-graphs / ... become the engine's GraniteOptions.
     import stream_server.engines.granite.engine as granite_module
-    from stream_server.cli import granite_options
-    from stream_server.engines import load_engine
+    from stream_server.cli import load_configured_engine
 
     seen = {}
 
@@ -118,15 +117,16 @@ def test_granite_settings_reach_the_engine(monkeypatch):
             seen.update(kwargs, model=model)
 
     monkeypatch.setattr(granite_module, "GraniteEngine", Recorder)
-    config = load_config({"granite_encoder_batching": "padded", "max_batch": "16", "granite_decode_max_graphs": "32",
+    config = load_config({"engine": "granite", "granite_encoder_batching": "padded", "max_batch": "16",
+                          "granite_decode_max_graphs": "32",
                           "granite_warm_decode_seconds": " 2.5, 8 "}, {})
-    load_engine("granite", None, "cpu", 0, config.worker.max_batch, granite_options(config))
+    load_configured_engine(config, "cpu")
     options = seen["options"]
     assert options.encoder_batching == "padded" and options.max_batch == 16
     assert (options.decode_max_graphs, options.compile_step) == (32, False)
     assert options.speculative is True and options.ctc_entropy_threshold == 0.7 and options.verify_threshold == 0.1
-    off = granite_options(load_config({"granite_speculation": "off", "granite_ctc_entropy_threshold": "0.3",
-                                       "granite_verify_threshold": "0.25", "granite_compile_step": "auto"}, {}))
+    off = load_config({"granite_speculation": "off", "granite_ctc_entropy_threshold": "0.3",
+                       "granite_verify_threshold": "0.25", "granite_compile_step": "auto"}, {}).granite.options()
     assert (off.speculative, off.ctc_entropy_threshold, off.verify_threshold) == (False, 0.3, 0.25)
     assert off.compile_step == "auto"
     for bad in ("-0.1", "1.5"):
@@ -136,9 +136,18 @@ def test_granite_settings_reach_the_engine(monkeypatch):
     for bad in ("3,x", "0", "-1,2", "nan"):
         with pytest.raises(ConfigError, match="granite_warm_decode_seconds"):
             load_config({"granite_warm_decode_seconds": bad}, {})
-    assert granite_options(load_config({"granite_warm_decode_seconds": ""}, {})).warm_decode_seconds == ()
+    assert load_config({"granite_warm_decode_seconds": ""}, {}).granite.options().warm_decode_seconds == ()
     with pytest.raises(ConfigError, match="granite_encoder_batching"):
         load_config({"granite_encoder_batching": "sloppy"}, {})
+
+
+def test_the_granite_section_s_defaults_are_the_engine_s_defaults():
+    # The section takes its defaults from GraniteOptions and maps them back: untouched settings give
+    # the engine exactly its own default options (no default written twice, none lost on the way).
+    from stream_server.engines.granite.options import GraniteOptions
+
+    assert ServeConfig().granite.options() == GraniteOptions()
+    assert ServeConfig().granite.options(max_batch=3) == GraniteOptions(max_batch=3)
 
 
 # ---- every setting reaches the object that uses it ---------------------------------------------
@@ -267,6 +276,7 @@ RUNTIME = {
     "max_session_s": ([], "60", lambda s: s["settings"].session.max_session_s, 60.0),
     "max_upload_bytes": ([], "1048576", lambda s: s["settings"].max_upload_bytes, 1 << 20),
     "max_upload_audio_s": ([], "120", lambda s: s["settings"].max_upload_audio_s, 120.0),
+    "upload_timeout_s": ([], "30", lambda s: s["settings"].upload_timeout_s, 30.0),
     "idle_timeout_s": ([], "7", lambda s: s["settings"].idle_timeout_s, 7.0),
     "realtime_factor": ([], "0", lambda s: s["settings"].realtime_factor, 0.0),
     "drain_deadline_s": ([], "3", lambda s: s["settings"].drain_deadline_s, 3.0),
