@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 from stream_server.engines import EngineSettings
 from stream_server.engines.base import Engine, ResultHook
 from stream_server.inference.types import EngineCapabilities, InferenceRequest, InferenceResult, WorkerSettings
-from stream_server.inference.worker import QUEUE_EVENTS, BatchObserver, BatchScheduler, PoolStatus, QueueFull, Superseded, WorkerStatus, decode_isolated, settle_future
+from stream_server.inference.worker import QUEUE_EVENTS, BatchScheduler, PoolStatus, QueueFull, Superseded, WorkerObserver, WorkerStatus, decode_isolated, settle_future
 
 log = logging.getLogger(__name__)
 
@@ -646,7 +646,7 @@ class RayServeWorker:
             queue_events={key: getattr(self.scheduler.stats, key) for key in QUEUE_EVENTS},
         )
 
-    def observe_batches(self, observer: BatchObserver) -> None:
+    def add_observer(self, observer: WorkerObserver) -> None:
         """Nothing to observe here: batches run inside the replicas (their time is in each result's
         ``info["pool"]``)."""
 

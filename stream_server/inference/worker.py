@@ -28,28 +28,29 @@ log = logging.getLogger(__name__)
 Token = TypeVar("Token")
 """What a scheduler's user attaches to each request (the shells: the request's future)."""
 
-BatchObserver = Callable[[list[InferenceRequest], float], None]
-"""``(requests, seconds)`` after every engine call (called on the worker thread)."""
-
-
 
 class WorkerObserver(Protocol):
-    """Watches an :class:`InferenceWorker`'s traffic (benchmarks, tracing); never changes it.
+    """Watches an :class:`InferenceWorker`'s traffic (the server's metrics, benchmarks, tracing); never
+    changes it.
 
-    Several may be attached (:meth:`InferenceWorker.add_observer`). An observer's exception is
+    Several may be attached (:meth:`InferencePool.add_observer`). An observer's exception is
     logged and otherwise ignored: observing never fails a request or a batch. Keep the methods
     cheap: :meth:`on_submit` runs on the event loop, the batch methods on the lane's thread, around
-    the engine call.
+    the engine call. A class that subclasses this one explicitly overrides only what it watches (the
+    others do nothing).
     """
 
     def on_submit(self, request: InferenceRequest) -> None:
         """``request`` was queued (a refused one is not reported)."""
+        return None
 
     def on_batch_start(self, requests: Sequence[InferenceRequest]) -> None:
         """A lane took ``requests`` from the queue and is about to run them."""
+        return None
 
     def on_batch_end(self, requests: Sequence[InferenceRequest], seconds: float) -> None:
         """The engine call for ``requests`` returned (or failed) after ``seconds``; results are delivered."""
+        return None
 
 
 QUEUE_EVENTS = ("submitted", "replaced", "refreshes_dropped", "rejected", "batches")
@@ -138,8 +139,9 @@ class InferencePool(Protocol):
         """A snapshot of the pool's state."""
         ...
 
-    def observe_batches(self, observer: BatchObserver) -> None:
-        """Call ``observer`` after every engine call this pool runs locally (metrics)."""
+    def add_observer(self, observer: WorkerObserver) -> None:
+        """Attach ``observer`` to every engine call this pool runs locally (a pool whose batches run
+        elsewhere, such as the Ray pool, reports none)."""
         ...
 
 
@@ -379,16 +381,13 @@ class InferenceWorker:
     Args:
         engine: the engine this worker owns (only this worker's threads call it).
         scheduler: queueing policy; ``max_batch`` is capped by the engine's capability.
-        on_batch: optional callback ``(requests, seconds)`` after every engine call (metrics).
     """
 
-    def __init__(self, engine: Engine, scheduler: BatchScheduler[asyncio.Future] | None = None,
-                 on_batch: BatchObserver | None = None):
+    def __init__(self, engine: Engine, scheduler: BatchScheduler[asyncio.Future] | None = None):
         self.engine = engine
         # Not `scheduler or ...`: an empty scheduler has len() 0 and is falsy.
         self.scheduler: BatchScheduler[asyncio.Future] = scheduler if scheduler is not None else BatchScheduler()
         self.scheduler.max_batch = min(self.scheduler.max_batch, engine.capabilities.max_batch)
-        self.on_batch = on_batch
         self._observers: list[WorkerObserver] = []
         self.lanes = max(1, engine.capabilities.concurrency)
         self._partial_lanes_max = max(1, self.lanes - 1)
@@ -521,9 +520,6 @@ class InferenceWorker:
     def status(self) -> PoolStatus:
         return _pool_status([self], [self.worker_status()])
 
-    def observe_batches(self, observer: BatchObserver) -> None:
-        self.on_batch = observer
-
     def _run(self) -> None:
         self.engine.bind_thread()
         batch: list[tuple[InferenceRequest, asyncio.Future]] = []
@@ -603,11 +599,6 @@ class InferenceWorker:
             self.busy_seconds += elapsed
             self.last_batch_at = time.monotonic()
         self._notify(lambda observer: observer.on_batch_end(requests, elapsed))
-        if self.on_batch is not None:
-            try:
-                self.on_batch(requests, elapsed)
-            except Exception:  # noqa: BLE001
-                log.exception("batch observer failed")
 
 
 class WorkerPool:
@@ -689,9 +680,14 @@ class WorkerPool:
             self.workers, [w.worker_status(sessions=self._sessions_per_worker[id(w)]) for w in self.workers]
         )
 
-    def observe_batches(self, observer: BatchObserver) -> None:
+    def add_observer(self, observer: WorkerObserver) -> None:
+        """Attach ``observer`` to every worker (it sees each worker's batches on that worker's lanes)."""
         for worker in self.workers:
-            worker.observe_batches(observer)
+            worker.add_observer(observer)
+
+    def remove_observer(self, observer: WorkerObserver) -> None:
+        for worker in self.workers:
+            worker.remove_observer(observer)
 
 
 def _pool_status(workers: Sequence[InferenceWorker], statuses: list[WorkerStatus]) -> PoolStatus:

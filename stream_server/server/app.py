@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
+from typing import Sequence
 
 import prometheus_client
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -40,7 +41,7 @@ from stream_server.core.events import Error, Event, Final, Partial
 from stream_server.core.protocol import SHUTTING_DOWN
 from stream_server.server.connection import TranslatorFactory, native_translator, serve_connection
 from stream_server.core.session import Send, SessionSettings
-from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker
+from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker, WorkerObserver
 from stream_server.adapters import install_adapters
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,18 @@ class _Metrics:
         )
 
 
+class _BatchMetrics(WorkerObserver):
+    """The worker observer behind the batch-size and engine-time histograms."""
+
+    def __init__(self, metrics: _Metrics) -> None:
+        self.metrics = metrics
+
+    def on_batch_end(self, requests: Sequence[InferenceRequest], seconds: float) -> None:
+        # Called on a worker lane's thread; prometheus_client metrics are thread-safe.
+        self.metrics.batch_size.observe(len(requests))
+        self.metrics.engine_seconds.observe(seconds)
+
+
 class _EngineCollector:
     """Engine counters (e.g. Granite's speculative-decoding paths), inference queue counters and GPU
     memory, read at scrape time."""
@@ -248,7 +261,7 @@ class StreamServer:
                 engine,
                 BatchScheduler.from_settings(self.settings.worker),
             )
-        worker.observe_batches(self._observe_batch)
+        worker.add_observer(_BatchMetrics(self.metrics))
         self.worker: InferencePool = worker
         self.metrics.registry.register(_EngineCollector(self))
         self._server: Server | None = None
@@ -529,10 +542,6 @@ class StreamServer:
     def _observe_inference(self, request: InferenceRequest, seconds: float) -> None:
         self.metrics.inference_seconds.labels(request.kind).observe(seconds)
 
-    def _observe_batch(self, requests: list[InferenceRequest], seconds: float) -> None:
-        # Called on the worker thread; prometheus_client metrics are thread-safe.
-        self.metrics.batch_size.observe(len(requests))
-        self.metrics.engine_seconds.observe(seconds)
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
