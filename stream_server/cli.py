@@ -154,7 +154,7 @@ def load_configured_engine(config: ServeConfig, device: str | None = None) -> tu
     """The engine the ``engine`` sections (and the batch bound) describe, on ``device`` if given."""
     engine = config.engine
     return load_engine(engine.name, engine.model or None, device or engine.device, engine.cpu_threads,
-                       config.worker.max_batch, granite_options(config))
+                       config.worker.max_batch, granite_options(config), preload_speakers=config.speakers.preload)
 
 
 def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
@@ -178,6 +178,7 @@ def build_workers(config: ServeConfig) -> tuple[list[InferenceWorker], str]:
 
 
 async def _serve(config: ServeConfig, reuse_port: bool = False) -> int:
+    from stream_server.adapters import ROUTES as ADAPTER_ROUTES
     from stream_server.inference import memory
     from stream_server.server.app import StreamServer
 
@@ -208,7 +209,7 @@ async def _serve(config: ServeConfig, reuse_port: bool = False) -> int:
         for local in workers:
             await asyncio.get_running_loop().run_in_executor(None, local.engine.warmup)
         worker = workers[0] if len(workers) == 1 else WorkerPool(workers)
-    server = StreamServer(engine, settings, reason, worker=worker)
+    server = StreamServer(engine, settings, reason, worker=worker, routes=ADAPTER_ROUTES)  # OpenAI, Deepgram, Twilio
     await server.start()
     web = "https" if settings.certfile else "http"
     print(f"granite-stream: serving {engine.capabilities.name} ({engine.capabilities.model}) on {server.url} "

@@ -277,6 +277,10 @@ SETTINGS: list[Setting] = [
         ("max_speakers", "speaker labels: at most this many speakers per session (then the nearest)"),
         ("change_threshold", "speaker labels: two stretches of one utterance less similar than this are a change "
          "of speaker (speaker_turns); -1..1"),
+        ("pause_change_threshold", "speaker labels: the same for a cut at a pause inside an utterance, where one "
+         "1.6 s encoder window a side is enough (higher: a pause is where turns change); -1..1"),
+        ("preload", "speaker labels: load the speaker encoder (torch, ~200 MB, ~0.8 s) at startup instead of when "
+         "the first diarizing session asks (its first final may then wait for the load, once per process)"),
     ]),
     *_section("limits", "", [
         ("max_sessions", "concurrent sessions; more get HTTP 503"),
@@ -367,7 +371,7 @@ def _check(source: str, values: Mapping[str, Any]) -> None:
     if "granite_verify_threshold" in values and not 0.0 <= values["granite_verify_threshold"] <= 1.0:
         raise ConfigError(f"{source}: granite_verify_threshold must be between 0 and 1, got "
                           f"{values['granite_verify_threshold']!r}")
-    for name in ("diarize_threshold", "diarize_change_threshold"):
+    for name in ("diarize_threshold", "diarize_change_threshold", "diarize_pause_change_threshold"):
         if name in values and not -1.0 <= values[name] <= 1.0:
             raise ConfigError(f"{source}: {name} must be a cosine similarity between -1 and 1, got {values[name]!r}")
     if "max_upload_bytes" in values and values["max_upload_bytes"] < 1:

@@ -175,9 +175,9 @@ def _serve_and_capture(argv: list[str], monkeypatch) -> dict:
 
     seen: dict = {"load_engine": [], "spawned": []}
 
-    def load_engine(name, model, device, cpu_threads, max_batch, granite=None):
+    def load_engine(name, model, device, cpu_threads, max_batch, granite=None, preload_speakers=False):
         seen["load_engine"].append(dict(name=name, model=model, device=device, cpu_threads=cpu_threads,
-                                        max_batch=max_batch, granite=granite))
+                                        max_batch=max_batch, granite=granite, preload_speakers=preload_speakers))
         return CountingEngine(max_batch=max_batch or 8), "faked"  # an engine bounds its worker's batches
 
     class Server:
@@ -269,6 +269,9 @@ RUNTIME = {
     "diarize_threshold": ([], "0.7", lambda s: s["settings"].session.speakers.threshold, 0.7),
     "diarize_max_speakers": ([], "3", lambda s: s["settings"].session.speakers.max_speakers, 3),
     "diarize_change_threshold": ([], "0.6", lambda s: s["settings"].session.speakers.change_threshold, 0.6),
+    "diarize_pause_change_threshold": ([], "0.8", lambda s: s["settings"].session.speakers.pause_change_threshold,
+                                       0.8),
+    "diarize_preload": ([], None, lambda s: s["load_engine"][0]["preload_speakers"], True),
     "max_sessions": ([], "10", lambda s: s["settings"].max_sessions, 10),
     "max_sessions_per_ip": ([], "3", lambda s: s["settings"].max_sessions_per_ip, 3),
     "max_frame_bytes": ([], "4096", lambda s: s["settings"].session.max_frame_bytes, 4096),
@@ -412,7 +415,7 @@ def test_transcribe_takes_the_engine_sections_flags(monkeypatch, tmp_path):
 
     seen = []
 
-    def load_engine(name, model, device, cpu_threads, max_batch, granite=None):
+    def load_engine(name, model, device, cpu_threads, max_batch, granite=None, preload_speakers=False):
         seen.append((name, model, device, cpu_threads, max_batch, granite.encoder_batching))
         raise _Captured
 

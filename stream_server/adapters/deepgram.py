@@ -12,7 +12,7 @@ Options come as query parameters (as in Deepgram's API) and are mapped to one na
 (→ ``partials``), ``endpointing`` (ms of silence → ``vad.silence_ms``, clamped to 100–5000;
 ``false`` → 5000 and ``speech_final`` is never set), ``utterance_end_ms``, ``vad_events``,
 ``keyterm``/``keywords`` (→ ``keywords``), ``diarize`` (→ native ``diarize``: each final word
-carries ``speaker``, from the final's ``speaker_turns`` or ``speaker``). Formatting options the engine's output already has
+carries ``speaker``, the native word's own, or in an untimed final its turn's). Formatting options the engine's output already has
 (``punctuate``, ``smart_format``, …) are accepted without effect; features it cannot provide
 (``diarize_model``, ``redact``, ``search``, …) and unknown parameters are refused with an ``Error``
 message and close 1008 (Deepgram refuses them with HTTP 400 before the upgrade).
@@ -43,7 +43,6 @@ from typing import Any, Sequence, overload
 
 from stream_server.inference.types import EngineCapabilities
 from stream_server.core.session import SessionSettings
-from stream_server.speakers.clustering import Attribution
 from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, StreamCommand, WavHeader, alaw_to_pcm16, audio_chunks, parse_wav_header, query_params
 from stream_server.core.events import AudioFormat, Configure, Configured, End, Error, Event, Final, FinalWord, Finalize, Partial, SpeechEnded, SpeechStarted, Start, Stop
 
@@ -340,9 +339,11 @@ class DeepgramTranslator:
         if confidence is None:  # not scored (interim results, translations): see docs/protocol.md
             confidence = 0.0
         if isinstance(event, Final) and event.speaker is not None:
-            # Deepgram's diarized words: the speaker of the final's turn overlapping the word most, else
-            # the final's; speaker_confidence is not measured, so it is left out.
-            words = Attribution(event.speaker, event.speaker_turns).label_words(words)
+            # Deepgram's diarized words: a timed word carries the speaker the session gave it
+            # (FinalWord.speaker); words spread over an untimed final take the final's turn at their
+            # middle. speaker_confidence is not measured, so it is left out.
+            words = [{**w, "speaker": _speaker(event, w, timed[i].speaker if timed is not None else None)}
+                     for i, w in enumerate(words)]
         return Reply({
             "type": "Results",
             "channel_index": [channel, self.output_channels],
@@ -400,6 +401,18 @@ def _timed_words(words: Sequence[FinalWord]) -> list[dict]:
     return [{"word": _plain(w.word), "start": w.start, "end": w.end,
              "confidence": 0.0 if w.confidence is None else w.confidence, "punctuated_word": w.word}
             for w in words]
+
+
+def _speaker(final: Final, word: dict, given: int | None) -> int | None:
+    """A word's speaker in a diarized final: ``given`` (the native word's own label) when set,
+    else the speaker of the final's turn around the word's middle, else the final's speaker."""
+    if given is not None:
+        return given
+    middle = (word["start"] + word["end"]) / 2
+    for turn in final.speaker_turns:
+        if turn.start <= middle <= turn.end:
+            return turn.speaker
+    return final.speaker
 
 
 def _words(text: str, start: float, end: float) -> list[dict]:

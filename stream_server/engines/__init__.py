@@ -61,6 +61,7 @@ def load_engine(
     max_batch: int | None = None,
     granite_options: GraniteOptions | None = None,
     speakers: bool = True,
+    preload_speakers: bool = False,
 ) -> tuple[Engine, str]:
     """Build the engine a server or command should use.
 
@@ -75,6 +76,7 @@ def load_engine(
         speakers: wrap the engine in :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`
             (speaker labels on request; the encoder loads, on the engine's device, when the first
             diarizing request arrives) when torch and the encoder's weights are installed.
+        preload_speakers: load that encoder at warm-up instead (``diarize_preload``).
 
     Returns:
         ``(engine, reason)`` where ``reason`` says why this engine was chosen.
@@ -90,7 +92,7 @@ def load_engine(
         return engine, reason
     from stream_server.speakers.engine import wrap
 
-    return wrap(engine), reason
+    return wrap(engine, preload=preload_speakers), reason
 
 
 def _load(name, model, device, cpu_threads, max_batch, granite_options) -> tuple[Engine, str]:

@@ -38,6 +38,10 @@ class SpeakerSettings:
             utterance (where the encoder windowed each side on its own, see
             :func:`~stream_server.speakers.encoder.pause_pieces`): there one window a side is
             enough, and the threshold is higher, a pause being where turns change.
+        preload: the server loads the speaker encoder at startup (torch and the weights: about 0.8 s
+            and 200 MB, paid by every start) instead of when the first diarizing session asks
+            (whose first final then may wait for the load, once per process). Read by the engine
+            wrapper (:class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`), not the tracker.
     """
 
     threshold: float = 0.84
@@ -47,6 +51,7 @@ class SpeakerSettings:
     change_threshold: float = 0.75
     min_turn_windows: int = 2
     pause_change_threshold: float = 0.88
+    preload: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting out of range."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from stream_server.inference.types import SAMPLE_RATE, InferenceRequest, InferenceResult
 from stream_server.engines.base import Engine, ResultHook
+from stream_server.speakers.clustering import SpeakerSettings
 from stream_server.speakers.encoder import SpeakerEncoder
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,17 @@ class SpeakerEmbeddingEngine(Engine):
             when the first diarizing request arrives (that session's first final waits for it).
     """
 
-    def __init__(self, inner: Engine, encoder_factory: Callable[[], Any] | None = None, preload: bool = False):
+    def __init__(self, inner: Engine, encoder_factory: Callable[[], Any] | None = None,
+                 preload: bool = SpeakerSettings.preload):
         self.inner = inner
         self.model_path = inner.model_path  # the inner engine's (Engine.model_path); anything else engine-specific is read from inner
         self._factory = encoder_factory or self._default_encoder
         self.preload = preload
         self._encoder = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while the encoder loads: a caller meanwhile waits for it
         self._start_lock = threading.Lock()
         self._loader: threading.Thread | None = None
+        self._closed = False
         self.embedded = 0  # finals embedded
         self.embed_seconds = 0.0  # time spent embedding them
 
@@ -71,8 +74,14 @@ class SpeakerEmbeddingEngine(Engine):
     @property
     def encoder(self):
         """The speaker encoder, loaded on first use (by the loader thread, or :meth:`warmup` with
-        ``preload``; a caller arriving during the load waits for it)."""
+        ``preload``; a caller arriving during the load waits for it).
+
+        Raises:
+            RuntimeError: the engine is closed (nothing loads after :meth:`close`).
+        """
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the speaker engine is closed")
             if self._encoder is None:
                 started = time.perf_counter()
                 self._encoder = self._factory()
@@ -145,7 +154,7 @@ class SpeakerEmbeddingEngine(Engine):
         # first final lets the load overlap speech; whoever needs the encoder meanwhile waits on
         # the lock the loader holds.
         with self._start_lock:  # not self._lock: the loader holds that one while it loads
-            if self._loader is not None:
+            if self._loader is not None or self._closed:
                 return
             self._loader = threading.Thread(target=self._load_and_warm, args=(False,), name="speaker-encoder-load",
                                             daemon=True)
@@ -173,23 +182,32 @@ class SpeakerEmbeddingEngine(Engine):
         return stats
 
     def close(self) -> None:
+        """Close the inner engine and the encoder. A load under way is waited for (it cannot be
+        interrupted inside torch) and its encoder closed too; no load starts afterwards."""
+        with self._start_lock:
+            self._closed = True  # no new loader thread, and the encoder property refuses to load
+            loader = self._loader
         self.inner.close()
-        if self._encoder is not None:
-            self._encoder.close()
-            self._encoder = None
+        with self._lock:  # the loader holds this lock while it loads: wait for it
+            if self._encoder is not None:
+                self._encoder.close()
+                self._encoder = None
+        if loader is not None and loader is not threading.current_thread():
+            loader.join()  # it has nothing left to do once the lock was free
 
 
 def _wants(request: InferenceRequest) -> bool:
     return request.kind == "final" and request.diarize
 
 
-def wrap(engine: Engine) -> Engine:
+def wrap(engine: Engine, preload: bool = SpeakerSettings.preload) -> Engine:
     """``engine`` wrapped for speaker labels when the encoder can load here, else ``engine`` itself
-    (its capabilities then say ``diarization: false`` and ``diarize`` requests get ``bad_config``)."""
+    (its capabilities then say ``diarization: false`` and ``diarize`` requests get ``bad_config``);
+    ``preload``: see :class:`SpeakerEmbeddingEngine`."""
     from stream_server.speakers.encoder import available
 
     problem = available()
     if problem is not None:
         log.info("speaker labels unavailable: %s", problem)
         return engine
-    return SpeakerEmbeddingEngine(engine)
+    return SpeakerEmbeddingEngine(engine, preload=preload)

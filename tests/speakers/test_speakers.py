@@ -350,6 +350,38 @@ def test_a_diarizing_partial_starts_the_load_without_waiting_for_it():
     assert final.speaker is not None
 
 
+def test_close_during_the_load_waits_for_it_and_closes_what_it_loaded():
+    # A server shutting down while the first diarizing request's load is under way must not leave
+    # an encoder (and its memory) behind, nor start another load afterwards.
+    import threading
+
+    release = threading.Event()
+    built: list[DirectionEncoder] = []
+
+    class Closable(DirectionEncoder):
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    def slow():
+        release.wait(5)
+        built.append(Closable())
+        return built[-1]
+
+    engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=slow)
+    engine.transcribe_batch([request("partial")])  # starts the load on its own thread
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # close waits for the load ...
+    release.set()
+    closer.join(5)
+    assert not closer.is_alive() and len(built) == 1 and built[0].closed  # ... and closes what it loaded
+    [final] = engine.transcribe_batch([request("final")])  # a straggler after close: no second load
+    assert len(built) == 1 and final.speaker is None
+
+
 def test_a_failure_to_load_at_warmup_leaves_transcription_working():
     def broken():
         raise RuntimeError("no weights")
@@ -459,6 +491,22 @@ def test_deepgram_diarize_puts_speakers_on_the_words():
         dg_validate(message)
     speakers = [{w["speaker"] for w in m["channel"]["alternatives"][0]["words"]} for m in results]
     assert speakers == [{0}, {1}]
+
+
+def test_deepgram_words_carry_the_speakers_of_the_typed_final():
+    # The adapter translates the native event: a timed word keeps the speaker the session gave it
+    # (even where the turns alone would say otherwise); an untimed final's words take its turns'.
+    from stream_server.core.events import Final, FinalWord
+    from tests.adapters.test_adapters import deepgram_harness
+
+    translator = deepgram_harness("encoding=linear16&sample_rate=16000&diarize=true").t
+    turns = (SpeakerTurn(0, 0.0, 1.0), SpeakerTurn(1, 1.0, 2.0))
+    timed = Final(0, "a b", 0.0, 2.0, "en", "transcribe", speaker=0, speaker_turns=turns,
+                  words=(FinalWord("a", 0.0, 0.9, 0.9, speaker=1), FinalWord("b", 1.1, 2.0, 0.9, speaker=0)))
+    untimed = Final(1, "one two", 0.0, 2.0, "en", "transcribe", speaker=0, speaker_turns=turns)
+    for event, expected in ((timed, [1, 0]), (untimed, [0, 1])):
+        [reply] = [out for out in translator.native_event("0", event) if getattr(out, "message", None)]
+        assert [w["speaker"] for w in reply.message["channel"]["alternatives"][0]["words"]] == expected
 
 
 # ---- over a real socket: two real voices ------------------------------------------------------------
