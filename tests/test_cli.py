@@ -60,7 +60,7 @@ def test_transcribe_rejects_unknown_caption_formats(librivox_clips):
 def _serve_auto(monkeypatch, capsys) -> tuple[dict, list[dict]]:
     """Run ``granite-stream serve --engine auto`` in this process until /readyz answers, then SIGTERM it.
 
-    Returns /readyz's JSON and the JSON log lines. Device detection and Granite loading are faked by the
+    Returns /readyz's JSON (plus ``"routes"``: the server's WebSocket paths) and the JSON log lines. Device detection and Granite loading are faked by the
     callers at the seams auto-selection itself uses (``engines.cuda_available``, ``engines._granite``).
     """
     import json
@@ -96,7 +96,7 @@ def _serve_auto(monkeypatch, capsys) -> tuple[dict, list[dict]]:
             return  # serve failed before listening: nothing to stop (main's error shows in the test)
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{servers[0].port}/readyz", timeout=30) as response:
-                ready.update(json.loads(response.read()))
+                ready.update(json.loads(response.read()), routes=sorted(servers[0].routes))
         finally:
             if not returned.is_set():
                 os.kill(os.getpid(), signal.SIGTERM)  # the serve command's own shutdown path
@@ -134,6 +134,8 @@ def test_auto_without_cuda_serves_bundled_whisper_and_says_why(monkeypatch, caps
     reason = "auto: no CUDA GPU, so the bundled Whisper serves on the CPU"
     assert (ready["engine"]["name"], ready["engine"]["model"], ready["reason"]) == ("whisper", "tiny.en", reason)
     assert _engine_line(logs) == f"engine: whisper tiny.en — {reason}"
+    # serve hands the protocol adapters' routes to the shell, which knows none of its own
+    assert ready["routes"] == ["/deepgram/v1/listen", "/v1/listen", "/v1/realtime", "/v1/twilio"]
 
 
 def test_auto_with_cuda_serves_granite_and_says_why(monkeypatch, capsys):

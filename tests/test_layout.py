@@ -157,7 +157,8 @@ def test_tests_import_benchmarks_only_in_the_benchmarks_own_tests():
 
 # What each layer may import from the product besides itself (prefixes). A layer never imports one
 # above it: the sans-I/O core sees only the neutral inference types; engines see the types and the
-# process memory upkeep; the inference layer sees the engine interface; the network edge sees all.
+# process memory upkeep; the inference layer sees the engine interface; the server shell sees the
+# core, inference and the engine interface, but no protocol adapter (they reach it as routes).
 LAYERS = {
     "stream_server.core": ("stream_server.core", "stream_server.inference.types", "stream_server.speakers.clustering", "vad"),
     "stream_server.engines": ("stream_server.engines", "stream_server.inference.types", "stream_server.inference.memory",
@@ -166,6 +167,9 @@ LAYERS = {
     "stream_server.inference": ("stream_server.inference", "stream_server.engines.base", "stream_server.engines"),
     "stream_server.adapters": ("stream_server.adapters", "stream_server.core", "stream_server.inference.types",
                                "stream_server.server.connection", "stream_server.speakers.clustering"),
+    # The shell knows no foreign protocol: adapters are handed to it as routes (StreamServer(routes=...)).
+    "stream_server.server": ("stream_server.server", "stream_server.core", "stream_server.inference",
+                             "stream_server.engines.base"),
     "vad": ("vad",),
 }
 

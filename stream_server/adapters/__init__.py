@@ -1,7 +1,9 @@
 """Drop-in protocol adapters: foreign streaming-ASR APIs translated onto the native session core.
 
 Each adapter is a sans-I/O translator (see :mod:`.base`) plus a route on the server's port, run by
-the connection shell every route shares (:mod:`stream_server.server.connection`):
+the connection shell every route shares (:mod:`stream_server.server.connection`). Each module names
+its ``ROUTE`` and ``translator``; :data:`ROUTES` collects them, and ``granite-stream serve`` hands that
+table to the server (``StreamServer(routes=ROUTES)``), which imports no adapter:
 
 ========================  ===========================================  ==========================
 path                      protocol                                     module
@@ -16,7 +18,7 @@ Protocol v1 (``/v1/listen``) stays the native API; ``docs/protocol.md`` document
 
 from __future__ import annotations
 
-from stream_server.server.connection import RouteTable, TranslatorFactory
+from stream_server.server.connection import TranslatorFactory
 from stream_server.adapters import deepgram, openai_realtime, twilio
 
 ROUTES: dict[str, TranslatorFactory] = {
@@ -24,12 +26,6 @@ ROUTES: dict[str, TranslatorFactory] = {
     deepgram.ROUTE: deepgram.translator,
     twilio.ROUTE: twilio.translator,
 }
+"""Every adapter's WebSocket route: path -> translator factory (``StreamServer``'s ``routes``)."""
 
-
-def install_adapters(server: RouteTable) -> None:
-    """Register every adapter's WebSocket route (its translator factory) on ``server``."""
-    for path, translator in ROUTES.items():
-        server.add_route(path, translator)
-
-
-__all__ = ["ROUTES", "install_adapters"]
+__all__ = ["ROUTES"]

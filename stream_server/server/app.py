@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import prometheus_client
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -42,7 +42,6 @@ from stream_server.core.protocol import SHUTTING_DOWN
 from stream_server.server.connection import TranslatorFactory, native_translator, serve_connection
 from stream_server.core.session import Send, SessionSettings
 from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker, WorkerObserver
-from stream_server.adapters import install_adapters
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +247,13 @@ class StreamServer:
         worker: the inference pool (:class:`~stream_server.inference.worker.InferencePool`); default: one
             :class:`InferenceWorker` on ``engine``. A :class:`WorkerPool` (one worker per GPU) or
             the Ray Serve pool's gateway also fits.
+        routes: WebSocket routes served beside the native ``/v1/listen`` (path -> translator factory,
+            see :meth:`add_route`). The shell knows no foreign protocol: ``granite-stream serve``
+            passes the protocol adapters' table, :data:`stream_server.adapters.ROUTES`.
     """
 
     def __init__(self, engine: Engine, settings: ServerSettings | None = None, engine_reason: str = "",
-                 worker: InferencePool | None = None):
+                 worker: InferencePool | None = None, routes: Mapping[str, TranslatorFactory] | None = None):
         self.engine = engine
         self.settings = settings or ServerSettings()
         self.engine_reason = engine_reason
@@ -271,8 +273,9 @@ class StreamServer:
         self._started_at = time.monotonic()
         self.draining = False
         self.routes: dict[str, TranslatorFactory] = {LISTEN_PATH: native_translator}
+        for path, translator in (routes or {}).items():
+            self.add_route(path, translator)
         self.port: int | None = None
-        install_adapters(self)  # OpenAI Realtime, Deepgram and Twilio routes (stream_server/adapters)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -485,7 +488,7 @@ class StreamServer:
     # ---- WebSocket sessions -------------------------------------------------------------------
 
     def add_route(self, path: str, translator: TranslatorFactory) -> None:
-        """Serve another WebSocket protocol at ``path`` (protocol adapters use this).
+        """Serve another WebSocket protocol at ``path`` (the ``routes`` given to the constructor come here).
 
         ``translator(server, ws)`` makes the translator of each connection; the one connection
         shell (:func:`~stream_server.server.connection.serve_connection`) runs it like the native route's.

@@ -118,14 +118,6 @@ TranslatorFactory = Callable[["StreamServer", "ServerConnection"], Translator]
 """Makes the translator of one connection to a route (it may read ``ws.request``: path, query)."""
 
 
-class RouteTable(Protocol):
-    """Where WebSocket routes are registered (the server): what a protocol adapter needs to install itself."""
-
-    def add_route(self, path: str, translator: TranslatorFactory) -> None:
-        """Serve connections to ``path`` through the shell, each with a translator from ``translator``."""
-        ...
-
-
 class NativeTranslator:
     """Protocol v1 (``/v1/listen``): one session, frames in and events out unchanged."""
 
