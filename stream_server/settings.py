@@ -97,6 +97,7 @@ class LimitsSettings:
     max_session_s: float = SessionSettings.max_session_s
     max_upload_bytes: int = ServerSettings.max_upload_bytes
     max_upload_audio_s: float = ServerSettings.max_upload_audio_s
+    upload_timeout_s: float = ServerSettings.upload_timeout_s
     idle_timeout_s: float = ServerSettings.idle_timeout_s
     realtime_factor: float = ServerSettings.realtime_factor
     drain_deadline_s: float = ServerSettings.drain_deadline_s
@@ -292,6 +293,9 @@ SETTINGS: list[Setting] = [
          "file_too_large beyond, refused before it is read)"),
         ("max_upload_audio_s", "longest decoded audio of an uploaded file (HTTP 413 audio_too_long beyond; "
          "max_session_s applies too; 0: only max_session_s)"),
+        ("upload_timeout_s", "seconds a client may take to send one uploaded file's body, however steadily it "
+         "trickles (HTTP 408 upload_timeout beyond, its session slot freed; the default passes 25 MiB at "
+         "350 kbit/s; 0: no limit but idle_timeout_s between reads)"),
         ("idle_timeout_s", "end sessions that send nothing this long (0: never)"),
         ("realtime_factor", "throttle clients sending audio faster than this multiple of real time (0: never)"),
         ("drain_deadline_s", "on SIGTERM/SIGINT, how long open sessions get to receive their finals"),
@@ -379,6 +383,8 @@ def _check(source: str, values: Mapping[str, Any]) -> None:
     if "max_upload_audio_s" in values and not 0.0 <= values["max_upload_audio_s"] < math.inf:
         raise ConfigError(f"{source}: max_upload_audio_s must be >= 0 (0: only max_session_s), got "
                           f"{values['max_upload_audio_s']!r}")
+    if "upload_timeout_s" in values and not 0.0 <= values["upload_timeout_s"] < math.inf:
+        raise ConfigError(f"{source}: upload_timeout_s must be >= 0 (0: no limit), got {values['upload_timeout_s']!r}")
     if "diarize_max_speakers" in values and values["diarize_max_speakers"] < 1:
         raise ConfigError(f"{source}: diarize_max_speakers must be >= 1")
     if "granite_decode_max_graphs" in values and values["granite_decode_max_graphs"] < 0:

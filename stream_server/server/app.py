@@ -116,6 +116,10 @@ class ServerSettings:
         max_upload_bytes: largest file body ``POST /v1/audio/transcriptions`` accepts (HTTP 413 beyond).
         max_upload_audio_s: longest decoded audio of such a file (HTTP 413 beyond); 0 for no limit
             but ``session.max_session_s``.
+        upload_timeout_s: total seconds such a file's body may take to arrive, counted from its
+            request head (HTTP 408 beyond, the session slot freed); a client that trickles bytes
+            just often enough to dodge ``idle_timeout_s`` is bounded by this. 0 disables. 600 s
+            lets the largest default upload (25 MiB) through at 350 kbit/s, a weak mobile uplink.
     """
 
     host: str = "127.0.0.1"
@@ -139,6 +143,7 @@ class ServerSettings:
     handshake_timeout_s: float = 10.0
     max_upload_bytes: int = 25 << 20
     max_upload_audio_s: float = 3600.0
+    upload_timeout_s: float = 600.0
 
 
 class _Metrics:

@@ -28,8 +28,10 @@ Contract:
   KEY`` as the SDK sends it, or ``?token=KEY``; browsers' ``Origin`` is checked the same way.
 * Limits: the body may not exceed ``max_upload_bytes`` (413, refused from ``Content-Length`` before
   it is read), the decoded audio not ``max_upload_audio_s`` nor the session's ``max_session_s``
-  (413); the request head must arrive within ``handshake_timeout_s`` and the body may not stall for
-  ``idle_timeout_s`` (408).
+  (413); the request head must arrive within ``handshake_timeout_s``, the body may not stall for
+  ``idle_timeout_s`` (408 ``timeout``) and must be complete within ``upload_timeout_s`` of the head
+  (408 ``upload_timeout``), however steadily it trickles. A refused upload releases its session
+  slot before the answer is sent; nothing of it has reached the engine.
 * Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP
   status the SDK maps to its exception classes: 400 bad input, 401 no key, 403 wrong key or origin,
   404/405 unknown path or method, 408 stalled upload, 413 too large, 415 undecodable audio, 429 too
@@ -112,6 +114,10 @@ class ApiError(Exception):
             self.status.value, "invalid_request_error" if self.status < 500 else "server_error")
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
         return HttpResponse.json(body, self.status, self.headers)
+
+
+class _UploadTimeout(Exception):
+    """The body's total deadline passed (:meth:`HttpServerConnection.read_body` answers it 408)."""
 
 
 # Session error codes → HTTP status of the request they fail.
@@ -426,7 +432,8 @@ class FileTranscriptionApi:
                    errors: list[Error]) -> tuple[Upload, float]:
         """Read the body, decode it, stream it through the session; returns the upload and its duration."""
         settings = self.server.settings
-        body = await conn.read_body(settings.max_upload_bytes, settings.idle_timeout_s or None)
+        body = await conn.read_body(settings.max_upload_bytes, settings.idle_timeout_s or None,
+                                    settings.upload_timeout_s or None)
         max_seconds = min(s for s in (settings.max_upload_audio_s, settings.session.max_session_s) if s > 0) \
             if (settings.max_upload_audio_s > 0 or settings.session.max_session_s > 0) else 0.0
         loop = asyncio.get_running_loop()
@@ -570,12 +577,14 @@ class HttpServerConnection(ServerConnection):
         # protocol_handler aborts the transport after this returns (the WebSocket never opened);
         # send_response has closed it and waited for the answer to leave.
 
-    async def _next_event(self, timeout: float | None = None):
-        """The next h11 event, waiting for data up to ``timeout`` seconds between reads.
+    async def _next_event(self, timeout: float | None = None, deadline: float | None = None):
+        """The next h11 event, waiting for data up to ``timeout`` seconds between reads and, in
+        total, until ``deadline`` (a time of the event loop's clock).
 
         Raises:
             ConnectionError: the connection ended first.
-            ApiError: 408 when nothing arrived for ``timeout``.
+            ApiError: 408 ``timeout`` when nothing arrived for ``timeout``.
+            _UploadTimeout: the next event was not complete by ``deadline``.
         """
         assert self._http is not None
         while True:
@@ -583,11 +592,20 @@ class HttpServerConnection(ServerConnection):
             if event is h11.NEED_DATA:
                 if self.connection_lost_waiter.done():
                     raise ConnectionError("connection closed")
+                wait, total = timeout, False  # total: the wait ends at the deadline, not the idle bound
+                if deadline is not None:
+                    left = deadline - self.loop.time()
+                    total = wait is None or left <= wait
+                    wait = left if total else wait
+                    if left <= 0:
+                        raise _UploadTimeout()
                 self._readable.clear()
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(wait):
                         await self._readable.wait()
                 except TimeoutError:
+                    if total:
+                        raise _UploadTimeout() from None
                     raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"nothing received for {timeout:g} s",
                                    code="timeout") from None
                 continue
@@ -595,21 +613,36 @@ class HttpServerConnection(ServerConnection):
                 raise ConnectionError("connection closed")
             return event
 
-    async def read_body(self, limit: int, idle_timeout: float | None) -> bytes:
-        """The request body (``Content-Length`` or chunked), at most ``limit`` bytes.
+    async def read_body(self, limit: int, idle_timeout: float | None, total_timeout: float | None = None) -> bytes:
+        """The request body (``Content-Length`` or chunked), at most ``limit`` bytes, complete within
+        ``total_timeout`` seconds of this call (None: no total bound).
+
+        The total bound sits here, where the bytes are read, rather than around the request: a
+        client that trickles a byte just before each ``idle_timeout`` would otherwise hold its
+        session slot and buffer for as long as it likes, while the transcription that follows is
+        bounded by the audio limits instead.
 
         Raises:
-            ApiError: 413 past ``limit``, 408 when the body stalls, 400 for bad framing.
+            ApiError: 413 past ``limit``, 408 ``timeout`` when the body stalls for ``idle_timeout``,
+                408 ``upload_timeout`` past ``total_timeout``, 400 for bad framing.
             ConnectionError: the client went away.
         """
         assert self._http is not None
+        deadline = None if total_timeout is None else self.loop.time() + total_timeout
         if self._http.they_are_waiting_for_100_continue:
             self.transport.write(self._http.send(h11.InformationalResponse(status_code=100, headers=[])))
         parts: list[bytes] = []
         size = 0
         try:
             while True:
-                event = await self._next_event(idle_timeout)
+                try:
+                    event = await self._next_event(idle_timeout, deadline)
+                except _UploadTimeout:
+                    log.info("upload from %s refused: %d bytes received, not complete within upload_timeout_s "
+                             "(%g s)", self.client_ip, size, total_timeout)
+                    raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the upload was not complete within this server's "
+                                   f"limit of {total_timeout:g} s ({size} bytes received)",
+                                   code="upload_timeout", param="file") from None
                 if isinstance(event, h11.Data):
                     size += len(event.data)
                     if size > limit:

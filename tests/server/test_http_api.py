@@ -142,6 +142,42 @@ async def test_too_large_too_long_and_undecodable_uploads_are_refused():
         assert not server._sessions
 
 
+async def test_an_upload_trickled_past_upload_timeout_gets_408_and_frees_its_slot():
+    # A client sends a byte every 50 ms (well inside idle_timeout_s, so the stall bound never fires)
+    # of a body it declared 100 kB long: the total bound ends it with 408 upload_timeout, the slot
+    # it held is free again, and the refusal is counted as the other statuses are.
+    settings = ServerSettings(port=0, idle_timeout_s=0.4, upload_timeout_s=0.6)
+    boundary = "b0undary"
+    head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    async with StreamServer(CountingEngine(), settings) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        async def trickle() -> None:
+            writer.write(head + f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n".encode())
+            for _ in range(200):  # 10 s at most: without the bound the idle timeout would answer after it
+                await asyncio.sleep(0.05)
+                writer.write(b"\0")
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            await wait_until(lambda: len(server._sessions) == 1)  # the upload holds a slot while it arrives
+            began = asyncio.get_running_loop().time()
+            answer = await asyncio.wait_for(reader.read(), timeout=15)  # the server half-closes after its answer
+            took = asyncio.get_running_loop().time() - began
+        finally:
+            trickling.cancel()
+            writer.close()
+        status_line, _, rest = answer.partition(b"\r\n")
+        body = json.loads(rest.partition(b"\r\n\r\n")[2])
+        assert status_line == b"HTTP/1.1 408 Request Timeout", answer
+        assert body["error"]["code"] == "upload_timeout" and body["error"]["param"] == "file"
+        assert took < settings.upload_timeout_s + 1.0
+        assert not server._sessions
+        assert server.metrics.registry.get_sample_value(
+            "granite_stream_http_requests_total", {"endpoint": "transcriptions", "status": "408"}) == 1.0
+
+
 # ---- the same port, the same slots -----------------------------------------------------------------
 
 
