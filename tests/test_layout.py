@@ -164,13 +164,21 @@ LAYERS = {
     "stream_server.engines": ("stream_server.engines", "stream_server.inference.types", "stream_server.inference.memory",
                               "stream_server.speakers"),
     "stream_server.speakers": ("stream_server.speakers", "stream_server.inference.types", "stream_server.engines.base"),
-    "stream_server.inference": ("stream_server.inference", "stream_server.engines.base", "stream_server.engines"),
+    "stream_server.inference": ("stream_server.inference", "stream_server.engines.base"),
     "stream_server.adapters": ("stream_server.adapters", "stream_server.core", "stream_server.inference.types",
                                "stream_server.server.connection", "stream_server.speakers.clustering"),
     # The shell knows no foreign protocol: adapters are handed to it as routes (StreamServer(routes=...)).
     "stream_server.server": ("stream_server.server", "stream_server.core", "stream_server.inference",
                              "stream_server.engines.base"),
     "vad": ("vad",),
+}
+
+# Single modules allowed one edge more than their layer, each with the reason (the list may only shrink).
+MODULE_EXCEPTIONS = {
+    # A Ray Serve replica runs in a process of its own (also deployed from a YAML file, with no caller
+    # to hand it an engine), so it builds its engine there with load_engine (and RayPoolSettings takes
+    # the engine section's defaults from EngineSettings).
+    ("stream_server.inference.ray_pool", "stream_server.engines"),
 }
 
 
@@ -199,7 +207,7 @@ def test_no_layer_imports_a_layer_above_it():
         for target in edges - empty
         if not _allowed(target, allowed)
     )
-    assert upward == []
+    assert upward == sorted(MODULE_EXCEPTIONS)
 
 
 def test_the_session_imports_no_engine_package():
