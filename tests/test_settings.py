@@ -181,8 +181,8 @@ def _serve_and_capture(argv: list[str], monkeypatch) -> dict:
         return CountingEngine(max_batch=max_batch or 8), "faked"  # an engine bounds its worker's batches
 
     class Server:
-        def __init__(self, engine, settings, reason="", worker=None):
-            seen.update(settings=settings, worker=worker)
+        def __init__(self, engine, settings, reason="", worker=None, routes=None):
+            seen.update(settings=settings, worker=worker, routes=routes)
 
         async def start(self):
             raise _Captured
