@@ -34,7 +34,7 @@ Contract:
   slot before the answer is sent; nothing of it has reached the engine.
 * Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP
   status the SDK maps to its exception classes: 400 bad input, 401 no key, 403 wrong key or origin,
-  404/405 unknown path or method, 408 stalled upload, 413 too large, 415 undecodable audio, 429 too
+  404/405 unknown path or method, 408 stalled or too slow upload, 413 too large, 415 undecodable audio, 429 too
   many sessions from one address, 500 engine failure, 503 overloaded or shutting down. A failed
   utterance fails the request: a transcript is never silently missing a part.
 * Nothing blocking runs on the event loop: multipart parsing and audio decoding run in the default
