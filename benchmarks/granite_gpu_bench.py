@@ -40,12 +40,14 @@ import statistics
 import sys
 import time
 import traceback
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from stream_server.inference.types import InferenceRequest
 from granite_stream_testing.forced_granite import ForcedLengthGraniteEngine
+from stream_server.engines.granite.engine import Draft, Verification
 from stream_server.engines.granite.options import GraniteOptions
 
 SR = 16000
@@ -187,30 +189,32 @@ def timeit(fn, device: str, warmup: int, repeats: int) -> dict:
 
 class DraftCutEngine(ForcedLengthGraniteEngine):
     """Bench-only: the CTC draft's tokens cut to ``draft_tokens`` (random weights give junk drafts
-    as long as the frame count; a real 10 s draft is ~30 tokens)."""
+    as long as the frame count; a real 10 s draft is ~30 tokens), through the public ``draft`` stage."""
 
     draft_tokens = 30
 
-    def _draft_tokens(self, w):
-        ids = super()._draft_tokens(w)
+    def draft(self, work) -> Draft:
+        d = super().draft(work)
+        ids = list(d.token_ids)
         if len(ids) < self.draft_tokens:  # pad a short junk draft with spaces' byte id
-            ids = ids + self._encode(" a" * self.draft_tokens)[: self.draft_tokens - len(ids)]
+            ids = ids + self.tokenizer.encode(" a" * self.draft_tokens, add_special_tokens=False)[
+                : self.draft_tokens - len(ids)]
         ids = ids[: self.draft_tokens]
-        w.info["draft_tokens"] = len(ids)
-        return ids
+        work.info["draft_tokens"] = len(ids)
+        return dataclasses.replace(d, token_ids=tuple(ids))
 
 
 class ResumeEngine(DraftCutEngine):
     """Bench-only: every draft is rejected after its first ``keep`` tokens (random weights give no
-    natural rejection point), so the resumed decode's cost can be timed."""
+    natural rejection point), so the resumed decode's cost can be timed; overrides the public
+    ``verify`` stage's verdicts (the scoring pass itself still runs)."""
 
     keep = 15
 
-    def _verify(self, works):
-        super()._verify(works)
-        for w in works:
-            w.info["verify_prefix_tokens"] = min(self.keep, len(w.draft_ids))
-        return [False] * len(works)
+    def verify(self, works, drafts: Sequence[Draft]) -> list[Verification]:
+        verdicts = super().verify(works, drafts)
+        return [dataclasses.replace(v, accepted=False, passed_prefix=min(self.keep, len(d.token_ids)))
+                for v, d in zip(verdicts, drafts)]
 
 
 def first_diff(a: list[int], b: list[int]) -> int:
@@ -284,7 +288,8 @@ def main(argv=None) -> int:
         kw.setdefault("speculative", False)
         options = GraniteOptions(decode_backend=backend, max_batch=max(args.batch, 8),
                                  **{k: kw.pop(k) for k in list(kw) if k in option_fields})
-        return cls(model=model, tokenizer=tokenizer, model_label="bench", debug_token_ids=True, options=options, **kw)
+        # Every class here records its tokens (info["token_ids"]): sections compare them.
+        return cls(model=model, tokenizer=tokenizer, model_label="bench", options=options, **kw)
 
     encoder_kw = {"encoder_batching": "padded"} if args.encoder_graphs else {}
     base = engine("generate")
@@ -430,7 +435,7 @@ def main(argv=None) -> int:
         config, why = resolve_preset(*load_config_and_sources({"engine": "granite"}, {}),
                                      cuda_available=lambda: device == "cuda")
         options = granite_options(config)
-        eng = ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, model_label="bench", debug_token_ids=True,
+        eng = ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, model_label="bench",
                                         force_new_tokens=args.tokens, options=options)
         t0 = time.perf_counter()
         eng.warmup()

@@ -3,19 +3,21 @@
 Random-weight models never emit EOS on their own, and timing comparisons need every backend to
 generate the same number of tokens; :class:`ForcedLengthGraniteEngine` fixes each LLM decode's
 length through the product engine's :meth:`~stream_server.engines.granite.engine.GraniteEngine.token_budget`
-hook, suppresses EOS and never speculates while a length is forced.
+hook, suppresses EOS and never speculates while a length is forced. It records its tokens as
+:class:`~granite_stream_testing.traced_granite.TracedGraniteEngine` does: its users compare them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from stream_server.engines.granite.engine import GraniteEngine
+from granite_stream_testing.traced_granite import TracedGraniteEngine
 from stream_server.inference.types import SAMPLE_RATE, InferenceRequest
 
 
-class ForcedLengthGraniteEngine(GraniteEngine):
-    """:class:`GraniteEngine` whose decodes generate exactly a fixed number of tokens.
+class ForcedLengthGraniteEngine(TracedGraniteEngine):
+    """:class:`~stream_server.engines.granite.engine.GraniteEngine` whose decodes generate exactly a
+    fixed number of tokens (and whose results carry them, as :class:`TracedGraniteEngine`'s do).
 
     Args:
         force_new_tokens: exactly this many tokens per LLM decode; ``None``: not fixed.

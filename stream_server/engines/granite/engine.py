@@ -78,11 +78,13 @@ from stream_server.engines.whisper import collapse_repeats, looks_repetitive
 
 __all__ = [
     "DEFAULT_MODEL_ID",
+    "Draft",
     "GraniteEngine",
     "GraniteModelNotFoundError",
     "GranitePrompts",
     "GraniteCheckpointError",
     "PROMPT_SOURCES",
+    "Verification",
     "load_granite",
 ]
 
@@ -362,6 +364,39 @@ class _Work:
     ctc_log_probs: np.ndarray | None = None  # (n_frames, classes) on the host, for word timings
 
 
+@dataclass(frozen=True)
+class Draft:
+    """A transcription final's CTC draft (:meth:`GraniteEngine.draft`).
+
+    Attributes:
+        text: the whole draft, the request's prefix included: the final's text if the draft is accepted.
+        token_ids: the tokens of the part after the prefix: what :meth:`GraniteEngine.verify` scores
+            (empty: nothing to score, the draft is rejected).
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The LLM's teacher-forced verdict on one :class:`Draft` (:meth:`GraniteEngine.verify`).
+
+    Attributes:
+        token_probs: the LLM's probability of each draft token (softmax of ``lm_head / logits_scaling``).
+        is_argmax: ``(len(token_probs),)`` bool tensor on the engine's device: whether each draft token
+            is the LLM's greedy choice there. The engine does not read it (tests and benchmarks do).
+        passed_prefix: how many leading draft tokens reach ``verify_threshold``: a rejected draft
+            resumes after them (``resume_from_draft``).
+        accepted: every token reaches ``verify_threshold``: the draft is the final.
+    """
+
+    token_probs: tuple[float, ...]
+    is_argmax: torch.Tensor | None
+    passed_prefix: int
+    accepted: bool
+
+
 class GraniteEngine(Engine):
     """Granite Speech behind the :class:`~stream_server.engines.base.Engine` interface.
 
@@ -387,8 +422,10 @@ class GraniteEngine(Engine):
         ctc_languages: languages whose CTC transcripts are usable (CTC partials and speculation);
             other languages fall back to the LLM.
         prompts: instruction strings.
-        debug_token_ids: put the generated token ids in ``InferenceResult.info["token_ids"]`` (and, for
-            verified drafts, ``verify_token_probs`` / ``verify_is_argmax``).
+
+    Subclasses for tests and benchmarks (``granite_stream_testing``) override the documented hooks
+    :meth:`token_budget`, :attr:`forced_lengths`, :meth:`on_decoded` and the speculation stages
+    :meth:`draft` / :meth:`verify`; the product engine has no debugging or benchmark switch.
     """
 
     def __init__(
@@ -406,7 +443,6 @@ class GraniteEngine(Engine):
         ctc_vocab: Sequence[str] | None = None,
         ctc_blank_id: int = 0,
         ctc_languages: Sequence[str] = CTC_LANGUAGES,
-        debug_token_ids: bool = False,
     ) -> None:
         if model is None:
             if tokenizer is not None:
@@ -448,7 +484,6 @@ class GraniteEngine(Engine):
         self.encoder_batching = opts.encoder_batching
         self.prompts = prompts or GranitePrompts()
         self.min_audio_samples = max(opts.min_audio_samples, self.features.min_samples)
-        self.debug_token_ids = debug_token_ids
         self.generate_kwargs = dict(opts.generate_kwargs)
         decode_backend = opts.decode_backend
         if decode_backend == "auto":
@@ -524,6 +559,12 @@ class GraniteEngine(Engine):
         output_language = (request.target_language or "en") if request.task == "translate" else request.language
         rate = self.tokens_per_second_by_language.get(output_language or "", self.tokens_per_second)
         return int(math.ceil(n_samples / SAMPLE_RATE * rate)) + self.extra_new_tokens
+
+    def on_decoded(self, work: _Work, token_ids: list[int]) -> None:
+        """Hook, called once per LLM decode of a request (partial or final) before its result is made:
+        ``token_ids`` are the answer's tokens after the request's prefix (a resumed draft's verified
+        tokens first), EOS and padding cut, before any repetition collapse. The product does nothing;
+        a test subclass records them (``work.info`` becomes the result's ``info``)."""
 
     # ------------------------------------------------------------------ public API
     def placement(self) -> str:
@@ -651,8 +692,10 @@ class GraniteEngine(Engine):
         self._stats = {k: 0 for k in self._stats}
 
     # ------------------------------------------------------------------ stages (benchmarks, tools)
-    # transcribe_batch runs these in order (plus speculation, verification and publishing); they are
-    # public so that a benchmark can time one stage on the product's own code path.
+    # transcribe_batch runs these in order (a final that speculates: prepare, encode, ctc, project,
+    # draft, verify, then decode only if the draft is rejected; publishing is not a stage); they are
+    # public so that a benchmark can time one stage on the product's own code path, and a test or
+    # benchmark subclass may override draft and verify (the speculation stages, with the LLM below).
     def prepare(self, requests: Sequence[InferenceRequest]) -> list[_Work]:
         """Stage 0: one work item per request (audio padded to the minimum, token budget set)."""
         return [self._prepare(i, r) for i, r in enumerate(requests)]
@@ -666,9 +709,23 @@ class GraniteEngine(Engine):
             w.audio_embeds = None
         self._encode_audio(works)
 
+    def ctc(self, works: list[_Work]) -> None:
+        """Stage 1b: greedy CTC text and frame entropy (one batched pass) for every encoded work item
+        that has none yet: a CTC partial's text, or a final's draft (:meth:`draft`)."""
+        self._ctc_decode(works)
+
     def project(self, works: list[_Work]) -> None:
         """Stage 2: the projector: LLM audio embeddings for every encoded work item that has none."""
         self._project(works)
+
+    def project_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """The projector itself: ``(N, window_size, H)`` encoder frames -> ``(N, window_size //
+        downsample_rate, D)`` embeddings, each window independently (eager; :meth:`project` replays it
+        from CUDA graphs with ``encoder_backend="graphs"``)."""
+        projector = self.model.model.projector
+        queries = projector.qformer(query_embeds=projector.query, encoder_hidden_states=windows,
+                                    encoder_attention_mask=None, return_dict=True).last_hidden_state
+        return projector.linear(queries)
 
     def prompt_embeddings(self, works: list[_Work]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 3: the batch's left-padded prompt embeddings (audio placed) and attention mask."""
@@ -799,12 +856,18 @@ class GraniteEngine(Engine):
 
         if verify:
             self._project([w for w in verify])
-            for w, accepted in zip(verify, self._verify(verify)):
-                if accepted:
+            drafts = [self.draft(w) for w in verify]
+            for w, d in zip(verify, drafts):
+                w.info["draft"] = d.text
+            for w, d, verdict in zip(verify, drafts, self.verify(verify, drafts)):
+                if d.token_ids:
+                    w.info["verify_prefix_tokens"] = verdict.passed_prefix  # leading tokens that passed
+                if verdict.accepted:
                     w.path = "verify_accept"
+                    w.text = d.text
                     w.token_ids, w.token_probs = w.draft_ids, w.draft_probs
                     continue
-                kept = int(w.info.get("verify_prefix_tokens", 0))
+                kept = verdict.passed_prefix
                 if self.resume_from_draft and kept > 0:
                     # The paper's step 3: greedy decoding resumes after the verified part of the draft.
                     w.path = "resumed"
@@ -949,18 +1012,11 @@ class GraniteEngine(Engine):
         # A copy out of the graph's static output: one batch can project twice (speculative drafts,
         # then the autoregressive rest), and a replay of the same bucket would overwrite the first
         # call's embeddings while drafts that failed verification still need them.
-        out = graphs(windows).clone() if graphs is not None else self._project_windows(windows)
+        out = graphs(windows).clone() if graphs is not None else self.project_windows(windows)
         start = 0
         for w, blocks in zip(todo, counts):
             w.audio_embeds = out[start : start + blocks].reshape(-1, out.shape[-1])[: w.n_tokens]
             start += blocks
-
-    def _project_windows(self, windows: torch.Tensor) -> torch.Tensor:
-        """``(N, window_size, H)`` encoder frames -> ``(N, window_size // downsample_rate, D)`` embeddings."""
-        projector = self.model.model.projector
-        queries = projector.qformer(query_embeds=projector.query, encoder_hidden_states=windows,
-                                    encoder_attention_mask=None, return_dict=True).last_hidden_state
-        return projector.linear(queries)
 
     def ctc_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """CTC logits (float32) of encoder hidden states: ``encoder.out(hidden)``."""
@@ -1082,27 +1138,36 @@ class GraniteEngine(Engine):
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         return embeds, mask, positions
 
-    def _draft_tokens(self, w: _Work) -> list[int]:
-        """Token ids of the CTC draft's part after the request prefix; sets ``info["draft"]`` (the full text)."""
-        draft = w.ctc_text or ""
-        prefix = w.req.prefix
+    def draft(self, work: _Work) -> Draft:
+        """Speculation stage 1: a final's CTC draft (after :meth:`ctc`), made to start with the request's
+        prefix (:func:`_force_prefix`); its tokens are those of the part after the prefix. A benchmark
+        subclass may override it (e.g. to cut a random model's junk draft to a realistic length)."""
+        draft = work.ctc_text or ""
+        prefix = work.req.prefix
         if prefix:
             rest = draft[len(prefix) :] if draft.startswith(prefix) else _force_prefix(prefix, draft)[len(prefix) :]
-            w.info["draft"] = prefix + rest
-            return self._encode(rest) if rest.strip() else []
-        w.info["draft"] = draft.strip()
-        return self._encode(draft.strip()) if draft.strip() else []
+            return Draft(prefix + rest, tuple(self._encode(rest)) if rest.strip() else ())
+        return Draft(draft.strip(), tuple(self._encode(draft.strip())) if draft.strip() else ())
 
-    def _verify(self, works: list[_Work]) -> list[bool]:
-        """Teacher-forced scoring of each CTC draft: accept when every draft token is likely enough."""
-        drafts = [self._draft_tokens(w) for w in works]
+    def verify(self, works: list[_Work], drafts: Sequence[Draft]) -> list[Verification]:
+        """Speculation stage 2: score each work item's draft in one teacher-forced LLM pass (the
+        decoder's prefill with the ``loop``/``graphs`` backends, transformers' forward otherwise).
+
+        The works must be projected (:meth:`project`). Each work keeps the draft's tokens and their
+        probabilities (a resumed decode continues after them, word confidences combine them) and gets
+        ``info["verify_min_prob"]``; a draft without tokens is rejected unscored. The caller decides
+        from the verdicts (:meth:`transcribe_batch` accepts, resumes or decodes); a benchmark subclass
+        may override the verdicts (e.g. force a rejection point that random weights never give).
+        """
+        if len(works) != len(drafts):
+            raise ValueError("one draft per work item")
         for w, d in zip(works, drafts):
-            w.draft_ids = list(d)
-        accepted = [False] * len(works)
-        rows = [i for i, d in enumerate(drafts) if d]
+            w.draft_ids = list(d.token_ids)
+        verdicts = [Verification((), None, 0, False)] * len(works)
+        rows = [i for i, d in enumerate(drafts) if d.token_ids]
         if not rows:
-            return accepted
-        seqs = [self._sequence(works[i], drafts[i]) for i in rows]
+            return verdicts
+        seqs = [self._sequence(works[i], drafts[i].token_ids) for i in rows]
         embeds, mask, positions = self._embed_batch(seqs, [works[i].embeds() for i in rows])
         self._adapter_on()
         if self._fast_verify:
@@ -1117,12 +1182,12 @@ class GraniteEngine(Engine):
         length = embeds.shape[1]
         b_idx, p_idx, tok = [], [], []
         for r, i in enumerate(rows):
-            n = len(drafts[i])
+            n = len(drafts[i].token_ids)
             first = length - n  # position of the first draft token (left padding puts sequences at the end)
             for k in range(n):
                 b_idx.append(r)
                 p_idx.append(first + k - 1)
-                tok.append(drafts[i][k])
+                tok.append(drafts[i].token_ids[k])
         gathered = hidden[torch.tensor(b_idx, device=self.device), torch.tensor(p_idx, device=self.device)]
         logits = self.model.lm_head(gathered).float() / self.logits_scaling
         probs = torch.softmax(logits, dim=-1)
@@ -1131,20 +1196,19 @@ class GraniteEngine(Engine):
         is_argmax = probs.argmax(-1) == tok_t
         start = 0
         for i in rows:
-            n = len(drafts[i])
+            n = len(drafts[i].token_ids)
             p = token_probs[start : start + n]
             works[i].info["verify_min_prob"] = float(p.min())
             works[i].draft_probs = p.tolist()
             passed = (p >= self.verify_threshold).int()
-            works[i].info["verify_prefix_tokens"] = int(passed.cumprod(0).sum())  # leading tokens that passed
-            if self.debug_token_ids:
-                works[i].info["verify_token_probs"] = p.tolist()
-                works[i].info["verify_is_argmax"] = is_argmax[start : start + n].tolist()
+            verdicts[i] = Verification(
+                token_probs=tuple(works[i].draft_probs),
+                is_argmax=is_argmax[start : start + n],
+                passed_prefix=int(passed.cumprod(0).sum()),
+                accepted=bool((p >= self.verify_threshold).all()),
+            )
             start += n
-            if bool((p >= self.verify_threshold).all()):
-                accepted[i] = True
-                works[i].text = works[i].info["draft"]
-        return accepted
+        return verdicts
 
     @property
     def _fast_verify(self) -> bool:
@@ -1163,13 +1227,13 @@ class GraniteEngine(Engine):
 
     @property
     def projector_graphs(self):
-        """Graph replay of :meth:`_project_windows` per window-count bucket (with the encoder graphs), else None."""
+        """Graph replay of :meth:`project_windows` per window-count bucket (with the encoder graphs), else None."""
         if self._projector_graphs is None and self.encoder_backend == "graphs":
             from stream_server.engines.granite.encoder import WindowGraphs
 
             projector = self.model.model.projector
             self._projector_graphs = WindowGraphs(
-                self._project_windows, (projector.window_size, int(self.config.encoder_config.hidden_dim)),
+                self.project_windows, (projector.window_size, int(self.config.encoder_config.hidden_dim)),
                 device=self.device, dtype=self.dtype, max_windows=self.max_batch * 80)
         return self._projector_graphs
 
@@ -1320,8 +1384,7 @@ class GraniteEngine(Engine):
             w.info["new_tokens"] = len(tokens)
             if w.resume_ids:
                 w.info["resumed_tokens"] = len(w.resume_ids)
-            if self.debug_token_ids:
-                w.info["token_ids"] = answer
+            self.on_decoded(w, answer)
 
     def _token_spans(self, text: str, ids: list[int], probs: list[float]) -> list[tuple[int, int, float]]:
         """Where each token's characters sit in ``text`` (which ends with the tokens' decoded text,

@@ -13,6 +13,7 @@ from stream_server.inference.types import InferenceRequest
 from stream_server.engines.granite.engine import GraniteEngine
 from stream_server.engines.granite.options import GraniteOptions
 from granite_stream_testing.tiny_granite import build_tiny_granite
+from granite_stream_testing.traced_granite import TracedGraniteEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -80,7 +81,7 @@ def test_projector_window_graphs_match_the_eager_projector(tiny_cuda):
     with torch.inference_mode():
         for n in (3, 8, 13, 3):  # buckets 8, 8, 16, then replay of 8
             windows = torch.randn(n, model.model.projector.window_size, hidden, device="cuda")
-            torch.testing.assert_close(graphs(windows).clone(), eng._project_windows(windows), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(graphs(windows).clone(), eng.project_windows(windows), rtol=1e-4, atol=1e-4)
     assert graphs.captures == 2 and graphs.replays == 4
 
 
@@ -102,10 +103,11 @@ def test_graph_replayed_draft_scoring_matches_the_eager_forward(tiny_cuda):
     # The verify pass replays a captured prefill (per batch x prompt bucket); its token
     # probabilities must equal transformers' eager forward, on the first call and on replays.
     model, tokenizer = tiny_cuda
-    kw = dict(model_label="tiny", debug_token_ids=True)
     spec = GraniteOptions(ctc_entropy_threshold=-1.0, verify_threshold=0.0)
-    fast = GraniteEngine(model=model, tokenizer=tokenizer, options=replace(spec, decode_backend="graphs"), **kw)
-    ref = GraniteEngine(model=model, tokenizer=tokenizer, options=replace(spec, decode_backend="generate"), **kw)
+    fast = TracedGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny",
+                               options=replace(spec, decode_backend="graphs"))
+    ref = TracedGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny",
+                              options=replace(spec, decode_backend="generate"))
     reqs = [InferenceRequest("s", i, "final", _tone(0.9 + 0.5 * i, 500.0 + 200 * i, i)) for i in range(3)]
     want = ref.transcribe_batch(reqs)
     for _ in range(2):

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from stream_server.inference.types import InferenceRequest
-from stream_server.engines.granite.engine import GraniteEngine, GraniteModelNotFoundError, _force_prefix
+from stream_server.engines.granite.engine import Draft, GraniteEngine, GraniteModelNotFoundError, _force_prefix
 from stream_server.engines.granite.features import GraniteFeatureExtractor, melscale_fbanks, num_audio_tokens
 from stream_server.engines.granite.options import GraniteOptions
 from granite_stream_testing.forced_granite import ForcedLengthGraniteEngine
+from granite_stream_testing.traced_granite import TracedGraniteEngine
 from granite_stream_testing.tiny_granite import build_tiny_granite
 
 hf_fe = pytest.importorskip("transformers.models.granite_speech.feature_extraction_granite_speech")
@@ -55,10 +56,10 @@ def split_options(kw: dict) -> GraniteOptions:
 
 def make_engine(tiny, **kw) -> GraniteEngine:
     model, tokenizer = tiny
-    kw.setdefault("debug_token_ids", True)
     options = split_options(kw)
-    # Forced decode lengths are a benchmark subclass's, not the product engine's.
-    cls = ForcedLengthGraniteEngine if "force_new_tokens" in kw else GraniteEngine
+    # Forced decode lengths and recorded tokens (info["token_ids"], info["verify_token_probs"]) are
+    # test subclasses', not the product engine's; both subclasses record the tokens.
+    cls = ForcedLengthGraniteEngine if "force_new_tokens" in kw else TracedGraniteEngine
     return cls(model=model, tokenizer=tokenizer, model_label="tiny", options=options, **kw)
 
 
@@ -383,7 +384,7 @@ def test_load_from_directory(tiny, tmp_path):
     model, tokenizer = tiny
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
-    eng = GraniteEngine(str(tmp_path / "ckpt"), debug_token_ids=True, options=GraniteOptions(speculative=False))
+    eng = TracedGraniteEngine(str(tmp_path / "ckpt"), options=GraniteOptions(speculative=False))
     assert eng.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert eng.capabilities.model == str(tmp_path / "ckpt")
     if eng.device.type == "cpu":
@@ -466,7 +467,7 @@ def test_verification_scores_the_right_positions(tiny, monkeypatch):
     assert greedy
 
     spec = make_engine(tiny, ctc_entropy_threshold=-1.0, verify_threshold=0.0)
-    monkeypatch.setattr(spec, "_draft_tokens", lambda w: (w.info.__setitem__("draft", "x"), list(greedy))[1])
+    monkeypatch.setattr(spec, "draft", lambda w: Draft("x", tuple(greedy)))
     r = spec.transcribe_batch([req(audio)])[0]
     assert r.info["path"] == "verify_accept"
     assert r.info["verify_is_argmax"] == [True] * len(greedy)
@@ -714,10 +715,9 @@ def test_rejected_draft_resumes_after_its_verified_prefix(tiny, monkeypatch):
     draft = head + [worst] + head
 
     def fixed_draft(w):
-        w.info["draft"] = tokenizer.decode(draft)
-        return list(draft)
+        return Draft(tokenizer.decode(draft), tuple(draft))
 
-    monkeypatch.setattr(probe, "_draft_tokens", fixed_draft)
+    monkeypatch.setattr(probe, "draft", fixed_draft)
     probs = probe.transcribe_batch([req(audio)])[0].info["verify_token_probs"]
     threshold = min(probs[:2])
     assert probs[2] < threshold  # the draft fails at its third token
@@ -726,7 +726,7 @@ def test_rejected_draft_resumes_after_its_verified_prefix(tiny, monkeypatch):
     for resume in (True, False):
         eng = make_engine(tiny, ctc_entropy_threshold=-1.0, verify_threshold=threshold, resume_from_draft=resume,
                           repetition_guard=False)  # (the random model loops: the guard would change the text)
-        monkeypatch.setattr(eng, "_draft_tokens", fixed_draft)
+        monkeypatch.setattr(eng, "draft", fixed_draft)
         r = eng.transcribe_batch([req(audio)])[0]
         if resume:
             assert r.info["path"] == "resumed" and r.info["resumed_tokens"] == 2
@@ -1034,3 +1034,50 @@ def test_public_stages_compose_to_the_batch_decode(tiny, backend):
         embeds, mask = eng.prompt_embeddings(works)
         got = eng.decode(embeds, mask, 6, suppress_eos=True)
     assert [list(map(int, row)) for row in got.tolist()] == want
+
+
+@pytest.mark.parametrize("backend", ["generate", "loop"])
+def test_public_speculation_stages_compose_to_the_verified_final(tiny, backend):
+    # prepare -> encode -> ctc -> project -> draft -> verify is transcribe_batch's path for a final
+    # that speculates: the same draft, the same probabilities and the same verdict.
+    eng = make_engine(tiny, ctc_entropy_threshold=-1.0, verify_threshold=0.0, decode_backend=backend)
+    audio = [tone(1.1, 350.0, 20), tone(1.3, 520.0, 30)]
+    prefix = eng.ctc_greedy(audio[1])[:2]  # the draft starts with it: the rest is scored
+    requests = [req(audio[0], "final", 0), req(audio[1], "final", 1, prefix=prefix)]
+    want = eng.transcribe_batch(requests)
+    assert [r.info["path"] for r in want] == ["verify_accept"] * 2
+    with torch.inference_mode():
+        works = eng.prepare(requests)
+        eng.encode(works)
+        eng.ctc(works)
+        eng.project(works)
+        drafts = [eng.draft(w) for w in works]
+        verdicts = eng.verify(works, drafts)
+    assert [d.text for d in drafts] == [r.text for r in want] == [r.info["draft"] for r in want]
+    assert drafts[1].text.startswith(prefix)
+    assert all(v.accepted and v.passed_prefix == len(d.token_ids) > 0 for v, d in zip(verdicts, drafts))
+    for v, r in zip(verdicts, want):
+        assert list(v.token_probs) == r.info["verify_token_probs"]
+        assert v.is_argmax is not None and v.is_argmax.tolist() == r.info["verify_is_argmax"]
+    with pytest.raises(ValueError):
+        eng.verify(works, drafts[:1])
+
+
+def test_traced_engine_records_the_tokens_the_product_publishes(tiny):
+    # The product engine carries no token ids; the traced test subclass adds them and changes nothing else.
+    model, tokenizer = tiny
+    options = GraniteOptions(decode_backend="loop", ctc_entropy_threshold=-1.0, verify_threshold=0.0,
+                             repetition_guard=False)
+    product = GraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", options=options)
+    traced = TracedGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", options=options)
+    requests = [req(tone(1.3, 520.0, 30), "final", 0),  # verified draft
+                req(tone(1.0, 500.0, 3), "final", 1, task="translate", language="en", target_language="fr")]
+    plain, recorded = product.transcribe_batch(requests), traced.transcribe_batch(requests)
+    assert [r.info["path"] for r in recorded] == ["verify_accept", "autoregressive"]
+    traced_keys = {"token_ids", "verify_token_probs", "verify_is_argmax"}
+    for p, r in zip(plain, recorded):
+        assert not traced_keys & p.info.keys()
+        assert (p.text, p.words, p.confidence) == (r.text, r.words, r.confidence)
+        assert p.info == {k: v for k, v in r.info.items() if k not in traced_keys}
+    assert "verify_token_probs" in recorded[0].info and "token_ids" not in recorded[0].info
+    assert recorded[1].text == tokenizer.decode(recorded[1].info["token_ids"], skip_special_tokens=True).strip()

@@ -27,7 +27,7 @@ def tone(seconds: float, freq: float, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("backend", ["generate", "loop"])
 def test_forced_length_is_proportional_to_audio(tiny, backend):
     model, tokenizer = tiny
-    eng = ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", debug_token_ids=True,
+    eng = ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny",
                         options=GraniteOptions(decode_backend=backend), force_tokens_per_second=3.0, force_min_tokens=4)
     reqs = [InferenceRequest("s", i, "final", tone(s, 300.0 + 100 * i, i)) for i, s in enumerate((0.5, 2.0, 5.0))]
     results = eng.transcribe_batch(reqs)
@@ -39,7 +39,7 @@ def test_forced_length_is_proportional_to_audio(tiny, backend):
 
 def test_ctc_partials_unaffected_and_constant_wins(tiny):
     model, tokenizer = tiny
-    eng = ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny", debug_token_ids=True,
+    eng = ForcedLengthGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny",
                         options=GraniteOptions(decode_backend="loop"), force_tokens_per_second=3.0, force_new_tokens=5)
     p = InferenceRequest("s", 0, "partial", tone(1.0, 400.0), partial_mode="ctc")
     f = InferenceRequest("s", 1, "final", tone(4.0, 500.0, 1))
