@@ -552,10 +552,10 @@ def test_batched_ctc_on_a_padded_encoder_batch_reads_each_row_alone(tiny):
     # Padded batching shares one (B, T, H) encoder output; the batched CTC pass must mask each row's padding.
     eng = make_engine(tiny, encoder_batching="padded")
     audio = [tone(0.7, 300.0, 30), tone(1.9, 700.0, 31), tone(1.2, 1500.0, 32)]
-    works = [eng._prepare(i, req(a, "partial", i, partial_mode="ctc")) for i, a in enumerate(audio)]
+    works = eng.prepare([req(a, "partial", i, partial_mode="ctc") for i, a in enumerate(audio)])
     with torch.inference_mode():
-        eng._encode_audio(works)
-        eng._ctc_decode(works)
+        eng.encode(works)
+        eng.ctc(works)
         alone = [eng._ctc_from_hidden(w.hidden) for w in works]
     assert [w.ctc_text for w in works] == [t for t, _ in alone] and all(t for t, _ in alone)
     assert [w.ctc_entropy for w in works] == pytest.approx([e for _, e in alone], rel=1e-5)
@@ -874,10 +874,10 @@ def test_loop_decoder_logits_match_a_transformers_forward(tiny, options):
     recorded = torch.stack(eng.decoder.logits_log, dim=1)  # (B, n_new, V)
     assert recorded.shape[1] == n_new
     with torch.inference_mode():
-        works = [eng._prepare(i, r) for i, r in enumerate(reqs)]
-        eng._encode_audio(works)
-        eng._project(works)
-        embeds, mask, _ = eng._embed_batch([eng._sequence(w) for w in works], [w.audio_embeds for w in works])
+        works = eng.prepare(reqs)
+        eng.encode(works)
+        eng.project(works)
+        embeds, mask = eng.prompt_embeddings(works)
         full = torch.cat([embeds, model.get_input_embeddings()(tokens[:, :-1])], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(tokens[:, :-1])], dim=1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
@@ -978,10 +978,11 @@ def test_drafts_are_scored_by_the_decoders_prefill_like_transformers(tiny, monke
         assert g.info["verify_token_probs"] == pytest.approx(w.info["verify_token_probs"], rel=1e-4, abs=1e-7)
     # and directly: the decoder's hidden states equal transformers' last_hidden_state, left padding included
     with torch.inference_mode():
-        works = [fast._prepare(i, r) for i, r in enumerate(reqs)]
-        fast._encode_audio(works)
-        fast._project(works)
-        embeds, mask, positions = fast._embed_batch([fast._sequence(w) for w in works], [w.audio_embeds for w in works])
+        works = fast.prepare(reqs)
+        fast.encode(works)
+        fast.project(works)
+        embeds, mask = fast.prompt_embeddings(works)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
         hf = fast.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
         ours = fast.decoder.hidden_states(embeds, mask, pad_token_id=fast.pad_id, eos_token_ids=fast.eos_ids)
     real = mask.bool()
