@@ -1,4 +1,4 @@
-"""CTC forced alignment (Viterbi) and word timings from it: pure numpy, no model.
+"""CTC forced alignment (Viterbi) and word timings from it: numpy and one numba kernel, no model.
 
 Granite's encoder has a character CTC head whose posteriors the engine computes for every
 utterance anyway (CTC partials, speculative drafts). Aligning a final's characters to those
@@ -12,9 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numba
 import numpy as np
 
 from stream_server.inference.types import Word
+
+
+def _jit(function: Callable) -> Callable:
+    """``numba.njit`` without the GIL, its machine code cached on disk (next to this module, else
+    numba's user-wide cache dir, else ``$NUMBA_CACHE_DIR``) so that a process compiles only once per
+    installed version; where no location is writable (a read-only install without a writable home)
+    it compiles in memory at :func:`warm` instead (about a second)."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # numba: "cannot cache function …: no locator available"
+        return numba.njit(nogil=True)(function)
 
 
 @dataclass(frozen=True)
@@ -33,61 +45,93 @@ def best_path(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0,
     With ``greedy_first``, the frame-wise argmax path is taken at once when it emits exactly
     ``targets`` (the same path and score, without the Viterbi pass).
 
+    Ties between equally likely predecessors go to staying on the state, then to a step from the
+    previous state, then to a jump over a blank; between the two possible end states, to the final
+    blank.
+
     Returns:
         ``(states, log_score)``: for every frame its state in ``blank, t1, blank, t2, …, blank``
-        (odd states are ``targets[state // 2]``), and the path's summed log posterior; ``None``
-        when no path fits (too few frames: a label repeated back to back needs a blank between).
+        (odd states are ``targets[state // 2]``), and the path's summed log posterior (float64
+        arithmetic); ``None`` when no path fits (too few frames: a label repeated back to back needs
+        a blank between).
     """
-    log_probs = np.asarray(log_probs, dtype=np.float64)
-    frames = log_probs.shape[0]
+    log_probs = np.asarray(log_probs)
+    if log_probs.dtype not in (np.float32, np.float64):
+        log_probs = log_probs.astype(np.float64)
+    log_probs = np.ascontiguousarray(log_probs)
     labels = np.asarray(targets, dtype=np.int64)
+    if log_probs.shape[0] == 0:
+        return None if len(labels) else (np.zeros(0, dtype=np.int64), 0.0)
     greedy = _greedy_path(log_probs, labels, blank) if greedy_first else None
     if greedy is not None:
         return greedy
     extended = np.full(2 * len(labels) + 1, blank, dtype=np.int64)
     extended[1::2] = labels
-    states = len(extended)
-    # Why this shape: the recursion is sequential in frames, so its cost is numpy calls per frame.
-    # The forward pass makes four, each writing in place into one preallocated score table (two
-    # -inf columns on the left stand for "no state s-1 / s-2"); no back-pointer table is kept:
-    # the backtrack recomputes the one choice per frame the path needs from the table, on a
-    # memoryview (Python floats, not numpy scalars). Cost: docs/benchmarks.md.
-    emit = log_probs[:, extended]
-    # A skip from s-2 to s is allowed into a label that differs from the label two states back:
-    # 0 there, -inf elsewhere, added to the jump candidate.
-    jump_ok = np.full(states, -np.inf)
+    # A jump from s-2 to s is allowed into a label that differs from the label two states back.
+    jump_ok = np.full(len(extended), -np.inf)
     jump_ok[3::2][labels[1:] != labels[:-1]] = 0.0
-    width = states + 2
-    table = np.full((frames, width), -np.inf)
-    table[0, 2: 2 + min(2, states)] = emit[0, : min(2, states)]
-    jump = np.empty(states)
-    for t in range(1, frames):
-        previous, current = table[t - 1], table[t, 2:]
-        np.maximum(previous[2:], previous[1:-1], out=current)  # stay or step from s-1
-        np.add(previous[:-2], jump_ok, out=jump)
-        np.maximum(current, jump, out=current)
-        current += emit[t]
-    score = table[-1, 2:]
-    # The path ends on the last label or on the blank after it.
-    last = states - 1 if states == 1 or score[-1] >= score[-2] else states - 2
-    if not np.isfinite(score[last]):
+    path = np.empty(log_probs.shape[0], dtype=np.int64)
+    score = _viterbi(log_probs, extended, jump_ok, path)
+    if not np.isfinite(score):
         return None
-    flat = table.reshape(-1).data  # a memoryview
-    can_jump = (jump_ok == 0.0).tolist()
-    path = [0] * frames
+    return path, float(score)
+
+
+@_jit
+def _viterbi(log_probs, extended, jump_ok, path):
+    """The compiled forward pass and backtrack of :func:`best_path`: fills ``path`` and returns the
+    path's score, ``-inf`` when no path fits (``path`` is then undefined).
+
+    ``jump_ok[s]`` is 0 where state ``s`` may be entered from ``s - 2`` and ``-inf`` elsewhere:
+    added to the jump's score, it rules the jump out without a branch, leaving the value unchanged.
+
+    Why compiled: the recursion is sequential in frames, so numpy can vectorise only over states
+    and pays several calls per frame, which made it the largest part of a long final's alignment;
+    here a frame is two tight loops (the frame's emissions gathered, then the states). Two ``-inf``
+    cells before state 0 stand for "no state s-1 / s-2". Back-pointers are one byte per frame and
+    state (1.4 MB at 30 s). Cost: docs/benchmarks.md ("Word timings and confidence on finals").
+    """
+    frames = log_probs.shape[0]
+    states = extended.shape[0]
+    minus_inf = -np.inf
+    previous = np.full(states + 2, minus_inf)  # state s at s + 2
+    current = np.full(states + 2, minus_inf)
+    emit = np.empty(states)
+    back = np.empty((frames, states), dtype=np.int8)  # row 0 is never read
+    for s in range(min(2, states)):
+        previous[s + 2] = np.float64(log_probs[0, extended[s]])
+    for t in range(1, frames):
+        row = log_probs[t]
+        for s in range(states):
+            emit[s] = row[extended[s]]
+        moves = back[t]
+        for s in range(states):
+            best = previous[s + 2]  # stay
+            move = 0
+            step = previous[s + 1]
+            if step > best:
+                best = step
+                move = 1
+            jump = previous[s] + jump_ok[s]
+            if jump > best:
+                best = jump
+                move = 2
+            current[s + 2] = best + emit[s]
+            moves[s] = move
+        previous, current = current, previous
+    # The path ends on the last label or on the blank after it.
+    last = states - 1
+    if states > 1 and previous[states + 1] < previous[states]:
+        last = states - 2
+    score = previous[last + 2]
+    if score == minus_inf:
+        return score
     state = last
     for t in range(frames - 1, 0, -1):
         path[t] = state
-        cell = (t - 1) * width + state + 2
-        # Ties prefer staying, then a step (the order the forward maximum does not record).
-        best, move = flat[cell], 0
-        if flat[cell - 1] > best:
-            best, move = flat[cell - 1], 1
-        if can_jump[state] and flat[cell - 2] > best:
-            move = 2
-        state -= move
+        state -= back[t, state]
     path[0] = state
-    return np.asarray(path, dtype=np.int64), float(score[last])
+    return score
 
 
 def _greedy_path(log_probs: np.ndarray, labels: np.ndarray, blank: int) -> tuple[np.ndarray, float] | None:
@@ -104,7 +148,15 @@ def _greedy_path(log_probs: np.ndarray, labels: np.ndarray, blank: int) -> tuple
     starts = keep & (best != blank)  # the first frame of each emitted label
     k = np.cumsum(starts)  # labels started so far, this frame's included
     states = np.where(best == blank, 2 * k, 2 * k - 1)
-    return states.astype(np.int64), float(log_probs[np.arange(len(best)), best].sum())
+    return states.astype(np.int64), float(log_probs[np.arange(len(best)), best].astype(np.float64).sum())
+
+
+def warm() -> None:
+    """Compile (or load from the disk cache) the Viterbi kernel for the posteriors' two dtypes, so
+    that the first final aligned does not pay for it. Engines call it when they load."""
+    for dtype in (np.float32, np.float64):
+        log_probs = np.log(np.full((3, 3), 1 / 3, dtype=dtype))
+        best_path(log_probs, [1, 2], greedy_first=False)
 
 
 def forced_align(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0) -> list[CharSpan] | None:
@@ -119,19 +171,35 @@ def forced_align(log_probs: np.ndarray, targets: Sequence[int], blank: int = 0) 
         One :class:`CharSpan` per target, in order (the frames the path spends on it, at least one,
         and its mean posterior over them); ``None`` when no path fits (see :func:`best_path`).
     """
-    if len(targets) == 0:
-        return []
+    found = _spans(log_probs, targets, blank)
+    if found is None:
+        return None
+    starts, ends, probabilities = found
+    return [CharSpan(a, b, p) for a, b, p in zip(starts.tolist(), ends.tolist(), probabilities.tolist())]
+
+
+def _spans(log_probs: np.ndarray, targets: Sequence[int],
+           blank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`forced_align` as three arrays (start frames, end frames, mean posteriors), without a
+    Python object per character: a 30 s final has about 450."""
+    labels = np.asarray(targets, dtype=np.int64)
+    if len(labels) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
     found = best_path(log_probs, targets, blank)
     if found is None:
         return None
     path, _ = found
-    log_probs = np.asarray(log_probs)
-    spans: list[CharSpan] = []
-    for k, label in enumerate(targets):
-        where = np.flatnonzero(path == 2 * k + 1)
-        probability = float(np.mean(np.exp(log_probs[where, label])))
-        spans.append(CharSpan(int(where[0]), int(where[-1]) + 1, probability))
-    return spans
+    # The path's states never decrease and visit every odd state (a jump skips only a blank), so
+    # each label's frames are one run of the frames on odd states, in label order.
+    on_label = np.flatnonzero(path & 1)
+    label_index = path[on_label] >> 1
+    runs = np.arange(len(labels))
+    first = np.searchsorted(label_index, runs, side="left")
+    count = np.searchsorted(label_index, runs, side="right") - first
+    posterior = np.exp(np.asarray(log_probs)[on_label, labels[label_index]].astype(np.float64))
+    probabilities = np.add.reduceat(posterior, first) / count
+    return on_label[first], on_label[first + count - 1] + 1, probabilities
 
 
 def align_words(
@@ -169,18 +237,24 @@ def align_words(
             label = label_of(char)
             if label is not None:
                 chars.append((label, index))
-    spans = forced_align(log_probs, [label for label, _ in chars], blank)
-    if spans is None:
+    found = _spans(log_probs, [label for label, _ in chars], blank)
+    if found is None:
         return None
-    timed: list[Word] = []
-    for index, word in enumerate(words):
-        mine = [span for span, (_, owner) in zip(spans, chars) if owner == index]
-        if not mine:
-            return None
-        probability = float(np.mean([span.probability for span in mine]))
-        timed.append(Word(word, round(mine[0].start * frame_s, 3), round(mine[-1].end * frame_s, 3),
-                          round(probability, 3)))
-    return tuple(timed)
+    starts, ends, probabilities = found
+    owners = np.asarray([owner for _, owner in chars], dtype=np.int64)
+    mine = owners >= 0  # the spaces' spans belong to no word
+    owners, starts, ends, probabilities = owners[mine], starts[mine], ends[mine], probabilities[mine]
+    # Characters come in word order: each word's characters are one run of ``owners``.
+    indices = np.arange(len(words))
+    first = np.searchsorted(owners, indices, side="left")
+    count = np.searchsorted(owners, indices, side="right") - first
+    if not count.all():
+        return None
+    last = first + count - 1
+    means = np.add.reduceat(probabilities, first) / count
+    return tuple(Word(word, round(start * frame_s, 3), round(end * frame_s, 3), round(probability, 3))
+                 for word, start, end, probability
+                 in zip(words, starts[first].tolist(), ends[last].tolist(), means.tolist()))
 
 
 def with_token_probabilities(text: str, words: Sequence[Word],

@@ -67,7 +67,7 @@ import torch
 
 from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult
 from stream_server.engines.base import Engine, ResultHook
-from stream_server.engines.granite.ctc_align import align_words, with_token_probabilities
+from stream_server.engines.granite.ctc_align import align_words, warm as warm_aligner, with_token_probabilities
 from stream_server.engines.granite.features import GraniteFeatureExtractor
 from stream_server.engines.granite.options import (  # noqa: F401 - re-exported
     DEFAULT_TOKENS_PER_SECOND,
@@ -580,7 +580,10 @@ class GraniteEngine(Engine):
         graphs for every batch bucket and every length up to ``graph_seconds``, and (with the
         ``graphs`` decode backend) the decode states of ``warm_decode_seconds``, so that captures do
         not stall live traffic (each costs two runs of its shape); other shapes capture on first use.
-        The engine's path counters are zeroed afterwards."""
+        The engine's path counters are zeroed afterwards; the word aligner's compiled Viterbi is
+        loaded (or compiled, about a second, once per install) so that the first final does not wait."""
+        if self.word_timestamps and self.has_ctc:
+            warm_aligner()
         super().warmup()
         encoder_graphs = self.encoder_graphs
         if encoder_graphs is not None:
