@@ -392,7 +392,7 @@ class Verification:
     """
 
     token_probs: tuple[float, ...]
-    is_argmax: torch.Tensor | None
+    is_argmax: torch.Tensor | None = field(compare=False)  # a tensor has no single truth value
     passed_prefix: int
     accepted: bool
 
