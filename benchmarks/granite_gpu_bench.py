@@ -47,7 +47,7 @@ import torch
 
 from stream_server.inference.types import InferenceRequest
 from granite_stream_testing.forced_granite import ForcedLengthGraniteEngine
-from stream_server.engines.granite.engine import Draft, Verification
+from stream_server.engines.granite.engine import Draft, Verification, Work
 from stream_server.engines.granite.options import GraniteOptions
 
 SR = 16000
@@ -193,7 +193,7 @@ class DraftCutEngine(ForcedLengthGraniteEngine):
 
     draft_tokens = 30
 
-    def draft(self, work) -> Draft:
+    def draft(self, work: Work) -> Draft:
         d = super().draft(work)
         ids = list(d.token_ids)
         if len(ids) < self.draft_tokens:  # pad a short junk draft with spaces' byte id
@@ -211,7 +211,7 @@ class ResumeEngine(DraftCutEngine):
 
     keep = 15
 
-    def verify(self, works, drafts: Sequence[Draft]) -> list[Verification]:
+    def verify(self, works: list[Work], drafts: Sequence[Draft]) -> list[Verification]:
         verdicts = super().verify(works, drafts)
         return [dataclasses.replace(v, accepted=False, passed_prefix=min(self.keep, len(d.token_ids)))
                 for v, d in zip(verdicts, drafts)]

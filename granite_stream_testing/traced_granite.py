@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from stream_server.engines.granite.engine import Draft, GraniteEngine, Verification
+from stream_server.engines.granite.engine import Draft, GraniteEngine, Verification, Work
 
 
 class TracedGraniteEngine(GraniteEngine):
@@ -28,10 +28,10 @@ class TracedGraniteEngine(GraniteEngine):
     Takes :class:`GraniteEngine`'s arguments; otherwise behaves (and decodes) as the product.
     """
 
-    def on_decoded(self, work, token_ids: list[int]) -> None:
+    def on_decoded(self, work: Work, token_ids: list[int]) -> None:
         work.info["token_ids"] = list(token_ids)
 
-    def verify(self, works, drafts: Sequence[Draft]) -> list[Verification]:
+    def verify(self, works: list[Work], drafts: Sequence[Draft]) -> list[Verification]:
         verdicts = super().verify(works, drafts)
         for w, v in zip(works, verdicts):
             if v.token_probs and v.is_argmax is not None:

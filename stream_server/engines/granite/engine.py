@@ -85,6 +85,7 @@ __all__ = [
     "GraniteCheckpointError",
     "PROMPT_SOURCES",
     "Verification",
+    "Work",
     "load_granite",
 ]
 
@@ -318,8 +319,14 @@ def _default_device() -> torch.device:
 
 
 @dataclass
-class _Work:
-    """Per-request state inside one ``transcribe_batch`` call."""
+class Work:
+    """One request's state through the engine's stages, inside one ``transcribe_batch`` call or made
+    by :meth:`GraniteEngine.prepare` for the public stages.
+
+    Callers pass work items from stage to stage and may read ``req``, ``text``, ``path`` and ``info``
+    (which becomes the result's ``info``, the place a test subclass records into); every other field
+    is the engine's own, set and read by the stages in their order.
+    """
 
     index: int
     req: InferenceRequest
@@ -560,7 +567,7 @@ class GraniteEngine(Engine):
         rate = self.tokens_per_second_by_language.get(output_language or "", self.tokens_per_second)
         return int(math.ceil(n_samples / SAMPLE_RATE * rate)) + self.extra_new_tokens
 
-    def on_decoded(self, work: _Work, token_ids: list[int]) -> None:
+    def on_decoded(self, work: Work, token_ids: list[int]) -> None:
         """Hook, called once per LLM decode of a request (partial or final) before its result is made:
         ``token_ids`` are the answer's tokens after the request's prefix (a resumed draft's verified
         tokens first), EOS and padding cut, before any repetition collapse. The product does nothing;
@@ -699,11 +706,11 @@ class GraniteEngine(Engine):
     # draft, verify, then decode only if the draft is rejected; publishing is not a stage); they are
     # public so that a benchmark can time one stage on the product's own code path, and a test or
     # benchmark subclass may override draft and verify (the speculation stages, with the LLM below).
-    def prepare(self, requests: Sequence[InferenceRequest]) -> list[_Work]:
+    def prepare(self, requests: Sequence[InferenceRequest]) -> list[Work]:
         """Stage 0: one work item per request (audio padded to the minimum, token budget set)."""
         return [self._prepare(i, r) for i, r in enumerate(requests)]
 
-    def encode(self, works: list[_Work]) -> None:
+    def encode(self, works: list[Work]) -> None:
         """Stage 1: features, encoder and CTC head for ``works`` (per ``encoder_batching``/``encoder_backend``).
 
         Clears any audio embeddings from an earlier :meth:`project`, so that a timed loop of
@@ -712,12 +719,12 @@ class GraniteEngine(Engine):
             w.audio_embeds = None
         self._encode_audio(works)
 
-    def ctc(self, works: list[_Work]) -> None:
+    def ctc(self, works: list[Work]) -> None:
         """Stage 1b: greedy CTC text and frame entropy (one batched pass) for every encoded work item
         that has none yet: a CTC partial's text, or a final's draft (:meth:`draft`)."""
         self._ctc_decode(works)
 
-    def project(self, works: list[_Work]) -> None:
+    def project(self, works: list[Work]) -> None:
         """Stage 2: the projector: LLM audio embeddings for every encoded work item that has none."""
         self._project(works)
 
@@ -730,7 +737,7 @@ class GraniteEngine(Engine):
                                     encoder_attention_mask=None, return_dict=True).last_hidden_state
         return projector.linear(queries)
 
-    def prompt_embeddings(self, works: list[_Work]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_embeddings(self, works: list[Work]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 3: the batch's left-padded prompt embeddings (audio placed) and attention mask."""
         embeds, mask, _ = self._embed_batch([self._sequence(w) for w in works], [w.embeds() for w in works])
         return embeds, mask
@@ -805,7 +812,7 @@ class GraniteEngine(Engine):
             return []
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _sequence(self, w: _Work, extra: Sequence[int] = ()) -> list[int]:
+    def _sequence(self, w: Work, extra: Sequence[int] = ()) -> list[int]:
         before, after = self._prompt_ids(self.instruction(w.req))
         return before + [self.audio_token_id] * w.n_tokens + after + self._prefix_ids(w) + w.resume_ids + list(extra)
 
@@ -815,8 +822,8 @@ class GraniteEngine(Engine):
         self._encode_audio(works)
         self._ctc_posteriors([w for w in works if self._timed(w.req)])
 
-        llm: list[_Work] = []
-        verify: list[_Work] = []
+        llm: list[Work] = []
+        verify: list[Work] = []
         for w in works:
             req = w.req
             ctc_ok = self._ctc_usable(req)
@@ -888,7 +895,7 @@ class GraniteEngine(Engine):
         """Whether this request's result gets word timings (a transcription final in a CTC language)."""
         return self.word_timestamps and req.kind == "final" and self._ctc_usable(req)
 
-    def _ctc_posteriors(self, works: list[_Work]) -> None:
+    def _ctc_posteriors(self, works: list[Work]) -> None:
         """CTC log posteriors of each work's valid frames, copied to the host in one transfer."""
         rows = [w for w in works if w.hidden is not None or w.batch_hidden is not None]
         if not rows:
@@ -905,7 +912,7 @@ class GraniteEngine(Engine):
         """Whether the CTC head's transcript serves this request (partials and speculative drafts)."""
         return self.has_ctc and req.language in self.ctc_languages and req.task == "transcribe"
 
-    def _result(self, w: _Work) -> InferenceResult:
+    def _result(self, w: Work) -> InferenceResult:
         """The work's result, made (and its path counted) once."""
         if w.result is None:
             req = w.req
@@ -925,13 +932,13 @@ class GraniteEngine(Engine):
                                        words=words or None, confidence=confidence)
         return w.result
 
-    def _prepare(self, index: int, req: InferenceRequest) -> _Work:
+    def _prepare(self, index: int, req: InferenceRequest) -> Work:
         audio = np.ascontiguousarray(np.asarray(req.audio, dtype=np.float32).reshape(-1))
         if audio.shape[0] < self.min_audio_samples:
             audio = np.pad(audio, (0, self.min_audio_samples - audio.shape[0]))
         samples = torch.from_numpy(audio)
         n = int(samples.shape[0])
-        w = _Work(
+        w = Work(
             index=index,
             req=req,
             samples=samples,
@@ -942,7 +949,7 @@ class GraniteEngine(Engine):
         return w
 
     # ------------------------------------------------------------------ encoder / CTC / projector
-    def _encode_audio(self, works: list[_Work]) -> None:
+    def _encode_audio(self, works: list[Work]) -> None:
         encoder = self.model.model.encoder
         if self.encoder_batching == "padded":
             graphs = self.encoder_graphs
@@ -969,7 +976,7 @@ class GraniteEngine(Engine):
             feats = self.features([w.samples for w in works], device=self.device).input_features
             self._keep_rows(works, encoder(feats.to(self.dtype)).last_hidden_state)
             return
-        by_length: dict[int, list[_Work]] = defaultdict(list)
+        by_length: dict[int, list[Work]] = defaultdict(list)
         for w in works:
             by_length[int(w.samples.shape[0])].append(w)
         for same in by_length.values():
@@ -981,13 +988,13 @@ class GraniteEngine(Engine):
                 w.hidden_for_projector = hidden[i]
 
     @staticmethod
-    def _keep_rows(works: list[_Work], hidden: torch.Tensor) -> None:
+    def _keep_rows(works: list[Work], hidden: torch.Tensor) -> None:
         for i, w in enumerate(works):
             w.hidden = hidden[i, : w.n_frames]
             w.hidden_for_projector = hidden[i]
             w.batch_hidden, w.row = hidden, i
 
-    def _project(self, works: list[_Work]) -> None:
+    def _project(self, works: list[Work]) -> None:
         """Audio embeddings for every work that has none, in one projector pass.
 
         The projector (a Q-Former over windows of ``window_size`` encoder frames) treats each
@@ -1046,10 +1053,10 @@ class GraniteEngine(Engine):
             text, _ = self._ctc_from_hidden(hidden)
         return text
 
-    def _ctc_decode(self, works: list[_Work]) -> None:
+    def _ctc_decode(self, works: list[Work]) -> None:
         """Greedy CTC text and entropy for every work that has none yet, in one batched pass."""
         todo = [w for w in works if w.ctc_text is None]
-        by_base: dict[int, list[_Work]] = defaultdict(list)
+        by_base: dict[int, list[Work]] = defaultdict(list)
         for w in todo:
             by_base[id(w.batch_hidden)].append(w)
         for group in by_base.values():
@@ -1141,7 +1148,7 @@ class GraniteEngine(Engine):
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         return embeds, mask, positions
 
-    def draft(self, work: _Work) -> Draft:
+    def draft(self, work: Work) -> Draft:
         """Speculation stage 1: a final's CTC draft (after :meth:`ctc`), made to start with the request's
         prefix (:func:`_force_prefix`); its tokens are those of the part after the prefix. A benchmark
         subclass may override it (e.g. to cut a random model's junk draft to a realistic length)."""
@@ -1152,7 +1159,7 @@ class GraniteEngine(Engine):
             return Draft(prefix + rest, tuple(self._encode(rest)) if rest.strip() else ())
         return Draft(draft.strip(), tuple(self._encode(draft.strip())) if draft.strip() else ())
 
-    def verify(self, works: list[_Work], drafts: Sequence[Draft]) -> list[Verification]:
+    def verify(self, works: list[Work], drafts: Sequence[Draft]) -> list[Verification]:
         """Speculation stage 2: score each work item's draft in one teacher-forced LLM pass (the
         decoder's prefill with the ``loop``/``graphs`` backends, transformers' forward otherwise).
 
@@ -1279,7 +1286,7 @@ class GraniteEngine(Engine):
         prefill = rows * prompt * (int(text.hidden_size) + prompt) * itemsize  # embeddings + additive mask
         return decode_states_for_memory(free, kv + prefill)
 
-    def _generate(self, works: list[_Work]) -> None:
+    def _generate(self, works: list[Work]) -> None:
         seqs = [self._sequence(w) for w in works]
         embeds, mask, _ = self._embed_batch(seqs, [w.embeds() for w in works])
         max_new = max(self._budget_left(w) for w in works)
@@ -1350,11 +1357,11 @@ class GraniteEngine(Engine):
             self.model.enable_adapters()
 
     @staticmethod
-    def _budget_left(w: _Work) -> int:
+    def _budget_left(w: Work) -> int:
         """New tokens the decode may still produce (a resumed decode has spent some on the draft)."""
         return max(1, w.budget - len(w.resume_ids))
 
-    def _finish(self, works: list[_Work], out: torch.Tensor, forced: bool, probs: torch.Tensor | None = None) -> None:
+    def _finish(self, works: list[Work], out: torch.Tensor, forced: bool, probs: torch.Tensor | None = None) -> None:
         eos = set(self.eos_ids)
         prob_rows = probs.tolist() if probs is not None else [None] * len(works)
         for w, row, row_probs in zip(works, out.tolist(), prob_rows):
@@ -1404,7 +1411,7 @@ class GraniteEngine(Engine):
             position += len(piece)
         return spans
 
-    def _prefix_ids(self, w: _Work) -> list[int]:
+    def _prefix_ids(self, w: Work) -> list[int]:
         if w.prefix_ids is None:
             w.prefix_ids = self._encode(w.req.prefix) if w.req.prefix else []
         return w.prefix_ids
