@@ -58,6 +58,7 @@ import io
 import json
 import logging
 import math
+import select
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -688,12 +689,14 @@ class HttpServerConnection(ServerConnection):
         except TimeoutError:
             self.transport.abort()
 
-    async def _linger(self, idle_s: float = 2.0, total_s: float = 30.0) -> None:
+    async def _linger(self, idle_s: float = 5.0, total_s: float = 30.0) -> None:
         """Read and drop the rest of an unread body (a refused upload) before closing.
 
         Closing a socket with unread data makes the kernel send a reset, and a client still writing
         its upload would see "connection reset" instead of the answer (the lingering close of
-        Apache and nginx).
+        Apache and nginx; ``idle_s`` is nginx's ``lingering_timeout``, ``total_s`` its
+        ``lingering_time``). It ends when the client closes, sends nothing for ``idle_s``, or
+        after ``total_s``; never while received bytes wait unread (see :meth:`_input_pending`).
         """
         self._discarding = True
         self.transport.resume_reading()
@@ -706,7 +709,27 @@ class HttpServerConnection(ServerConnection):
             try:
                 await asyncio.wait_for(self._readable.wait(), timeout=idle_s)
             except TimeoutError:
+                if self._input_pending():
+                    continue  # the loop, not the client, was late: read it, or closing resets
                 return
+
+    def _input_pending(self) -> bool:
+        """Whether bytes (or the client's EOF) wait in the kernel, not yet delivered to
+        :meth:`data_received`.
+
+        On a late event loop (a starved process), the client's next bytes can land in the turn
+        in which the overdue idle timer fires, after that turn's poll: the timed-out wait resumes
+        before they are read. Closing then would reset the connection, and the client would lose
+        the answer it has not read yet.
+        """
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):  # already closed
+            return False
+        return bool(readable)
 
 
 def connection_factory(server: "StreamServer"):
