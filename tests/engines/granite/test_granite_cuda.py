@@ -1,6 +1,6 @@
 """Granite's CUDA-only paths, on a tiny random model: skipped without a GPU (CI has none).
 
-Run on the lent GPU machine with ``python -m pytest -q tests/test_granite_cuda.py``.
+Run on the lent GPU machine with ``python -m pytest -q tests/engines/granite/test_granite_cuda.py``.
 """
 
 from dataclasses import replace
