@@ -63,13 +63,14 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import h11
 import numpy as np
 import prometheus_client
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
+from websockets.server import ServerProtocol
 
 from stream_server.core import captions
 from stream_server.server.auth import check_access
@@ -179,7 +180,8 @@ def parse_form(content_type: str, body: bytes) -> dict[str, list[bytes]]:
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         if name:
-            form.setdefault(str(name), []).append(part.get_payload(decode=True) or b"")
+            payload = part.get_payload(decode=True)  # bytes for a leaf part, None for a nested multipart
+            form.setdefault(str(name), []).append(payload if isinstance(payload, bytes) else b"")
     return form
 
 
@@ -402,7 +404,7 @@ class FileTranscriptionApi:
         finals: list[dict] = []  # wire form: the response is built from them as the client would get them
         errors: list[Error] = []
 
-        def emit(action) -> None:
+        def emit(action: object) -> None:
             if isinstance(action, Send):
                 server.count_event(action.event)
                 if isinstance(action.event, Final):
@@ -412,8 +414,8 @@ class FileTranscriptionApi:
 
         driver = server.open_session(emit, client_ip=conn.client_ip)  # holds the slot until the answer
         try:
-            work = asyncio.ensure_future(self._run(conn, driver, headers, path, errors))
-            lost = asyncio.ensure_future(asyncio.shield(conn.connection_lost_waiter))
+            work: asyncio.Future[Any] = asyncio.ensure_future(self._run(conn, driver, headers, path, errors))
+            lost: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(conn.connection_lost_waiter))
             done, _ = await asyncio.wait([work, lost], return_when=asyncio.FIRST_COMPLETED)
             if work not in done:
                 work.cancel()
@@ -495,7 +497,8 @@ class HttpServerConnection(ServerConnection):
     would not fit in a handshake's seconds.
     """
 
-    def __init__(self, protocol, server, *, api: FileTranscriptionApi, open_timeout: float | None, **kwargs):
+    def __init__(self, protocol: ServerProtocol, server: Server, *, api: FileTranscriptionApi,
+                 open_timeout: float | None, **kwargs: Any) -> None:
         super().__init__(protocol, server, **kwargs)
         self.api = api
         self.open_timeout = open_timeout
@@ -537,14 +540,15 @@ class HttpServerConnection(ServerConnection):
         self._feed_http(head)
         self._diverted.set_result(None)
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:
+        # Returning None (falsy) lets the transport close, in both modes.
         if self._mode == "http":
             self._feed_http(b"")
-            return None  # the transport closes; a half-closed client gets no answer
+            return  # a half-closed client gets no answer
         if self._mode is None and self._sniffed:
             self._mode = "websocket"
             super().data_received(self._sniffed)
-        return super().eof_received()
+        super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -558,7 +562,7 @@ class HttpServerConnection(ServerConnection):
 
     # the exchange
 
-    async def handshake(self, *args, **kwargs) -> None:
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
         async with asyncio.timeout(self.open_timeout):
             await asyncio.wait([self.request_rcvd, self.connection_lost_waiter, self._diverted],
                                return_when=asyncio.FIRST_COMPLETED)
@@ -578,7 +582,8 @@ class HttpServerConnection(ServerConnection):
         # protocol_handler aborts the transport after this returns (the WebSocket never opened);
         # send_response has closed it and waited for the answer to leave.
 
-    async def _next_event(self, timeout: float | None = None, deadline: float | None = None):
+    async def _next_event(self, timeout: float | None = None,
+                          deadline: float | None = None) -> h11.Event | type[h11.PAUSED]:
         """The next h11 event, waiting for data up to ``timeout`` seconds between reads and, in
         total, until ``deadline`` (a time of the event loop's clock).
 
@@ -612,7 +617,9 @@ class HttpServerConnection(ServerConnection):
                 continue
             if isinstance(event, h11.ConnectionClosed):
                 raise ConnectionError("connection closed")
-            return event
+            if isinstance(event, h11.Event):
+                return event
+            return h11.PAUSED  # the other sentinel (NEED_DATA is waited on above)
 
     async def read_body(self, limit: int, idle_timeout: float | None, total_timeout: float | None = None) -> bytes:
         """The request body (``Content-Length`` or chunked), at most ``limit`` bytes, complete within
@@ -732,7 +739,10 @@ class HttpServerConnection(ServerConnection):
         return bool(readable)
 
 
-def connection_factory(server: "StreamServer"):
+def connection_factory(server: "StreamServer") -> type[ServerConnection]:
     """``create_connection`` for ``serve``: :class:`HttpServerConnection` bound to ``server``'s API."""
-    return functools.partial(HttpServerConnection, api=FileTranscriptionApi(server),
-                             open_timeout=server.settings.handshake_timeout_s)
+    factory = functools.partial(HttpServerConnection, api=FileTranscriptionApi(server),
+                                open_timeout=server.settings.handshake_timeout_s)
+    # websockets annotates create_connection as a class but only calls it, with (protocol, server,
+    # **kwargs), as this partial takes them.
+    return cast("type[ServerConnection]", factory)
