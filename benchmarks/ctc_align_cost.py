@@ -6,7 +6,8 @@ frame-wise argmax path misses some characters (so the greedy shortcut does not a
 Viterbi runs). Timed in the same run: the numpy Viterbi that the compiled one replaced (the
 baseline, kept here), the compiled ``best_path``, the whole ``align_words`` (Viterbi and the
 characters' and words' spans) and ``best_path`` on the argmax path's own text (a final that is the
-CTC draft: the shortcut). Prints the best of ``--repeats`` in milliseconds, and how long
+CTC draft: the shortcut), and a batch of ``--batch`` such finals aligned one by one against
+``align_words_many`` (threads). Prints the best of ``--repeats`` in milliseconds, and how long
 ``ctc_align.warm()`` took (a compile, or a load from numba's disk cache; ``NUMBA_CACHE_DIR`` set to
 an empty directory forces the compile).
 
@@ -20,7 +21,7 @@ import time
 
 import numpy as np
 
-from stream_server.engines.granite.ctc_align import align_words, best_path, warm
+from stream_server.engines.granite.ctc_align import align_words, align_words_many, best_path, warm
 
 FRAME_S = 0.02
 CLASSES = 348
@@ -105,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", default="5,10,30", help="utterance lengths (comma-separated)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8, help="finals in the batch columns")
     args = parser.parse_args(argv)
     began = time.perf_counter()
     warm()
     print(f"ctc_align.warm(): {1e3 * (time.perf_counter() - began):.0f} ms (compile or disk-cache load)")
     rng = np.random.default_rng(0)
     print(f"{'audio s':>8} {'frames':>7} {'chars':>6} {'words':>6} {'numpy ms':>9} {'viterbi ms':>11} "
-          f"{'align_words ms':>15} {'draft ms':>9}  same path")
+          f"{'align_words ms':>15} {'draft ms':>9} {'batch 1-by-1 ms':>16} {'batch threads ms':>17}  same path")
     for seconds in (float(s) for s in args.seconds.split(",")):
         log_probs, targets = posteriors(seconds, rng)
         text = text_of(targets)
@@ -125,11 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         argmax = log_probs.argmax(axis=1)
         emitted = argmax[np.concatenate(([True], argmax[1:] != argmax[:-1]))]
         draft = emitted[emitted != 0].tolist()
+        batch = [(text, log_probs.copy()) for _ in range(args.batch)]
+        assert align_words_many(batch, label_of, FRAME_S) == [words] * args.batch
         print(f"{seconds:8.1f} {len(log_probs):7d} {len(targets):6d} {len(words):6d} "
               f"{best_ms(lambda: numpy_best_path(log_probs, targets), args.repeats):9.2f} "
               f"{best_ms(lambda: best_path(log_probs, targets, 0, greedy_first=False), args.repeats):11.2f} "
               f"{best_ms(lambda: align_words(text, log_probs, label_of, FRAME_S), args.repeats):15.2f} "
-              f"{best_ms(lambda: best_path(log_probs, draft, 0), args.repeats):9.2f}"
+              f"{best_ms(lambda: best_path(log_probs, draft, 0), args.repeats):9.2f} "
+              f"{best_ms(lambda: [align_words(t, p, label_of, FRAME_S) for t, p in batch], args.repeats):16.2f} "
+              f"{best_ms(lambda: align_words_many(batch, label_of, FRAME_S), args.repeats):17.2f}"
               f"  {same}")
     return 0
 

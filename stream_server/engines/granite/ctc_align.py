@@ -9,6 +9,9 @@ extended label sequence ``blank, c1, blank, c2, …, cL, blank``.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -255,6 +258,37 @@ def align_words(
     return tuple(Word(word, round(start * frame_s, 3), round(end * frame_s, 3), round(probability, 3))
                  for word, start, end, probability
                  in zip(words, starts[first].tolist(), ends[last].tolist(), means.tolist()))
+
+
+#: Frames × characters over a batch of finals from which :func:`align_words_many` uses threads.
+THREADED_CELLS = 1_000_000
+_threads: ThreadPoolExecutor | None = None
+_threads_lock = threading.Lock()
+
+
+def align_words_many(
+    finals: Sequence[tuple[str, np.ndarray]],
+    label_of: Callable[[str], int | None],
+    frame_s: float,
+    blank: int = 0,
+) -> list[tuple[Word, ...] | None]:
+    """:func:`align_words` of several finals (``(text, log_probs)`` each), in order.
+
+    When their Viterbi tables are large together (over :data:`THREADED_CELLS` frames × characters:
+    about 13 s of speech in each of 8 finals, or two finals of 30 s), they align on a shared pool of
+    threads (at most 8, and no more than the CPUs): the Viterbi, the bulk of a long final's
+    alignment, runs without the GIL, so the batch costs about its longest alignment plus the Python
+    parts of the others, not the sum. Below that, threads cost more than they save (8 finals of
+    10 s on 2 cores; docs/benchmarks.md), and the finals align one by one.
+    """
+    global _threads
+    cells = sum(len(log_probs) * len(text) for text, log_probs in finals)
+    if len(finals) <= 1 or cells < THREADED_CELLS:
+        return [align_words(text, log_probs, label_of, frame_s, blank) for text, log_probs in finals]
+    with _threads_lock:
+        if _threads is None:
+            _threads = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ctc-align")
+    return list(_threads.map(lambda final: align_words(final[0], final[1], label_of, frame_s, blank), finals))
 
 
 def with_token_probabilities(text: str, words: Sequence[Word],

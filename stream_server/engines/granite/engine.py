@@ -65,9 +65,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult
+from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word
 from stream_server.engines.base import Engine, ResultHook
-from stream_server.engines.granite.ctc_align import align_words, warm as warm_aligner, with_token_probabilities
+from stream_server.engines.granite.ctc_align import align_words_many, warm as warm_aligner, with_token_probabilities
 from stream_server.engines.granite.features import GraniteFeatureExtractor
 from stream_server.engines.granite.options import (  # noqa: F401 - re-exported
     DEFAULT_TOKENS_PER_SECOND,
@@ -369,6 +369,7 @@ class Work:
     info: dict = field(default_factory=dict)
     result: InferenceResult | None = None
     ctc_log_probs: np.ndarray | None = None  # (n_frames, classes) on the host, for word timings
+    words: tuple[Word, ...] | None = None  # the text's CTC-timed words, once aligned (_align_words)
 
 
 @dataclass(frozen=True)
@@ -889,6 +890,8 @@ class GraniteEngine(Engine):
             self._project(llm)
             self._generate(llm)
 
+        # The batch's finals align together (on threads when long: ctc_align.align_words_many).
+        self._align_words([w for w in works if w.result is None])
         return [w.result if w.result is not None else self._result(w) for w in works]
 
     def _timed(self, req: InferenceRequest) -> bool:
@@ -921,16 +924,22 @@ class GraniteEngine(Engine):
             w.info["path"] = w.path
             lang = (req.target_language or "en") if req.task == "translate" else req.language
             text = w.text or req.prefix
-            words = None
-            if w.ctc_log_probs is not None:
-                words = align_words(text, w.ctc_log_probs, self._ctc_labels.get, ENCODER_FRAME_S, self.ctc_blank_id)
-                w.ctc_log_probs = None
-                if words and w.token_probs:
-                    words = with_token_probabilities(text, words, self._token_spans(text, w.token_ids, w.token_probs))
+            self._align_words([w])  # a no-op when its batch aligned it
+            words = w.words
+            if words and w.token_probs:
+                words = with_token_probabilities(text, words, self._token_spans(text, w.token_ids, w.token_probs))
             confidence = round(float(np.mean([x.confidence for x in words])), 3) if words else None
             w.result = InferenceResult(text=text, language=lang, info=w.info, truncated=w.truncated,
                                        words=words or None, confidence=confidence)
         return w.result
+
+    def _align_words(self, works: list[Work]) -> None:
+        """Time the words of each of ``works`` that has CTC posteriors (a timed final) into its
+        ``words``, all together (:func:`align_words_many`), and drop the posteriors."""
+        timed = [w for w in works if w.ctc_log_probs is not None]
+        finals = [(w.text or w.req.prefix, w.ctc_log_probs) for w in timed if w.ctc_log_probs is not None]
+        for w, words in zip(timed, align_words_many(finals, self._ctc_labels.get, ENCODER_FRAME_S, self.ctc_blank_id)):
+            w.words, w.ctc_log_probs = words, None
 
     def _prepare(self, index: int, req: InferenceRequest) -> Work:
         audio = np.ascontiguousarray(np.asarray(req.audio, dtype=np.float32).reshape(-1))

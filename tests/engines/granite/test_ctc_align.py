@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from stream_server.engines.granite.ctc_align import align_words, best_path, forced_align
+from stream_server.engines.granite import ctc_align
+from stream_server.engines.granite.ctc_align import align_words, align_words_many, best_path, forced_align
 
 
 def posteriors(frames: list[int], classes: int, peak: float = 0.9) -> np.ndarray:
@@ -149,3 +150,21 @@ def test_viterbi_equals_the_plain_reference_path_for_path_ties_included(seed, dt
     assert found[1] == expected[1]
     shortcut = best_path(log_probs, targets)  # greedy first: a path as good when it applies
     assert shortcut is not None and shortcut[1] == pytest.approx(expected[1])
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_batch_of_finals_gets_each_final_its_own_words_in_order(threaded, monkeypatch):
+    """align_words_many answers as align_words does for each final, on threads or not."""
+    if threaded:
+        monkeypatch.setattr(ctc_align, "THREADED_CELLS", 0)
+    vocab = {" ": 1, "h": 2, "i": 3, "y": 4, "o": 5}
+    rng = np.random.default_rng(7)
+    finals = []
+    for n in range(6):
+        frames = [0, 2, 2, 3, 0, 1, 0, 4, 4, 5, 0, 0] * (n + 1)
+        log_probs = posteriors(frames, 6) + rng.normal(0, 0.3, size=(len(frames), 6))
+        finals.append((" ".join(["hi", "yo"] * (n + 1)), log_probs))
+    finals.append(("??", posteriors([0, 1], 6)))  # no word can be placed
+    expected = [align_words(text, log_probs, vocab.get, 0.02) for text, log_probs in finals]
+    assert expected[-1] is None and len(expected[-2]) == 12
+    assert align_words_many(finals, vocab.get, 0.02) == expected
