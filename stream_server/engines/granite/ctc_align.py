@@ -22,10 +22,10 @@ from stream_server.inference.types import Word
 
 
 def _jit(function: Callable) -> Callable:
-    """``numba.njit`` without the GIL, its machine code cached on disk (next to this module, else
-    numba's user-wide cache dir, else ``$NUMBA_CACHE_DIR``) so that a process compiles only once per
-    installed version; where no location is writable (a read-only install without a writable home)
-    it compiles in memory at :func:`warm` instead (about a second)."""
+    """``numba.njit`` without the GIL, its machine code cached on disk (in ``$NUMBA_CACHE_DIR`` when
+    set, else next to this module, else numba's user-wide cache dir) so that only the first process
+    of an install compiles; where no location is writable (a read-only install without a writable
+    home) it compiles in memory at :func:`warm` instead (about a second)."""
     try:
         return numba.njit(cache=True, nogil=True)(function)
     except RuntimeError:  # numba: "cannot cache function …: no locator available"
