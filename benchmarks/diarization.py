@@ -19,7 +19,11 @@ clustering thresholds (no server): how the defaults of ``SpeakerSettings`` were 
 ``--precision`` it does so for each of the encoder's arithmetics. ``--cost`` times the encoder per
 final on the utterances' audio, float32 (Resemblyzer's own arithmetic, the baseline) against
 ``auto`` (bfloat16 where the CPU computes it) windowed over the whole utterance and between pauses
-(the server's default), in the same run. Every mode prints where attribution is lost
+(the server's default), in the same run, or any variants (``--cost-variants``: precision, pauses,
+window rate, threads), in wall and CPU time. ``--offline`` scores the conversations' turns joined
+as the server's VAD mostly joins them (:func:`vad_like_utterances`), labelled as the session labels
+finals, for each window rate (``--rates``) over pooled seeds (``--seeds``): the stand-in for the
+streamed run that settings are compared on. Every mode prints where attribution is lost
 (:func:`breakdown`).
 """
 
@@ -310,11 +314,64 @@ def vad_like_utterances(conv: Conversation) -> list[tuple[float, float]]:
     return [(a, b) for a, b in spans]
 
 
+def embed_utterances(convs: Sequence[Conversation], encoder) -> list[list]:
+    """Each conversation's :func:`vad_like_utterances` embedded by ``encoder``, one call per
+    conversation: ``((start, end), SpeakerEmbeddings)`` per utterance."""
+    import soxr
+
+    out = []
+    for conv in convs:
+        spans = vad_like_utterances(conv)
+        wavs = [soxr.resample(conv.audio[int(a * SEND_RATE):int(b * SEND_RATE)], SEND_RATE, 16000) for a, b in spans]
+        out.append(list(zip(spans, encoder.embed(wavs))))
+    return out
+
+
+def label_utterances(convs: Sequence[Conversation], embedded: Sequence[list], settings) -> list[dict]:
+    """Score each conversation with its VAD-like utterances labelled in order by a fresh
+    ``SpeakerTracker`` (``speaker_turns`` where it cuts one), as the session labels finals."""
+    from stream_server.speakers.clustering import SpeakerTracker
+
+    scores = []
+    for conv, utterances in zip(convs, embedded):
+        tracker = SpeakerTracker(settings)
+        finals = []
+        for (a, b), embeddings in utterances:
+            attribution = tracker.attribute(embeddings, a, b)
+            finals.append({"start": a, "end": b, "speaker": attribution.speaker,
+                           "speaker_turns": [t.to_wire() for t in attribution.turns] if attribution.changes else None})
+        scores.append(score(conv.turns, finals))
+    return scores
+
+
+def offline(seeds: Sequence[int], speakers: Sequence[int], count: int, n_turns: int, rates: Sequence[float],
+            settings) -> dict:
+    """Attribution on VAD-like utterances (turns under ``JOIN_S`` apart joined, as the server's VAD
+    mostly joins them), offline, for each encoder window rate: the stand-in for the streamed run
+    that settings are tuned on (tune on some seeds, report others). Also the windows per utterance,
+    which the encoder's time follows."""
+    from stream_server.speakers.encoder import SpeakerEncoder
+
+    clips = voice_clips()
+    sets = {k: [c for seed in seeds for c in conversations(count, k, n_turns, seed, clips)] for k in speakers}
+    out: dict = {}
+    for rate in rates:
+        encoder = SpeakerEncoder("cpu", threads=1, rate=rate)
+        for k, convs in sets.items():
+            embedded = embed_utterances(convs, encoder)
+            row = summarize(label_utterances(convs, embedded, settings))
+            row["windows_per_utterance"] = round(float(np.mean([len(e.partials) for u in embedded for _, e in u])), 2)
+            row["utterance_s"] = round(float(np.mean([b - a for u in embedded for (a, b), _ in u])), 2)
+            out[f"rate {rate:g}, {k} speakers"] = row
+    return out
+
+
 def cost(convs: Sequence[Conversation], batches: Sequence[int] = (1, 8), repeats: int = 3,
          precisions: Sequence[str] = ("float32", "auto", "auto+pauses")) -> list[dict]:
     """Encoder time per final on the utterances' audio (:func:`vad_like_utterances`; one torch
-    thread, as the server's CPU encoder uses), for each precision (``+pauses``: windowed between
-    pauses, as the server does) and each number of finals per call: the best of ``repeats`` passes,
+    thread, as the server's CPU encoder uses, unless a variant says ``xT``), for each variant
+    (``precision[+pauses][@rate][xT]``; ``+pauses``: windowed between pauses, as the server does)
+    and each number of finals per call, with the encoder windows per final: the best of ``repeats`` passes,
     and its median call. The passes of the precisions alternate, so that a change in the machine's
     load reaches all of them alike; the first precision is the baseline, and each row says how its
     embeddings compare with the baseline's (lowest cosine over the turns)."""
@@ -322,24 +379,43 @@ def cost(convs: Sequence[Conversation], batches: Sequence[int] = (1, 8), repeats
 
     from stream_server.speakers.encoder import SpeakerEncoder
 
-    # "+pauses": each stretch between pauses windowed on its own (SpeakerEncoder.split_pauses).
-    encoders = [SpeakerEncoder("cpu", threads=1, precision=p.split("+")[0], split_pauses=p.endswith("+pauses"))
-                for p in precisions]
+    # "+pauses": each stretch between pauses windowed on its own (SpeakerEncoder.split_pauses);
+    # "@R": R encoder windows per second (default 1.3); "xT": T torch threads (default 1, as served).
+    import torch
+
+    encoders, threads = [], []
+    for spec in precisions:
+        spec, _, count = spec.partition("x")
+        name, _, rate = spec.partition("@")
+        threads.append(int(count or 1))
+        encoders.append(SpeakerEncoder("cpu", precision=name.split("+")[0], split_pauses=name.endswith("+pauses"),
+                                       rate=float(rate or 1.3)))
     wavs = [soxr.resample(c.audio[int(a * SEND_RATE):int(b * SEND_RATE)], SEND_RATE, 16000)
             for c in convs for a, b in vad_like_utterances(c)]
-    utterances = []
+    utterances, windows = [], []
+    torch.set_num_threads(1)
     for encoder in encoders:
         encoder.embed(wavs[:2])  # warm-up
-        utterances.append(np.stack([e.utterance for e in encoder.embed(wavs)]))
+        embedded = encoder.embed(wavs)
+        utterances.append(np.stack([e.utterance for e in embedded]))
+        windows.append(float(np.mean([len(e.partials) for e in embedded])))
+    # Wall time, and CPU time: the calling thread's with one torch thread (the work runs on it), the
+    # process's with more; on a machine others load, CPU time is the steadier measure of a final's cost.
     best: dict[tuple[int, int], tuple[float, list[float]]] = {}
+    best_cpu: dict[tuple[int, int], float] = {}
     for _ in range(repeats):
         for batch in batches:
             for k, encoder in enumerate(encoders):
+                torch.set_num_threads(threads[k])
                 per_call = []
+                clock = time.thread_time if threads[k] == 1 else time.process_time
+                cpu_started = clock()
                 for i in range(0, len(wavs), batch):
                     started = time.perf_counter()
                     encoder.embed(wavs[i:i + batch])
                     per_call.append((time.perf_counter() - started) / len(wavs[i:i + batch]))
+                cpu = (clock() - cpu_started) / len(wavs)
+                best_cpu[(k, batch)] = min(cpu, best_cpu.get((k, batch), cpu))
                 total = sum(per_call)
                 if (k, batch) not in best or total < best[(k, batch)][0]:
                     best[(k, batch)] = (total, per_call)
@@ -347,8 +423,10 @@ def cost(convs: Sequence[Conversation], batches: Sequence[int] = (1, 8), repeats
     for (k, batch), (_, per_final) in sorted(best.items(), key=lambda item: (item[0][1], item[0][0])):
         rows.append({"precision": precisions[k], "resolved": encoders[k].precision, "finals": len(wavs),
                      "batch": batch, "mean_audio_s": round(float(np.mean([len(w) for w in wavs])) / 16000, 2),
+                     "threads": threads[k], "windows_per_final": round(windows[k], 2),
                      "ms_per_final_mean": round(1000 * float(np.mean(per_final)), 2),
                      "ms_per_final_median": round(1000 * float(np.median(per_final)), 2),
+                     "cpu_ms_per_final": round(1000 * best_cpu[(k, batch)], 2),
                      "min_cosine_to_baseline": round(float(np.min(np.sum(utterances[k] * utterances[0], axis=1))), 5)})
     return rows
 
@@ -465,6 +543,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="only time the encoder per final (batches of 1 and 8), float32 against the default")
     p.add_argument("--precision", default="auto", type=lambda v: v.split(","),
                    help="--tune: the encoder's arithmetic(s), comma-separated (auto, float32, bfloat16)")
+    p.add_argument("--offline", action="store_true",
+                   help="attribution on VAD-like utterances offline (no server), per window rate and seed set")
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="--offline: conversation seeds pooled (default: --seed)")
+    p.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",")], default=[1.3],
+                   help="--offline: encoder windows per second to compare, comma-separated")
+    p.add_argument("--cost-variants", type=lambda v: v.split(","), default=["float32", "auto", "auto+pauses"],
+                   help="--cost: encoders to time, the first the baseline: precision[+pauses][@windows per second]")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -476,8 +562,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost:
         convs = [c for k in args.speakers for c in conversations(args.conversations, k, args.turns, args.seed,
                                                                    voice_clips())]
-        results = {"cost": cost(convs)}
+        results = {"cost": cost(convs, precisions=args.cost_variants)}
         print(json.dumps(results, indent=1))
+    elif args.offline:
+        from stream_server.speakers.clustering import SpeakerSettings
+
+        results = offline(args.seeds or [args.seed], args.speakers, args.conversations, args.turns, args.rates,
+                          SpeakerSettings())
+        for key, row in results.items():
+            print(f"{key}: accuracy {row['accuracy']:.3f} count right {row['speaker_count_right']:.2f} "
+                  f"windows/utterance {row['windows_per_utterance']} ({row['utterance_s']} s)")
     elif args.tune:
         from stream_server.speakers.clustering import SpeakerSettings
 

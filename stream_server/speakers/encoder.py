@@ -307,7 +307,11 @@ class SpeakerEncoder:
         model = _GE2E()
         # The checkpoint also holds the GE2E loss's similarity scale and bias; only the network is used.
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("similarity_")}, strict=True)
-        self._model: Callable[[Any], Any] | None = model.to(self.device, self._dtype).eval()
+        model = model.to(self.device, self._dtype).eval()
+        # cuDNN wants the LSTM's weights in one block; after the move it would compact them at every
+        # call (torch warns so on CUDA in bfloat16). A no-op on the CPU.
+        model.lstm.flatten_parameters()
+        self._model: Callable[[Any], Any] | None = model
         self._lock = threading.Lock()
 
     def embed(self, wavs: Sequence[np.ndarray]) -> list[SpeakerEmbeddings]:
