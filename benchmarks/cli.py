@@ -6,6 +6,7 @@ Subcommands::
     granite-stream bench report RESULTS.json  # re-print the table and redraw the plots
     granite-stream bench install-peers        # install WhisperLive 0.10.0 for --peers whisperlive
     granite-stream bench diarization [opts]   # speaker labels on single-channel conversations (docs/diarization.md)
+    granite-stream bench replay [opts]        # the accuracy pass replayed synchronously: exact, in minutes
 """
 
 from __future__ import annotations
@@ -272,16 +273,7 @@ def session_audio(plan) -> "np.ndarray":
 
 def drops_stage(args, logs: dict[str, list], results: dict) -> None:
     """Words of the offline decode that the streaming finals drop or change, per cause
-    (:func:`benchmarks.scoring.attribute_drops`), into ``results["sets"][name]["dropped_words"]``.
-
-    Each final's audio is decoded again alone, nothing forced (what the server decoded before
-    joining it to the stable words; a piece after a cut with the text before it, as the server
-    does), to tell the segmentation's losses from the stabilizer's and the splice's.
-    """
-    from stream_server.inference.types import SAMPLE_RATE, InferenceRequest
-
-    from . import scoring
-
+    (:func:`count_drops`), into ``results["sets"][name]["dropped_words"]``."""
     wanted = {name: (results["sets"][name].get("offline") or {}).get("engine", {}).get("texts")
               for name in logs}
     wanted = {name: texts for name, texts in wanted.items() if texts}
@@ -291,32 +283,49 @@ def drops_stage(args, logs: dict[str, list], results: dict) -> None:
     try:
         for name, offline in wanted.items():
             _progress(f"dropped words: {name}: decoding each final's audio alone")
-            per_clip = []
-            for slog in logs[name]:
-                traces = scoring.utterance_traces(slog)
-                audio = session_audio(slog.plan)
-                language = slog.plan.language if slog.plan.language in engine.capabilities.languages else None
-                ordered = sorted((t for ts in traces.values() for t in ts), key=lambda t: t.utterance_id)
-                for previous, trace in zip([None, *ordered], ordered):
-                    piece = audio[round(trace.start * SAMPLE_RATE): round(trace.end * SAMPLE_RATE)]
-                    before = engine.stats().get("repetition_retries", 0)
-                    # As the server does: a piece after a cut is decoded with the text before the cut.
-                    context = previous.final if previous is not None and trace.cut_before else ""
-                    request = InferenceRequest("drops", trace.utterance_id, "final", piece, language=language,
-                                               context=context)
-                    trace.free = engine.transcribe_batch([request])[0].text if len(piece) else ""
-                    trace.loop_guard = engine.stats().get("repetition_retries", 0) > before
-                for k, planned in enumerate(slog.plan.clips):
-                    drops = scoring.attribute_drops(offline.get(planned.clip.id, ""), traces.get(k, []),
-                                                    planned.clip.language)
-                    per_clip.append({"clip_id": planned.clip.id, **drops})
-            summary = scoring.summarize_drops(per_clip)
-            summary["clips_detail"] = per_clip
+            summary = count_drops(engine, logs[name], offline)
             results["sets"][name]["dropped_words"] = summary
             _progress(f"dropped words: {name}: {summary['dropped']} of {summary['offline_words']} offline words: "
                       + ", ".join(f"{c} {n}" for c, n in summary["by_cause"].items()))
     finally:
         engine.close()
+
+
+def count_drops(engine, logs: Sequence, offline: dict[str, str]) -> dict:
+    """Words of the offline decode (``offline``: clip id -> text) that the streaming finals of the
+    stream ``logs`` drop or change, per cause (:func:`benchmarks.scoring.attribute_drops`):
+    :func:`benchmarks.scoring.summarize_drops` plus ``clips_detail`` (per clip, with examples).
+
+    Each final's audio is decoded again alone by ``engine``, nothing forced (what the server decoded
+    before joining it to the stable words; a piece after a cut with the text before it, as the
+    server does), to tell the segmentation's losses from the stabilizer's and the splice's.
+    """
+    from stream_server.inference.types import SAMPLE_RATE, InferenceRequest
+
+    from . import scoring
+
+    per_clip = []
+    for slog in logs:
+        traces = scoring.utterance_traces(slog)
+        audio = session_audio(slog.plan)
+        language = slog.plan.language if slog.plan.language in engine.capabilities.languages else None
+        ordered = sorted((t for ts in traces.values() for t in ts), key=lambda t: t.utterance_id)
+        for previous, trace in zip([None, *ordered], ordered):
+            piece = audio[round(trace.start * SAMPLE_RATE): round(trace.end * SAMPLE_RATE)]
+            before = engine.stats().get("repetition_retries", 0)
+            # As the server does: a piece after a cut is decoded with the text before the cut.
+            context = previous.final if previous is not None and trace.cut_before else ""
+            request = InferenceRequest("drops", trace.utterance_id, "final", piece, language=language,
+                                       context=context)
+            trace.free = engine.transcribe_batch([request])[0].text if len(piece) else ""
+            trace.loop_guard = engine.stats().get("repetition_retries", 0) > before
+        for k, planned in enumerate(slog.plan.clips):
+            drops = scoring.attribute_drops(offline.get(planned.clip.id, ""), traces.get(k, []),
+                                            planned.clip.language)
+            per_clip.append({"clip_id": planned.clip.id, **drops})
+    summary = scoring.summarize_drops(per_clip)
+    summary["clips_detail"] = per_clip
+    return summary
 
 
 def level_verdict(summary: dict, args) -> tuple[bool, str]:
@@ -582,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] == ["replay"]:
+        from .replay import main as replay_main
+
+        return replay_main(argv[1:])
     if argv[:1] == ["word-timing"]:
         from .word_timing import main as word_timing_main
 

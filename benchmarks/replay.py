@@ -1,0 +1,233 @@
+"""``granite-stream bench replay``: the accuracy pass replayed synchronously, exactly and fast.
+
+The real-time accuracy pass (``granite-stream bench --accuracy-streams 1``) measures the service
+as a client sees it, but what it measures moves from run to run: when a partial reaches the engine
+depends on the machine's load, so which hypotheses the stabilizer sees does too. The replay plays
+the same stream (the same clips, pauses and send rate: :func:`benchmarks.loadgen.plan_split` with
+one stream) through the real session and engine joined by the public loopback
+(:class:`stream_server.server.loopback.Loopback`): every frame is handed to the session in order,
+and every inference request it makes is decoded before the next frame, so partials run at their
+full cadence with no queueing. The outcome depends only on the code and the audio: every
+stabilizer change can be measured exactly, in minutes rather than real time. It says nothing about
+latency (no clock runs), and it is the idle server's behaviour (no partial waits or is refreshed).
+
+Reported per set: the streaming finals' WER against the references, the engine's offline decode of
+each whole clip (the same as the bench's ``--offline engine``), their ratio, the offline words the
+finals drop per cause (:data:`benchmarks.scoring.DROP_CAUSES`), stable-text revisions, and the
+share of the final's words that were already stable at the utterance's last partial (what a user
+saw early).
+
+Identical requests decode to identical text, so decodes are cached by request for the run (the
+free decodes of the drop count reuse the finals').
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from granite_stream_testing.datasets import Clip
+
+DEFAULT_SETS = ["asterisk-en", "librivox", "stress-en"]
+
+
+def _cached_engine(engine):
+    """``engine`` with its decodes cached by request content (audio, kind, prefix, context, ...)."""
+    from stream_server.engines.base import Engine
+
+    class Cached(Engine):
+        def __init__(self) -> None:
+            self.capabilities = engine.capabilities
+            self.model_path = engine.model_path
+            self.cache: dict = {}
+            self.decodes = 0
+            self.retries = 0
+            self.seconds = 0.0
+
+        @staticmethod
+        def _key(r) -> tuple:
+            return (r.kind, hashlib.blake2b(r.audio.tobytes(), digest_size=16).digest(), r.prefix, r.context,
+                    r.language, r.task, r.target_language, tuple(r.keywords), r.partial_mode)
+
+        def transcribe_batch(self, requests, on_result=None):
+            out = []
+            for r in requests:
+                key = self._key(r)
+                if key not in self.cache:
+                    began = time.perf_counter()
+                    before = engine.stats().get("repetition_retries", 0)
+                    result = engine.transcribe_batch([r])[0]
+                    self.cache[key] = (result, engine.stats().get("repetition_retries", 0) > before)
+                    self.seconds += time.perf_counter() - began
+                    self.decodes += 1
+                result, looped = self.cache[key]
+                self.retries += looped  # the drop count reads the repetition guard per decode
+                out.append(result)
+            return out
+
+        def stats(self) -> dict:
+            return {"repetition_retries": self.retries}
+
+        def bind_thread(self) -> None:
+            engine.bind_thread()
+
+        def close(self) -> None:
+            engine.close()
+
+    return Cached()
+
+
+def replay_stream(engine, plan, partials: bool = True, partial_interval: float | None = None,
+                  frame_ms: float = 40.0, early_final_ms: float = 200.0):
+    """Play ``plan`` (a :class:`benchmarks.loadgen.StreamPlan`) through a fresh session and
+    ``engine`` joined by the loopback, as the load generator's client would send it (``start``,
+    ``pcm_s16le`` frames of ``frame_ms``, ``stop``).
+
+    Returns:
+        A :class:`benchmarks.loadgen.StreamLog` whose clock is the audio clock: each event is
+        logged at the audio time of the frame that produced it (so it scores as any pass does;
+        its latencies are not meaningful).
+    """
+    import numpy as np
+
+    from stream_server.core.events import Audio, AudioFormat, Start, Stop
+    from stream_server.core.session import Session, SessionSettings
+    from stream_server.server.loopback import Loopback
+
+    from .loadgen import StreamLog, _frames
+
+    session = Session(f"replay-{plan.index}", engine.capabilities,
+                      SessionSettings(early_final_s=early_final_ms / 1000.0))  # as the bench's server
+    loop = Loopback(session, engine)
+    options: dict = {"language": plan.language, "partials": partials}
+    if partial_interval is not None:
+        options["partial_interval"] = partial_interval
+    slog = StreamLog(plan, "granite")
+    pcm = (np.clip(plan.audio, -1.0, 32767 / 32768) * 32768.0).astype("<i2")
+    slog.messages += [(0.0, e.to_wire()) for e in loop.send(Start(AudioFormat("pcm_s16le", plan.sample_rate, 1),
+                                                                  options))]
+    ends = []
+    for a, b in _frames(plan, frame_ms):
+        t = b / plan.sample_rate
+        slog.messages += [(t, e.to_wire()) for e in loop.send(Audio(pcm[a:b].tobytes()))]
+        ends.append(b)
+    slog.messages += [(plan.duration, e.to_wire()) for e in loop.send(Stop())]
+    slog.frame_end_samples = np.asarray(ends, np.int64)
+    slog.frame_sent_at = slog.frame_end_samples / plan.sample_rate
+    return slog
+
+
+def stable_share(slog) -> tuple[int, int]:
+    """``(words stable at the last partial, words of the finals)`` over a stream's utterances."""
+    from . import scoring
+
+    stable = total = 0
+    for traces in scoring.utterance_traces(slog).values():
+        for t in traces:
+            n = len(t.final.split())
+            stable += min(len(t.stable.split()), n)
+            total += n
+    return stable, total
+
+
+def replay_set(engine, name: str, clips: Sequence[Clip], args) -> dict:
+    """One set: offline decode, the replay, its score and its drop count."""
+    from granite_stream_testing.textnorm import wer_cer
+
+    from . import loadgen, scoring
+    from .cli import count_drops
+    from .offline import transcribe_engine
+
+    language = clips[0].language
+    offline_texts, _ = transcribe_engine(engine, clips)
+    offline = wer_cer(zip((c.text for c in clips), offline_texts), language)
+    [plan] = loadgen.plan_split(clips, 1, None if args.send_rate == "native" else int(args.send_rate),
+                                args.pause, args.seed)
+    slog = replay_stream(engine, plan, partials=args.partials, partial_interval=args.partial_interval,
+                         frame_ms=args.frame_ms)
+    result = scoring.score(slog)
+    summary = scoring.summarize([result], language)
+    drops = count_drops(engine, [slog], dict(zip((c.id for c in clips), offline_texts)))
+    stable, words = stable_share(slog)
+    return {
+        "clips": len(clips), "wer": summary["wer"], "offline_wer": offline["wer"],
+        "ratio": round(summary["wer"] / offline["wer"], 3) if offline["wer"] else None,
+        "dropped_words": drops, "stable_revisions": summary["stable_revisions"], "partials": result.partials,
+        "stable_at_last_partial": round(stable / words, 3) if words else None,
+        "clips_detail": [{**c.to_json(), "offline": o} for c, o in zip(result.clips, offline_texts)],
+    }
+
+
+def format_table(results: dict) -> str:
+    from .scoring import DROP_CAUSES
+
+    head = ["set", "streaming WER", "offline WER", "ratio", "dropped", *DROP_CAUSES, "stable share", "revisions"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        d = r["dropped_words"]
+        rows.append("| " + " | ".join([
+            name, f"{100 * r['wer']:.2f} %", f"{100 * r['offline_wer']:.2f} %", str(r["ratio"]),
+            f"{d['dropped']} ({d['offline_words']})", *(str(d["by_cause"][c]) for c in DROP_CAUSES),
+            str(r["stable_at_last_partial"]), str(r["stable_revisions"])]) + " |")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import _csv, _pause
+
+    p = argparse.ArgumentParser(
+        prog="granite-stream bench replay",
+        description="Replay the one-stream accuracy pass synchronously through the real session and engine "
+                    "(no sockets, no clock; every request decoded at once): streaming vs offline WER and dropped "
+                    "words per cause, deterministic.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sets", type=_csv, default=DEFAULT_SETS, help="built-in dev sets, comma-separated")
+    p.add_argument("--limit", type=int, default=0, help="use at most this many clips per set (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the pauses (as the bench's)")
+    p.add_argument("--pause", type=_pause, default=(1.0, 2.0), help="silence between clips: MIN,MAX seconds")
+    p.add_argument("--send-rate", default="native", help="'native' or a rate in Hz (as the bench's)")
+    p.add_argument("--frame-ms", type=float, default=40.0, help="audio per frame handed to the session")
+    p.add_argument("--partials", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask for partials (stable words, reconcile) or finals only")
+    p.add_argument("--partial-interval", type=float, default=None, help="partial cadence (protocol field)")
+    p.add_argument("--engine", default="whisper", choices=("auto", "whisper", "granite"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cpu-threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="write the results (JSON) here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from granite_stream_testing import datasets
+
+    from .cli import _offline_engine
+
+    args = build_parser().parse_args(argv)
+    args.engine_option, args.max_batch = [], 1
+    engine = _cached_engine(_offline_engine(args))
+    results: dict = {}
+    try:
+        for name in args.sets:
+            clips = datasets.load_set(name, "dev", progress=False)
+            clips = clips[: args.limit] if args.limit else clips
+            began = time.perf_counter()
+            results[name] = replay_set(engine, name, clips, args)
+            print(f"replay: {name}: {len(clips)} clips, WER {100 * results[name]['wer']:.2f} % "
+                  f"(offline {100 * results[name]['offline_wer']:.2f} %), {time.perf_counter() - began:.0f} s, "
+                  f"{engine.decodes} decodes so far", file=sys.stderr)
+    finally:
+        engine.close()
+    print(format_table(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+__all__ = ["replay_stream", "replay_set", "stable_share", "format_table", "main"]
