@@ -158,7 +158,8 @@ class SpeakerEmbeddingEngine(Engine):
                 return
             self._loader = threading.Thread(target=self._load_and_warm, args=(False,), name="speaker-encoder-load",
                                             daemon=True)
-        self._loader.start()
+            # Started under the lock, so that close() never finds a loader it cannot join yet.
+            self._loader.start()
 
     def warmup(self, *args, **kwargs) -> None:
         """Warm the inner engine (its own options, e.g. Granite's ``graph_seconds``, pass through);
