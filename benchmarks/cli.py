@@ -22,13 +22,12 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from granite_stream_testing import datasets
 from granite_stream_testing.datasets import Clip
 
-if TYPE_CHECKING:
-    import numpy as np
+from .common import count_drops, csv_list, engine_options, offline_engine, pause_range
 
 log = logging.getLogger("granite_stream.bench")
 
@@ -36,24 +35,11 @@ BUILTIN_SETS = ("asterisk-en", "asterisk-es", "asterisk-fr", "librivox", "stress
 SCHEMA = "granite-stream-bench/1"
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def _levels(value: str) -> list[int]:
-    levels = sorted({int(v) for v in _csv(value)})
+    levels = sorted({int(v) for v in csv_list(value)})
     if not levels or levels[0] < 1:
         raise argparse.ArgumentTypeError("levels must be positive integers, e.g. 1,2,4,8")
     return levels
-
-
-def _pause(value: str) -> tuple[float, float]:
-    parts = [float(v) for v in _csv(value)]
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or not 0 <= parts[0] <= parts[1]:
-        raise argparse.ArgumentTypeError("--pause takes MIN,MAX seconds, e.g. 1,2")
-    return parts[0], parts[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                "`granite-stream bench install-peers` installs WhisperLive 0.10.0 for --peers whisperlive.",
     )
     data = p.add_argument_group("data")
-    data.add_argument("--sets", type=_csv, default=["asterisk-en", "librivox", "stress-en"],
+    data.add_argument("--sets", type=csv_list, default=["asterisk-en", "librivox", "stress-en"],
                       help=f"built-in dev sets, comma-separated ({', '.join(BUILTIN_SETS)}; stress-en: dev "
                            "phrases joined by short pauses into 12-29 s monologues); '' for none")
     data.add_argument("--manifest", type=Path, action="append", default=[],
@@ -97,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     load = p.add_argument_group("load generator")
     load.add_argument("--speed", type=float, default=1.0, help="replay at this multiple of real time")
     load.add_argument("--frame-ms", type=float, default=40.0, help="audio per WebSocket frame (20–100 ms)")
-    load.add_argument("--pause", type=_pause, default=(1.0, 2.0), help="silence between utterances: MIN,MAX seconds")
+    load.add_argument("--pause", type=pause_range, default=(1.0, 2.0), help="silence between utterances: MIN,MAX seconds")
     load.add_argument("--send-rate", default="native",
                       help="'native' sends each clip at its own rate (8 kHz for asterisk), or a rate in Hz to resample")
     load.add_argument("--no-partials", action="store_true", help="ask the server for finals only")
@@ -109,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the accuracy pass deals every clip of a set over this many concurrent streams")
     stages.add_argument("--no-accuracy", action="store_true", help="skip the accuracy pass")
     stages.add_argument("--no-offline", action="store_true", help="skip the offline references")
-    stages.add_argument("--offline", type=_csv, default=["engine", "faster_whisper", "faster_whisper_greedy"],
+    stages.add_argument("--offline", type=csv_list, default=["engine", "faster_whisper", "faster_whisper_greedy"],
                         help="offline references to compute")
     stages.add_argument("--no-sweep", action="store_true", help="skip the capacity sweep")
     stages.add_argument("--no-drops", action="store_true",
@@ -136,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a level during which other processes used more CPU than this (%% of one core) "
                             "is flagged as contended and measured again")
     sweep.add_argument("--contention-retries", type=int, default=1, help="how often to re-measure a contended level")
-    sweep.add_argument("--peers", type=_csv, default=[], help="peers to sweep side by side: whisperlive")
+    sweep.add_argument("--peers", type=csv_list, default=[], help="peers to sweep side by side: whisperlive")
     sweep.add_argument("--peer-drain", type=float, default=15.0,
                        help="WhisperLive: seconds of trailing silence allowed for its last segment to complete")
 
@@ -172,26 +158,12 @@ def _send_rate(args) -> int | None:
 # ---- stages -------------------------------------------------------------------------------------
 
 
-def _offline_engine(args):
-    """The engine under test, loaded in this process (the offline references and the drop count use it)."""
-    from stream_server.engines import load_engine
-
-    if args.engine_option:
-        from stream_server.engines.whisper import WhisperEngine
-
-        dev = "cuda" if args.device == "cuda" else "cpu"
-        return WhisperEngine(args.model, device=dev, compute_type="int8" if dev == "cpu" else "float16",
-                             cpu_threads=args.cpu_threads, max_batch=args.max_batch, **_engine_options(args))
-    engine, _reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
-    return engine
-
-
 def run_offline_stage(args, sets: dict[str, list[Clip]], languages: Sequence[str]) -> dict:
 
     from .offline import run_offline
     from granite_stream_testing.textnorm import wer_cer
 
-    engine = _offline_engine(args)
+    engine = offline_engine(args)
     model_path = str(engine.model_path or "")
     modes = list(args.offline)
     if not model_path:
@@ -258,19 +230,6 @@ async def accuracy_stage(url: str, args, sets: dict[str, list[Clip]], languages:
     return out
 
 
-def session_audio(plan) -> "np.ndarray":
-    """A stream's audio as the server's session decoded it (16 kHz float32, the same resampler), so
-    that a slice ``[start, end)`` of a final is the audio its decode saw."""
-    import numpy as np
-
-    from stream_server.core.audio import AudioDecoder
-    from stream_server.core.protocol import AudioFormat
-
-    pcm = (np.clip(plan.audio, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
-    decoder = AudioDecoder(AudioFormat("pcm_s16le", plan.sample_rate, 1))
-    return np.concatenate([decoder.decode(pcm), decoder.flush()])
-
-
 def drops_stage(args, logs: dict[str, list], results: dict) -> None:
     """Words of the offline decode that the streaming finals drop or change, per cause
     (:func:`count_drops`), into ``results["sets"][name]["dropped_words"]``."""
@@ -279,7 +238,7 @@ def drops_stage(args, logs: dict[str, list], results: dict) -> None:
     wanted = {name: texts for name, texts in wanted.items() if texts}
     if not wanted:
         return
-    engine = _offline_engine(args)
+    engine = offline_engine(args)
     try:
         for name, offline in wanted.items():
             _progress(f"dropped words: {name}: decoding each final's audio alone")
@@ -289,43 +248,6 @@ def drops_stage(args, logs: dict[str, list], results: dict) -> None:
                       + ", ".join(f"{c} {n}" for c, n in summary["by_cause"].items()))
     finally:
         engine.close()
-
-
-def count_drops(engine, logs: Sequence, offline: dict[str, str]) -> dict:
-    """Words of the offline decode (``offline``: clip id -> text) that the streaming finals of the
-    stream ``logs`` drop or change, per cause (:func:`benchmarks.scoring.attribute_drops`):
-    :func:`benchmarks.scoring.summarize_drops` plus ``clips_detail`` (per clip, with examples).
-
-    Each final's audio is decoded again alone by ``engine``, nothing forced (what the server decoded
-    before joining it to the stable words; a piece after a cut with the text before it, as the
-    server does), to tell the segmentation's losses from the stabilizer's and the splice's.
-    """
-    from stream_server.inference.types import SAMPLE_RATE, InferenceRequest
-
-    from . import scoring
-
-    per_clip = []
-    for slog in logs:
-        traces = scoring.utterance_traces(slog)
-        audio = session_audio(slog.plan)
-        language = slog.plan.language if slog.plan.language in engine.capabilities.languages else None
-        ordered = sorted((t for ts in traces.values() for t in ts), key=lambda t: t.utterance_id)
-        for previous, trace in zip([None, *ordered], ordered):
-            piece = audio[round(trace.start * SAMPLE_RATE): round(trace.end * SAMPLE_RATE)]
-            before = engine.stats().get("repetition_retries", 0)
-            # As the server does: a piece after a cut is decoded with the text before the cut.
-            context = previous.final if previous is not None and trace.cut_before else ""
-            request = InferenceRequest("drops", trace.utterance_id, "final", piece, language=language,
-                                       context=context)
-            trace.free = engine.transcribe_batch([request])[0].text if len(piece) else ""
-            trace.loop_guard = engine.stats().get("repetition_retries", 0) > before
-        for k, planned in enumerate(slog.plan.clips):
-            drops = scoring.attribute_drops(offline.get(planned.clip.id, ""), traces.get(k, []),
-                                            planned.clip.language)
-            per_clip.append({"clip_id": planned.clip.id, **drops})
-    summary = scoring.summarize_drops(per_clip)
-    summary["clips_detail"] = per_clip
-    return summary
 
 
 def level_verdict(summary: dict, args) -> tuple[bool, str]:
@@ -468,26 +390,13 @@ async def _with_server(args, body):
         return await body(args.url, None, {"mode": "external", "url": args.url})
     if args.server == "inprocess" or args.engine_option:
         async with servers.granite_inprocess(args.engine, args.model, args.cpu_threads, args.max_batch,
-                                             args.device, _engine_options(args), args.early_final_ms,
+                                             args.device, engine_options(args), args.early_final_ms,
                                              args.partial_refresh) as handle:
             return await body(handle.url, handle.pid, handle.info)
     with servers.granite_subprocess(args.engine, args.model, args.cpu_threads, args.max_batch, args.device,
                                     log_path=args.out / "server.log", early_final_ms=args.early_final_ms,
                                     partial_refresh=args.partial_refresh) as handle:
         return await body(handle.url, handle.pid, handle.info)
-
-
-def _engine_options(args) -> dict:
-    options = {}
-    for item in args.engine_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"granite-stream bench: --engine-option wants KEY=VALUE, got {item!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except ValueError:
-            options[key.strip()] = value
-    return options
 
 
 def _engine_languages(args) -> tuple[list[str], str]:

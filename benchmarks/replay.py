@@ -140,7 +140,7 @@ def replay_set(engine, name: str, clips: Sequence[Clip], args) -> dict:
     from granite_stream_testing.textnorm import wer_cer
 
     from . import loadgen, scoring
-    from .cli import count_drops
+    from .common import count_drops
     from .offline import transcribe_engine
 
     language = clips[0].language
@@ -178,7 +178,7 @@ def format_table(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _csv, _pause
+    from .common import csv_list, pause_range
 
     p = argparse.ArgumentParser(
         prog="granite-stream bench replay",
@@ -186,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(no sockets, no clock; every request decoded at once): streaming vs offline WER and dropped "
                     "words per cause, deterministic.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sets", type=_csv, default=DEFAULT_SETS, help="built-in dev sets, comma-separated")
+    p.add_argument("--sets", type=csv_list, default=DEFAULT_SETS, help="built-in dev sets, comma-separated")
     p.add_argument("--limit", type=int, default=0, help="use at most this many clips per set (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed for the pauses (as the bench's)")
-    p.add_argument("--pause", type=_pause, default=(1.0, 2.0), help="silence between clips: MIN,MAX seconds")
+    p.add_argument("--pause", type=pause_range, default=(1.0, 2.0), help="silence between clips: MIN,MAX seconds")
     p.add_argument("--send-rate", default="native", help="'native' or a rate in Hz (as the bench's)")
     p.add_argument("--frame-ms", type=float, default=40.0, help="audio per frame handed to the session")
     p.add_argument("--partials", action=argparse.BooleanOptionalAction, default=True,
@@ -206,11 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from granite_stream_testing import datasets
 
-    from .cli import _offline_engine
+    from .common import offline_engine
 
     args = build_parser().parse_args(argv)
     args.engine_option, args.max_batch = [], 1
-    engine = _cached_engine(_offline_engine(args))
+    engine = _cached_engine(offline_engine(args))
     results: dict = {}
     try:
         for name in args.sets:
