@@ -482,7 +482,7 @@ def _embedding_totals(engine) -> tuple[int, float]:
 
 async def run(args) -> dict:
     from stream_server.engines import load_engine
-    from stream_server.server.app import ServerSettings, StreamServer
+    from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
     from stream_server.core.session import SessionSettings
 
     from .servers import machine_info
@@ -492,7 +492,8 @@ async def run(args) -> dict:
     loop = asyncio.get_running_loop()
     engine, reason = await loop.run_in_executor(None, lambda: load_engine(args.engine, None, args.device, args.cpu_threads))
     await loop.run_in_executor(None, engine.warmup)
-    settings = ServerSettings(port=0, max_sessions_per_ip=4096, session=SessionSettings())
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=LimitsSettings(max_sessions_per_ip=4096),
+                              session=SessionSettings())
     results: dict = {"schema": "granite-stream-bench-diarization/1", "machine": machine_info(), "reason": reason,
                      "engine": engine.capabilities.to_wire(), "args": {k: str(v) for k, v in vars(args).items()},
                      "speaker_settings": dataclasses.asdict(settings.session.speakers)}

@@ -512,7 +512,7 @@ def _observed_worker(engine, scheduler):
 
 async def run_sweep(engines, n_workers: int, args, executor, deadline: float, out: dict) -> list[dict]:
     from stream_server.inference.types import WorkerSettings
-    from stream_server.server.app import ServerSettings, StreamServer
+    from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
     from stream_server.inference.worker import BatchScheduler, WorkerPool
 
     observed = [_observed_worker(e, BatchScheduler(args.max_batch, args.max_wait_ms / 1000.0, args.max_queue,
@@ -521,9 +521,11 @@ async def run_sweep(engines, n_workers: int, args, executor, deadline: float, ou
     workers = [w for w, _, _ in observed]
     batch_logs = [log for _, log, _ in observed]
     pool = WorkerPool(workers)
-    settings = ServerSettings(host="127.0.0.1", port=0, max_sessions=100_000, max_sessions_per_ip=100_000,
+    settings = ServerSettings(network=NetworkSettings(host="127.0.0.1", port=0),
+                              limits=LimitsSettings(max_sessions=100_000, max_sessions_per_ip=100_000, realtime_factor=0,
+                                                    idle_timeout_s=0),
                               worker=WorkerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
-                              realtime_factor=0, idle_timeout_s=0, session=_session_settings(args))
+                              session=_session_settings(args))
     server = StreamServer(engines[0], settings, f"gpu_server_bench, {n_workers} worker(s)", worker=pool)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -643,15 +645,16 @@ def server_process_main(index: int, args_dict: dict, port: int, ready, stop) -> 
 
     async def serve() -> None:
         from stream_server.inference.types import WorkerSettings
-        from stream_server.server.app import ServerSettings, StreamServer
+        from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
         from stream_server.inference.worker import BatchScheduler
 
         worker, _, profiler = _observed_worker(engine, BatchScheduler(args.max_batch, args.max_wait_ms / 1000.0,
                                                                       args.max_queue, final_reserve=args.max_queue))
-        settings = ServerSettings(host="127.0.0.1", port=port, max_sessions=100_000, max_sessions_per_ip=100_000,
+        settings = ServerSettings(network=NetworkSettings(host="127.0.0.1", port=port),
+                                  limits=LimitsSettings(max_sessions=100_000, max_sessions_per_ip=100_000, realtime_factor=0,
+                                                        idle_timeout_s=0),
                                   worker=WorkerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
-                                  realtime_factor=0, idle_timeout_s=0, reuse_port=True,
-                                  session=_session_settings(args))
+                                  reuse_port=True, session=_session_settings(args))
         server = StreamServer(engine, settings, f"gpu_server_bench process {index}", worker=worker)
         await server.start()
         ready.put((index, os.getpid()))

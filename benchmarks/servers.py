@@ -53,7 +53,7 @@ async def granite_inprocess(engine_name: str = "whisper", model: str | None = No
                             early_final_ms: float = 200.0, partial_refresh: str = "on") -> AsyncIterator[ServerHandle]:
     from stream_server.engines import load_engine
     from stream_server.engines.base import Engine
-    from stream_server.server.app import ServerSettings, StreamServer
+    from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
     from stream_server.core.session import SessionSettings
     from stream_server.inference.types import WorkerSettings
 
@@ -75,7 +75,9 @@ async def granite_inprocess(engine_name: str = "whisper", model: str | None = No
     await loop.run_in_executor(None, engine.warmup)
     # realtime_factor=0: load tests replay audio ×K faster than real time on purpose.
     # max_sessions_per_ip: every benchmark client comes from 127.0.0.1.
-    settings = ServerSettings(port=0, worker=WorkerSettings(max_batch=max_batch), realtime_factor=0, max_sessions_per_ip=4096,
+    settings = ServerSettings(network=NetworkSettings(port=0),
+                              limits=LimitsSettings(realtime_factor=0, max_sessions_per_ip=4096),
+                              worker=WorkerSettings(max_batch=max_batch),
                               session=SessionSettings(early_final_s=early_final_ms / 1000.0,
                                                       refresh_waiting_partials=partial_refresh == "on"))
     async with StreamServer(engine, settings, reason) as server:

@@ -118,29 +118,18 @@ def server_settings(config: ServeConfig, reuse_port: bool = False) -> "ServerSet
     Raises:
         OSError, ValueError: an unreadable API key file or a malformed key.
     """
-    from stream_server.server.auth import AccessPolicy, load_api_keys
     from stream_server.server.app import ServerSettings
 
-    security, limits = config.security, config.limits
-    access = AccessPolicy(
-        api_keys=load_api_keys(key_file=Path(security.api_keys_file) if security.api_keys_file else None),
-        allowed_origins=frozenset(o.strip() for o in security.allowed_origins.split(",") if o.strip()),
-    )
+    limits = config.limits
     session = SessionSettings(
         limits=ProtocolLimits(max_utterance_s=limits.max_utterance_s), max_frame_bytes=limits.max_frame_bytes,
         max_session_s=limits.max_session_s, early_final_s=config.session.early_final_ms / 1000.0,
         refresh_waiting_partials=config.session.partial_refresh == "on", speakers=config.speakers,
     )
-    certfile = Path(security.certfile) if security.certfile else None
     return ServerSettings(
-        host=config.network.host, port=config.network.port, session=session, max_sessions=limits.max_sessions,
-        worker=config.worker,
-        max_sessions_per_ip=limits.max_sessions_per_ip, idle_timeout_s=limits.idle_timeout_s,
-        realtime_factor=limits.realtime_factor, drain_deadline_s=limits.drain_deadline_s, access=access,
-        certfile=certfile, keyfile=Path(security.keyfile) if security.keyfile else certfile,
-        log_transcripts=config.logging.log_transcripts, memory_trim_s=config.memory.memory_trim_s,
-        reuse_port=reuse_port, max_upload_bytes=limits.max_upload_bytes, max_upload_audio_s=limits.max_upload_audio_s,
-        upload_timeout_s=limits.upload_timeout_s,
+        network=config.network, limits=limits, security=config.security, memory=config.memory, session=session,
+        worker=config.worker, access=config.security.access_policy(), log_transcripts=config.logging.log_transcripts,
+        reuse_port=reuse_port,
     )
 
 
@@ -211,7 +200,7 @@ async def _serve(config: ServeConfig, reuse_port: bool = False) -> int:
         worker = workers[0] if len(workers) == 1 else WorkerPool(workers)
     server = StreamServer(engine, settings, reason, worker=worker, routes=ADAPTER_ROUTES)  # OpenAI, Deepgram, Twilio
     await server.start()
-    web = "https" if settings.certfile else "http"
+    web = "https" if settings.security.cert_path else "http"
     print(f"granite-stream: serving {engine.capabilities.name} ({engine.capabilities.model}) on {server.url} "
           f"and {web}://{config.network.host}:{server.port}/", file=sys.stderr, flush=True)
     stop = asyncio.Event()

@@ -5,12 +5,14 @@ Precedence, lowest to highest: built-in defaults < TOML file (``--config FILE`` 
 
 Each section (``network``, ``engine``, ``engine.granite``, ``worker``, ``session``, ``speakers``,
 ``limits``, ``security``, ``memory``, ``logging``, ``pool``, ``pool.ray``) is a frozen dataclass; where
-a runtime object takes the values as they are (:class:`~stream_server.inference.types.WorkerSettings`,
+a runtime object takes the values as they are (:class:`~stream_server.server.app.NetworkSettings`,
+:class:`~stream_server.server.app.LimitsSettings`, :class:`~stream_server.server.auth.SecuritySettings`,
+:class:`~stream_server.inference.memory.MemorySettings`, :class:`~stream_server.inference.types.WorkerSettings`,
 :class:`~stream_server.engines.EngineSettings`, :class:`~stream_server.speakers.clustering.SpeakerSettings`,
-:class:`~stream_server.server.logs.LoggingSettings`)
-the section *is* that object, and the
-other sections take their defaults from the runtime objects they feed, so that every default is
-written once. Every setting also has a stable flat key (``max_batch``, ``granite_encoder_batching``,
+:class:`~stream_server.server.logs.LoggingSettings`) the section *is* that object, defined next to the
+code that reads it (the server's :class:`~stream_server.server.app.ServerSettings` holds the first four
+as they are), and the other sections take their defaults from the runtime objects they feed, so that
+every default is written once. Every setting also has a stable flat key (``max_batch``, ``granite_encoder_batching``,
 ``ray_address``): the flag is ``--max-batch``, the environment name ``GRANITE_STREAM_MAX_BATCH``, and
 a TOML file may give it flat (at the top level or under ``[serve]``) or in its section
 (``[worker] max_batch = 8``). The flags, the environment names, ``--print-config`` and the README's
@@ -29,24 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping, get_type_hints
 
-from stream_server.core.protocol import ProtocolLimits
 from stream_server.core.session import SessionSettings
 from stream_server.engines import ENGINE_NAMES, EngineSettings
 from stream_server.engines.granite.options import GraniteOptions
 from stream_server.inference.ray_pool import DEFAULT_APP_NAME, RayPoolSettings
 from stream_server.inference.types import WorkerSettings
-from stream_server.server.app import ServerSettings
+from stream_server.inference.memory import MemorySettings
+from stream_server.server.app import LimitsSettings, NetworkSettings
+from stream_server.server.auth import SecuritySettings
 from stream_server.server.logs import LoggingSettings
 from stream_server.speakers.clustering import SpeakerSettings
 
 ENV_PREFIX = "GRANITE_STREAM_"
-
-
-@dataclass(frozen=True)
-class NetworkSettings:
-    host: str = ServerSettings.host
-    port: int = ServerSettings.port
-
 
 _OFF_ON_AUTO = {False: "off", True: "on", "auto": "auto"}
 
@@ -86,36 +82,6 @@ class SessionSection:
 
     early_final_ms: float = SessionSettings.early_final_s * 1000.0
     partial_refresh: str = "on" if SessionSettings.refresh_waiting_partials else "off"
-
-
-@dataclass(frozen=True)
-class LimitsSettings:
-    max_sessions: int = ServerSettings.max_sessions
-    max_sessions_per_ip: int = ServerSettings.max_sessions_per_ip
-    max_frame_bytes: int = SessionSettings.max_frame_bytes
-    max_utterance_s: float = ProtocolLimits.max_utterance_s
-    max_session_s: float = SessionSettings.max_session_s
-    max_upload_bytes: int = ServerSettings.max_upload_bytes
-    max_upload_audio_s: float = ServerSettings.max_upload_audio_s
-    upload_timeout_s: float = ServerSettings.upload_timeout_s
-    idle_timeout_s: float = ServerSettings.idle_timeout_s
-    realtime_factor: float = ServerSettings.realtime_factor
-    drain_deadline_s: float = ServerSettings.drain_deadline_s
-
-
-@dataclass(frozen=True)
-class SecuritySettings:
-    api_keys_file: str = ""
-    allowed_origins: str = ""
-    certfile: str = ""
-    keyfile: str = ""
-
-
-@dataclass(frozen=True)
-class MemorySettings:
-    malloc_arenas: int = 2
-    malloc_mmap_threshold_kb: int = 256
-    memory_trim_s: float = ServerSettings.memory_trim_s
 
 
 @dataclass(frozen=True)

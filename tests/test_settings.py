@@ -81,7 +81,7 @@ def test_server_settings_follow_the_config(tmp_path):
                                             "max_session_s": "60", "realtime_factor": "0"}, {}))
     assert settings.access.api_keys == frozenset({"a" * 20})
     assert settings.access.allowed_origins == frozenset({"https://x.example"})
-    assert settings.session.max_session_s == 60 and settings.realtime_factor == 0
+    assert settings.session.max_session_s == 60 and settings.limits.realtime_factor == 0
     assert settings.session.refresh_waiting_partials  # on unless asked otherwise
     assert not server_settings(load_config({"partial_refresh": "off"}, {})).session.refresh_waiting_partials
     with pytest.raises(ConfigError, match="partial_refresh"):
@@ -229,8 +229,8 @@ def _scheduler(seen):
 # For each setting: (extra flags it needs to matter, a value other than its default, what it must
 # become where it is used). The values are given as flag strings, so they also go through parsing.
 RUNTIME = {
-    "host": ([], "10.1.2.3", lambda s: s["settings"].host, "10.1.2.3"),
-    "port": ([], "9123", lambda s: s["settings"].port, 9123),
+    "host": ([], "10.1.2.3", lambda s: s["settings"].network.host, "10.1.2.3"),
+    "port": ([], "9123", lambda s: s["settings"].network.port, 9123),
     "engine": ([], "whisper", lambda s: s["load_engine"][0]["name"], "whisper"),
     "model": ([], "/models/x", lambda s: s["load_engine"][0]["model"], "/models/x"),
     "device": ([], "cpu", lambda s: s["load_engine"][0]["device"], "cpu"),
@@ -259,7 +259,7 @@ RUNTIME = {
     "granite_ctc_entropy_threshold": ([], "0.5", lambda s: s["load_engine"][0]["granite"].ctc_entropy_threshold, 0.5),
     "granite_verify_threshold": ([], "0.3", lambda s: s["load_engine"][0]["granite"].verify_threshold, 0.3),
     # gpu: GPU_PRESET's measured configuration for every setting not given (settings.py)
-    "preset": ([], "gpu", lambda s: (_scheduler(s).max_batch, _scheduler(s).max_queue, s["settings"].max_sessions),
+    "preset": ([], "gpu", lambda s: (_scheduler(s).max_batch, _scheduler(s).max_queue, s["settings"].limits.max_sessions),
                (64, 8192, 1000)),
     "max_batch": ([], "16", lambda s: (s["load_engine"][0]["max_batch"], _scheduler(s).max_batch), (16, 16)),
     "max_wait_ms": ([], "20", lambda s: _scheduler(s).max_wait, 0.02),
@@ -272,27 +272,27 @@ RUNTIME = {
     "diarize_pause_change_threshold": ([], "0.8", lambda s: s["settings"].session.speakers.pause_change_threshold,
                                        0.8),
     "diarize_preload": ([], None, lambda s: s["load_engine"][0]["preload_speakers"], True),
-    "max_sessions": ([], "10", lambda s: s["settings"].max_sessions, 10),
-    "max_sessions_per_ip": ([], "3", lambda s: s["settings"].max_sessions_per_ip, 3),
+    "max_sessions": ([], "10", lambda s: s["settings"].limits.max_sessions, 10),
+    "max_sessions_per_ip": ([], "3", lambda s: s["settings"].limits.max_sessions_per_ip, 3),
     "max_frame_bytes": ([], "4096", lambda s: s["settings"].session.max_frame_bytes, 4096),
     "max_utterance_s": ([], "12", lambda s: s["settings"].session.limits.max_utterance_s, 12.0),
     "max_session_s": ([], "60", lambda s: s["settings"].session.max_session_s, 60.0),
-    "max_upload_bytes": ([], "1048576", lambda s: s["settings"].max_upload_bytes, 1 << 20),
-    "max_upload_audio_s": ([], "120", lambda s: s["settings"].max_upload_audio_s, 120.0),
-    "upload_timeout_s": ([], "30", lambda s: s["settings"].upload_timeout_s, 30.0),
-    "idle_timeout_s": ([], "7", lambda s: s["settings"].idle_timeout_s, 7.0),
-    "realtime_factor": ([], "0", lambda s: s["settings"].realtime_factor, 0.0),
-    "drain_deadline_s": ([], "3", lambda s: s["settings"].drain_deadline_s, 3.0),
+    "max_upload_bytes": ([], "1048576", lambda s: s["settings"].limits.max_upload_bytes, 1 << 20),
+    "max_upload_audio_s": ([], "120", lambda s: s["settings"].limits.max_upload_audio_s, 120.0),
+    "upload_timeout_s": ([], "30", lambda s: s["settings"].limits.upload_timeout_s, 30.0),
+    "idle_timeout_s": ([], "7", lambda s: s["settings"].limits.idle_timeout_s, 7.0),
+    "realtime_factor": ([], "0", lambda s: s["settings"].limits.realtime_factor, 0.0),
+    "drain_deadline_s": ([], "3", lambda s: s["settings"].limits.drain_deadline_s, 3.0),
     "api_keys_file": ([], "{keys}", lambda s: s["settings"].access.api_keys, frozenset({"a" * 24})),
     "allowed_origins": ([], "https://a.example, https://b.example", lambda s: s["settings"].access.allowed_origins,
                         frozenset({"https://a.example", "https://b.example"})),
-    "certfile": ([], "/tls/chain.pem", lambda s: (s["settings"].certfile, s["settings"].keyfile),
+    "certfile": ([], "/tls/chain.pem", lambda s: (s["settings"].security.cert_path, s["settings"].security.key_path),
                  (Path("/tls/chain.pem"), Path("/tls/chain.pem"))),
-    "keyfile": (["--certfile", "/tls/chain.pem"], "/tls/key.pem", lambda s: s["settings"].keyfile,
+    "keyfile": (["--certfile", "/tls/chain.pem"], "/tls/key.pem", lambda s: s["settings"].security.key_path,
                 Path("/tls/key.pem")),
     "malloc_arenas": ([], "5", lambda s: s["arenas"], 5),
     "malloc_mmap_threshold_kb": ([], "512", lambda s: s["mmap_threshold"], 512 * 1024),
-    "memory_trim_s": ([], "5", lambda s: s["settings"].memory_trim_s, 5.0),
+    "memory_trim_s": ([], "5", lambda s: s["settings"].memory.memory_trim_s, 5.0),
     "log_transcripts": ([], None, lambda s: s["settings"].log_transcripts, True),
     "log_format": ([], "json", lambda s: s["logging"][1], "json"),
     "log_level": ([], "DEBUG", lambda s: s["logging"][0], "DEBUG"),
@@ -442,8 +442,6 @@ _OTHER_MEANINGS = {
     ("device", "stream_server/engines/granite/features.py", "'cpu'"): "the feature extractor's device",
     ("device", "stream_server/cli.py", "None"): "load_configured_engine: None means the section's device",
     ("model", "stream_server/adapters/openai_realtime.py", "'whisper-1'"): "the OpenAI protocol's model name",
-    ("certfile", "stream_server/server/app.py", "None"): "the runtime form of the empty setting",
-    ("keyfile", "stream_server/server/app.py", "None"): "the runtime form of the empty setting",
     ("gpus_per_replica", "stream_server/inference/ray_pool.py", "None"): "the runtime form of -1 (automatic)",
     ("cpus_per_replica", "stream_server/inference/ray_pool.py", "None"): "the runtime form of 0 (automatic)",
     ("max_inflight", "stream_server/inference/ray_pool.py", "None"): "the runtime form of 0 (automatic)",
@@ -502,15 +500,17 @@ def test_every_default_is_written_once():
     assert {name: places for name, places in written.items() if len(places) > 1} == {}
     stale = set(_OTHER_MEANINGS) - set(found)
     assert not stale, f"no longer written, drop from _OTHER_MEANINGS: {sorted(stale)}"
-    # Where a section does not hold the runtime object, its defaults are the runtime objects'.
+    # The server holds the network, limits, security and memory sections as they are; the session's
+    # bounds in the limits section are the session's own defaults.
     from stream_server.core.session import SessionSettings
     from stream_server.server.app import ServerSettings
 
-    server, session = ServerSettings(), SessionSettings()
-    limits = ServeConfig().limits
-    assert (limits.max_sessions, limits.idle_timeout_s, limits.max_session_s, limits.max_utterance_s) == (
-        server.max_sessions, server.idle_timeout_s, session.max_session_s, session.limits.max_utterance_s)
-    assert server_settings(ServeConfig()) == dataclasses.replace(server, access=server_settings(ServeConfig()).access)
+    server, session, config = ServerSettings(), SessionSettings(), ServeConfig()
+    assert (server.network, server.limits, server.security, server.memory) == (
+        config.network, config.limits, config.security, config.memory)
+    assert (config.limits.max_frame_bytes, config.limits.max_session_s, config.limits.max_utterance_s) == (
+        session.max_frame_bytes, session.max_session_s, session.limits.max_utterance_s)
+    assert server_settings(config) == dataclasses.replace(server, access=server_settings(config).access)
 
 
 def test_the_default_check_finds_a_second_literal(tmp_path):

@@ -27,11 +27,27 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
 _M_ARENA_MAX = -8  # from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The ``memory`` section of the server's settings: this module's remedies, as the process applies them.
+
+    Attributes:
+        malloc_arenas: :func:`limit_arenas`'s ``count`` (0: glibc's default), applied before threads start.
+        malloc_mmap_threshold_kb: :func:`fix_mmap_threshold` in KiB (0: glibc's dynamic threshold).
+        memory_trim_s: how often the server calls :func:`trim` (and samples the resident size); 0 never.
+    """
+
+    malloc_arenas: int = 2
+    malloc_mmap_threshold_kb: int = 256
+    memory_trim_s: float = 60.0
 
 
 @functools.cache

@@ -31,14 +31,15 @@ from websockets.http11 import Request, Response
 
 from stream_server.engines.base import Engine
 from stream_server.inference.types import InferenceRequest, WorkerSettings
-from stream_server.server.auth import AccessPolicy, check_access, select_subprotocol
+from stream_server.server.auth import AccessPolicy, SecuritySettings, check_access, select_subprotocol
 from stream_server.server.driver import SessionDriver
 from stream_server.server.logs import LoggingSettings, current_session
 from stream_server.core.multichannel import MultichannelSession
 from stream_server.server import http_api
 from stream_server.inference import memory
+from stream_server.inference.memory import MemorySettings
 from stream_server.core.events import Error, Event, Final, Partial
-from stream_server.core.protocol import SHUTTING_DOWN
+from stream_server.core.protocol import SHUTTING_DOWN, ProtocolLimits
 from stream_server.server.connection import TranslatorFactory, native_translator, serve_connection
 from stream_server.core.session import Send, SessionSettings
 from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker, WorkerObserver
@@ -85,34 +86,24 @@ def _content_type(name: str) -> str:
     return content_type
 
 
-@dataclass
-class ServerSettings:
-    """Everything the server needs besides the engine.
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The ``network`` section: where to listen (port 0 picks a free port; see :attr:`StreamServer.port`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """The ``limits`` section: what one client, one session and the whole server may use.
 
     Attributes:
-        host, port: where to listen (port 0 picks a free port; see :attr:`StreamServer.port`).
-        session: per-session bounds and defaults.
-        max_sessions: concurrent WebSocket sessions; more are refused with HTTP 503.
-        worker: batching and queue bounds of the worker the server builds when it is given none.
-        outbox_limit: events queued for one slow client before it is disconnected (close 1008).
-        web_root: directory served at ``/``.
+        max_sessions: concurrent sessions (WebSocket or file request); more are refused with HTTP 503.
         max_sessions_per_ip: concurrent sessions from one client address; more get HTTP 429.
-        idle_timeout_s: a session that receives nothing for this long is ended (finals, ``end``,
-            close 1001) with an ``idle_timeout`` error; 0 disables.
-        realtime_factor: audio may arrive at most this many times faster than real time (after a
-            ``burst_s`` head start); faster senders are throttled by not reading from their socket,
-            so TCP backpressure slows them and nothing is dropped. 0 disables.
-        burst_s: seconds of audio a client may send ahead of the real-time-factor budget.
-        drain_deadline_s: on shutdown, how long open sessions get to receive their finals.
-        access: API keys and allowed origins.
-        certfile, keyfile: serve TLS (wss://, https://) with this certificate chain and key.
-        log_transcripts: log final texts at INFO (off by default: transcripts are personal data).
-        memory_trim_s: how often free heap pages go back to the kernel (see :mod:`stream_server.inference.memory`);
-            0 never.
-        reuse_port: bind with ``SO_REUSEPORT`` so that several server processes share the port (the
-            kernel spreads new connections over them).
-        handshake_timeout_s: a connection whose HTTP request (WebSocket upgrade or plain HTTP) is not
-            complete this long after it opened is closed; it holds no session slot meanwhile.
+        max_frame_bytes, max_utterance_s, max_session_s: per-session bounds. Sessions read them from
+            :attr:`ServerSettings.session` (a :class:`SessionSettings`, whose defaults these are), which
+            ``stream_server.cli.server_settings`` builds from this section.
         max_upload_bytes: largest file body ``POST /v1/audio/transcriptions`` accepts (HTTP 413 beyond).
         max_upload_audio_s: longest decoded audio of such a file (HTTP 413 beyond); 0 for no limit
             but ``session.max_session_s``.
@@ -120,30 +111,66 @@ class ServerSettings:
             request head (HTTP 408 beyond, the session slot freed); a client that trickles bytes
             just often enough to dodge ``idle_timeout_s`` is bounded by this. 0 disables. 600 s
             lets the largest default upload (25 MiB) through at 350 kbit/s, a weak mobile uplink.
+        idle_timeout_s: a session that receives nothing for this long is ended (finals, ``end``,
+            close 1001) with an ``idle_timeout`` error; 0 disables.
+        realtime_factor: audio may arrive at most this many times faster than real time (after a
+            ``burst_s`` head start); faster senders are throttled by not reading from their socket,
+            so TCP backpressure slows them and nothing is dropped. 0 disables.
+        drain_deadline_s: on shutdown, how long open sessions get to receive their finals.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8765
-    session: SessionSettings = field(default_factory=SessionSettings)
     max_sessions: int = 256
-    worker: WorkerSettings = field(default_factory=WorkerSettings)
-    outbox_limit: int = 1024
-    web_root: Path = WEB_ROOT
     max_sessions_per_ip: int = 32
-    idle_timeout_s: float = 60.0
-    realtime_factor: float = 4.0
-    burst_s: float = 10.0
-    drain_deadline_s: float = 10.0
-    access: AccessPolicy = field(default_factory=AccessPolicy)
-    certfile: Path | None = None
-    keyfile: Path | None = None
-    log_transcripts: bool = LoggingSettings.log_transcripts
-    memory_trim_s: float = 60.0
-    reuse_port: bool = False
-    handshake_timeout_s: float = 10.0
+    max_frame_bytes: int = SessionSettings.max_frame_bytes
+    max_utterance_s: float = ProtocolLimits.max_utterance_s
+    max_session_s: float = SessionSettings.max_session_s
     max_upload_bytes: int = 25 << 20
     max_upload_audio_s: float = 3600.0
     upload_timeout_s: float = 600.0
+    idle_timeout_s: float = 60.0
+    realtime_factor: float = 4.0
+    drain_deadline_s: float = 10.0
+
+
+@dataclass
+class ServerSettings:
+    """Everything the server needs besides the engine: the settings sections it reads as they are
+    (``network``, ``limits``, ``security``, ``memory``), the runtime objects built from the others,
+    and internal knobs that are no user setting.
+
+    Attributes:
+        network: where to listen.
+        limits: session, client and upload bounds, idle timeout, throttling, drain deadline.
+        security: TLS files (``security.cert_path``/``key_path``); its keys and origins reach the
+            server loaded, as ``access``.
+        memory: ``memory.memory_trim_s`` is the server's heap-trim period (the arena settings are
+            applied by the command before the server exists).
+        session: per-session bounds and defaults.
+        worker: batching and queue bounds of the worker the server builds when it is given none.
+        access: API keys and allowed origins (:meth:`SecuritySettings.access_policy`).
+        log_transcripts: log final texts at INFO (off by default: transcripts are personal data).
+        outbox_limit: events queued for one slow client before it is disconnected (close 1008).
+        web_root: directory served at ``/``.
+        burst_s: seconds of audio a client may send ahead of the real-time-factor budget.
+        reuse_port: bind with ``SO_REUSEPORT`` so that several server processes share the port (the
+            kernel spreads new connections over them).
+        handshake_timeout_s: a connection whose HTTP request (WebSocket upgrade or plain HTTP) is not
+            complete this long after it opened is closed; it holds no session slot meanwhile.
+    """
+
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    session: SessionSettings = field(default_factory=SessionSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    log_transcripts: bool = LoggingSettings.log_transcripts
+    outbox_limit: int = 1024
+    web_root: Path = WEB_ROOT
+    burst_s: float = 10.0
+    reuse_port: bool = False
+    handshake_timeout_s: float = 10.0
 
 
 class _Metrics:
@@ -291,8 +318,8 @@ class StreamServer:
         # HttpServerConnection applies handshake_timeout_s itself (an upload may take longer).
         self._server = await serve(
             self._handle,
-            self.settings.host,
-            self.settings.port,
+            self.settings.network.host,
+            self.settings.network.port,
             process_request=self._process_request,
             select_subprotocol=lambda _connection, offered: select_subprotocol(offered),
             ssl=ssl_context,
@@ -311,7 +338,7 @@ class StreamServer:
         log.info(
             "serving %s (%s) on ws://%s:%d%s — %s",
             self.engine.capabilities.name, self.engine.capabilities.model,
-            self.settings.host, self.port, LISTEN_PATH, self.engine_reason,
+            self.settings.network.host, self.port, LISTEN_PATH, self.engine_reason,
         )
 
     async def serve_forever(self) -> None:
@@ -337,7 +364,7 @@ class StreamServer:
         Returns:
             How many sessions had not finished by the deadline.
         """
-        deadline_s = self.settings.drain_deadline_s if deadline_s is None else deadline_s
+        deadline_s = self.settings.limits.drain_deadline_s if deadline_s is None else deadline_s
         # Keep listening while draining: new upgrades get HTTP 503 "shutting down" and /readyz says
         # draining (so a load balancer takes this server out), instead of a refused connection.
         self.draining = True
@@ -362,18 +389,20 @@ class StreamServer:
             await asyncio.sleep(0.5)
             self.worker.ensure_alive()
             self.metrics.queue_depth.set(self.worker.status().queue_depth)
-            if self.settings.memory_trim_s > 0 and loop.time() - last_trim >= self.settings.memory_trim_s:
+            trim_s = self.settings.memory.memory_trim_s
+            if trim_s > 0 and loop.time() - last_trim >= trim_s:
                 last_trim = loop.time()
                 # malloc_trim walks every arena under its lock: milliseconds, so off the event loop.
                 await loop.run_in_executor(None, memory.trim)
                 self.metrics.resident_bytes.set(memory.rss_bytes())
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        if self.settings.certfile is None:
+        security = self.settings.security
+        if security.cert_path is None:
             return None
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.settings.certfile, self.settings.keyfile)
+        context.load_cert_chain(security.cert_path, security.key_path)
         return context
 
     async def __aenter__(self) -> "StreamServer":
@@ -385,8 +414,8 @@ class StreamServer:
 
     @property
     def url(self) -> str:
-        scheme = "wss" if self.settings.certfile else "ws"
-        return f"{scheme}://{self.settings.host}:{self.port}{LISTEN_PATH}"
+        scheme = "wss" if self.settings.security.cert_path else "ws"
+        return f"{scheme}://{self.settings.network.host}:{self.port}{LISTEN_PATH}"
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
@@ -426,12 +455,13 @@ class StreamServer:
         ``max_sessions_per_ip``."""
         if self.draining:
             return 503, "shutting down: not accepting new sessions"
-        if len(self._sessions) >= self.settings.max_sessions:
+        if len(self._sessions) >= self.settings.limits.max_sessions:
             return 503, "overloaded: too many sessions"
         queue = self.worker.status()
         if queue.queue_depth >= queue.max_queue:
             return 503, "overloaded: inference queue is full"
-        if self.settings.max_sessions_per_ip and self._per_ip[client_ip] >= self.settings.max_sessions_per_ip:
+        per_ip = self.settings.limits.max_sessions_per_ip
+        if per_ip and self._per_ip[client_ip] >= per_ip:
             return 429, "too many sessions from this address"
         return None
 

@@ -24,6 +24,45 @@ TOKEN_SUBPROTOCOL_PREFIX = "token."
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """The ``security`` section of the server's settings, as given (paths and lists as text; empty: unset).
+
+    Attributes:
+        api_keys_file: file of accepted API keys, one per line (:func:`load_api_keys`).
+        allowed_origins: comma-separated ``Origin`` values browsers may connect from (empty: any).
+        certfile, keyfile: serve TLS (wss://, https://) with this certificate chain and key (the key
+            defaults to the certfile).
+    """
+
+    api_keys_file: str = ""
+    allowed_origins: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+
+    @property
+    def cert_path(self) -> Path | None:
+        """The certificate chain, or ``None``: no TLS."""
+        return Path(self.certfile) if self.certfile else None
+
+    @property
+    def key_path(self) -> Path | None:
+        """The private key: ``keyfile``, else the certfile (a PEM holding both); ``None`` without TLS."""
+        return Path(self.keyfile) if self.keyfile else self.cert_path
+
+    def access_policy(self, env_value: str | None = None) -> AccessPolicy:
+        """The policy these settings describe: keys from ``api_keys_file`` and ``$GRANITE_STREAM_API_KEYS``
+        (or ``env_value``), the origin list split.
+
+        Raises:
+            OSError, ValueError: an unreadable key file or a malformed key (:func:`load_api_keys`).
+        """
+        return AccessPolicy(
+            api_keys=load_api_keys(env_value, Path(self.api_keys_file) if self.api_keys_file else None),
+            allowed_origins=frozenset(o.strip() for o in self.allowed_origins.split(",") if o.strip()),
+        )
+
+
+@dataclass(frozen=True)
 class AccessPolicy:
     """What a request must satisfy.
 

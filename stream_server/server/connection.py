@@ -242,7 +242,8 @@ async def serve_connection(server: "StreamServer", ws: "ServerConnection", trans
 
     loop = asyncio.get_running_loop()
     began = loop.time()
-    idle = settings.idle_timeout_s or None
+    limits = settings.limits
+    idle = limits.idle_timeout_s or None
     try:
         try:
             run(call(translator.opened))
@@ -259,16 +260,16 @@ async def serve_connection(server: "StreamServer", ws: "ServerConnection", trans
                         run(call(translator.client_text, message))
                         continue
                     run(call(translator.client_bytes, message))
-                    if settings.realtime_factor:
+                    if limits.realtime_factor:
                         received = max((d.session.audio_seconds for d in drivers.values()), default=0.0)
-                        ahead = received / settings.realtime_factor - settings.burst_s - (loop.time() - began)
+                        ahead = received / limits.realtime_factor - settings.burst_s - (loop.time() - began)
                         if ahead > 0:
                             if idle:
                                 deadline.reschedule(loop.time() + ahead + idle)  # our own pause is not idleness
                             await asyncio.sleep(ahead)
         except TimeoutError:
             notice = Error(
-                IDLE_TIMEOUT, f"nothing received for {settings.idle_timeout_s:g} s; ending the session", True
+                IDLE_TIMEOUT, f"nothing received for {limits.idle_timeout_s:g} s; ending the session", True
             )
             live = [driver for driver in drivers.values() if not driver.closed.is_set()]
             for driver in live:
@@ -280,7 +281,7 @@ async def serve_connection(server: "StreamServer", ws: "ServerConnection", trans
         if not dropped:
             # Ending on our side (stop, drain, a limit, idle): let the finals and the close go out.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(writing), timeout=max(settings.drain_deadline_s, 30.0))
+                await asyncio.wait_for(asyncio.shield(writing), timeout=max(limits.drain_deadline_s, 30.0))
     finally:
         for driver in drivers.values():
             server.release_session(driver)

@@ -392,9 +392,9 @@ class FileTranscriptionApi:
             status, reason = refusal
             raise ApiError(HTTPStatus(status), reason, code="invalid_api_key" if status == 401 else "forbidden")
         length = headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
+        if length is not None and length.isdigit() and int(length) > settings.limits.max_upload_bytes:
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"the upload is larger than this server's limit of {settings.max_upload_bytes} bytes",
+                           f"the upload is larger than this server's limit of {settings.limits.max_upload_bytes} bytes",
                            code="file_too_large", param="file")
         refusal = server.admission_refusal(conn.client_ip)
         if refusal is not None:
@@ -434,11 +434,11 @@ class FileTranscriptionApi:
     async def _run(self, conn: "HttpServerConnection", driver: "SessionDriver", headers: Headers, path: str,
                    errors: list[Error]) -> tuple[Upload, float]:
         """Read the body, decode it, stream it through the session; returns the upload and its duration."""
-        settings = self.server.settings
-        body = await conn.read_body(settings.max_upload_bytes, settings.idle_timeout_s or None,
-                                    settings.upload_timeout_s or None)
-        max_seconds = min(s for s in (settings.max_upload_audio_s, settings.session.max_session_s) if s > 0) \
-            if (settings.max_upload_audio_s > 0 or settings.session.max_session_s > 0) else 0.0
+        settings, limits = self.server.settings, self.server.settings.limits
+        body = await conn.read_body(limits.max_upload_bytes, limits.idle_timeout_s or None,
+                                    limits.upload_timeout_s or None)
+        max_seconds = min(s for s in (limits.max_upload_audio_s, settings.session.max_session_s) if s > 0) \
+            if (limits.max_upload_audio_s > 0 or settings.session.max_session_s > 0) else 0.0
         loop = asyncio.get_running_loop()
         upload, audio = await loop.run_in_executor(
             None, functools.partial(_prepare, headers.get("Content-Type", ""), body, PATHS[path], max_seconds))

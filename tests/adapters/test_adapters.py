@@ -29,7 +29,7 @@ from stream_server.adapters.twilio import TwilioTranslator
 from stream_server.core.audio import encode_mulaw
 from stream_server.core.events import Error
 from stream_server.core.multichannel import MultichannelSession
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
 from stream_server.core.session import Close, Send, SessionSettings, State, Submit
 from tests.fakes import CountingEngine
 
@@ -254,7 +254,7 @@ def test_multichannel_end_stream_keeps_the_close_code_and_sends_the_notice_once(
 
 
 async def test_native_route_serves_multichannel_over_the_socket():
-    async with StreamServer(CountingEngine(), ServerSettings(port=0), routes=ROUTES) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES) as server:
         async with connect(server.url) as ws:
             await ws.send(json.dumps({"type": "start", "multichannel": True, "partials": False,
                                       "audio": {"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 2}}))
@@ -873,8 +873,8 @@ def test_wav_header_parsing():
 
 def test_the_adapters_routes_are_served_when_handed_to_the_server():
     # The shell knows no foreign protocol: alone it serves the native route; the adapters' table adds theirs.
-    assert set(StreamServer(CountingEngine(), ServerSettings(port=0)).routes) == {"/v1/listen"}
-    server = StreamServer(CountingEngine(), ServerSettings(port=0), routes=ROUTES)
+    assert set(StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0))).routes) == {"/v1/listen"}
+    server = StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES)
     assert set(server.routes) == {"/v1/listen", "/v1/realtime", "/deepgram/v1/listen", "/v1/twilio"}
     assert set(ROUTES) == {"/v1/realtime", "/deepgram/v1/listen", "/v1/twilio"}
 
@@ -885,7 +885,7 @@ def test_the_adapters_routes_are_served_when_handed_to_the_server():
 async def test_openai_sdk_realtime_client_against_the_server():
     from openai import AsyncOpenAI
 
-    async with StreamServer(CountingEngine(), ServerSettings(port=0), routes=ROUTES) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES) as server:
         client = AsyncOpenAI(api_key="sk-dummy", base_url=f"http://127.0.0.1:{server.port}/v1",
                              websocket_base_url=f"ws://127.0.0.1:{server.port}/v1")
         async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
@@ -914,7 +914,7 @@ async def test_deepgram_sdk_client_against_the_server():
     from deepgram import AsyncDeepgramClient
     from deepgram.environment import DeepgramClientEnvironment
 
-    async with StreamServer(CountingEngine(), ServerSettings(port=0), routes=ROUTES) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES) as server:
         base = f"127.0.0.1:{server.port}"
         client = AsyncDeepgramClient(api_key="dummy", environment=DeepgramClientEnvironment(
             base=f"http://{base}", production=f"ws://{base}/deepgram", agent=f"ws://{base}", agent_rest=f"http://{base}"))
@@ -936,7 +936,7 @@ async def test_deepgram_sdk_client_against_the_server():
 
 
 async def test_twilio_over_the_socket_and_unknown_adapter_paths_404():
-    async with StreamServer(CountingEngine(), ServerSettings(port=0), routes=ROUTES) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES) as server:
         async with connect(f"ws://127.0.0.1:{server.port}/v1/twilio") as ws:
             await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
             await ws.send(json.dumps(twilio_start(tracks=("inbound",))))
@@ -965,7 +965,8 @@ async def test_adapters_use_the_servers_api_keys_and_sdks_can_present_them():
     from stream_server.server.auth import AccessPolicy
 
     key = "adapter-test-key-0123456789"
-    async with StreamServer(CountingEngine(), ServerSettings(port=0, access=AccessPolicy(api_keys=frozenset({key}))), routes=ROUTES) as server:
+    settings = ServerSettings(network=NetworkSettings(port=0), access=AccessPolicy(api_keys=frozenset({key})))
+    async with StreamServer(CountingEngine(), settings, routes=ROUTES) as server:
         base = f"127.0.0.1:{server.port}"
         for api_key, ok in ((key, True), ("wrong-key-0123456789", False)):
             client = AsyncOpenAI(api_key=api_key, base_url=f"http://{base}/v1", websocket_base_url=f"ws://{base}/v1")
@@ -990,7 +991,7 @@ async def test_adapters_use_the_servers_api_keys_and_sdks_can_present_them():
 
 
 async def test_drain_finishes_adapter_streams_and_a_translator_bug_closes_1011():
-    async with StreamServer(CountingEngine(), ServerSettings(port=0), routes=ROUTES) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES) as server:
 
         class Broken(TwilioTranslator):
             def client_text(self, text):
@@ -1023,7 +1024,8 @@ async def test_drain_finishes_adapter_streams_and_a_translator_bug_closes_1011()
 
 
 async def test_idle_adapter_connection_is_ended():
-    async with StreamServer(CountingEngine(), ServerSettings(port=0, idle_timeout_s=0.3), routes=ROUTES) as server:
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=LimitsSettings(idle_timeout_s=0.3))
+    async with StreamServer(CountingEngine(), settings, routes=ROUTES) as server:
         async with connect(f"ws://127.0.0.1:{server.port}/v1/twilio") as ws:
             await ws.send(json.dumps(twilio_start(tracks=("inbound",))))
             events = [json.loads(m) async for m in ws]

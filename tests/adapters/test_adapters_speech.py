@@ -28,7 +28,7 @@ from websockets.asyncio.client import connect
 from granite_stream_testing.datasets import read_audio
 from stream_server.core.audio import encode_mulaw
 from stream_server.adapters import ROUTES
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.app import NetworkSettings, ServerSettings, StreamServer
 
 pytestmark = [pytest.mark.slow,
               # The Deepgram SDK imports websockets' deprecated legacy client.
@@ -73,7 +73,7 @@ async def test_openai_sdk_transcription_session_with_real_speech(whisper_engine,
     audio, rate = read_audio(goforward)
     audio24 = soxr.resample(audio, rate, 24000).astype(np.float32)
     pcm = (np.clip(padded(audio24, 24000, 0.3, len(audio24) / 24000 + 1.3), -1, 1) * 32767).astype("<i2").tobytes()
-    async with StreamServer(whisper_engine, ServerSettings(port=0), routes=ROUTES) as server:
+    async with StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES) as server:
         client = AsyncOpenAI(api_key="sk-local", base_url=f"http://127.0.0.1:{server.port}/v1",
                              websocket_base_url=f"ws://127.0.0.1:{server.port}/v1")
         async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
@@ -121,7 +121,7 @@ async def test_deepgram_sdk_two_call_legs_multichannel_with_real_speech(whisper_
     total = 0.3 + len(a) / rate + 0.5 + len(b) / rate + 1.2
     left, right = padded(a, rate, 0.3, total), padded(b, rate, 0.3 + len(a) / rate + 0.5, total)
     stereo = encode_mulaw(np.stack([left, right], axis=1).reshape(-1))  # interleaved μ-law, 8 kHz
-    async with StreamServer(whisper_engine, ServerSettings(port=0), routes=ROUTES) as server:
+    async with StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES) as server:
         base = f"127.0.0.1:{server.port}"
         client = AsyncDeepgramClient(api_key="local", environment=DeepgramClientEnvironment(
             base=f"http://{base}", production=f"ws://{base}/deepgram", agent=f"ws://{base}", agent_rest=f"http://{base}"))
@@ -166,7 +166,7 @@ async def test_twilio_call_with_two_tracks_real_speech(whisper_engine, asterisk_
                                         "streamSid": "MZ00000000000000000000000000000001",
                                         "media": {"track": track, "chunk": str(i // 160 + 1), "timestamp": str(i // 8),
                                                   "payload": base64.b64encode(data[i : i + 160]).decode()}}))
-    async with StreamServer(whisper_engine, ServerSettings(port=0), routes=ROUTES) as server:
+    async with StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES) as server:
         async with connect(f"ws://127.0.0.1:{server.port}/v1/twilio") as ws:
             await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
             await ws.send(json.dumps({"event": "start", "sequenceNumber": "2", "streamSid": "MZ00000000000000000000000000000001",
@@ -206,7 +206,7 @@ async def test_native_multichannel_agent_and_customer_with_real_speech(whisper_e
     total = 0.3 + len(a) / 16000 + 0.3 + len(b) / 16000 + 1.0
     left, right = padded(a, 16000, 0.3, total), padded(b, 16000, 0.6 + len(a) / 16000, total)
     pcm = (np.clip(np.stack([left, right], axis=1).reshape(-1), -1, 1) * 32767).astype("<i2").tobytes()
-    async with StreamServer(whisper_engine, ServerSettings(port=0), routes=ROUTES) as server:
+    async with StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0)), routes=ROUTES) as server:
         async with connect(server.url) as ws:
             await ws.send(json.dumps({"type": "start", "multichannel": True, "language": "en",
                                       "audio": {"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 2}}))

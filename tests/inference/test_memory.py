@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from stream_server.inference import memory
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.app import NetworkSettings, ServerSettings, StreamServer
+from stream_server.inference.memory import MemorySettings
 from tests.fakes import CountingEngine
 from tests.server.test_server import http_get
 
@@ -152,7 +153,8 @@ async def test_server_trims_the_heap_periodically_and_reports_resident_memory(mo
     trims = []
     monkeypatch.setattr(memory, "trim", lambda: trims.append(1) or True)
     monkeypatch.setattr(memory, "rss_bytes", lambda: 123_456_789)
-    async with StreamServer(CountingEngine(), ServerSettings(port=0, memory_trim_s=trim_s)) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0),
+                                                             memory=MemorySettings(memory_trim_s=trim_s))) as server:
         await _supervisor_rounds(server, monkeypatch, 4)  # 4 rounds of 0.5 s: at least one trim is due
         _, _, body = await http_get(server.port, "/metrics")
     line = next(x for x in body.decode().splitlines() if x.startswith("granite_stream_resident_memory_bytes"))

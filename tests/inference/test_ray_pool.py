@@ -39,7 +39,7 @@ import jiwer
 from granite_stream_testing.datasets import read_audio
 from stream_server.inference.types import InferenceRequest, SAMPLE_RATE
 from stream_server.inference.ray_pool import RayPoolSettings, RayServeWorker, connect_pool, replica_actor_names
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.app import NetworkSettings, ServerSettings, StreamServer
 from stream_server.inference.worker import QueueFull, Superseded
 from tests.server.test_server import stream_clip as _stream_clip
 
@@ -124,7 +124,7 @@ def _get(port: int, path: str):
 async def test_gateway_streams_real_speech_through_the_pool(pool, asterisk_en_dev, librivox_clips):
     clips = pick_clips(asterisk_en_dev, librivox_clips)
     worker = fresh_worker(pool)
-    async with gateway(worker, ServerSettings(port=0)) as server:
+    async with gateway(worker, ServerSettings(network=NetworkSettings(port=0))) as server:
         assert server.worker is worker
         results = await asyncio.gather(*[stream_clip(server.url, *read_audio(c), pace=2.0) for c in clips])
         status, body = await asyncio.to_thread(_get, server.port, "/readyz")
@@ -165,7 +165,7 @@ async def test_killing_a_replica_mid_stream_loses_no_utterance(pool, asterisk_en
     before = replica_actor_names(APP)
     assert len(before) == 2
     worker = fresh_worker(pool)
-    async with gateway(worker, ServerSettings(port=0)) as server:
+    async with gateway(worker, ServerSettings(network=NetworkSettings(port=0))) as server:
         killer = asyncio.create_task(_kill_a_busy_replica(worker, deadline_s=30))
         results = await asyncio.gather(*[stream_clip(server.url, *read_audio(c), pace=2.0) for c in clips])
         killed = await killer

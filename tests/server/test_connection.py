@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from stream_server.server.driver import SessionDriver
 from stream_server.adapters import ROUTES as ADAPTER_ROUTES
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
 from stream_server.core.session import Session
 from tests.fakes import CountingEngine
 from tests.vad.test_vad import voiced
@@ -81,7 +81,8 @@ def live_objects() -> dict[str, int]:
 @pytest.mark.parametrize("first_message", [False, True], ids=["silent-from-the-start", "silent-after-first-message"])
 async def test_a_silent_client_is_ended_within_the_idle_timeout(route, first_message):
     path, message = ROUTES[route]
-    async with StreamServer(CountingEngine(), ServerSettings(port=0, idle_timeout_s=IDLE_S), routes=ADAPTER_ROUTES) as server:
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=LimitsSettings(idle_timeout_s=IDLE_S))
+    async with StreamServer(CountingEngine(), settings, routes=ADAPTER_ROUTES) as server:
         async with connect(f"ws://127.0.0.1:{server.port}{path}") as ws:
             began = time.monotonic()
             if first_message:
@@ -94,7 +95,8 @@ async def test_a_silent_client_is_ended_within_the_idle_timeout(route, first_mes
 
 
 async def test_native_idle_before_start_is_told_why():
-    async with StreamServer(CountingEngine(), ServerSettings(port=0, idle_timeout_s=IDLE_S), routes=ADAPTER_ROUTES) as server:
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=LimitsSettings(idle_timeout_s=IDLE_S))
+    async with StreamServer(CountingEngine(), settings, routes=ADAPTER_ROUTES) as server:
         async with connect(server.url) as ws:
             events = [json.loads(m) for m in await messages_until_closed(ws, timeout=IDLE_S + 5)]
     assert [(e["type"], e.get("code"), e.get("fatal")) for e in events] == [("error", "idle_timeout", True)]
@@ -102,7 +104,8 @@ async def test_native_idle_before_start_is_told_why():
 
 async def test_throttling_is_not_idleness():
     """A client throttled for sending faster than real time is not idle while the server waits."""
-    settings = ServerSettings(port=0, idle_timeout_s=0.5, realtime_factor=1.0, burst_s=0.0)
+    settings = ServerSettings(network=NetworkSettings(port=0),
+                              limits=LimitsSettings(idle_timeout_s=0.5, realtime_factor=1.0), burst_s=0.0)
     async with StreamServer(CountingEngine(), settings, routes=ADAPTER_ROUTES) as server:
         async with connect(server.url) as ws:
             await ws.send(json.dumps({"type": "start", "partials": False}))
@@ -120,7 +123,8 @@ async def test_silent_connections_from_many_addresses_cannot_hold_the_slots():
     """Silent connections from 4 addresses fill every slot; a legitimate client from a fifth
     address is refused (503) only until the idle timeout frees them, then served; nothing of the
     attack stays in memory."""
-    settings = ServerSettings(port=0, idle_timeout_s=IDLE_S, max_sessions=12, max_sessions_per_ip=3)
+    settings = ServerSettings(network=NetworkSettings(port=0),
+                              limits=LimitsSettings(idle_timeout_s=IDLE_S, max_sessions=12, max_sessions_per_ip=3))
     async with StreamServer(CountingEngine(), settings, routes=ADAPTER_ROUTES) as server:
         before = live_objects()
         attackers = []
@@ -151,7 +155,7 @@ async def test_silent_connections_from_many_addresses_cannot_hold_the_slots():
 async def test_a_client_that_never_reads_is_closed_1008_and_others_are_served():
     """A raw TCP client upgrades, streams audio and never reads a byte: once its outgoing queue is
     full the server drops it with 1008, and meanwhile a normal client is served."""
-    settings = ServerSettings(port=0, outbox_limit=8, realtime_factor=0)
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=LimitsSettings(realtime_factor=0), outbox_limit=8)
     async with StreamServer(CountingEngine(), settings, routes=ADAPTER_ROUTES) as server:
         before = live_objects()
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
@@ -187,7 +191,7 @@ def send_frame(sock: socket.socket, opcode: int, payload: bytes) -> None:
 
 async def test_a_client_that_vanishes_mid_utterance_frees_everything():
     engine = CountingEngine(delay=0.05)
-    async with StreamServer(engine, ServerSettings(port=0), routes=ADAPTER_ROUTES) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0)), routes=ADAPTER_ROUTES) as server:
         before = live_objects()
         ws = await connect(server.url)
         await ws.send(json.dumps({"type": "start", "partials": True}))
@@ -201,7 +205,8 @@ async def test_a_client_that_vanishes_mid_utterance_frees_everything():
 
 
 async def test_an_upgrade_request_sent_a_byte_a_second_is_dropped_and_holds_no_slot():
-    settings = ServerSettings(port=0, handshake_timeout_s=2.0, max_sessions=1)
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=LimitsSettings(max_sessions=1),
+                              handshake_timeout_s=2.0)
     async with StreamServer(CountingEngine(), settings, routes=ADAPTER_ROUTES) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.20", 0))
         request = b"GET /v1/listen HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -234,7 +239,7 @@ async def test_an_upgrade_request_sent_a_byte_a_second_is_dropped_and_holds_no_s
 
 async def test_drain_finishes_open_sessions_and_answers_new_ones_503():
     engine = CountingEngine(delay=0.05)
-    async with StreamServer(engine, ServerSettings(port=0), routes=ADAPTER_ROUTES) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0)), routes=ADAPTER_ROUTES) as server:
         ws = await connect(server.url)
         await ws.send(json.dumps({"type": "start", "partials": False}))
         assert json.loads(await ws.recv())["type"] == "ready"

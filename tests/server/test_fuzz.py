@@ -317,10 +317,11 @@ def test_server_survives_any_input_over_a_socket(socket_server, ops):
 
 @pytest.fixture(scope="module")
 def socket_server():
-    from stream_server.server.app import ServerSettings, StreamServer
+    from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
 
     loop = asyncio.new_event_loop()
-    server = StreamServer(ContradictingEngine(), ServerSettings(port=0, realtime_factor=0))
+    server = StreamServer(ContradictingEngine(), ServerSettings(network=NetworkSettings(port=0),
+                                                                limits=LimitsSettings(realtime_factor=0)))
     loop.run_until_complete(server.start())
     yield server, loop
     loop.run_until_complete(server.close())

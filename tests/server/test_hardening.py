@@ -11,8 +11,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from stream_server.server.auth import AccessPolicy
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.auth import AccessPolicy, SecuritySettings
+from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
 from stream_server.core.session import SessionSettings
 from stream_server.inference.types import WorkerSettings
 from tests.fakes import CountingEngine, GatedEngine
@@ -49,7 +49,7 @@ async def wait_until(condition, what: str, timeout: float = 20.0):
 
 async def test_drain_finishes_open_utterances_then_closes_1001():
     engine = CountingEngine(delay=0.05)
-    async with StreamServer(engine, ServerSettings(port=0)) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0))) as server:
         ws = await connect(server.url)
         await ws.send(json.dumps({"type": "start", "partials": False}))
         assert json.loads(await ws.recv())["type"] == "ready"
@@ -67,7 +67,8 @@ async def test_drain_finishes_open_utterances_then_closes_1001():
 
 async def test_idle_session_is_finalized_and_closed():
     engine = CountingEngine()
-    async with StreamServer(engine, ServerSettings(port=0, idle_timeout_s=0.5)) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0),
+                                                   limits=LimitsSettings(idle_timeout_s=0.5))) as server:
         async with connect(server.url) as ws:
             await ws.send(json.dumps({"type": "start", "partials": False}))
             await ws.send(speech_pcm(1.0))
@@ -80,7 +81,7 @@ async def test_idle_session_is_finalized_and_closed():
 
 async def test_session_length_limit_ends_the_stream_with_its_finals():
     engine = CountingEngine()
-    settings = ServerSettings(port=0, session=SessionSettings(max_session_s=2.0))
+    settings = ServerSettings(network=NetworkSettings(port=0), session=SessionSettings(max_session_s=2.0))
     async with StreamServer(engine, settings) as server:
         async with connect(server.url) as ws:
             await ws.send(json.dumps({"type": "start", "partials": False}))
@@ -94,7 +95,7 @@ async def test_session_length_limit_ends_the_stream_with_its_finals():
 
 async def test_faster_than_real_time_audio_is_throttled_not_dropped():
     engine = CountingEngine()
-    settings = ServerSettings(port=0, realtime_factor=10.0, burst_s=0.5)
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=LimitsSettings(realtime_factor=10.0), burst_s=0.5)
     async with StreamServer(engine, settings) as server:
         async with connect(server.url) as ws:
             await ws.send(json.dumps({"type": "start", "partials": False}))
@@ -112,7 +113,7 @@ async def test_faster_than_real_time_audio_is_throttled_not_dropped():
 
 async def test_slow_reader_is_disconnected_with_a_reason():
     engine = CountingEngine()
-    async with StreamServer(engine, ServerSettings(port=0, outbox_limit=5)) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0), outbox_limit=5)) as server:
         # A client that stops reading: a tiny receive buffer, and websockets stops pulling from it
         # once one message is queued (max_queue=1).
         sock = socket.socket()
@@ -135,7 +136,8 @@ async def test_slow_reader_is_disconnected_with_a_reason():
 
 async def test_partials_shed_under_overload_are_announced_once():
     engine = CountingEngine(delay=0.3)
-    settings = ServerSettings(port=0, worker=WorkerSettings(max_queue=1), realtime_factor=0)
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=LimitsSettings(realtime_factor=0),
+                              worker=WorkerSettings(max_queue=1))
     async with StreamServer(engine, settings) as server:
         clients = [await connect(server.url) for _ in range(4)]
         for ws in clients:
@@ -161,7 +163,8 @@ async def test_partials_shed_under_overload_are_announced_once():
 async def test_overload_is_announced_once_per_10_s_of_audio():
     """Every partial of a 25 s utterance is shed: the client hears of it at 0, 10 and 20 s of audio, 3 times."""
     engine = GatedEngine()
-    settings = ServerSettings(port=0, worker=WorkerSettings(max_queue=1), realtime_factor=0)
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=LimitsSettings(realtime_factor=0),
+                              worker=WorkerSettings(max_queue=1))
     try:
         async with StreamServer(engine, settings) as server:
             # Both connect first: while the queue is full, new sessions are refused (HTTP 503).
@@ -205,7 +208,8 @@ async def test_metrics_count_the_traffic_they_served():
     from tests.server.test_server import http_get
 
     engine = CountingEngine()
-    async with StreamServer(engine, ServerSettings(port=0, realtime_factor=0)) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0),
+                                                   limits=LimitsSettings(realtime_factor=0))) as server:
         async with connect(server.url) as first, connect(server.url) as second:
             await first.send(json.dumps({"type": "start", "partials": False}))
             await first.send(speech_pcm(1.0))
@@ -254,7 +258,7 @@ async def test_metrics_count_the_traffic_they_served():
 
 async def test_engine_failure_fails_only_that_utterance():
     engine = CountingEngine(fail_on={0})
-    async with StreamServer(engine, ServerSettings(port=0)) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0))) as server:
         async with connect(server.url) as ws:
             await ws.send(json.dumps({"type": "start", "partials": False}))
             await ws.send(speech_pcm(1.0))
@@ -271,7 +275,7 @@ async def test_engine_failure_fails_only_that_utterance():
 
 @pytest.mark.parametrize("how", ["header", "token-scheme", "query", "subprotocol"])
 async def test_api_key_accepted_three_ways(how):
-    settings = ServerSettings(port=0, access=AccessPolicy(api_keys=frozenset({KEY})))
+    settings = ServerSettings(network=NetworkSettings(port=0), access=AccessPolicy(api_keys=frozenset({KEY})))
     async with StreamServer(CountingEngine(), settings) as server:
         url, kwargs = server.url, {}
         if how == "header":
@@ -291,7 +295,7 @@ async def test_api_key_accepted_three_ways(how):
 
 async def test_missing_or_wrong_key_and_foreign_origin_are_refused():
     policy = AccessPolicy(api_keys=frozenset({KEY}), allowed_origins=frozenset({"https://captions.example"}))
-    async with StreamServer(CountingEngine(), ServerSettings(port=0, access=policy)) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0), access=policy)) as server:
         for kwargs, status, fragment in [
             ({}, 401, b"API key is required"),
             ({"additional_headers": {"Authorization": "Bearer wrong-key-0123456789"}}, 403, b"not valid"),
@@ -325,7 +329,7 @@ async def test_static_files_never_leave_the_web_root(tmp_path):
     (web / "leak.txt").symlink_to(tmp_path / "secret.txt")  # a file link out of the root
     (web / "out").symlink_to(tmp_path, target_is_directory=True)  # a folder link out of the root
     (web / "alias.html").symlink_to(web / "index.html")  # a link that stays inside is fine
-    async with StreamServer(CountingEngine(), ServerSettings(port=0, web_root=web)) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0), web_root=web)) as server:
         status, body = await raw_get(server.port, "/alias.html")
         assert status == 200 and b"demo" in body
         for target in ("/../secret.txt", "/./../secret.txt", "/web/../../secret.txt", "/leak.txt", "/out/secret.txt",
@@ -335,7 +339,8 @@ async def test_static_files_never_leave_the_web_root(tmp_path):
 
 
 async def test_per_ip_session_limit():
-    async with StreamServer(CountingEngine(), ServerSettings(port=0, max_sessions_per_ip=2)) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0),
+                                                             limits=LimitsSettings(max_sessions_per_ip=2))) as server:
         first, second = await connect(server.url), await connect(server.url)
         with pytest.raises(InvalidStatus) as info:
             async with connect(server.url):
@@ -350,7 +355,8 @@ async def test_per_ip_session_limit():
 
 async def test_tls_with_a_self_signed_certificate(self_signed):
     cert, key = self_signed
-    settings = ServerSettings(port=0, certfile=cert, keyfile=key)
+    settings = ServerSettings(network=NetworkSettings(port=0),
+                              security=SecuritySettings(certfile=str(cert), keyfile=str(key)))
     async with StreamServer(CountingEngine(), settings) as server:
         assert server.url.startswith("wss://")
         client_ctx = ssl.create_default_context(cafile=str(cert))
@@ -365,7 +371,8 @@ async def test_tls_with_a_self_signed_certificate(self_signed):
 async def test_transcripts_are_not_logged_unless_enabled(caplog):
     caplog.set_level("INFO")
     for enabled in (False, True):
-        async with StreamServer(CountingEngine(), ServerSettings(port=0, log_transcripts=enabled)) as server:
+        async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0),
+                                                                 log_transcripts=enabled)) as server:
             async with connect(server.url) as ws:
                 await ws.send(json.dumps({"type": "start", "partials": False}))
                 await ws.send(speech_pcm(1.2))
@@ -380,7 +387,7 @@ async def test_pool_of_two_workers_behind_one_server_and_readyz_reports_them():
 
     engines = [CountingEngine(), CountingEngine()]
     pool = WorkerPool([InferenceWorker(e) for e in engines])
-    async with StreamServer(engines[0], ServerSettings(port=0), worker=pool) as server:
+    async with StreamServer(engines[0], ServerSettings(network=NetworkSettings(port=0)), worker=pool) as server:
         async def one():
             async with connect(server.url) as ws:
                 await ws.send(json.dumps({"type": "start", "partials": False}))

@@ -15,9 +15,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from stream_server.server.auth import AccessPolicy
+from stream_server.server.auth import AccessPolicy, SecuritySettings
 from stream_server.cli import server_settings
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
 from stream_server.settings import load_config
 from tests.fakes import CountingEngine, GatedEngine
 from tests.server.test_server import http_get
@@ -59,7 +59,7 @@ def flac_bytes(audio: np.ndarray) -> bytes:
 
 
 def client(server: StreamServer, key: str = "unused", **kw) -> openai.AsyncOpenAI:
-    scheme = "https" if server.settings.certfile else "http"
+    scheme = "https" if server.settings.security.cert_path else "http"
     kw.setdefault("timeout", 60.0)  # a request that hangs fails its test (the SDK's default is 600 s)
     return openai.AsyncOpenAI(base_url=f"{scheme}://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0, **kw)
 
@@ -76,7 +76,7 @@ def silence(seconds: float) -> np.ndarray:
 async def test_translations_run_the_translate_task():
     # The fake engine translates fr → en as upper-case words; a transcription gives lower case.
     audio = wav_bytes(np.concatenate([silence(0.3), speech(2.0), silence(1.0)]))
-    async with StreamServer(CountingEngine(), ServerSettings(port=0)) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0))) as server:
         api = client(server)
         translated = await api.audio.translations.create(file=("a.wav", audio), model="m", response_format="verbose_json",
                                                          extra_body={"language": "fr"})
@@ -93,7 +93,7 @@ async def test_translations_run_the_translate_task():
 
 async def test_api_keys_are_required_as_for_streams():
     audio = wav_bytes(np.concatenate([silence(0.3), speech(1.0), silence(1.0)]))
-    settings = ServerSettings(port=0, access=AccessPolicy(api_keys=frozenset({KEY})))
+    settings = ServerSettings(network=NetworkSettings(port=0), access=AccessPolicy(api_keys=frozenset({KEY})))
     async with StreamServer(CountingEngine(), settings) as server:
         with pytest.raises(openai.PermissionDeniedError) as info:
             await client(server, "wrong-key-0123456789").audio.transcriptions.create(file=("a.wav", audio), model="m")
@@ -146,7 +146,8 @@ async def test_an_upload_trickled_past_upload_timeout_gets_408_and_frees_its_slo
     # A client sends a byte every 50 ms (well inside idle_timeout_s, so the stall bound never fires)
     # of a body it declared 100 kB long: the total bound ends it with 408 upload_timeout, the slot
     # it held is free again, and the refusal is counted as the other statuses are.
-    settings = ServerSettings(port=0, idle_timeout_s=0.4, upload_timeout_s=0.6)
+    settings = ServerSettings(network=NetworkSettings(port=0),
+                              limits=LimitsSettings(idle_timeout_s=0.4, upload_timeout_s=0.6))
     boundary = "b0undary"
     head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
@@ -172,7 +173,7 @@ async def test_an_upload_trickled_past_upload_timeout_gets_408_and_frees_its_slo
         body = json.loads(rest.partition(b"\r\n\r\n")[2])
         assert status_line == b"HTTP/1.1 408 Request Timeout", answer
         assert body["error"]["code"] == "upload_timeout" and body["error"]["param"] == "file"
-        assert took < settings.upload_timeout_s + 1.0
+        assert took < settings.limits.upload_timeout_s + 1.0
         assert not server._sessions
         assert server.metrics.registry.get_sample_value(
             "granite_stream_http_requests_total", {"endpoint": "transcriptions", "status": "408"}) == 1.0
@@ -190,7 +191,8 @@ async def wait_until(condition, timeout: float = 20.0) -> None:
 async def test_websocket_and_get_routes_are_served_while_a_file_is_transcribed():
     engine = GatedEngine()
     audio = wav_bytes(np.concatenate([silence(0.3), speech(2.0), silence(1.0)]))
-    async with StreamServer(engine, ServerSettings(port=0, max_sessions=2)) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0),
+                                                   limits=LimitsSettings(max_sessions=2))) as server:
         request = asyncio.create_task(client(server).audio.transcriptions.create(file=("a.wav", audio), model="m"))
         await wait_until(engine.entered.is_set)  # the file's final is in the engine, held
         assert len(server._sessions) == 1  # the file request holds a session slot
@@ -219,7 +221,7 @@ async def test_websocket_and_get_routes_are_served_while_a_file_is_transcribed()
 async def test_drain_answers_an_open_file_request_503():
     engine = GatedEngine()
     audio = wav_bytes(np.concatenate([silence(0.3), speech(2.0), silence(1.0), speech(2.0), silence(1.0)]))
-    server = StreamServer(engine, ServerSettings(port=0))
+    server = StreamServer(engine, ServerSettings(network=NetworkSettings(port=0)))
     await server.start()
     try:
         request = asyncio.create_task(client(server).audio.transcriptions.create(file=("a.wav", audio), model="m"))
@@ -243,7 +245,8 @@ async def test_https_with_tls_serves_files_and_websockets(self_signed):
     cert, key = self_signed
     context = ssl.create_default_context(cafile=str(cert))
     audio = wav_bytes(np.concatenate([silence(0.3), speech(1.2), silence(1.0)]))
-    async with StreamServer(CountingEngine(), ServerSettings(port=0, certfile=cert, keyfile=key)) as server:
+    tls = SecuritySettings(certfile=str(cert), keyfile=str(key))
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0), security=tls)) as server:
         async with httpx.AsyncClient(verify=context) as http:
             result = await client(server, http_client=http).audio.transcriptions.create(file=("a.wav", audio),
                                                                                          model="m")

@@ -19,7 +19,7 @@ import pytest
 
 from stream_server.core.captions import MAX_CUE_S, MAX_LINE_CHARS, MAX_LINES
 from stream_server.inference.types import InferenceRequest
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.app import NetworkSettings, ServerSettings, StreamServer
 from tests.server.test_http_api import flac_bytes, read_wav
 
 SR = 16000
@@ -74,7 +74,7 @@ async def test_verbose_json_of_a_real_recording_matches_the_offline_decode(whisp
         w.setframerate(SR)
         w.writeframes((np.clip(recording, -1, 1) * 32767).astype("<i2").tobytes())
     duration = len(recording) / SR
-    async with StreamServer(whisper_engine, ServerSettings(port=0)) as server:
+    async with StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0))) as server:
         # The synchronous SDK client and an open file, as a user's script uploads (in a thread: see above).
         sync = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0,
                              timeout=REQUEST_TIMEOUT_S)
@@ -115,7 +115,7 @@ def parse_cues(body: str, separator: str) -> list[tuple[float, float, list[str]]
 
 async def test_srt_and_vtt_of_a_real_recording_obey_the_caption_limits(whisper_engine, recording, offline_text):
     audio = flac_bytes(recording)
-    async with StreamServer(whisper_engine, ServerSettings(port=0)) as server:
+    async with StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0))) as server:
         api = client(server)
         async with asyncio.timeout(2 * REQUEST_TIMEOUT_S + 10):
             srt = await api.audio.transcriptions.create(file=("meeting.flac", audio), model="m", response_format="srt")

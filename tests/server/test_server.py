@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from granite_stream_testing.datasets import read_audio
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
 from tests.fakes import CountingEngine
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ async def test_real_speech_streams_concurrently_with_low_wer(whisper_engine, ast
     # Three phone prompts (8 kHz) and one LibriVox clip (16 kHz), streamed at the same time in real time.
     phone = sorted(asterisk_en_dev, key=lambda c: abs(read_audio(c)[0].size / c.sample_rate - 5.0))[:3]
     clips = phone + librivox_clips[:1]
-    async with StreamServer(whisper_engine, ServerSettings(port=0)) as server:
+    async with StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0))) as server:
         results = await asyncio.gather(
             *[stream_clip(server.url, *read_audio(c), language="en") for c in clips]
         )
@@ -103,7 +103,7 @@ async def test_real_speech_streams_concurrently_with_low_wer(whisper_engine, ast
 
 async def test_vanished_client_leaves_server_healthy(whisper_engine, librivox_clips):
     audio, rate = read_audio(librivox_clips[0])
-    async with StreamServer(whisper_engine, ServerSettings(port=0)) as server:
+    async with StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0))) as server:
         ws = await connect(server.url)
         await ws.send(json.dumps({"type": "start"}))
         pcm = (audio[: rate * 3] * 32767).astype("<i2").tobytes()
@@ -123,7 +123,7 @@ async def test_vanished_client_leaves_server_healthy(whisper_engine, librivox_cl
 
 async def test_protocol_errors_over_the_socket_keep_the_session():
     engine = CountingEngine()
-    async with StreamServer(engine, ServerSettings(port=0)) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0))) as server:
         async with connect(server.url) as ws:
             await ws.send(b"\x00\x00")
             assert json.loads(await ws.recv())["code"] == "not_started"
@@ -146,7 +146,8 @@ async def test_http_endpoints_and_static_files_are_safe(tmp_path):
     (tmp_path / "app.js").write_text("export {}")
     (tmp_path.parent / "secret.txt").write_text("secret")
     engine = CountingEngine()
-    async with StreamServer(engine, ServerSettings(port=0, web_root=tmp_path, max_sessions=1)) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0),
+                                                   limits=LimitsSettings(max_sessions=1), web_root=tmp_path)) as server:
         status, headers, body = (await http_get(server.port, "/"))
         assert status == 200 and headers["Content-Type"].startswith("text/html") and b"demo" in body
         assert (await http_get(server.port, "/app.js"))[1]["Content-Type"].startswith(("text/javascript", "application/javascript"))

@@ -516,7 +516,7 @@ def test_deepgram_words_carry_the_speakers_of_the_typed_final():
 async def test_two_speakers_over_a_real_socket_get_two_stable_labels(librivox_clips, asterisk_en_dev):
     import soxr
 
-    from stream_server.server.app import ServerSettings, StreamServer
+    from stream_server.server.app import NetworkSettings, ServerSettings, StreamServer
     from tests.server.test_server import stream_clip
 
     reader = [read_audio(c)[0] for c in librivox_clips[:3]]
@@ -526,7 +526,7 @@ async def test_two_speakers_over_a_real_socket_get_two_stable_labels(librivox_cl
     turns = [reader[0], phone[0], reader[1], phone[1], reader[2], phone[2]]
     audio = np.concatenate([piece for t in turns for piece in (t, gap)])
     engine = SpeakerEmbeddingEngine(CountingEngine())  # the real GE2E encoder
-    async with StreamServer(engine, ServerSettings(port=0)) as server:
+    async with StreamServer(engine, ServerSettings(network=NetworkSettings(port=0))) as server:
         events = await stream_clip(server.url, audio, SAMPLE_RATE, pace=3.0, partials=False, diarize=True)
     finals = [e for e in events if e["type"] == "final"]
     assert len(finals) == 6, [(f["start"], f["end"]) for f in finals]
@@ -594,7 +594,7 @@ def test_transcribe_diarize_writes_captions_with_two_speakers(librivox_clips, as
 
 @pytest.mark.slow
 async def test_the_demo_colours_each_speaker(tmp_path):
-    from stream_server.server.app import ServerSettings, StreamServer
+    from stream_server.server.app import NetworkSettings, ServerSettings, StreamServer
     from tests.vad.test_vad import voiced
     from tests.web_demo.test_web_demo import ARTIFACTS, open_page, playwright_or_fail, write_wav
 
@@ -603,7 +603,8 @@ async def test_the_demo_colours_each_speaker(tmp_path):
     quiet = np.zeros(SAMPLE_RATE, np.float32)
     write_wav(wav, np.concatenate([quiet, voiced(2.0, f0=300), quiet, voiced(2.0, f0=150), quiet]), SAMPLE_RATE)
     engine = SpeakerEmbeddingEngine(CountingEngine(), encoder_factory=DirectionEncoder)
-    async with StreamServer(engine, ServerSettings(port=0)) as server, async_playwright() as pw:
+    settings = ServerSettings(network=NetworkSettings(port=0))
+    async with StreamServer(engine, settings) as server, async_playwright() as pw:
         demo = await open_page(pw, tmp_path / "profile", f"http://127.0.0.1:{server.port}/", wav)
         page = demo.page
         try:

@@ -23,7 +23,7 @@ import pytest
 
 from granite_stream_testing.datasets import read_audio
 from stream_server.core import captions
-from stream_server.server.app import ServerSettings, StreamServer
+from stream_server.server.app import NetworkSettings, ServerSettings, StreamServer
 from tests.fakes import CountingEngine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,7 +185,7 @@ async def open_page(playwright, profile: Path, url: str, wav: Path | None = None
 
 
 async def test_demo_files_are_served_with_module_types_and_safe_headers(tmp_path):
-    async with StreamServer(CountingEngine(), ServerSettings(port=0)) as server:
+    async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0))) as server:
         status, headers, body = await http_get(server.port, "/")
         assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
         assert b'type="module"' in body and not REMOTE.search(body)
@@ -214,7 +214,8 @@ async def test_controls_follow_engine_capabilities_and_show_server_errors(tmp_pa
     engine = CountingEngine(
         languages=("en", "fr"), tasks=("transcribe", "translate"), translation_pairs=(("fr", "en"),)
     )
-    async with StreamServer(engine, ServerSettings(port=0)) as server, async_playwright() as pw:
+    settings = ServerSettings(network=NetworkSettings(port=0))
+    async with StreamServer(engine, settings) as server, async_playwright() as pw:
         wav = tmp_path / "silence.wav"
         write_wav(wav, np.zeros(16000, np.float32), 16000)
         demo = await open_page(pw, tmp_path / "profile", f"http://127.0.0.1:{server.port}/", wav)
@@ -293,7 +294,8 @@ async ([rate, frequency]) => {
 @needs_chromium
 async def test_worklet_resamples_to_16k_pcm16_without_aliasing(tmp_path):
     async_playwright = playwright_or_fail()
-    async with StreamServer(CountingEngine(), ServerSettings(port=0)) as server, async_playwright() as pw:
+    settings = ServerSettings(network=NetworkSettings(port=0))
+    async with StreamServer(CountingEngine(), settings) as server, async_playwright() as pw:
         demo = await open_page(pw, tmp_path / "profile", f"http://127.0.0.1:{server.port}/")
         try:
             for rate in (16000, 44100, 48000):
@@ -338,7 +340,7 @@ async def test_live_captions_from_a_fake_microphone_in_chromium(tmp_path, whispe
     loop_s = write_wav(wav, audio, rate)
     ARTIFACTS.mkdir(exist_ok=True)
 
-    server = StreamServer(whisper_engine, ServerSettings(port=0))
+    server = StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0)))
     await server.start()
     port = server.port
     try:
@@ -388,7 +390,7 @@ async def test_live_captions_from_a_fake_microphone_in_chromium(tmp_path, whispe
                 finals_before = len(await demo.final_texts())
                 await server.close()
                 await demo.wait_for(lambda: _starts(page, "#conn", "Reconnecting"), 10, "the reconnecting state")
-                server = StreamServer(whisper_engine, ServerSettings(port=port))
+                server = StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=port)))
                 await server.start()
                 await demo.wait_for(lambda: _text_is(page, "#conn", "Live"), 30, "the page to reconnect")
                 # A partial in place: its stable words solid, the rest dimmed.
