@@ -3,7 +3,7 @@
 Each partial decode of a growing utterance yields a new hypothesis. A word becomes *stable* once
 consecutive hypotheses agree on it and on every word before it: at least ``agreement`` (default 3)
 of them, each over at least ``min_audio_s`` of audio (2 s), together spanning at least
-``min_span_s`` of it (1.5 s). Stable words are published as ``stable_text`` and never retracted for
+``min_span_s`` of it (3 s). Stable words are published as ``stable_text`` and never retracted for
 the rest of the utterance. The newest hypothesis's last word is never made stable: it may be a
 word cut off by the end of the audio decoded so far. A hypothesis (or the final) that disagrees
 with the stable words is reconciled with them (:func:`reconcile`).
@@ -83,7 +83,7 @@ class PartialStabilizer:
     """
 
     def __init__(self, agreement: int = 3, holdback: int = 1, min_audio_s: float = 2.0,
-                 min_span_s: float = 1.5) -> None:
+                 min_span_s: float = 3.0) -> None:
         """
         Args:
             agreement: how many consecutive hypotheses must agree on a word (LocalAgreement-n). 3 by
@@ -97,7 +97,11 @@ class PartialStabilizer:
                 at least this much more than the oldest); when ``agreement`` consecutive ones span
                 less, older ones must agree too. Without it, how much evidence a stable word needs
                 depends on the partial cadence: every 0.5 s at one stream, three hypotheses span
-                only 1 s, and more partials lock in more early guesses.
+                only 1 s, and more partials lock in more early guesses. 3 s, not 1.5: Whisper
+                tiny.en says some words wrongly for seconds and right only with more audio after
+                them ("read" for "reach" over 3.5-5 s), or leaves out an utterance's first word
+                until about 4 s of it ("And Mr. John"); over 1.5 s of agreement those became stable
+                and the final lost the right word (docs/benchmarks.md, issue #16, eighth session).
         """
         if agreement < 2 or holdback < 0:
             raise ValueError("agreement must be >= 2 and holdback >= 0")

@@ -340,8 +340,8 @@ def test_openai_session_created_and_updated_have_the_sdk_shapes():
 def test_openai_server_vad_items_with_deltas_that_add_up_to_the_transcript():
     h = openai_harness()
     # The first item is long enough for stable words during speech: the stabilizer counts partials
-    # over 2 s of audio or more and wants agreement over 1.5 s of it (PartialStabilizer's defaults).
-    audio = np.concatenate([quiet(0.5, 24000), buzz(4.4, 24000), quiet(1.0, 24000), buzz(1.0, 24000), quiet(1.0, 24000)])
+    # over 2 s of audio or more and wants agreement over 3 s of it (PartialStabilizer's defaults).
+    audio = np.concatenate([quiet(0.5, 24000), buzz(6.4, 24000), quiet(1.0, 24000), buzz(1.0, 24000), quiet(1.0, 24000)])
     append(h, pcm16(audio))
     events = h.replies[1:]
     for event in events:
@@ -352,7 +352,7 @@ def test_openai_server_vad_items_with_deltas_that_add_up_to_the_transcript():
                      "input_audio_buffer.committed", "conversation.item.input_audio_transcription.completed"] * 2
     started = [e for e in events if e["type"] == "input_audio_buffer.speech_started"]
     completed = [e for e in events if e["type"].endswith(".completed")]
-    assert 100 <= started[0]["audio_start_ms"] <= 500 and 5300 <= started[1]["audio_start_ms"] <= 5900
+    assert 100 <= started[0]["audio_start_ms"] <= 500 and 7300 <= started[1]["audio_start_ms"] <= 7900
     committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
     assert committed[0]["previous_item_id"] is None and committed[1]["previous_item_id"] == committed[0]["item_id"]
     for item in completed:

@@ -275,8 +275,8 @@ def test_final_contradicting_stable_text_keeps_the_stable_words(engine):
     h.run(start(session))
     h.feed(_buzz(2.0))
     # Answer the partials by hand so "w0 w1 w2" becomes stable (agreeing hypotheses over at least
-    # 2 s of audio, spanning 1.5 s of it: four, one every 0.5 s).
-    for text in ("w0 w1 w2", "w0 w1 w2 w3", "w0 w1 w2 w3 w4", "w0 w1 w2 w3 w4 w5"):
+    # 2 s of audio, spanning 3 s of it: seven, one every 0.5 s).
+    for text in (" ".join(f"w{i}" for i in range(n)) for n in range(3, 10)):
         [request] = [r for r in h.held if r.kind == "partial"]
         h.held.remove(request)
         h.run(session.inference_done(request, InferenceResult(text)))

@@ -44,7 +44,7 @@ EARLY_FINAL = "To lock or unlock the conference, when a conference is locked, on
 def test_an_early_guess_held_for_seconds_is_not_locked_in():
     """Three partials agreed on "Do" within 1.5 s of audio; stable words need agreement over more
     audio than that, so the final's "To lock" is published rather than "Do like"."""
-    stab = PartialStabilizer()
+    stab = PartialStabilizer(min_span_s=1.5)  # even over 1.5 s of agreement (3 s by default)
     published = []
     for audio_s, text in EARLY_GUESSES:
         _, stable = stab.update(text, audio_s)
@@ -79,3 +79,38 @@ def test_a_piece_after_a_cut_drops_only_the_words_that_echo_the_end_of_the_piece
     assert drop_repeated_lead(before, "audio volume from others") == "audio volume from others"
     assert drop_repeated_lead("", "to increase the") == "to increase the"
     assert drop_repeated_lead(before, "increase volume") == "increase volume"  # not the end of before
+
+
+# Whisper tiny.en partials (every 0.5 s, 10 s window) over the start of the LibriVox reading in
+# stress-en, by seconds of the utterance's audio: the first word, "And", is heard only from about 4 s.
+LATE_FIRST_WORD = [
+    (0.9, "And this is the end of the video."), (1.4, "And Mr. John."), (1.9, "Mr. John Dashwood"),
+    (2.4, "Mr. John Dashwood had that"), (2.9, "Mr. John Dashwood had then"),
+    (3.4, "Mr. John Dashwood had then leisure to"), (3.9, "Mr. John Dashwood had then leisure to consider"),
+    (4.5, "And Mr. John Dashwood had then leisure to consider how"),
+    (5.0, "And Mr. John Dashwood had then leisure to consider how much their"),
+    (5.5, "And Mr. John Dashwood had then leisure to consider how much there might be proof."),
+    (6.0, "And Mr. John Dashwood had then leisure to consider how much there might be prudently in it."),
+    (6.5, "And Mr. John Dashwood had then leisure to consider how much there might be prudently in his power to"),
+]
+
+
+def test_words_become_stable_only_over_seconds_of_agreement():
+    """Over 2-4 s the partials agree on "Mr. John Dashwood" and leave out the "And" that every longer
+    one has; over 1.5 s of agreement "Mr." became stable and the final lost the "And". Over 3 s (the
+    default) the short hypotheses disagree with the longer ones, and the stable words start with it."""
+    def published(**options) -> tuple[str, str]:
+        stab = PartialStabilizer(**options)
+        stable = ""
+        for audio_s, text in LATE_FIRST_WORD:
+            _, now = stab.update(text, audio_s)
+            assert now.startswith(stable)  # never revised
+            stable = now
+        return stable, stab.finish("And Mr. John Dashwood had then leisure to consider how much there might be "
+                                   "prudently in his power to do for them.")
+
+    stable, final = published(min_span_s=1.5)
+    assert stable.startswith("Mr. John") and final.startswith("Mr. John")  # the word is lost
+    stable, final = published()
+    assert not stable.startswith("Mr.") and final.startswith(stable)
+    assert final.startswith("And Mr. John Dashwood had then leisure to consider how much")

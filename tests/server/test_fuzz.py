@@ -271,18 +271,18 @@ def test_stable_words_survive_hypotheses_that_contradict_them():
     def speech(seconds):
         return ("bytes", pcm16(voiced(seconds)))
 
-    # Partials every 0.8 s: the stabilizer counts those over 2 s of audio or more, and wants three
-    # of them agreeing over 1.5 s (PartialStabilizer's defaults).
-    ops = [("text", json.dumps({"type": "start", "partials": True, "partial_interval": 0.8})), speech(0.8)]
+    # Partials every 1.6 s: the stabilizer counts those over 2 s of audio or more, and wants three
+    # of them agreeing over 3 s (PartialStabilizer's defaults).
+    ops = [("text", json.dumps({"type": "start", "partials": True, "partial_interval": 1.6})), speech(0.8), speech(0.8)]
     for words in (["go", "forward"], ["go", "forward", "ten"], ["Go,", "forward", "ten", "meters"],
                   ["go", "forward", "10"], ["go", "forward", "ten", "meters"], ["for", "ward", "ten", "metres."]):
-        ops += [speech(0.8), ("complete", (0, words))]
+        ops += [speech(0.8), speech(0.8), ("complete", (0, words))]
     # The first answer after stop goes to a partial still pending (ignored: the utterance ended).
     ops += [("text", '{"type":"stop"}')] + [("complete", (0, ["metres.", "for", "ward"]))] * 2
     check = drive_session(ops)
     partials = [(e["text"], e["stable_text"]) for e in check.events if e["type"] == "partial"]
     assert partials == [("go forward", ""), ("go forward ten", ""), ("Go, forward ten meters", ""),
-                        ("go forward 10", ""), ("go forward ten meters", "go forward"),
+                        ("go forward 10", "go forward"), ("go forward ten meters", "go forward"),
                         ("go forward ten metres.", "go forward")]
     # After the stable words, the final's own from the position they end at (it has none in common).
     assert [e["text"] for e in check.events if e["type"] == "final"] == ["go forward ward"]
