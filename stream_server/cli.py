@@ -128,8 +128,7 @@ def server_settings(config: ServeConfig, reuse_port: bool = False) -> "ServerSet
     )
     return ServerSettings(
         network=config.network, limits=limits, security=config.security, memory=config.memory, session=session,
-        worker=config.worker, access=config.security.access_policy(), log_transcripts=config.logging.log_transcripts,
-        reuse_port=reuse_port,
+        logging=config.logging, worker=config.worker, access=config.security.access_policy(), reuse_port=reuse_port,
     )
 
 

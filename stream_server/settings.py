@@ -11,7 +11,7 @@ a runtime object takes the values as they are (:class:`~stream_server.server.app
 :class:`~stream_server.engines.EngineSettings`, :class:`~stream_server.speakers.clustering.SpeakerSettings`,
 :class:`~stream_server.server.logs.LoggingSettings`) the section *is* that object, defined next to the
 code that reads it (the server's :class:`~stream_server.server.app.ServerSettings` holds the first four
-as they are), and the other sections take their defaults from the runtime objects they feed, so that
+and the last as they are), and the other sections take their defaults from the runtime objects they feed, so that
 every default is written once. Every setting also has a stable flat key (``max_batch``, ``granite_encoder_batching``,
 ``ray_address``): the flag is ``--max-batch``, the environment name ``GRANITE_STREAM_MAX_BATCH``, and
 a TOML file may give it flat (at the top level or under ``[serve]``) or in its section

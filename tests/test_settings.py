@@ -293,7 +293,7 @@ RUNTIME = {
     "malloc_arenas": ([], "5", lambda s: s["arenas"], 5),
     "malloc_mmap_threshold_kb": ([], "512", lambda s: s["mmap_threshold"], 512 * 1024),
     "memory_trim_s": ([], "5", lambda s: s["settings"].memory.memory_trim_s, 5.0),
-    "log_transcripts": ([], None, lambda s: s["settings"].log_transcripts, True),
+    "log_transcripts": ([], None, lambda s: s["settings"].logging.log_transcripts, True),
     "log_format": ([], "json", lambda s: s["logging"][1], "json"),
     "log_level": ([], "DEBUG", lambda s: s["logging"][0], "DEBUG"),
 }
@@ -500,14 +500,14 @@ def test_every_default_is_written_once():
     assert {name: places for name, places in written.items() if len(places) > 1} == {}
     stale = set(_OTHER_MEANINGS) - set(found)
     assert not stale, f"no longer written, drop from _OTHER_MEANINGS: {sorted(stale)}"
-    # The server holds the network, limits, security and memory sections as they are; the session's
-    # bounds in the limits section are the session's own defaults.
+    # The server holds the network, limits, security, memory and logging sections as they are; the
+    # session's bounds in the limits section are the session's own defaults.
     from stream_server.core.session import SessionSettings
     from stream_server.server.app import ServerSettings
 
     server, session, config = ServerSettings(), SessionSettings(), ServeConfig()
-    assert (server.network, server.limits, server.security, server.memory) == (
-        config.network, config.limits, config.security, config.memory)
+    assert (server.network, server.limits, server.security, server.memory, server.logging) == (
+        config.network, config.limits, config.security, config.memory, config.logging)
     assert (config.limits.max_frame_bytes, config.limits.max_session_s, config.limits.max_utterance_s) == (
         session.max_frame_bytes, session.max_session_s, session.limits.max_utterance_s)
     assert server_settings(config) == dataclasses.replace(server, access=server_settings(config).access)

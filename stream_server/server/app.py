@@ -135,8 +135,8 @@ class LimitsSettings:
 @dataclass
 class ServerSettings:
     """Everything the server needs besides the engine: the settings sections it reads as they are
-    (``network``, ``limits``, ``security``, ``memory``), the runtime objects built from the others,
-    and internal knobs that are no user setting.
+    (``network``, ``limits``, ``security``, ``memory``, ``logging``), the runtime objects built from the
+    others, and internal knobs that are no user setting.
 
     Attributes:
         network: where to listen.
@@ -148,7 +148,8 @@ class ServerSettings:
         session: per-session bounds and defaults.
         worker: batching and queue bounds of the worker the server builds when it is given none.
         access: API keys and allowed origins (:meth:`SecuritySettings.access_policy`).
-        log_transcripts: log final texts at INFO (off by default: transcripts are personal data).
+        logging: ``logging.log_transcripts`` logs final texts at INFO (the format and level are applied
+            to the process by the command, :func:`~stream_server.server.logs.configure_logging`).
         outbox_limit: events queued for one slow client before it is disconnected (close 1008).
         web_root: directory served at ``/``.
         burst_s: seconds of audio a client may send ahead of the real-time-factor budget.
@@ -165,7 +166,7 @@ class ServerSettings:
     session: SessionSettings = field(default_factory=SessionSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     access: AccessPolicy = field(default_factory=AccessPolicy)
-    log_transcripts: bool = LoggingSettings.log_transcripts
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
     outbox_limit: int = 1024
     web_root: Path = WEB_ROOT
     burst_s: float = 10.0
@@ -553,7 +554,7 @@ class StreamServer:
                 del self._per_ip[driver.client_ip]
 
     def _logging_emit(self, session_id: str, emit):
-        if not self.settings.log_transcripts:
+        if not self.settings.logging.log_transcripts:
             return emit
 
         def logged(action) -> None:

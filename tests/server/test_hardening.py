@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from stream_server.server.auth import AccessPolicy, SecuritySettings
 from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
+from stream_server.server.logs import LoggingSettings
 from stream_server.core.session import SessionSettings
 from stream_server.inference.types import WorkerSettings
 from tests.fakes import CountingEngine, GatedEngine
@@ -371,8 +372,8 @@ async def test_tls_with_a_self_signed_certificate(self_signed):
 async def test_transcripts_are_not_logged_unless_enabled(caplog):
     caplog.set_level("INFO")
     for enabled in (False, True):
-        async with StreamServer(CountingEngine(), ServerSettings(network=NetworkSettings(port=0),
-                                                                 log_transcripts=enabled)) as server:
+        settings = ServerSettings(network=NetworkSettings(port=0), logging=LoggingSettings(log_transcripts=enabled))
+        async with StreamServer(CountingEngine(), settings) as server:
             async with connect(server.url) as ws:
                 await ws.send(json.dumps({"type": "start", "partials": False}))
                 await ws.send(speech_pcm(1.2))
