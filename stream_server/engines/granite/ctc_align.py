@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -262,6 +262,10 @@ def align_words(
 
 #: Frames × characters over a batch of finals from which :func:`align_words_many` uses threads.
 THREADED_CELLS = 1_000_000
+#: Frames × characters from which one final's alignment is worth a thread of its own while its
+#: caller has other work (:func:`align_words_soon`): an eighth of :data:`THREADED_CELLS`, about
+#: 13 s of speech.
+ALIGN_SOON_CELLS = THREADED_CELLS // 8
 _threads: ThreadPoolExecutor | None = None
 _threads_lock = threading.Lock()
 
@@ -281,14 +285,43 @@ def align_words_many(
     parts of the others, not the sum. Below that, threads cost more than they save (8 finals of
     10 s on 2 cores; docs/benchmarks.md), and the finals align one by one.
     """
-    global _threads
     cells = sum(len(log_probs) * len(text) for text, log_probs in finals)
     if len(finals) <= 1 or cells < THREADED_CELLS:
         return [align_words(text, log_probs, label_of, frame_s, blank) for text, log_probs in finals]
+    return list(_pool().map(lambda final: align_words(final[0], final[1], label_of, frame_s, blank), finals))
+
+
+def align_words_soon(
+    text: str,
+    log_probs: np.ndarray,
+    label_of: Callable[[str], int | None],
+    frame_s: float,
+    blank: int = 0,
+    ready: Callable[[], object] | None = None,
+) -> Future[tuple[Word, ...] | None]:
+    """:func:`align_words` started now on the pool :func:`align_words_many` uses, for a caller with
+    other work to do meanwhile (Granite: a final whose text is known before the batch's LLM decode).
+
+    ``ready``, when given, is called first on the pool's thread and must return once ``log_probs``
+    holds its values (a CUDA event's ``synchronize``: the posteriors' copy to the host), so that the
+    caller does not wait for it. The future's result (or exception) is what :func:`align_words`
+    returns (or raises).
+    """
+    def job() -> tuple[Word, ...] | None:
+        if ready is not None:
+            ready()
+        return align_words(text, log_probs, label_of, frame_s, blank)
+
+    return _pool().submit(job)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The shared aligner threads (at most 8, and no more than the CPUs), started on first use."""
+    global _threads
     with _threads_lock:
         if _threads is None:
             _threads = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ctc-align")
-    return list(_threads.map(lambda final: align_words(final[0], final[1], label_of, frame_s, blank), finals))
+        return _threads
 
 
 def with_token_probabilities(text: str, words: Sequence[Word],

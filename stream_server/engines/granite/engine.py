@@ -59,6 +59,7 @@ import functools
 import math
 import os
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -67,7 +68,13 @@ import torch
 
 from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, InferenceRequest, InferenceResult, Word
 from stream_server.engines.base import Engine, ResultHook
-from stream_server.engines.granite.ctc_align import align_words_many, warm as warm_aligner, with_token_probabilities
+from stream_server.engines.granite.ctc_align import (
+    ALIGN_SOON_CELLS,
+    align_words_many,
+    align_words_soon,
+    warm as warm_aligner,
+    with_token_probabilities,
+)
 from stream_server.engines.granite.features import GraniteFeatureExtractor
 from stream_server.engines.granite.options import (  # noqa: F401 - re-exported
     DEFAULT_TOKENS_PER_SECOND,
@@ -369,7 +376,9 @@ class Work:
     info: dict = field(default_factory=dict)
     result: InferenceResult | None = None
     ctc_log_probs: np.ndarray | None = None  # (n_frames, classes) on the host, for word timings
+    ctc_ready: Any = None  # on a GPU, the CUDA event after which ctc_log_probs holds its values
     words: tuple[Word, ...] | None = None  # the text's CTC-timed words, once aligned (_align_words)
+    words_soon: Future | None = None  # the words, aligning on a thread since the text was known
 
 
 @dataclass(frozen=True)
@@ -482,6 +491,7 @@ class GraniteEngine(Engine):
         self.extra_new_tokens = opts.extra_new_tokens
         self.resume_from_draft = opts.resume_from_draft
         self.word_timestamps = opts.word_timestamps
+        self._posteriors_stream: torch.cuda.Stream | None = None  # copies CTC posteriors to the host
         self.repetition_guard = opts.repetition_guard
         self.ctc_entropy_threshold = opts.ctc_entropy_threshold
         self.ctc_entropy_reduce = opts.ctc_entropy_reduce
@@ -887,6 +897,8 @@ class GraniteEngine(Engine):
                     w.path = "autoregressive"
                 llm.append(w)
         if llm:
+            # Finals whose text is already known align on threads while the LLM decodes the rest.
+            self._align_soon([w for w in works if w.path in ("ctc_accept", "verify_accept")])
             self._project(llm)
             self._generate(llm)
 
@@ -907,9 +919,27 @@ class GraniteEngine(Engine):
             hidden = torch.nn.utils.rnn.pad_sequence(
                 [w.encoded()[: w.n_frames] for w in rows],
                 batch_first=True)
-            logp = torch.log_softmax(self.ctc_logits(hidden), dim=-1).cpu().numpy()
+            logp = torch.log_softmax(self.ctc_logits(hidden), dim=-1)
+            ready = None
+            if logp.is_cuda:
+                # Copied on a side stream into pinned memory: the host does not wait for the encoder
+                # here and the copy overlaps the LLM decode queued next; aligners wait for ``ready``.
+                if self._posteriors_stream is None:
+                    self._posteriors_stream = torch.cuda.Stream(logp.device)
+                side = self._posteriors_stream
+                side.wait_stream(torch.cuda.current_stream(logp.device))
+                host = torch.empty(logp.shape, dtype=logp.dtype, pin_memory=True)
+                with torch.cuda.stream(side):
+                    host.copy_(logp, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record(side)
+                logp.record_stream(side)  # not reused by the main stream before the copy has run
+                logp_host = host.numpy()
+            else:
+                logp_host = logp.numpy()
         for i, w in enumerate(rows):
-            w.ctc_log_probs = logp[i, : w.n_frames]
+            w.ctc_log_probs = logp_host[i, : w.n_frames]
+            w.ctc_ready = ready
 
     def _ctc_usable(self, req: InferenceRequest) -> bool:
         """Whether the CTC head's transcript serves this request (partials and speculative drafts)."""
@@ -924,10 +954,13 @@ class GraniteEngine(Engine):
             w.info["path"] = w.path
             lang = (req.target_language or "en") if req.task == "translate" else req.language
             text = w.text or req.prefix
+            timed = w.words is not None or w.words_soon is not None or w.ctc_log_probs is not None
+            # The spans first: meanwhile this final may still be aligning on a thread.
+            spans = self._token_spans(text, w.token_ids, w.token_probs) if timed and w.token_probs else None
             self._align_words([w])  # a no-op when its batch aligned it
             words = w.words
-            if words and w.token_probs:
-                words = with_token_probabilities(text, words, self._token_spans(text, w.token_ids, w.token_probs))
+            if words and spans is not None:
+                words = with_token_probabilities(text, words, spans)
             confidence = round(float(np.mean([x.confidence for x in words])), 3) if words else None
             w.result = InferenceResult(text=text, language=lang, info=w.info, truncated=w.truncated,
                                        words=words or None, confidence=confidence)
@@ -936,10 +969,30 @@ class GraniteEngine(Engine):
     def _align_words(self, works: list[Work]) -> None:
         """Time the words of each of ``works`` that has CTC posteriors (a timed final) into its
         ``words``, all together (:func:`align_words_many`), and drop the posteriors."""
+        for w in works:
+            if w.words_soon is not None:
+                w.words, w.words_soon = w.words_soon.result(), None
         timed = [w for w in works if w.ctc_log_probs is not None]
+        for w in timed:
+            if w.ctc_ready is not None:
+                w.ctc_ready.synchronize()
+                w.ctc_ready = None
         finals = [(w.text or w.req.prefix, w.ctc_log_probs) for w in timed if w.ctc_log_probs is not None]
         for w, words in zip(timed, align_words_many(finals, self._ctc_labels.get, ENCODER_FRAME_S, self.ctc_blank_id)):
             w.words, w.ctc_log_probs = words, None
+
+    def _align_soon(self, works: list[Work], min_cells: int = 0) -> None:
+        """Start aligning the words of each of ``works`` that is a timed final (with a Viterbi table
+        of at least ``min_cells`` frames × characters) on the aligner's threads
+        (:func:`align_words_soon`, waiting there for the posteriors' copy); :meth:`_align_words`
+        collects them. The same words as aligning them later."""
+        for w in works:
+            if (w.ctc_log_probs is not None and w.words_soon is None
+                    and len(w.ctc_log_probs) * len(w.text or w.req.prefix) >= min_cells):
+                ready = w.ctc_ready.synchronize if w.ctc_ready is not None else None
+                w.words_soon = align_words_soon(w.text or w.req.prefix, w.ctc_log_probs, self._ctc_labels.get,
+                                                ENCODER_FRAME_S, self.ctc_blank_id, ready)
+                w.ctc_log_probs, w.ctc_ready = None, None
 
     def _prepare(self, index: int, req: InferenceRequest) -> Work:
         audio = np.ascontiguousarray(np.asarray(req.audio, dtype=np.float32).reshape(-1))
@@ -1404,6 +1457,9 @@ class GraniteEngine(Engine):
             if w.resume_ids:
                 w.info["resumed_tokens"] = len(w.resume_ids)
             self.on_decoded(w, answer)
+            # A long final's Viterbi (without the GIL) overlaps the other rows' detokenising here
+            # and the results' token spans (_result).
+            self._align_soon([w], min_cells=ALIGN_SOON_CELLS)
 
     def _token_spans(self, text: str, ids: list[int], probs: list[float]) -> list[tuple[int, int, float]]:
         """Where each token's characters sit in ``text`` (which ends with the tokens' decoded text,

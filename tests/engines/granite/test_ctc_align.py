@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from stream_server.engines.granite import ctc_align
-from stream_server.engines.granite.ctc_align import align_words, align_words_many, best_path, forced_align
+from stream_server.engines.granite.ctc_align import (
+    align_words,
+    align_words_many,
+    align_words_soon,
+    best_path,
+    forced_align,
+)
 
 
 def posteriors(frames: list[int], classes: int, peak: float = 0.9) -> np.ndarray:
@@ -168,3 +174,19 @@ def test_a_batch_of_finals_gets_each_final_its_own_words_in_order(threaded, monk
     expected = [align_words(text, log_probs, vocab.get, 0.02) for text, log_probs in finals]
     assert expected[-1] is None and len(expected[-2]) == 12
     assert align_words_many(finals, vocab.get, 0.02) == expected
+
+
+def test_a_final_aligned_soon_waits_for_its_posteriors_and_gets_the_same_words():
+    """align_words_soon calls ``ready`` on its thread before reading the posteriors (the engine's
+    copy to the host may still be running), then answers as align_words does."""
+    vocab = {" ": 1, "h": 2, "i": 3, "y": 4, "o": 5}
+    frames = [0, 2, 2, 3, 0, 1, 0, 4, 4, 5, 0, 0]
+    buffer = np.zeros((len(frames), 6))  # filled by ``ready``, as the copy would fill it
+    filled = posteriors(frames, 6) + np.random.default_rng(3).normal(0, 0.3, size=buffer.shape)
+
+    def ready() -> None:
+        buffer[:] = filled
+
+    got = align_words_soon("hi yo", buffer, vocab.get, 0.02, ready=ready).result(timeout=10)
+    assert got == align_words("hi yo", filled, vocab.get, 0.02)
+    assert got is not None and [w.word for w in got] == ["hi", "yo"]

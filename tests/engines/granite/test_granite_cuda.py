@@ -131,3 +131,35 @@ def test_gpu_preset_engine_options_run_on_cuda(tiny_cuda):
     assert any(state.score for state in eng.decoder._states.values())  # the verify pass was captured too
     results = eng.transcribe_batch([InferenceRequest("s", i, "final", _tone(1.0, 500.0, i)) for i in range(3)])
     assert all(isinstance(r.text, str) for r in results)
+
+
+def test_finals_on_the_gpu_are_timed_from_their_own_posteriors_copied_in_the_background(tiny_cuda):
+    """The CTC posteriors reach the host by an asynchronous copy on a side stream, waited for only
+    by the aligner: every timed final (aligned during the LLM decode, after its own row's decode, or
+    with the batch) gets the words of its own posteriors, computed here synchronously."""
+    from stream_server.engines.granite import ctc_align, engine as engine_module
+
+    model, tokenizer = tiny_cuda
+    eng = TracedGraniteEngine(model=model, tokenizer=tokenizer, model_label="tiny",
+                              options=GraniteOptions(encoder_batching="padded", decode_backend="graphs",
+                                                     max_batch=8, ctc_entropy_threshold=float("inf")))
+    audio = [_tone(1.1, 350.0, 20), _tone(1.6, 900.0, 22), _tone(2.6, 1400.0, 3)]
+    reqs = [InferenceRequest("s", 0, "final", audio[0]),  # its CTC draft: aligned while the LLM decodes
+            InferenceRequest("s", 1, "final", audio[1], keywords=("hello",)),  # keywords: the LLM's turn
+            InferenceRequest("s", 2, "final", audio[2], keywords=("world",))]
+    for soon_cells in (engine_module.ALIGN_SOON_CELLS, 0):
+        engine_module.ALIGN_SOON_CELLS = soon_cells
+        try:
+            results = eng.transcribe_batch(reqs)
+        finally:
+            engine_module.ALIGN_SOON_CELLS = ctc_align.ALIGN_SOON_CELLS
+        assert results[0].info["path"] == "ctc_accept" and "ctc_accept" not in [r.info["path"] for r in results[1:]]
+        with torch.inference_mode():  # the batch's posteriors as the engine computes them, copied at once
+            works = eng.prepare(reqs)
+            eng.encode(works)
+            hidden = torch.nn.utils.rnn.pad_sequence([w.encoded()[: w.n_frames] for w in works], batch_first=True)
+            logp = torch.log_softmax(eng.ctc_logits(hidden), dim=-1).cpu().numpy()
+        for w, r in zip(works, results):
+            words = ctc_align.align_words(r.text, logp[w.index, : w.n_frames], eng._ctc_labels.get,
+                                          engine_module.ENCODER_FRAME_S, eng.ctc_blank_id)
+            assert [(w.word, w.start, w.end) for w in r.words or ()] == [(w.word, w.start, w.end) for w in words or ()]

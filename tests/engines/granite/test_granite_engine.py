@@ -1020,6 +1020,44 @@ def test_finals_are_timed_from_the_ctc_posteriors(tiny):
     assert off.transcribe_batch([req(audio[0])])[0].words is None
 
 
+def test_a_final_known_before_the_llm_decode_aligns_meanwhile_to_the_same_words(tiny, monkeypatch):
+    """A final accepted from its CTC draft in a batch the LLM still decodes for starts aligning at
+    once (on the aligner's threads) and gets the words it gets in a batch of its own."""
+    import stream_server.engines.granite.engine as engine_module
+
+    audio = tone(1.6, 900.0, 22)
+    eng = make_engine(tiny, ctc_entropy_threshold=math.inf)
+    [alone] = eng.transcribe_batch([req(audio)])
+    started = []
+    original = engine_module.align_words_soon
+    monkeypatch.setattr(engine_module, "align_words_soon", lambda *a, **k: (started.append(a[0]), original(*a, **k))[1])
+    translate = req(tone(1.0, 500.0, 3), "final", 1, task="translate", language="en", target_language="fr")
+    accepted, translated = eng.transcribe_batch([req(audio), translate])
+    assert [accepted.info["path"], translated.info["path"]] == ["ctc_accept", "autoregressive"]
+    assert started == [accepted.text]
+    assert accepted.words is not None and accepted.words == alone.words
+
+
+def test_long_decoded_finals_align_as_they_are_detokenised_to_the_same_words(tiny, monkeypatch):
+    """Decoded finals with a large Viterbi table start aligning as soon as their row is
+    detokenised; their words (and confidences, with the LLM's token probabilities) are those of
+    aligning after the whole batch."""
+    import stream_server.engines.granite.engine as engine_module
+
+    requests = [req(tone(1.1, 350.0, 20), "final", 0), req(tone(1.6, 900.0, 22), "final", 1)]
+    eng = make_engine(tiny, speculative=False)
+    later = eng.transcribe_batch(requests)
+    assert all(r.info["path"] == "autoregressive" for r in later)
+    assert any(r.words for r in later)
+    started = []
+    original = engine_module.align_words_soon
+    monkeypatch.setattr(engine_module, "align_words_soon", lambda *a, **k: (started.append(a[0]), original(*a, **k))[1])
+    monkeypatch.setattr(engine_module, "ALIGN_SOON_CELLS", 0)
+    soon = eng.transcribe_batch(requests)
+    assert started == [r.text for r in soon if r.text]
+    assert [(r.text, r.words, r.confidence) for r in soon] == [(r.text, r.words, r.confidence) for r in later]
+
+
 @pytest.mark.parametrize("backend", ["generate", "loop"])
 def test_public_stages_compose_to_the_batch_decode(tiny, backend):
     # prepare -> encode -> project -> prompt_embeddings -> decode is transcribe_batch's own path
