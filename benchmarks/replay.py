@@ -95,7 +95,7 @@ def replay_stream(engine, plan, partials: bool = True, partial_interval: float |
     """
     import numpy as np
 
-    from stream_server.core.events import Audio, AudioFormat, Start, Stop
+    from stream_server.core.events import Audio, AudioFormat, ConfigChange, Start, Stop
     from stream_server.core.session import Session, SessionSettings
     from stream_server.server.loopback import Loopback
 
@@ -104,9 +104,7 @@ def replay_stream(engine, plan, partials: bool = True, partial_interval: float |
     session = Session(f"replay-{plan.index}", engine.capabilities,
                       SessionSettings(early_final_s=early_final_ms / 1000.0))  # as the bench's server
     loop = Loopback(session, engine)
-    options: dict = {"language": plan.language, "partials": partials}
-    if partial_interval is not None:
-        options["partial_interval"] = partial_interval
+    options = ConfigChange(language=plan.language, partials=partials, partial_interval=partial_interval)
     slog = StreamLog(plan, "granite")
     pcm = (np.clip(plan.audio, -1.0, 32767 / 32768) * 32768.0).astype("<i2")
     slog.messages += [(0.0, e.to_wire()) for e in loop.send(Start(AudioFormat("pcm_s16le", plan.sample_rate, 1),

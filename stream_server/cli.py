@@ -20,7 +20,7 @@ from stream_server.engines import load_engine
 from stream_server.engines.granite.options import GraniteOptions
 from stream_server.inference.types import SAMPLE_RATE
 from stream_server.engines.base import Engine
-from stream_server.core.events import Audio, AudioFormat, Event, Start, Stop
+from stream_server.core.events import Audio, AudioFormat, ConfigChange, Event, Start, Stop, VadChange
 from stream_server.core.protocol import ProtocolLimits, StreamConfig
 from stream_server.core.session import Session, SessionSettings
 from stream_server.server.loopback import Loopback
@@ -358,14 +358,11 @@ def _transcribe(args, config: ServeConfig) -> int:
     # inside the first final.
     engine.warmup()
     keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
-    options: dict = {
-        "task": args.task, "language": None if args.language == "auto" else args.language,
-        "target_language": args.target_language, "keywords": keywords, "partials": bool(args.partials),
-        "vad": {"silence_ms": args.silence_ms},
-    }
-    if args.diarize:
-        options["diarize"] = True
-    start = Start(options=options)
+    start = Start(options=ConfigChange(
+        task=args.task, language=None if args.language == "auto" else args.language,
+        target_language=args.target_language, keywords=tuple(keywords), partials=bool(args.partials),
+        vad=VadChange(silence_ms=args.silence_ms), diarize=True if args.diarize else None,
+    ))
     settings = SessionSettings(default_config=StreamConfig(), limits=ProtocolLimits())
     status = 0
     try:

@@ -39,12 +39,12 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Sequence, overload
+from typing import Sequence, overload
 
 from stream_server.inference.types import EngineCapabilities
 from stream_server.core.session import SessionSettings
 from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, StreamCommand, WavHeader, alaw_to_pcm16, audio_chunks, parse_wav_header, query_params
-from stream_server.core.events import AudioFormat, Configure, Configured, End, Error, Event, Final, FinalWord, Finalize, Partial, SpeechEnded, SpeechStarted, Start, Stop
+from stream_server.core.events import AudioFormat, ConfigChange, Configure, Configured, End, Error, Event, Final, FinalWord, Finalize, Partial, SpeechEnded, SpeechStarted, Start, Stop, VadChange
 
 ROUTE = "/deepgram/v1/listen"
 KEY = "main"
@@ -185,10 +185,8 @@ class DeepgramTranslator:
     def _start_command(self) -> Start:
         audio = AudioFormat("pcm_s16le" if self.native_encoding == "alaw" else self.native_encoding,
                             self.sample_rate, self.channels)
-        options: dict[str, Any] = {"language": self.language, "keywords": self.keywords, "partials": self.interim,
-                                   "vad": {"silence_ms": self.silence_ms}}
-        if self.diarize:
-            options["diarize"] = True
+        options = ConfigChange(language=self.language, keywords=tuple(self.keywords), partials=self.interim,
+                               vad=VadChange(silence_ms=self.silence_ms), diarize=True if self.diarize else None)
         return Start(audio, options, True if self.multichannel else None)
 
     @property
@@ -278,7 +276,7 @@ class DeepgramTranslator:
         if not self.started:
             return [Reply({"type": "ConfigureSuccess", "request_id": self.request_id, "keyterms": self.keywords})]
         self._configuring = True
-        return [StreamCommand(KEY, Configure({"keywords": self.keywords}))]
+        return [StreamCommand(KEY, Configure(ConfigChange(keywords=tuple(self.keywords))))]
 
     # ---- native events --------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from stream_server.inference.types import EngineCapabilities
 from stream_server.core.protocol import StreamConfig
 from stream_server.core.session import Send, Session, SessionSettings, State
 from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, StreamCommand, alaw_to_pcm16, audio_chunks, decode_base64, new_id, query_params
-from stream_server.core.events import AudioFormat, Configure, Configured, Error, Event, Final, FinalWord, Finalize, Partial, SpeechEnded, SpeechStarted, Start
+from stream_server.core.events import AudioFormat, ConfigChange, Configure, Configured, Error, Event, Final, FinalWord, Finalize, Partial, SpeechEnded, SpeechStarted, Start, VadChange
 
 ROUTE = "/v1/realtime"
 KEY = "main"
@@ -100,18 +100,16 @@ class TranscriptionConfig:
     def bytes_per_second(self) -> int:
         return 8000 if self.format_type in ("audio/pcmu", "audio/pcma") else 2 * self.rate
 
-    def native_settings(self, max_utterance_s: float) -> dict:
+    def native_settings(self, max_utterance_s: float) -> ConfigChange:
         """The protocol v1 ``configure`` fields (``start`` adds ``audio``)."""
         keywords = list(self.keywords) + [t.strip() for t in self.prompt.replace("\n", ",").split(",") if t.strip()]
         if self.manual:
-            vad: dict[str, Any] = {"silence_ms": _MANUAL_SILENCE_MS, "max_utterance_s": max_utterance_s}
+            vad = VadChange(silence_ms=_MANUAL_SILENCE_MS, max_utterance_s=max_utterance_s)
         else:
             td = self.turn_detection or {}
-            vad = {
-                "silence_ms": td.get("silence_duration_ms", 500),
-                "aggressiveness": min(3, int(float(td.get("threshold", 0.5)) * 4)),
-            }
-        return {"language": self.language, "keywords": list(dict.fromkeys(keywords)), "partials": True, "vad": vad}
+            vad = VadChange(silence_ms=td.get("silence_duration_ms", 500),
+                            aggressiveness=min(3, int(float(td.get("threshold", 0.5)) * 4)))
+        return ConfigChange(language=self.language, keywords=tuple(dict.fromkeys(keywords)), partials=True, vad=vad)
 
     def session_object(self, session_id: str) -> dict:
         """The GA ``session`` object (``RealtimeTranscriptionSessionCreateRequest`` plus id/object)."""

@@ -30,7 +30,8 @@ from typing import Any
 from stream_server.inference.types import EngineCapabilities
 from stream_server.core.session import SessionSettings
 from stream_server.adapters.base import Hangup, OpenStream, Out, Reply, StreamCommand, audio_chunks, decode_base64, query_params
-from stream_server.core.events import AudioFormat, End, Error, Event, Final, Partial, Ready, SpeechEnded, SpeechStarted, Start, Stop
+from stream_server.core.events import AudioFormat, End, Error, Event, Final, Partial, Ready, SpeechEnded, SpeechStarted, Stop
+from stream_server.core.protocol import ProtocolError, parse_start
 
 ROUTE = "/v1/twilio"
 TRACKS = ("inbound", "outbound")
@@ -129,7 +130,11 @@ class TwilioTranslator:
         if "silence_ms" in opts:
             value = opts["silence_ms"]
             fields["vad"] = {"silence_ms": int(value) if str(value).isdigit() else value}
-        return [OpenStream(track), StreamCommand(track, Start(AudioFormat("mulaw", self.rate, 1), fields))]
+        try:  # customParameters are client JSON: typed at the protocol's edge, refused as a start would be
+            start = parse_start(AudioFormat("mulaw", self.rate, 1), fields, None, self.settings.limits)
+        except ProtocolError as exc:
+            return [OpenStream(track), *self.native_event(track, exc.to_event())]
+        return [OpenStream(track), StreamCommand(track, start)]
 
     def _media(self, message: dict) -> list[Out]:
         if self.stream_sid is None:

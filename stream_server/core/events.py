@@ -13,6 +13,7 @@ resolution (:func:`~stream_server.core.protocol.round_time`). ``channel`` is set
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -79,6 +80,83 @@ class StreamConfig:
         }
 
 
+class Unset(enum.Enum):
+    """The type of :data:`UNSET`."""
+
+    UNSET = "unset"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = Unset.UNSET
+"""A field of a :class:`ConfigChange` the command did not give (where ``None`` is itself a value)."""
+
+
+@dataclass(frozen=True)
+class VadChange:
+    """A partial change of the VAD settings: the fields given (not ``None``) replace the current
+    :class:`~vad.VadConfig`'s, the others keep it; the result is checked as a whole (its
+    cross-field rules) by the session, against the settings it overlays."""
+
+    silence_ms: int | None = None
+    aggressiveness: int | None = None
+    max_utterance_s: float | None = None
+
+    def to_wire(self) -> dict:
+        """The ``vad`` object of the wire message: the fields given, in protocol order."""
+        wire = {"silence_ms": self.silence_ms, "aggressiveness": self.aggressiveness,
+                "max_utterance_s": self.max_utterance_s}
+        return {name: value for name, value in wire.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """The configuration fields a ``start`` or ``configure`` sets; the rest keep their value.
+
+    A field left at its default (``None``; :data:`UNSET` for the languages, where ``None`` means
+    auto-detection) was not given. The values are typed, as sent; the session applies a change to
+    its current :class:`StreamConfig` and its limits (:func:`stream_server.core.protocol.apply_config`),
+    which refuses values out of range, or a ``vad`` change invalid with the settings it keeps, with
+    ``bad_config``. Built from JSON only by :func:`stream_server.core.protocol.parse_command`
+    (which refuses unknown names and wrong types there); adapters and the HTTP/CLI paths construct it.
+
+    Attributes:
+        partials: as sent: ``True`` (the ``"llm"`` mode), ``False``, or a mode name.
+        keywords: as sent; the session normalises whitespace and drops repeats.
+    """
+
+    task: str | None = None
+    language: str | None | Unset = UNSET
+    target_language: str | None | Unset = UNSET
+    keywords: tuple[str, ...] | None = None
+    partials: bool | str | None = None
+    partial_interval: float | None = None
+    vad: VadChange | None = None
+    diarize: bool | None = None
+
+    def to_wire(self) -> dict:
+        """The configuration fields of the wire message: those given, in protocol order."""
+        wire: dict[str, Any] = {}
+        if self.task is not None:
+            wire["task"] = self.task
+        if self.language is not UNSET:
+            wire["language"] = self.language
+        if self.target_language is not UNSET:
+            wire["target_language"] = self.target_language
+        if self.keywords is not None:
+            wire["keywords"] = list(self.keywords)
+        if self.partials is not None:
+            wire["partials"] = self.partials
+        if self.partial_interval is not None:
+            wire["partial_interval"] = self.partial_interval
+        if self.vad is not None:
+            wire["vad"] = self.vad.to_wire()
+        if self.diarize is not None:
+            wire["diarize"] = self.diarize
+        return wire
+
+
 # ---- commands (client → session) ------------------------------------------------------------------
 
 
@@ -89,21 +167,20 @@ class Start:
     Attributes:
         audio: the declared audio format (its ranges are checked by the session, which answers
             ``bad_config``).
-        options: the configuration fields the client set (``language``, ``vad``, …, as in the
-            wire message). They are validated by the session against the configuration they
-            overlay (a ``vad`` change is checked together with the current VAD settings), so
-            they stay in their wire form here; unknown names are refused there with ``bad_config``.
+        options: the configuration fields the client set. The session checks their values
+            against the configuration they overlay and its limits (a ``vad`` change together
+            with the current VAD settings) and answers ``bad_config``.
         multichannel: ``True`` for one session per channel (see ``MultichannelSession``); ``None``
             when the client did not say.
     """
 
     audio: AudioFormat = field(default_factory=AudioFormat)
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: ConfigChange = field(default_factory=ConfigChange)
     multichannel: bool | None = None
 
     def to_wire(self) -> dict:
         """The control message a client sends for this command (what :func:`parse_command` reads)."""
-        wire = {"type": "start", "audio": self.audio.to_wire(), **self.options}
+        wire = {"type": "start", "audio": self.audio.to_wire(), **self.options.to_wire()}
         if self.multichannel is not None:
             wire["multichannel"] = self.multichannel
         return wire
@@ -113,10 +190,10 @@ class Start:
 class Configure:
     """Change configuration fields mid-stream (``options`` as in :class:`Start`)."""
 
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: ConfigChange = field(default_factory=ConfigChange)
 
     def to_wire(self) -> dict:
-        return {"type": "configure", **self.options}
+        return {"type": "configure", **self.options.to_wire()}
 
 
 @dataclass(frozen=True)
@@ -348,6 +425,6 @@ class End:
 Event = Ready | Configured | SpeechStarted | SpeechEnded | Partial | Final | Error | End
 
 __all__ = [
-    "Audio", "Command", "Configure", "Configured", "End", "Error", "Event", "Final", "FinalWord", "Finalize", "Partial", "Ready",
-    "SpeechEnded", "SpeechStarted", "Start", "Stop",
+    "UNSET", "Audio", "Command", "ConfigChange", "Configure", "Configured", "End", "Error", "Event", "Final", "FinalWord", "Finalize", "Partial", "Ready",
+    "SpeechEnded", "SpeechStarted", "Start", "Stop", "Unset", "VadChange",
 ]

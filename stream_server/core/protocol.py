@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
-from typing import AbstractSet, Any
+from typing import Any, Literal
 
 from vad import VadConfig
 
 from stream_server.core.events import PROTOCOL_VERSION as PROTOCOL_VERSION  # re-exported: the version is part of the protocol
-from stream_server.core.events import AudioFormat, Command, Configure, Error, Finalize, Start, Stop, StreamConfig
+from stream_server.core.events import (
+    UNSET, AudioFormat, Command, ConfigChange, Configure, Error, Finalize, Start, Stop, StreamConfig, VadChange,
+)
 
 ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw")
 TASKS = ("transcribe", "translate")
@@ -48,13 +50,18 @@ class ProtocolError(Exception):
         code: one of the error codes above.
         message: a sentence for humans naming what was wrong.
         fatal: whether the server closes the connection after reporting it.
+        during: ``"start"`` or ``"configure"`` when a message of that type was refused for a
+            check the session would otherwise make after its own state checks (its
+            configuration fields; a start's audio ranges), so that the session can answer
+            ``already_started``/``not_started`` first, as for a command that parsed; else ``None``.
     """
 
-    def __init__(self, code: str, message: str, fatal: bool = False):
+    def __init__(self, code: str, message: str, fatal: bool = False, during: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.fatal = fatal
+        self.during = during
 
     def to_event(self) -> Error:
         """The ``error`` event reporting this problem."""
@@ -117,14 +124,18 @@ def parse_message(text: str | bytes, limits: ProtocolLimits = ProtocolLimits()) 
 def parse_command(text: str | bytes, limits: ProtocolLimits = ProtocolLimits()) -> Command:
     """The edge for text: one JSON control message as the typed command it asks for.
 
-    The envelope, the ``audio`` object's types and ``multichannel`` are checked here; the
-    configuration fields stay as sent in :attr:`Start.options` / :attr:`Configure.options` (the
-    session validates them against the configuration they change, see :func:`apply_config`), and
-    an audio format's ranges are checked by the session (:func:`check_audio_format`).
+    The envelope, the ``audio`` object's types and ``multichannel`` are checked here, and the
+    configuration fields become a typed :class:`ConfigChange` (:func:`parse_config_change`: unknown
+    names and wrong types are refused here); their values are checked by the session against the
+    configuration they change (:func:`apply_config`), and an audio format's ranges by the session
+    too (:func:`check_audio_format`).
 
     Raises:
         ProtocolError: as :func:`parse_message`, or ``bad_config`` for a malformed ``audio`` or
-            ``multichannel`` of a ``start`` (all non-fatal).
+            ``multichannel`` of a ``start`` or malformed configuration fields (all non-fatal). For
+            the configuration fields, :attr:`ProtocolError.during` names the message type; a
+            ``start`` whose audio format is also out of range reports that first, as the session
+            checks the audio before the configuration.
     """
     message = parse_message(text, limits)
     kind = message.pop("type")
@@ -132,12 +143,37 @@ def parse_command(text: str | bytes, limits: ProtocolLimits = ProtocolLimits()) 
         multichannel = message.pop("multichannel", None)
         if multichannel is not None and not isinstance(multichannel, bool):
             raise ProtocolError(BAD_CONFIG, f"multichannel must be true or false, got {multichannel!r}")
-        return Start(_audio_fields(message.pop("audio", None)), message, multichannel)
+        return parse_start(_audio_fields(message.pop("audio", None)), message, multichannel, limits)
     if kind == "configure":
-        return Configure(message)
+        try:
+            return Configure(parse_config_change(message, "configure", limits))
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, exc.message, exc.fatal, during="configure") from None
     if kind == "finalize":
         return Finalize()
     return Stop()
+
+
+def parse_start(audio: AudioFormat, fields: dict, multichannel: bool | None = None,
+                limits: ProtocolLimits = ProtocolLimits()) -> Start:
+    """A ``start`` from its audio format and its configuration fields in wire form (JSON from a
+    client: the native message, or an adapter's foreign parameters).
+
+    Raises:
+        ProtocolError: ``bad_config`` for malformed configuration fields (:func:`parse_config_change`),
+            with :attr:`~ProtocolError.during` ``"start"``; when the audio format is also out of
+            range, that is reported instead, as the session checks the audio before the configuration.
+    """
+    try:
+        options = parse_config_change(fields, "start", limits)
+    except ProtocolError as exc:
+        error = exc
+        try:
+            check_audio_format(audio)
+        except ProtocolError as audio_exc:
+            error = audio_exc
+        raise ProtocolError(error.code, error.message, error.fatal, during="start") from None
+    return Start(audio, options, multichannel)
 
 
 def _reject_constant(name: str) -> Any:
@@ -186,59 +222,50 @@ def check_audio_format(fmt: AudioFormat) -> AudioFormat:
     return fmt
 
 
-def apply_config(
-    obj: dict, base: StreamConfig, limits: ProtocolLimits = ProtocolLimits(), allowed_extra: AbstractSet[str] = frozenset()
-) -> StreamConfig:
-    """Overlay the config fields of a ``start``/``configure`` message onto ``base``.
+def parse_config_change(obj: dict, where: str, limits: ProtocolLimits = ProtocolLimits()) -> ConfigChange:
+    """The JSON edge of a configuration change: the configuration fields of a decoded
+    ``start``/``configure`` message (without its ``type``, ``audio`` and ``multichannel``) as a
+    typed :class:`ConfigChange` holding the values as sent.
+
+    Every check that needs no current configuration runs here, field by field in protocol order,
+    so that the first fault of a message is the one named, as when the session checked the JSON;
+    :func:`apply_config` repeats the value checks (a change may come from an adapter) and checks
+    a ``vad`` change together with the VAD settings it overlays.
 
     Args:
-        obj: the decoded message.
-        base: the configuration fields not present in ``obj`` keep.
+        obj: the message's remaining fields.
+        where: the message type, for the error naming unknown fields.
         limits: bounds on keywords and utterance length.
-        allowed_extra: other top-level fields the caller handles itself (``type``, ``audio``).
-
-    Returns:
-        A new, validated :class:`StreamConfig`.
 
     Raises:
-        ProtocolError: ``bad_config`` naming the offending field (non-fatal).
+        ProtocolError: ``bad_config`` naming the first offending field (unknown names first; non-fatal).
     """
-    _reject_unknown(obj, _CONFIG_FIELDS | {"type"} | set(allowed_extra), obj.get("type", "message"))
+    _reject_unknown(obj, _CONFIG_FIELDS, where)
     changes: dict[str, Any] = {}
     if "task" in obj:
-        if obj["task"] not in TASKS:
-            raise ProtocolError(BAD_CONFIG, f"task must be one of {list(TASKS)}, got {obj['task']!r}")
+        _task(obj["task"])
         changes["task"] = obj["task"]
     for name in ("language", "target_language"):
         if name in obj:
-            value = obj[name]
-            if value is not None and (not isinstance(value, str) or not _is_language_code(value)):
-                raise ProtocolError(BAD_CONFIG, f"{name} must be a language code such as \"en\" or null, got {value!r}")
-            changes[name] = value.lower() if isinstance(value, str) else None
+            _language(name, obj[name])
+            changes[name] = obj[name]
     if "keywords" in obj:
-        changes["keywords"] = _parse_keywords(obj["keywords"], limits)
+        _keywords(obj["keywords"], limits)
+        changes["keywords"] = tuple(obj["keywords"])
     if "partials" in obj:
-        value = obj["partials"]
-        if value is True:
-            value = "llm"
-        if value is not False and value not in ("llm", "ctc"):
-            raise ProtocolError(BAD_CONFIG, f"partials must be true, false, \"llm\" or \"ctc\", got {value!r}")
-        changes["partials"] = value
+        _partials(obj["partials"])
+        changes["partials"] = obj["partials"]
     if "partial_interval" in obj:
-        value = obj["partial_interval"]
-        if not _is_number(value) or not 0.2 <= value <= 10.0:
-            raise ProtocolError(BAD_CONFIG, f"partial_interval must be a number of seconds in [0.2, 10], got {value!r}")
-        changes["partial_interval"] = float(value)
+        _partial_interval(obj["partial_interval"])
+        changes["partial_interval"] = obj["partial_interval"]
     if "vad" in obj:
-        changes["vad"] = _parse_vad(obj["vad"], base.vad, limits)
+        changes["vad"] = _parse_vad_change(obj["vad"], limits)
     if "diarize" in obj:
-        if not isinstance(obj["diarize"], bool):
-            raise ProtocolError(BAD_CONFIG, f"diarize must be true or false, got {obj['diarize']!r}")
-        changes["diarize"] = obj["diarize"]
-    return replace(base, **changes)
+        changes["diarize"] = _diarize(obj["diarize"])
+    return ConfigChange(**changes)
 
 
-def _parse_vad(obj: Any, base: VadConfig, limits: ProtocolLimits) -> VadConfig:
+def _parse_vad_change(obj: Any, limits: ProtocolLimits) -> VadChange:
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_CONFIG, "\"vad\" must be an object")
     _reject_unknown(obj, _VAD_FIELDS, "vad")
@@ -248,12 +275,55 @@ def _parse_vad(obj: Any, base: VadConfig, limits: ProtocolLimits) -> VadConfig:
     if "aggressiveness" in obj:
         changes["aggressiveness"] = _int_field(obj, "aggressiveness", 0, "vad.aggressiveness")
     if "max_utterance_s" in obj:
-        value = obj["max_utterance_s"]
-        if not _is_number(value) or not 1.0 <= value <= limits.max_utterance_s:
-            raise ProtocolError(
-                BAD_CONFIG, f"vad.max_utterance_s must be a number in [1, {limits.max_utterance_s}], got {value!r}"
-            )
-        changes["max_utterance_s"] = float(value)
+        _max_utterance_s(obj["max_utterance_s"], limits)
+        changes["max_utterance_s"] = obj["max_utterance_s"]
+    return VadChange(**changes)
+
+
+def apply_config(change: ConfigChange, base: StreamConfig, limits: ProtocolLimits = ProtocolLimits()) -> StreamConfig:
+    """Overlay a ``start``/``configure``'s configuration change onto ``base``.
+
+    Args:
+        change: the fields given (from :func:`parse_config_change`, or built by an adapter).
+        base: the configuration fields not given keep.
+        limits: bounds on keywords and utterance length.
+
+    Returns:
+        A new, validated :class:`StreamConfig` (languages lower-cased, keywords' whitespace
+        normalised and repeats dropped, ``partials: true`` as ``"llm"``).
+
+    Raises:
+        ProtocolError: ``bad_config`` naming the first offending field, in protocol order; a
+            ``vad`` change is checked as a whole with the fields of ``base.vad`` it keeps (non-fatal).
+    """
+    changes: dict[str, Any] = {}
+    if change.task is not None:
+        changes["task"] = _task(change.task)
+    if change.language is not UNSET:
+        changes["language"] = _language("language", change.language)
+    if change.target_language is not UNSET:
+        changes["target_language"] = _language("target_language", change.target_language)
+    if change.keywords is not None:
+        changes["keywords"] = _keywords(list(change.keywords), limits)
+    if change.partials is not None:
+        changes["partials"] = _partials(change.partials)
+    if change.partial_interval is not None:
+        changes["partial_interval"] = _partial_interval(change.partial_interval)
+    if change.vad is not None:
+        changes["vad"] = _apply_vad(change.vad, base.vad, limits)
+    if change.diarize is not None:
+        changes["diarize"] = _diarize(change.diarize)
+    return replace(base, **changes)
+
+
+def _apply_vad(change: VadChange, base: VadConfig, limits: ProtocolLimits) -> VadConfig:
+    changes: dict[str, Any] = {}
+    if change.silence_ms is not None:
+        changes["silence_ms"] = change.silence_ms
+    if change.aggressiveness is not None:
+        changes["aggressiveness"] = change.aggressiveness
+    if change.max_utterance_s is not None:
+        changes["max_utterance_s"] = _max_utterance_s(change.max_utterance_s, limits)
     config = replace(base, **changes)
     try:
         config.validate()
@@ -262,7 +332,24 @@ def _parse_vad(obj: Any, base: VadConfig, limits: ProtocolLimits) -> VadConfig:
     return config
 
 
-def _parse_keywords(value: Any, limits: ProtocolLimits) -> tuple[str, ...]:
+# One check per field, of its type and value together (as the fields' order on the wire names the
+# first fault): the edge runs them on JSON values, the session on a change's typed ones. Each
+# returns the value the configuration keeps.
+
+
+def _task(value: Any) -> str:
+    if not isinstance(value, str) or value not in TASKS:
+        raise ProtocolError(BAD_CONFIG, f"task must be one of {list(TASKS)}, got {value!r}")
+    return value
+
+
+def _language(name: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not _is_language_code(value)):
+        raise ProtocolError(BAD_CONFIG, f"{name} must be a language code such as \"en\" or null, got {value!r}")
+    return value.lower() if isinstance(value, str) else None
+
+
+def _keywords(value: Any, limits: ProtocolLimits) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ProtocolError(BAD_CONFIG, "keywords must be a list of strings")
     if len(value) > limits.max_keywords:
@@ -281,6 +368,31 @@ def _parse_keywords(value: Any, limits: ProtocolLimits) -> tuple[str, ...]:
         if word not in keywords:
             keywords.append(word)
     return tuple(keywords)
+
+
+def _partials(value: Any) -> str | Literal[False]:
+    mode = "llm" if value is True else value
+    if mode is not False and mode not in ("llm", "ctc"):
+        raise ProtocolError(BAD_CONFIG, f"partials must be true, false, \"llm\" or \"ctc\", got {value!r}")
+    return mode
+
+
+def _partial_interval(value: Any) -> float:
+    if not _is_number(value) or not 0.2 <= value <= 10.0:
+        raise ProtocolError(BAD_CONFIG, f"partial_interval must be a number of seconds in [0.2, 10], got {value!r}")
+    return float(value)
+
+
+def _max_utterance_s(value: Any, limits: ProtocolLimits) -> float:
+    if not _is_number(value) or not 1.0 <= value <= limits.max_utterance_s:
+        raise ProtocolError(BAD_CONFIG, f"vad.max_utterance_s must be a number in [1, {limits.max_utterance_s}], got {value!r}")
+    return float(value)
+
+
+def _diarize(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(BAD_CONFIG, f"diarize must be true or false, got {value!r}")
+    return value
 
 
 def _reject_unknown(obj: dict, allowed: set[str], where: str) -> None:

@@ -206,7 +206,16 @@ class Session:
     def reject(self, exc: ProtocolError) -> list[Action]:
         """Answer a control message that could not be parsed, as the session's state asks."""
         refused = self._refuse_control()
-        return self._protocol_error(exc) if refused is None else refused
+        if refused is not None:
+            return refused
+        try:  # the state checks that the command would have met first
+            if exc.during == "start":
+                self._require_awaiting_start()
+            elif exc.during == "configure":
+                self._require_started()
+        except ProtocolError as first:
+            exc = first
+        return self._protocol_error(exc)
 
     def handle(self, command: Command) -> list[Action]:
         """Handle one command.
@@ -339,13 +348,11 @@ class Session:
     # ---- control messages ---------------------------------------------------------------------
 
     def _on_start(self, command: Start) -> list[Action]:
-        if self.state != State.AWAITING_START:
-            raise ProtocolError(ALREADY_STARTED, "\"start\" was already received; use \"configure\" to change settings")
+        self._require_awaiting_start()
         audio = check_audio_format(command.audio)
-        options = dict(command.options)
         if command.multichannel is not None:  # only a MultichannelSession splits channels
-            options["multichannel"] = command.multichannel
-        config = apply_config({"type": "start", **options}, self.settings.default_config, self.settings.limits)
+            raise ProtocolError(BAD_CONFIG, "unknown field(s) in start: multichannel")
+        config = apply_config(command.options, self.settings.default_config, self.settings.limits)
         self._check_capability(config)
         self.audio_format = audio
         self.config = config
@@ -356,7 +363,7 @@ class Session:
 
     def _on_configure(self, command: Configure) -> list[Action]:
         self._require_started()
-        config = apply_config({"type": "configure", **command.options}, self.config, self.settings.limits)
+        config = apply_config(command.options, self.config, self.settings.limits)
         self._check_capability(config)
         self.config = config
         assert self._segmenter is not None
@@ -395,6 +402,10 @@ class Session:
         self.state = State.STOPPING
         self._close = Close(close_code, close_reason)
         return actions + self._maybe_end()
+
+    def _require_awaiting_start(self) -> None:
+        if self.state != State.AWAITING_START:
+            raise ProtocolError(ALREADY_STARTED, "\"start\" was already received; use \"configure\" to change settings")
 
     def _require_started(self) -> None:
         if self.state == State.AWAITING_START:

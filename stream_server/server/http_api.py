@@ -77,7 +77,7 @@ from stream_server.server.auth import check_access
 from stream_server.inference.types import SAMPLE_RATE
 from stream_server.core.protocol import BAD_CONFIG, BAD_MESSAGE, OVERLOADED, SESSION_LIMIT, SHUTTING_DOWN, TOO_LARGE
 from stream_server.core.session import Send
-from stream_server.core.events import AudioFormat, Error, Final, Start, Stop
+from stream_server.core.events import UNSET, AudioFormat, ConfigChange, Error, Final, Start, Stop
 
 if TYPE_CHECKING:
     from stream_server.server.driver import SessionDriver
@@ -445,11 +445,8 @@ class FileTranscriptionApi:
         del body
         if driver.closed.is_set():  # drained while the file was read
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down", code=SHUTTING_DOWN)
-        options: dict[str, Any] = {"task": PATHS[path], "keywords": list(upload.keywords), "partials": False}
-        if upload.language:
-            options["language"] = upload.language
-        if PATHS[path] == "translate":
-            options["target_language"] = "en"
+        options = ConfigChange(task=PATHS[path], language=upload.language or UNSET, keywords=tuple(upload.keywords),
+                               partials=False, target_language="en" if PATHS[path] == "translate" else UNSET)
         await self._stream(driver, audio, Start(AudioFormat("pcm_f32le", SAMPLE_RATE, 1), options))
         if errors:
             error = errors[0]

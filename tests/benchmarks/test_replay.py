@@ -7,7 +7,7 @@ from benchmarks import scoring
 from benchmarks.loadgen import PlannedClip, StreamPlan
 from benchmarks.replay import replay_stream, stable_share
 from granite_stream_testing.datasets import Clip
-from stream_server.core.events import Start
+from stream_server.core.events import ConfigChange, Start
 from stream_server.core.session import Session, SessionSettings
 from stream_server.server.loopback import Loopback
 from tests.fakes import CountingEngine
@@ -35,7 +35,7 @@ def test_the_replay_gives_the_finals_transcribe_gives():
     engine = CountingEngine()
     # `granite-stream transcribe`'s path: float frames of 0.1 s through a Loopback.
     events = stream_audio(Loopback(Session("t", engine.capabilities, SessionSettings()), engine), p.audio,
-                          Start(options={"language": "en"}))
+                          Start(options=ConfigChange(language="en")))
     assert finals(replayed) == [e["text"] for e in events if e["type"] == "final"]
     assert len(finals(replayed)) == 2 and replayed.messages[-1][1]["type"] == "end"
     # It scores as a real pass does: one final per clip, in its clip.

@@ -3,8 +3,8 @@
 import json
 
 from stream_server.core.events import (
-    AudioFormat, Configure, Configured, End, Error, Final, Finalize, FinalWord, Partial, Ready, SpeechEnded,
-    SpeechStarted, Start, Stop, StreamConfig,
+    AudioFormat, ConfigChange, Configure, Configured, End, Error, Final, Finalize, FinalWord, Partial, Ready, SpeechEnded,
+    UNSET, SpeechStarted, Start, Stop, StreamConfig, VadChange,
 )
 from stream_server.core.protocol import parse_command
 from stream_server.speakers.clustering import SpeakerTurn
@@ -68,8 +68,21 @@ def test_ready_configured_and_end():
 def test_commands_parse_from_and_print_to_the_same_message():
     text = '{"type": "start", "audio": {"encoding": "mulaw", "sample_rate": 8000, "channels": 1}, "language": "fr"}'
     start = parse_command(text)
-    assert start == Start(AudioFormat("mulaw", 8000, 1), {"language": "fr"})
+    assert start == Start(AudioFormat("mulaw", 8000, 1), ConfigChange(language="fr"))
     assert start.to_wire() == json.loads(text)
-    assert parse_command('{"type": "configure", "keywords": ["a"]}') == Configure({"keywords": ["a"]})
+    assert parse_command('{"type": "configure", "keywords": ["a"]}') == Configure(ConfigChange(keywords=("a",)))
     assert parse_command('{"type": "finalize"}') == Finalize() and parse_command('{"type": "stop"}') == Stop()
     assert parse_command('{"type": "start", "multichannel": true}').multichannel is True
+
+
+def test_a_configuration_change_prints_the_fields_given_in_protocol_order():
+    text = ('{"type": "configure", "diarize": false, "vad": {"max_utterance_s": 9, "silence_ms": 300}, '
+            '"target_language": null, "partials": true, "keywords": ["a"], "partial_interval": 1, "task": "translate"}')
+    command = parse_command(text)
+    assert command.options.language is UNSET and command.options.target_language is None  # null is a value
+    assert json.dumps(command.to_wire()) == (
+        '{"type": "configure", "task": "translate", "target_language": null, "keywords": ["a"], "partials": true, '
+        '"partial_interval": 1, "vad": {"silence_ms": 300, "max_utterance_s": 9}, "diarize": false}')
+    assert Configure().to_wire() == {"type": "configure"}
+    assert Start(options=ConfigChange(vad=VadChange(aggressiveness=2))).to_wire() == {
+        "type": "start", "audio": AudioFormat().to_wire(), "vad": {"aggressiveness": 2}}

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from stream_server.core.audio import AudioDecoder, encode_mulaw
-from stream_server.core.protocol import AudioFormat, ProtocolError, ProtocolLimits, StreamConfig, apply_config, parse_audio_format, parse_message
+from stream_server.core.protocol import (
+    AudioFormat, ProtocolError, ProtocolLimits, StreamConfig, apply_config, parse_audio_format, parse_command, parse_message,
+)
 from stream_server.core.stabilizer import PartialStabilizer
 
 
@@ -85,17 +87,22 @@ def test_audio_format_defaults_and_values():
 )
 def test_bad_config_fields_name_the_field(fields, fragment):
     with pytest.raises(ProtocolError) as info:
-        apply_config({"type": "configure", **fields}, StreamConfig())
+        _configure(fields, StreamConfig())
     assert info.value.code == "bad_config"
     assert fragment in info.value.message
 
 
+def _configure(fields: dict, base: StreamConfig) -> StreamConfig:
+    """A ``configure`` with ``fields`` as the session applies it: typed at the edge, then checked."""
+    command = parse_command(json.dumps({"type": "configure", **fields}))
+    return apply_config(command.options, base)
+
+
 def test_config_overlay_keeps_unspecified_fields():
-    base = apply_config({"type": "start", "language": "FR", "keywords": ["Granite", " IBM  Watson ", "Granite"]},
-                        StreamConfig())
+    base = _configure({"language": "FR", "keywords": ["Granite", " IBM  Watson ", "Granite"]}, StreamConfig())
     assert base.language == "fr"
     assert base.keywords == ("Granite", "IBM Watson")
-    changed = apply_config({"type": "configure", "vad": {"silence_ms": 300}, "partials": True}, base)
+    changed = _configure({"vad": {"silence_ms": 300}, "partials": True}, base)
     assert changed.language == "fr" and changed.keywords == base.keywords
     assert changed.vad.silence_ms == 300 and changed.vad.aggressiveness == base.vad.aggressiveness
     assert changed.partials == "llm"

@@ -145,6 +145,32 @@ def test_second_start_and_bad_configure_are_non_fatal(engine):
     assert session.state == State.STREAMING
 
 
+def test_a_malformed_field_is_refused_after_the_state_and_audio_checks_as_before_typing(engine):
+    """Configuration fields are typed at the JSON edge, yet a message still meets the session's
+    checks in their order: its state (not_started, already_started), a start's audio ranges, then
+    its fields."""
+    session = new_session(engine)
+    [action] = session.receive_text('{"type":"configure","keywords":"IBM"}')
+    assert action.event.to_wire()["code"] == "not_started"
+    [action] = start(session, language=7, audio={"sample_rate": 4000})
+    assert action.event.to_wire()["code"] == "bad_config" and "sample_rate" in action.event.to_wire()["message"]
+    [action] = start(session, vad={"silence_ms": "long"})
+    assert action.event.to_wire()["message"] == "vad.silence_ms must be an integer, got 'long'"
+    start(session)
+    [action] = start(session, language=7)
+    assert action.event.to_wire()["code"] == "already_started"
+    [action] = session.receive_text('{"type":"configure","colour":"blue","vad":{"volume":3}}')
+    assert action.event.to_wire()["message"] == "unknown field(s) in configure: colour"
+    assert session.state == State.STREAMING
+
+
+def test_a_mono_session_refuses_multichannel_as_an_unknown_field(engine):
+    session = new_session(engine)
+    [action] = start(session, multichannel=False)
+    assert action.event.to_wire()["message"] == "unknown field(s) in start: multichannel"
+    assert session.state == State.AWAITING_START
+
+
 def test_missing_capability_is_bad_config_naming_it():
     caps = EngineCapabilities(name="whisper", model="tiny.en", languages=("en",), tasks=("transcribe",))
     session = Session("s", caps)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from stream_server.core.events import AudioFormat, End, Error, Final, Finalize, Partial, Ready, SpeechEnded, SpeechStarted, Start, Stop
+from stream_server.core.events import AudioFormat, ConfigChange, End, Error, Final, Finalize, Partial, Ready, SpeechEnded, SpeechStarted, Start, Stop
 from stream_server.server.loopback import Loopback
 from stream_server.core.multichannel import MultichannelSession
 from stream_server.core.session import Close, Session, SessionSettings
@@ -20,7 +20,7 @@ def loop(engine=None, **options) -> Loopback:
     engine = engine or CountingEngine()
     session = Session("s", engine.capabilities, SessionSettings())
     looped = Loopback(session, engine)
-    [ready] = looped.send(Start(F32, options))
+    [ready] = looped.send(Start(F32, ConfigChange(**options)))
     assert isinstance(ready, Ready) and ready.session_id == "s"
     return looped
 
@@ -79,7 +79,7 @@ def test_an_engine_failure_becomes_the_utterances_error():
 def test_a_multichannel_session_runs_through_the_same_loop():
     engine = CountingEngine()
     looped = Loopback(MultichannelSession("mc", engine.capabilities, SessionSettings()), engine, max_batch=4)
-    [ready] = looped.send(Start(AudioFormat("pcm_f32le", 16000, 2), {"partials": False}, multichannel=True))
+    [ready] = looped.send(Start(AudioFormat("pcm_f32le", 16000, 2), ConfigChange(partials=False), multichannel=True))
     assert isinstance(ready, Ready) and ready.multichannel and ready.audio.channels == 2
     left = np.concatenate([silence(0.3), voiced(1.2), silence(1.5)])
     right = np.concatenate([silence(1.5), voiced(0.8), silence(0.7)])
