@@ -54,6 +54,9 @@ class ProtocolError(Exception):
             check the session would otherwise make after its own state checks (its
             configuration fields; a start's audio ranges), so that the session can answer
             ``already_started``/``not_started`` first, as for a command that parsed; else ``None``.
+        checked_first: with ``during``, the fields before the malformed one that need the
+            session's configuration to be checked (a ``vad`` change before a malformed
+            ``diarize``): the session checks them first, as it checked the fields in order.
     """
 
     def __init__(self, code: str, message: str, fatal: bool = False, during: str | None = None):
@@ -62,6 +65,7 @@ class ProtocolError(Exception):
         self.message = message
         self.fatal = fatal
         self.during = during
+        self.checked_first: ConfigChange | None = None
 
     def to_event(self) -> Error:
         """The ``error`` event reporting this problem."""
@@ -148,7 +152,8 @@ def parse_command(text: str | bytes, limits: ProtocolLimits = ProtocolLimits()) 
         try:
             return Configure(parse_config_change(message, "configure", limits))
         except ProtocolError as exc:
-            raise ProtocolError(exc.code, exc.message, exc.fatal, during="configure") from None
+            exc.during = "configure"
+            raise
     if kind == "finalize":
         return Finalize()
     return Stop()
@@ -167,12 +172,13 @@ def parse_start(audio: AudioFormat, fields: dict, multichannel: bool | None = No
     try:
         options = parse_config_change(fields, "start", limits)
     except ProtocolError as exc:
-        error = exc
         try:
             check_audio_format(audio)
         except ProtocolError as audio_exc:
-            error = audio_exc
-        raise ProtocolError(error.code, error.message, error.fatal, during="start") from None
+            audio_exc.during = "start"
+            raise audio_exc from None
+        exc.during = "start"
+        raise
     return Start(audio, options, multichannel)
 
 
@@ -261,7 +267,12 @@ def parse_config_change(obj: dict, where: str, limits: ProtocolLimits = Protocol
     if "vad" in obj:
         changes["vad"] = _parse_vad_change(obj["vad"], limits)
     if "diarize" in obj:
-        changes["diarize"] = _diarize(obj["diarize"])
+        try:
+            changes["diarize"] = _diarize(obj["diarize"])
+        except ProtocolError as exc:
+            if "vad" in changes:  # checked with the VAD settings it overlays, by the session, before this
+                exc.checked_first = ConfigChange(vad=changes["vad"])
+            raise
     return ConfigChange(**changes)
 
 

@@ -208,11 +208,16 @@ class Session:
         refused = self._refuse_control()
         if refused is not None:
             return refused
-        try:  # the state checks that the command would have met first
+        try:  # the checks that the command would have met first: the state's, then earlier fields'
+            base: StreamConfig | None = None
             if exc.during == "start":
                 self._require_awaiting_start()
+                base = self.settings.default_config
             elif exc.during == "configure":
                 self._require_started()
+                base = self.config
+            if base is not None and exc.checked_first is not None:
+                apply_config(exc.checked_first, base, self.settings.limits)
         except ProtocolError as first:
             exc = first
         return self._protocol_error(exc)

@@ -161,6 +161,9 @@ def test_a_malformed_field_is_refused_after_the_state_and_audio_checks_as_before
     assert action.event.to_wire()["code"] == "already_started"
     [action] = session.receive_text('{"type":"configure","colour":"blue","vad":{"volume":3}}')
     assert action.event.to_wire()["message"] == "unknown field(s) in configure: colour"
+    # a vad change invalid only with the settings it keeps comes before a later malformed field
+    [action] = session.receive_text('{"type":"configure","vad":{"silence_ms":10},"diarize":"yes"}')
+    assert action.event.to_wire()["message"].startswith("vad: ")
     assert session.state == State.STREAMING
 
 
