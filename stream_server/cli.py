@@ -124,7 +124,8 @@ def server_settings(config: ServeConfig, reuse_port: bool = False) -> "ServerSet
     session = SessionSettings(
         limits=ProtocolLimits(max_utterance_s=limits.max_utterance_s), max_frame_bytes=limits.max_frame_bytes,
         max_session_s=limits.max_session_s, early_final_s=config.session.early_final_ms / 1000.0,
-        refresh_waiting_partials=config.session.partial_refresh == "on", speakers=config.speakers,
+        refresh_waiting_partials=config.session.partial_refresh == "on",
+        stable_agreement_s=config.session.stable_agreement_s, speakers=config.speakers,
     )
     return ServerSettings(
         network=config.network, limits=limits, security=config.security, memory=config.memory, session=session,

@@ -82,6 +82,7 @@ class SessionSection:
 
     early_final_ms: float = SessionSettings.early_final_s * 1000.0
     partial_refresh: str = "on" if SessionSettings.refresh_waiting_partials else "off"
+    stable_agreement_s: float = SessionSettings.stable_agreement_s
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,8 @@ SETTINGS: list[Setting] = [
         ("partial_refresh", "while a partial waits in the inference queue, replace it every partial_interval with "
          "one on the newer audio (nothing extra runs; under load partials come fresher and a little less often); "
          "off: it runs on the audio it was asked with", ("on", "off")),
+        ("stable_agreement_s", "a word becomes stable_text only when partials agreeing on it span this much audio; "
+         "less gives stable words sooner and risks locking in a misheard one (>= 0)"),
     ]),
     *_section("speakers", "diarize_", [
         ("threshold", "speaker labels (diarize): cosine similarity to the nearest speaker below which an "
@@ -351,6 +354,8 @@ def _check(source: str, values: Mapping[str, Any]) -> None:
                           f"{values['max_upload_audio_s']!r}")
     if "upload_timeout_s" in values and not 0.0 <= values["upload_timeout_s"] < math.inf:
         raise ConfigError(f"{source}: upload_timeout_s must be >= 0 (0: no limit), got {values['upload_timeout_s']!r}")
+    if "stable_agreement_s" in values and not 0.0 <= values["stable_agreement_s"] < math.inf:
+        raise ConfigError(f"{source}: stable_agreement_s must be >= 0, got {values['stable_agreement_s']!r}")
     if "diarize_max_speakers" in values and values["diarize_max_speakers"] < 1:
         raise ConfigError(f"{source}: diarize_max_speakers must be >= 1")
     if "granite_decode_max_graphs" in values and values["granite_decode_max_graphs"] < 0:

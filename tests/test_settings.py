@@ -265,6 +265,7 @@ RUNTIME = {
     "max_wait_ms": ([], "20", lambda s: _scheduler(s).max_wait, 0.02),
     "max_queue": ([], "64", lambda s: (_scheduler(s).max_queue, s["settings"].worker.max_queue), (64, 64)),
     "early_final_ms": ([], "350", lambda s: s["settings"].session.early_final_s, 0.35),
+    "stable_agreement_s": ([], "1.5", lambda s: s["settings"].session.stable_agreement_s, 1.5),
     "partial_refresh": ([], "off", lambda s: s["settings"].session.refresh_waiting_partials, False),
     "diarize_threshold": ([], "0.7", lambda s: s["settings"].session.speakers.threshold, 0.7),
     "diarize_max_speakers": ([], "3", lambda s: s["settings"].session.speakers.max_speakers, 3),
@@ -453,6 +454,7 @@ _OTHER_MEANINGS = {
     ("cpu_threads", "stream_server/engines/whisper.py", "0"): "WhisperEngine's own (0: one per core)",
     ("max_batch", "stream_server/engines/__init__.py", "None"): "None: the engine's own bound",
     ("compile_step", "stream_server/engines/granite/decode.py", "False"): "the decoder's bool form",
+    ("max_utterance_s", "stream_server/core/events.py", "None"): "VadChange: a client's change, None = not given",
 }
 
 

@@ -88,6 +88,9 @@ class SessionSettings:
             works on audio at most one interval old instead of audio as old as the queue's wait;
             nothing extra runs (a replaced request never started). Off: a partial runs on the
             audio it was asked with.
+        stable_agreement_s: how much audio the agreeing partial hypotheses must span before a word
+            becomes stable (``PartialStabilizer``'s ``min_span_s``): less publishes ``stable_text``
+            sooner and risks locking in a misheard word (docs/benchmarks.md, issue #16).
         speakers: how finals are labelled with speakers when a client asks for ``diarize``.
     """
 
@@ -98,6 +101,7 @@ class SessionSettings:
     max_session_s: float = 4 * 3600.0
     early_final_s: float = 0.2
     refresh_waiting_partials: bool = True
+    stable_agreement_s: float = PartialStabilizer.DEFAULT_MIN_SPAN_S
     speakers: SpeakerSettings = field(default_factory=SpeakerSettings)
 
 
@@ -454,7 +458,8 @@ class Session:
         actions: list[Action] = []
         for event in events:
             if isinstance(event, VadSpeechStarted):
-                utterance = _Utterance(self._next_utterance_id, event.start, self.config)
+                utterance = _Utterance(self._next_utterance_id, event.start, self.config,
+                                       PartialStabilizer(min_span_s=self.settings.stable_agreement_s))
                 utterance.voiced_start = event.start if event.voiced is None else event.voiced
                 if self._last_ended is not None and self._last_ended.end == event.start:
                     # The VAD cut the speech at max_utterance_s: this is the same speech going on.

@@ -82,8 +82,11 @@ class PartialStabilizer:
     :meth:`finish` starts with ``" ".join(stable_words)``.
     """
 
+    DEFAULT_MIN_SPAN_S = 3.0
+    """``min_span_s``'s default (also the ``stable_agreement_s`` setting's)."""
+
     def __init__(self, agreement: int = 3, holdback: int = 1, min_audio_s: float = 2.0,
-                 min_span_s: float = 3.0) -> None:
+                 min_span_s: float = DEFAULT_MIN_SPAN_S) -> None:
         """
         Args:
             agreement: how many consecutive hypotheses must agree on a word (LocalAgreement-n). 3 by
@@ -103,8 +106,8 @@ class PartialStabilizer:
                 until about 4 s of it ("And Mr. John"); over 1.5 s of agreement those became stable
                 and the final lost the right word (docs/benchmarks.md, issue #16, eighth session).
         """
-        if agreement < 2 or holdback < 0:
-            raise ValueError("agreement must be >= 2 and holdback >= 0")
+        if agreement < 2 or holdback < 0 or min_span_s < 0:
+            raise ValueError("agreement must be >= 2, holdback and min_span_s >= 0")
         self.agreement = agreement
         self.holdback = holdback
         self.min_audio_s = min_audio_s

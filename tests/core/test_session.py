@@ -322,6 +322,25 @@ def test_final_contradicting_stable_text_keeps_the_stable_words(engine):
     assert len(h.held) == 1, "no second decode"
 
 
+def test_stable_agreement_setting_sets_how_much_audio_stable_words_need(engine):
+    """Four agreeing partials 0.5 s apart span 1.5 s: stable at stable_agreement_s=1.5, not at the default."""
+
+    def stable_after_four(**settings) -> str:
+        session = new_session(engine, **settings)
+        h = Harness(session, engine, hold=True)
+        h.run(start(session))
+        h.feed(_buzz(2.0))
+        for text in (" ".join(f"w{i}" for i in range(n)) for n in range(3, 7)):
+            [request] = [r for r in h.held if r.kind == "partial"]
+            h.held.remove(request)
+            h.run(session.inference_done(request, InferenceResult(text)))
+            h.feed(_buzz(0.5))
+        return h.of("partial")[-1]["stable_text"]
+
+    assert stable_after_four() == ""
+    assert stable_after_four(stable_agreement_s=1.5) == "w0 w1 w2"
+
+
 def test_too_large_frame_and_nonfinite_audio_are_reported(engine):
     session = Session("s", engine.capabilities, SessionSettings(max_frame_bytes=1000))
     start(session)
