@@ -23,10 +23,12 @@ import pytest
 
 from granite_stream_testing.datasets import read_audio
 from stream_server.core import captions
+from stream_server.core.session import SessionSettings
 from stream_server.server.app import NetworkSettings, ServerSettings, StreamServer
 from tests.fakes import CountingEngine
 
 ROOT = Path(__file__).resolve().parents[2]
+EARLY_STABLE = SessionSettings(stable_agreement_s=1.5)
 ARTIFACTS = ROOT / "artifacts"
 WEB_ROOT = ROOT / "web_demo"
 CHROMIUM = os.environ.get("GRANITE_STREAM_CHROMIUM", "/usr/bin/chromium")
@@ -340,7 +342,9 @@ async def test_live_captions_from_a_fake_microphone_in_chromium(tmp_path, whispe
     loop_s = write_wav(wav, audio, rate)
     ARTIFACTS.mkdir(exist_ok=True)
 
-    server = StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0)))
+    # Stable words after 1.5 s of agreement (3 s by default): the page shows them within the looped
+    # clips' utterances even on a loaded machine; how the page renders them is what is tested.
+    server = StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=0), session=EARLY_STABLE))
     await server.start()
     port = server.port
     try:
@@ -390,7 +394,7 @@ async def test_live_captions_from_a_fake_microphone_in_chromium(tmp_path, whispe
                 finals_before = len(await demo.final_texts())
                 await server.close()
                 await demo.wait_for(lambda: _starts(page, "#conn", "Reconnecting"), 10, "the reconnecting state")
-                server = StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=port)))
+                server = StreamServer(whisper_engine, ServerSettings(network=NetworkSettings(port=port), session=EARLY_STABLE))
                 await server.start()
                 await demo.wait_for(lambda: _text_is(page, "#conn", "Live"), 30, "the page to reconnect")
                 # A partial in place: its stable words solid, the rest dimmed.
