@@ -298,6 +298,16 @@ def test_failed_final_becomes_an_error_naming_the_utterance():
     assert h.events[-1]["type"] == "end"
 
 
+def _answer_partials(h, session, count):
+    """Answer ``count`` held partials by hand, 0.5 s of audio apart, with growing agreeing hypotheses
+    ("w0 w1 w2", then one word more each time)."""
+    for n in range(3, 3 + count):
+        [request] = [r for r in h.held if r.kind == "partial"]
+        h.held.remove(request)
+        h.run(session.inference_done(request, InferenceResult(" ".join(f"w{i}" for i in range(n)))))
+        h.feed(_buzz(0.5))
+
+
 def test_final_contradicting_stable_text_keeps_the_stable_words(engine):
     session = new_session(engine)
     h = Harness(session, engine, hold=True)
@@ -305,11 +315,7 @@ def test_final_contradicting_stable_text_keeps_the_stable_words(engine):
     h.feed(_buzz(2.0))
     # Answer the partials by hand so "w0 w1 w2" becomes stable (agreeing hypotheses over at least
     # 2 s of audio, spanning 3 s of it: seven, one every 0.5 s).
-    for text in (" ".join(f"w{i}" for i in range(n)) for n in range(3, 10)):
-        [request] = [r for r in h.held if r.kind == "partial"]
-        h.held.remove(request)
-        h.run(session.inference_done(request, InferenceResult(text)))
-        h.feed(_buzz(0.5))
+    _answer_partials(h, session, 7)
     assert h.of("partial")[-1]["stable_text"] == "w0 w1 w2"
     h.held.clear()
     h.run(session.receive_text('{"type":"finalize"}'))
@@ -330,11 +336,7 @@ def test_stable_agreement_setting_sets_how_much_audio_stable_words_need(engine):
         h = Harness(session, engine, hold=True)
         h.run(start(session))
         h.feed(_buzz(2.0))
-        for text in (" ".join(f"w{i}" for i in range(n)) for n in range(3, 7)):
-            [request] = [r for r in h.held if r.kind == "partial"]
-            h.held.remove(request)
-            h.run(session.inference_done(request, InferenceResult(text)))
-            h.feed(_buzz(0.5))
+        _answer_partials(h, session, 4)
         return h.of("partial")[-1]["stable_text"]
 
     assert stable_after_four() == ""
