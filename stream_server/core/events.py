@@ -14,14 +14,16 @@ resolution (:func:`~stream_server.core.protocol.round_time`). ``channel`` is set
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+import math
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 from vad import VadConfig
 
 from stream_server.speakers.clustering import SpeakerTurn
 
 PROTOCOL_VERSION = 1
+TASKS = ("transcribe", "translate")
 
 # ---- configuration (what start/configure set; ready/configured restate it) -----------------------
 
@@ -94,20 +96,151 @@ UNSET = Unset.UNSET
 
 
 @dataclass(frozen=True)
+class ProtocolLimits:
+    """Bounds on what a client may send. All are enforced with a named error, never silently.
+
+    Attributes:
+        max_text_bytes: largest JSON control message.
+        max_keywords: most keywords in one list.
+        max_keyword_chars: longest keyword.
+        max_utterance_s: upper bound a client may request for ``vad.max_utterance_s``.
+    """
+
+    max_text_bytes: int = 64 * 1024
+    max_keywords: int = 100
+    max_keyword_chars: int = 64
+    max_utterance_s: float = 30.0
+
+
+# ---- the configuration fields' rules ----------------------------------------------------------------
+# A configurable field's rules live in its metadata (:func:`rule`), so that the protocol's parsing
+# (:func:`stream_server.core.protocol.parse_config_change`), the session's overlay
+# (:func:`stream_server.core.protocol.apply_config`) and ``to_wire`` walk the fields in declaration
+# order, which is the protocol's order: the first fault of a message is the one named. A check sees
+# the value in wire form (a list for ``keywords``), checks its type and range together and returns
+# the value the configuration keeps; it raises ``ValueError`` with the sentence the client reads
+# (the protocol answers ``bad_config`` with it). ``label`` is the field's name on the wire.
+
+Check = Callable[[str, Any, ProtocolLimits], Any]
+
+
+def rule(check: Check | None = None, *, json_check: Check | None = None, to_wire: Callable[[Any], Any] | None = None,
+         from_json: Callable[[Any], Any] | None = None, nested: type | None = None) -> dict[str, Any]:
+    """The metadata of a configurable field (of :class:`ConfigChange` or :class:`VadChange`).
+
+    Args:
+        check: checks a value both where JSON is parsed and where a change is applied.
+        json_check: checks a JSON value only (the session leaves a typed value to a later check).
+        to_wire: the value in wire form (default: as is); a check sees it in this form.
+        from_json: the value a change holds for a checked JSON value (default: as is).
+        nested: the partial-change type of a nested object (``vad``): its own fields carry the
+            rules, and the value it overlays checks the result as a whole (``validate()``).
+    """
+    return {"check": check, "json_check": json_check, "to_wire": to_wire, "from_json": from_json, "nested": nested}
+
+
+def given(change: Any) -> Iterator[tuple[Field, Any]]:
+    """The fields a change sets (those not at their default, which means "not given"), in order."""
+    for f in fields(change):
+        value = getattr(change, f.name)
+        if value is not f.default:
+            yield f, value
+
+
+def wire_value(f: Field, value: Any) -> Any:
+    """A configuration field's value in wire form."""
+    convert = f.metadata["to_wire"]
+    return value if convert is None else convert(value)
+
+
+def check_task(label: str, value: Any, limits: ProtocolLimits) -> str:
+    if not isinstance(value, str) or value not in TASKS:
+        raise ValueError(f"{label} must be one of {list(TASKS)}, got {value!r}")
+    return value
+
+
+def check_language(label: str, value: Any, limits: ProtocolLimits) -> str | None:
+    if value is not None and (not isinstance(value, str) or not _is_language_code(value)):
+        raise ValueError(f"{label} must be a language code such as \"en\" or null, got {value!r}")
+    return value.lower() if isinstance(value, str) else None
+
+
+def check_keywords(label: str, value: Any, limits: ProtocolLimits) -> tuple[str, ...]:
+    """Whitespace normalised, repeats dropped."""
+    if not isinstance(value, list):
+        raise ValueError(f"{label} must be a list of strings")
+    if len(value) > limits.max_keywords:
+        raise ValueError(f"at most {limits.max_keywords} {label} are allowed, got {len(value)}")
+    keywords: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"{label} must be strings, got {type(item).__name__}")
+        word = " ".join(item.split())
+        if not word:
+            raise ValueError(f"{label} must not be empty")
+        if len(word) > limits.max_keyword_chars:
+            raise ValueError(f"keyword {word[:20]!r}… is longer than {limits.max_keyword_chars} characters")
+        if any(not ch.isprintable() for ch in word) or "," in word:
+            raise ValueError(f"keyword {word[:20]!r} contains a comma or a control character")
+        if word not in keywords:
+            keywords.append(word)
+    return tuple(keywords)
+
+
+def check_partials(label: str, value: Any, limits: ProtocolLimits) -> str | Literal[False]:
+    """``True`` is the ``"llm"`` mode."""
+    mode = "llm" if value is True else value
+    if mode is not False and mode not in ("llm", "ctc"):
+        raise ValueError(f"{label} must be true, false, \"llm\" or \"ctc\", got {value!r}")
+    return mode
+
+
+def check_partial_interval(label: str, value: Any, limits: ProtocolLimits) -> float:
+    if not _is_number(value) or not 0.2 <= value <= 10.0:
+        raise ValueError(f"{label} must be a number of seconds in [0.2, 10], got {value!r}")
+    return float(value)
+
+
+def check_max_utterance_s(label: str, value: Any, limits: ProtocolLimits) -> float:
+    if not _is_number(value) or not 1.0 <= value <= limits.max_utterance_s:
+        raise ValueError(f"{label} must be a number in [1, {limits.max_utterance_s}], got {value!r}")
+    return float(value)
+
+
+def check_bool(label: str, value: Any, limits: ProtocolLimits) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{label} must be true or false, got {value!r}")
+    return value
+
+
+def check_int(label: str, value: Any, limits: ProtocolLimits) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{label} must be an integer, got {value!r}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _is_language_code(value: str) -> bool:
+    return 2 <= len(value) <= 3 and value.isascii() and value.isalpha()
+
+
+@dataclass(frozen=True)
 class VadChange:
     """A partial change of the VAD settings: the fields given (not ``None``) replace the current
     :class:`~vad.VadConfig`'s, the others keep it; the result is checked as a whole (its
-    cross-field rules) by the session, against the settings it overlays."""
+    cross-field rules) by the session, against the settings it overlays. The integers' ranges are
+    the VAD's (checked with the whole), only their JSON type is checked at the edge."""
 
-    silence_ms: int | None = None
-    aggressiveness: int | None = None
-    max_utterance_s: float | None = None
+    silence_ms: int | None = field(default=None, metadata=rule(json_check=check_int))
+    aggressiveness: int | None = field(default=None, metadata=rule(json_check=check_int))
+    max_utterance_s: float | None = field(default=None, metadata=rule(check_max_utterance_s))
 
     def to_wire(self) -> dict:
         """The ``vad`` object of the wire message: the fields given, in protocol order."""
-        wire = {"silence_ms": self.silence_ms, "aggressiveness": self.aggressiveness,
-                "max_utterance_s": self.max_utterance_s}
-        return {name: value for name, value in wire.items() if value is not None}
+        return {f.name: value for f, value in given(self)}
 
 
 @dataclass(frozen=True)
@@ -121,40 +254,27 @@ class ConfigChange:
     ``bad_config``. Built from JSON only by :func:`stream_server.core.protocol.parse_command`
     (which refuses unknown names and wrong types there); adapters and the HTTP/CLI paths construct it.
 
+    Each field is named as the :class:`StreamConfig` field it changes and as the wire's, in the
+    protocol's order, and carries its rules (:func:`rule`): a new configurable field is one field
+    here (and its :class:`StreamConfig` field).
+
     Attributes:
         partials: as sent: ``True`` (the ``"llm"`` mode), ``False``, or a mode name.
         keywords: as sent; the session normalises whitespace and drops repeats.
     """
 
-    task: str | None = None
-    language: str | None | Unset = UNSET
-    target_language: str | None | Unset = UNSET
-    keywords: tuple[str, ...] | None = None
-    partials: bool | str | None = None
-    partial_interval: float | None = None
-    vad: VadChange | None = None
-    diarize: bool | None = None
+    task: str | None = field(default=None, metadata=rule(check_task))
+    language: str | None | Unset = field(default=UNSET, metadata=rule(check_language))
+    target_language: str | None | Unset = field(default=UNSET, metadata=rule(check_language))
+    keywords: tuple[str, ...] | None = field(default=None, metadata=rule(check_keywords, to_wire=list, from_json=tuple))
+    partials: bool | str | None = field(default=None, metadata=rule(check_partials))
+    partial_interval: float | None = field(default=None, metadata=rule(check_partial_interval))
+    vad: VadChange | None = field(default=None, metadata=rule(to_wire=VadChange.to_wire, nested=VadChange))
+    diarize: bool | None = field(default=None, metadata=rule(check_bool))
 
     def to_wire(self) -> dict:
         """The configuration fields of the wire message: those given, in protocol order."""
-        wire: dict[str, Any] = {}
-        if self.task is not None:
-            wire["task"] = self.task
-        if self.language is not UNSET:
-            wire["language"] = self.language
-        if self.target_language is not UNSET:
-            wire["target_language"] = self.target_language
-        if self.keywords is not None:
-            wire["keywords"] = list(self.keywords)
-        if self.partials is not None:
-            wire["partials"] = self.partials
-        if self.partial_interval is not None:
-            wire["partial_interval"] = self.partial_interval
-        if self.vad is not None:
-            wire["vad"] = self.vad.to_wire()
-        if self.diarize is not None:
-            wire["diarize"] = self.diarize
-        return wire
+        return {f.name: wire_value(f, value) for f, value in given(self)}
 
 
 # ---- commands (client → session) ------------------------------------------------------------------

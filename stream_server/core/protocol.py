@@ -9,19 +9,18 @@ contract is documented in ``docs/protocol.md``.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import fields, replace
+from typing import Any
 
-from vad import VadConfig
-
-from stream_server.core.events import PROTOCOL_VERSION as PROTOCOL_VERSION  # re-exported: the version is part of the protocol
+# re-exported: the version, the tasks and the limits are part of the protocol
+from stream_server.core.events import PROTOCOL_VERSION as PROTOCOL_VERSION
+from stream_server.core.events import TASKS as TASKS
+from stream_server.core.events import ProtocolLimits as ProtocolLimits
 from stream_server.core.events import (
-    UNSET, AudioFormat, Command, ConfigChange, Configure, Error, Finalize, Start, Stop, StreamConfig, VadChange,
+    AudioFormat, Command, ConfigChange, Configure, Error, Finalize, Start, Stop, StreamConfig, check_int, given, wire_value,
 )
 
 ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw")
-TASKS = ("transcribe", "translate")
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 48_000
 MAX_CHANNELS = 8
@@ -72,25 +71,6 @@ class ProtocolError(Exception):
         return Error(self.code, self.message, self.fatal)
 
 
-@dataclass(frozen=True)
-class ProtocolLimits:
-    """Bounds on what a client may send. All are enforced with a named error, never silently.
-
-    Attributes:
-        max_text_bytes: largest JSON control message.
-        max_keywords: most keywords in one list.
-        max_keyword_chars: longest keyword.
-        max_utterance_s: upper bound a client may request for ``vad.max_utterance_s``.
-    """
-
-    max_text_bytes: int = 64 * 1024
-    max_keywords: int = 100
-    max_keyword_chars: int = 64
-    max_utterance_s: float = 30.0
-
-
-_CONFIG_FIELDS = {"task", "language", "target_language", "keywords", "partials", "partial_interval", "vad", "diarize"}
-_VAD_FIELDS = {"silence_ms", "aggressiveness", "max_utterance_s"}
 _AUDIO_FIELDS = {"encoding", "sample_rate", "channels"}
 CLIENT_TYPES = ("start", "configure", "finalize", "stop")
 
@@ -233,10 +213,11 @@ def parse_config_change(obj: dict, where: str, limits: ProtocolLimits = Protocol
     ``start``/``configure`` message (without its ``type``, ``audio`` and ``multichannel``) as a
     typed :class:`ConfigChange` holding the values as sent.
 
-    Every check that needs no current configuration runs here, field by field in protocol order,
-    so that the first fault of a message is the one named, as when the session checked the JSON;
-    :func:`apply_config` repeats the value checks (a change may come from an adapter) and checks
-    a ``vad`` change together with the VAD settings it overlays.
+    Every check that needs no current configuration runs here, field by field in protocol order
+    (the fields' rules, :func:`stream_server.core.events.rule`), so that the first fault of a
+    message is the one named, as when the session checked the JSON; :func:`apply_config` repeats
+    the value checks (a change may come from an adapter) and checks a ``vad`` change together with
+    the VAD settings it overlays.
 
     Args:
         obj: the message's remaining fields.
@@ -246,49 +227,34 @@ def parse_config_change(obj: dict, where: str, limits: ProtocolLimits = Protocol
     Raises:
         ProtocolError: ``bad_config`` naming the first offending field (unknown names first; non-fatal).
     """
-    _reject_unknown(obj, _CONFIG_FIELDS, where)
+    return _parse_fields(ConfigChange, obj, where, "", limits)
+
+
+def _parse_fields(cls: type, obj: dict, where: str, prefix: str, limits: ProtocolLimits) -> Any:
+    """``cls`` (a change) from the JSON object ``obj``, each field checked by its rules, in order."""
+    declared = {f.name: f for f in fields(cls)}
+    _reject_unknown(obj, set(declared), where)
     changes: dict[str, Any] = {}
-    if "task" in obj:
-        _task(obj["task"])
-        changes["task"] = obj["task"]
-    for name in ("language", "target_language"):
-        if name in obj:
-            _language(name, obj[name])
-            changes[name] = obj[name]
-    if "keywords" in obj:
-        _keywords(obj["keywords"], limits)
-        changes["keywords"] = tuple(obj["keywords"])
-    if "partials" in obj:
-        _partials(obj["partials"])
-        changes["partials"] = obj["partials"]
-    if "partial_interval" in obj:
-        _partial_interval(obj["partial_interval"])
-        changes["partial_interval"] = obj["partial_interval"]
-    if "vad" in obj:
-        changes["vad"] = _parse_vad_change(obj["vad"], limits)
-    if "diarize" in obj:
+    for f in declared.values():
+        if f.name not in obj:
+            continue
+        value, rules = obj[f.name], f.metadata
         try:
-            changes["diarize"] = _diarize(obj["diarize"])
+            if rules["nested"] is not None:
+                if not isinstance(value, dict):
+                    raise ProtocolError(BAD_CONFIG, f"\"{prefix}{f.name}\" must be an object")
+                changes[f.name] = _parse_fields(rules["nested"], value, f.name, f"{prefix}{f.name}.", limits)
+                continue
+            _check(rules["json_check"] or rules["check"], prefix + f.name, value, limits)
+            changes[f.name] = value if rules["from_json"] is None else rules["from_json"](value)
         except ProtocolError as exc:
-            if "vad" in changes:  # checked with the VAD settings it overlays, by the session, before this
-                exc.checked_first = ConfigChange(vad=changes["vad"])
+            # A nested change before the malformed field is checked with the settings it overlays,
+            # by the session, before this fault (as it checked the fields in order).
+            overlays = {name: change for name, change in changes.items() if declared[name].metadata["nested"]}
+            if overlays and exc.checked_first is None:
+                exc.checked_first = cls(**overlays)
             raise
-    return ConfigChange(**changes)
-
-
-def _parse_vad_change(obj: Any, limits: ProtocolLimits) -> VadChange:
-    if not isinstance(obj, dict):
-        raise ProtocolError(BAD_CONFIG, "\"vad\" must be an object")
-    _reject_unknown(obj, _VAD_FIELDS, "vad")
-    changes: dict[str, Any] = {}
-    if "silence_ms" in obj:
-        changes["silence_ms"] = _int_field(obj, "silence_ms", 0, "vad.silence_ms")
-    if "aggressiveness" in obj:
-        changes["aggressiveness"] = _int_field(obj, "aggressiveness", 0, "vad.aggressiveness")
-    if "max_utterance_s" in obj:
-        _max_utterance_s(obj["max_utterance_s"], limits)
-        changes["max_utterance_s"] = obj["max_utterance_s"]
-    return VadChange(**changes)
+    return cls(**changes)
 
 
 def apply_config(change: ConfigChange, base: StreamConfig, limits: ProtocolLimits = ProtocolLimits()) -> StreamConfig:
@@ -307,103 +273,36 @@ def apply_config(change: ConfigChange, base: StreamConfig, limits: ProtocolLimit
         ProtocolError: ``bad_config`` naming the first offending field, in protocol order; a
             ``vad`` change is checked as a whole with the fields of ``base.vad`` it keeps (non-fatal).
     """
-    changes: dict[str, Any] = {}
-    if change.task is not None:
-        changes["task"] = _task(change.task)
-    if change.language is not UNSET:
-        changes["language"] = _language("language", change.language)
-    if change.target_language is not UNSET:
-        changes["target_language"] = _language("target_language", change.target_language)
-    if change.keywords is not None:
-        changes["keywords"] = _keywords(list(change.keywords), limits)
-    if change.partials is not None:
-        changes["partials"] = _partials(change.partials)
-    if change.partial_interval is not None:
-        changes["partial_interval"] = _partial_interval(change.partial_interval)
-    if change.vad is not None:
-        changes["vad"] = _apply_vad(change.vad, base.vad, limits)
-    if change.diarize is not None:
-        changes["diarize"] = _diarize(change.diarize)
-    return replace(base, **changes)
+    return _apply_fields(change, base, "", limits)
 
 
-def _apply_vad(change: VadChange, base: VadConfig, limits: ProtocolLimits) -> VadConfig:
+def _apply_fields(change: Any, base: Any, prefix: str, limits: ProtocolLimits) -> Any:
+    """``base`` with the fields ``change`` gives, each checked by its rules, in order; a nested
+    change overlays its own base, which checks the result as a whole (``validate()``)."""
     changes: dict[str, Any] = {}
-    if change.silence_ms is not None:
-        changes["silence_ms"] = change.silence_ms
-    if change.aggressiveness is not None:
-        changes["aggressiveness"] = change.aggressiveness
-    if change.max_utterance_s is not None:
-        changes["max_utterance_s"] = _max_utterance_s(change.max_utterance_s, limits)
+    for f, value in given(change):
+        name = prefix + f.name
+        if f.metadata["nested"] is not None:
+            changes[f.name] = _apply_fields(value, getattr(base, f.name), f"{name}.", limits)
+        elif f.metadata["check"] is not None:
+            changes[f.name] = _check(f.metadata["check"], name, wire_value(f, value), limits)
+        else:
+            changes[f.name] = value
     config = replace(base, **changes)
-    try:
-        config.validate()
-    except ValueError as exc:
-        raise ProtocolError(BAD_CONFIG, f"vad: {exc}") from None
+    if prefix:
+        try:
+            config.validate()
+        except ValueError as exc:
+            raise ProtocolError(BAD_CONFIG, f"{prefix[:-1]}: {exc}") from None
     return config
 
 
-# One check per field, of its type and value together (as the fields' order on the wire names the
-# first fault): the edge runs them on JSON values, the session on a change's typed ones. Each
-# returns the value the configuration keeps.
-
-
-def _task(value: Any) -> str:
-    if not isinstance(value, str) or value not in TASKS:
-        raise ProtocolError(BAD_CONFIG, f"task must be one of {list(TASKS)}, got {value!r}")
-    return value
-
-
-def _language(name: str, value: Any) -> str | None:
-    if value is not None and (not isinstance(value, str) or not _is_language_code(value)):
-        raise ProtocolError(BAD_CONFIG, f"{name} must be a language code such as \"en\" or null, got {value!r}")
-    return value.lower() if isinstance(value, str) else None
-
-
-def _keywords(value: Any, limits: ProtocolLimits) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise ProtocolError(BAD_CONFIG, "keywords must be a list of strings")
-    if len(value) > limits.max_keywords:
-        raise ProtocolError(BAD_CONFIG, f"at most {limits.max_keywords} keywords are allowed, got {len(value)}")
-    keywords: list[str] = []
-    for item in value:
-        if not isinstance(item, str):
-            raise ProtocolError(BAD_CONFIG, f"keywords must be strings, got {type(item).__name__}")
-        word = " ".join(item.split())
-        if not word:
-            raise ProtocolError(BAD_CONFIG, "keywords must not be empty")
-        if len(word) > limits.max_keyword_chars:
-            raise ProtocolError(BAD_CONFIG, f"keyword {word[:20]!r}… is longer than {limits.max_keyword_chars} characters")
-        if any(not ch.isprintable() for ch in word) or "," in word:
-            raise ProtocolError(BAD_CONFIG, f"keyword {word[:20]!r} contains a comma or a control character")
-        if word not in keywords:
-            keywords.append(word)
-    return tuple(keywords)
-
-
-def _partials(value: Any) -> str | Literal[False]:
-    mode = "llm" if value is True else value
-    if mode is not False and mode not in ("llm", "ctc"):
-        raise ProtocolError(BAD_CONFIG, f"partials must be true, false, \"llm\" or \"ctc\", got {value!r}")
-    return mode
-
-
-def _partial_interval(value: Any) -> float:
-    if not _is_number(value) or not 0.2 <= value <= 10.0:
-        raise ProtocolError(BAD_CONFIG, f"partial_interval must be a number of seconds in [0.2, 10], got {value!r}")
-    return float(value)
-
-
-def _max_utterance_s(value: Any, limits: ProtocolLimits) -> float:
-    if not _is_number(value) or not 1.0 <= value <= limits.max_utterance_s:
-        raise ProtocolError(BAD_CONFIG, f"vad.max_utterance_s must be a number in [1, {limits.max_utterance_s}], got {value!r}")
-    return float(value)
-
-
-def _diarize(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ProtocolError(BAD_CONFIG, f"diarize must be true or false, got {value!r}")
-    return value
+def _check(check: Any, label: str, value: Any, limits: ProtocolLimits) -> Any:
+    """A field's rule (:mod:`stream_server.core.events`): the value it keeps, or ``bad_config``."""
+    try:
+        return check(label, value, limits)
+    except ValueError as exc:
+        raise ProtocolError(BAD_CONFIG, str(exc)) from None
 
 
 def _reject_unknown(obj: dict, allowed: set[str], where: str) -> None:
@@ -413,18 +312,7 @@ def _reject_unknown(obj: dict, allowed: set[str], where: str) -> None:
 
 
 def _int_field(obj: dict, key: str, default: int, label: str) -> int:
-    value = obj.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(BAD_CONFIG, f"{label} must be an integer, got {value!r}")
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _is_language_code(value: str) -> bool:
-    return 2 <= len(value) <= 3 and value.isascii() and value.isalpha()
+    return _check(check_int, label, obj.get(key, default), ProtocolLimits())
 
 
 def round_time(seconds: float) -> float:

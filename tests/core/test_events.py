@@ -1,6 +1,7 @@
 """The typed events' wire form is protocol v1 (docs/protocol.md), field for field and in order."""
 
 import json
+from dataclasses import fields
 
 from stream_server.core.events import (
     AudioFormat, ConfigChange, Configure, Configured, End, Error, Final, Finalize, FinalWord, Partial, Ready, SpeechEnded,
@@ -73,6 +74,12 @@ def test_commands_parse_from_and_print_to_the_same_message():
     assert parse_command('{"type": "configure", "keywords": ["a"]}') == Configure(ConfigChange(keywords=("a",)))
     assert parse_command('{"type": "finalize"}') == Finalize() and parse_command('{"type": "stop"}') == Stop()
     assert parse_command('{"type": "start", "multichannel": true}').multichannel is True
+
+
+def test_a_configuration_change_names_the_configurations_fields_in_its_order():
+    """The fields' rules are walked in declaration order, which must be the protocol's (the first fault named)."""
+    assert [f.name for f in fields(ConfigChange)] == list(StreamConfig().to_wire())
+    assert [f.name for f in fields(VadChange)] == list(StreamConfig().to_wire()["vad"])
 
 
 def test_a_configuration_change_prints_the_fields_given_in_protocol_order():
