@@ -467,6 +467,11 @@ def _literal_defaults(root: Path, names: set[str]) -> list[tuple[str, str, str]]
         return isinstance(node, ast.Constant) or (isinstance(node, (ast.BinOp, ast.UnaryOp)) and all(
             isinstance(n, (ast.Constant, ast.operator, ast.unaryop, ast.BinOp, ast.UnaryOp)) for n in ast.walk(node)))
 
+    def field_default(node):  # a dataclass field written `field(default=..., metadata=...)` has that default
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "field":
+            return next((k.value for k in node.keywords if k.arg == "default"), None)
+        return node
+
     found = []
     for path in sorted((root / "stream_server").rglob("*.py")):
         where = path.relative_to(root).as_posix()
@@ -478,9 +483,10 @@ def _literal_defaults(root: Path, names: set[str]) -> list[tuple[str, str, str]]
                 pairs += [(a, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
                 pairs = [(a.arg, d) for a, d in pairs]
             elif isinstance(node, ast.ClassDef):
-                pairs = [(s.target.id, s.value) for s in node.body if isinstance(s, ast.AnnAssign)
+                pairs = [(s.target.id, field_default(s.value)) for s in node.body if isinstance(s, ast.AnnAssign)
                          and isinstance(s.target, ast.Name) and s.value is not None]
-            found += [(name, where, ast.unparse(value)) for name, value in pairs if name in names and literal(value)]
+            found += [(name, where, ast.unparse(value)) for name, value in pairs
+                      if name in names and value is not None and literal(value)]
     return found
 
 
@@ -518,7 +524,8 @@ def test_every_default_is_written_once():
 def test_the_default_check_finds_a_second_literal(tmp_path):
     (tmp_path / "stream_server").mkdir()
     (tmp_path / "stream_server" / "a.py").write_text(
-        "class A:\n    max_batch: int = 8\n    max_queue: int = B.max_queue\n\ndef f(max_batch=4 * 2, *, max_queue=-1):\n    pass\n")
-    assert _literal_defaults(tmp_path, {"max_batch", "max_queue"}) == [
-        ("max_batch", "stream_server/a.py", "8"), ("max_batch", "stream_server/a.py", "4 * 2"),
-        ("max_queue", "stream_server/a.py", "-1")]
+        "class A:\n    max_batch: int = 8\n    max_queue: int = B.max_queue\n    max_wait: float = field(default=0.5, metadata={})\n"
+        "\ndef f(max_batch=4 * 2, *, max_queue=-1):\n    pass\n")
+    assert _literal_defaults(tmp_path, {"max_batch", "max_queue", "max_wait"}) == [
+        ("max_batch", "stream_server/a.py", "8"), ("max_wait", "stream_server/a.py", "0.5"),
+        ("max_batch", "stream_server/a.py", "4 * 2"), ("max_queue", "stream_server/a.py", "-1")]
