@@ -61,7 +61,7 @@ def load_engine(
     max_batch: int | None = None,
     granite_options: GraniteOptions | None = None,
     speakers: bool = True,
-    preload_speakers: bool = False,
+    preload_speakers: bool | None = None,
 ) -> tuple[Engine, str]:
     """Build the engine a server or command should use.
 
@@ -76,7 +76,8 @@ def load_engine(
         speakers: wrap the engine in :class:`~stream_server.speakers.engine.SpeakerEmbeddingEngine`
             (speaker labels on request; the encoder loads, on the engine's device, when the first
             diarizing request arrives) when torch and the encoder's weights are installed.
-        preload_speakers: load that encoder at warm-up instead (``diarize_preload``).
+        preload_speakers: load that encoder at warm-up instead; the caller that owns the speaker
+            settings passes theirs (``SpeakerSettings.preload``), ``None`` leaves that default to them.
 
     Returns:
         ``(engine, reason)`` where ``reason`` says why this engine was chosen.
@@ -92,7 +93,7 @@ def load_engine(
         return engine, reason
     from stream_server.speakers.engine import wrap
 
-    return wrap(engine, preload=preload_speakers), reason
+    return (wrap(engine) if preload_speakers is None else wrap(engine, preload=preload_speakers)), reason
 
 
 def _load(name, model, device, cpu_threads, max_batch, granite_options) -> tuple[Engine, str]:
