@@ -650,6 +650,9 @@ class RayServeWorker:
         """Nothing to observe here: batches run inside the replicas (their time is in each result's
         ``info["pool"]``)."""
 
+    def remove_observer(self, observer: WorkerObserver) -> None:
+        """Nothing to detach (:meth:`add_observer` attaches none)."""
+
     def _counters(self) -> dict:
         return {"pool_completed": self.completed, "pool_retries": self.retries, "pool_failures": self.failures}
 

@@ -144,6 +144,10 @@ class InferencePool(Protocol):
         elsewhere, such as the Ray pool, reports none)."""
         ...
 
+    def remove_observer(self, observer: WorkerObserver) -> None:
+        """Detach ``observer`` (it sees no call that starts afterwards); unknown observers are ignored."""
+        ...
+
 
 def decode_isolated(
     engine: Engine, requests: Sequence[InferenceRequest], answered: Collection[int] = (), **hooks

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from stream_server.inference.types import InferenceRequest
-from stream_server.inference.worker import BatchScheduler, InferenceWorker, QueueFull, Superseded
+from stream_server.inference.ray_pool import RayServeWorker
+from stream_server.inference.worker import BatchScheduler, InferencePool, InferenceWorker, QueueFull, Superseded, WorkerPool
 from tests.fakes import CountingEngine, GatedEngine
 
 
@@ -185,7 +186,6 @@ async def test_a_refresh_in_the_batch_of_a_dead_worker_thread_is_answered_after_
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 async def test_pool_spreads_sessions_and_survives_one_worker_dying():
-    from stream_server.inference.worker import WorkerPool
     from tests.fakes import CrashOnceEngine
 
     healthy, fragile = CountingEngine(), CrashOnceEngine()
@@ -410,3 +410,28 @@ async def test_observers_see_submits_and_batches_and_cannot_break_them():
         assert len(watching.events) == 4
     finally:
         worker.stop()
+
+
+async def test_every_pool_detaches_an_observer_through_the_pool_interface():
+    """InferencePool.remove_observer, on each implementation: a detached observer sees no later
+    submit or batch, and detaching one never attached is ignored (the Ray pool attaches none)."""
+    pools: list[InferencePool] = [
+        InferenceWorker(CountingEngine(), BatchScheduler(max_batch=4, max_wait=0.01)),
+        WorkerPool([InferenceWorker(CountingEngine(), BatchScheduler(max_batch=4, max_wait=0.01))]),
+        RayServeWorker(None, CountingEngine().capabilities),
+    ]
+    for pool in pools:
+        kept, detached = _Recorder(), _Recorder()
+        pool.add_observer(kept)
+        pool.add_observer(detached)
+        pool.remove_observer(detached)
+        pool.remove_observer(_Recorder())
+        if isinstance(pool, RayServeWorker):
+            continue  # its batches run in the replicas: nothing to run here
+        pool.start()
+        try:
+            await asyncio.wait_for(pool.submit(req("s", 1, "final")), 5)
+            await until(lambda: len(kept.events) == 3, "the batch end to be observed")
+        finally:
+            pool.stop()
+        assert [event for event, _ in kept.events] == ["submit", "start", "end"] and detached.events == []
