@@ -13,7 +13,7 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numba
 import numpy as np
@@ -266,8 +266,44 @@ THREADED_CELLS = 1_000_000
 #: caller has other work (:func:`align_words_soon`): an eighth of :data:`THREADED_CELLS`, about
 #: 13 s of speech.
 ALIGN_SOON_CELLS = THREADED_CELLS // 8
-_threads: ThreadPoolExecutor | None = None
-_threads_lock = threading.Lock()
+
+_T = TypeVar("_T")
+
+
+class AlignerThreads:
+    """The threads that align words for one owner (the Granite engine): at most 8, and no more
+    than the CPUs, started on first use. The owner releases them with :meth:`close`, which waits
+    for the alignments already started; a use after it starts new threads."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], _T]) -> Future[_T]:
+        """Run ``job`` on one of the threads."""
+        return self._started().submit(job)
+
+    def map(self, job: Callable[[_T], object], items: Sequence[_T]) -> list:
+        """``job`` of each of ``items`` on the threads, the results in order."""
+        return list(self._started().map(job, items))
+
+    def close(self) -> None:
+        """Stop the threads once the jobs already submitted are done."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def _started(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ctc-align")
+            return self._executor
+
+
+#: The threads of callers that own none (scripts, benchmarks): started on first use, released by
+#: its ``close()``. The Granite engine owns its own, released by the engine's ``close()``.
+SHARED_THREADS = AlignerThreads()
 
 
 def align_words_many(
@@ -275,20 +311,22 @@ def align_words_many(
     label_of: Callable[[str], int | None],
     frame_s: float,
     blank: int = 0,
+    *,
+    threads: AlignerThreads = SHARED_THREADS,
 ) -> list[tuple[Word, ...] | None]:
     """:func:`align_words` of several finals (``(text, log_probs)`` each), in order.
 
     When their Viterbi tables are large together (over :data:`THREADED_CELLS` frames × characters:
-    about 13 s of speech in each of 8 finals, or two finals of 30 s), they align on a shared pool of
-    threads (at most 8, and no more than the CPUs): the Viterbi, the bulk of a long final's
-    alignment, runs without the GIL, so the batch costs about its longest alignment plus the Python
-    parts of the others, not the sum. Below that, threads cost more than they save (8 finals of
-    10 s on 2 cores; docs/benchmarks.md), and the finals align one by one.
+    about 13 s of speech in each of 8 finals, or two finals of 30 s), they align on ``threads``:
+    the Viterbi, the bulk of a long final's alignment, runs without the GIL, so the batch costs
+    about its longest alignment plus the Python parts of the others, not the sum. Below that,
+    threads cost more than they save (8 finals of 10 s on 2 cores; docs/benchmarks.md), and the
+    finals align one by one on the caller's thread.
     """
     cells = sum(len(log_probs) * len(text) for text, log_probs in finals)
     if len(finals) <= 1 or cells < THREADED_CELLS:
         return [align_words(text, log_probs, label_of, frame_s, blank) for text, log_probs in finals]
-    return list(_pool().map(lambda final: align_words(final[0], final[1], label_of, frame_s, blank), finals))
+    return threads.map(lambda final: align_words(final[0], final[1], label_of, frame_s, blank), finals)
 
 
 def align_words_soon(
@@ -298,9 +336,11 @@ def align_words_soon(
     frame_s: float,
     blank: int = 0,
     ready: Callable[[], object] | None = None,
+    *,
+    threads: AlignerThreads = SHARED_THREADS,
 ) -> Future[tuple[Word, ...] | None]:
-    """:func:`align_words` started now on the pool :func:`align_words_many` uses, for a caller with
-    other work to do meanwhile (Granite: a final whose text is known before the batch's LLM decode).
+    """:func:`align_words` started now on ``threads``, for a caller with other work to do meanwhile
+    (Granite: a final whose text is known before the batch's LLM decode).
 
     ``ready``, when given, is called first on the pool's thread and must return once ``log_probs``
     holds its values (a CUDA event's ``synchronize``: the posteriors' copy to the host), so that the
@@ -312,16 +352,7 @@ def align_words_soon(
             ready()
         return align_words(text, log_probs, label_of, frame_s, blank)
 
-    return _pool().submit(job)
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The shared aligner threads (at most 8, and no more than the CPUs), started on first use."""
-    global _threads
-    with _threads_lock:
-        if _threads is None:
-            _threads = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ctc-align")
-        return _threads
+    return threads.submit(job)
 
 
 def with_token_probabilities(text: str, words: Sequence[Word],

@@ -70,6 +70,7 @@ from stream_server.inference.types import SAMPLE_RATE, EngineCapabilities, Infer
 from stream_server.engines.base import Engine, ResultHook
 from stream_server.engines.granite.ctc_align import (
     ALIGN_SOON_CELLS,
+    AlignerThreads,
     align_words_many,
     align_words_soon,
     warm as warm_aligner,
@@ -548,6 +549,7 @@ class GraniteEngine(Engine):
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
 
         self._prompt_cache: dict[str, tuple[list[int], list[int]]] = {}
+        self._aligner_threads = AlignerThreads()  # released by close()
         self._stats: dict[str, int] = {p: 0 for p in PATHS}
         self._stats.update({"partial_llm": 0, "partial_ctc": 0, "truncated": 0, "repetition_loops": 0})
 
@@ -765,6 +767,7 @@ class GraniteEngine(Engine):
     def close(self) -> None:
         self.model = None
         self.tokenizer = None
+        self._aligner_threads.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -978,7 +981,8 @@ class GraniteEngine(Engine):
                 w.ctc_ready.synchronize()
                 w.ctc_ready = None
         finals = [(w.text or w.req.prefix, w.ctc_log_probs) for w in timed if w.ctc_log_probs is not None]
-        for w, words in zip(timed, align_words_many(finals, self._ctc_labels.get, ENCODER_FRAME_S, self.ctc_blank_id)):
+        for w, words in zip(timed, align_words_many(finals, self._ctc_labels.get, ENCODER_FRAME_S, self.ctc_blank_id,
+                                                    threads=self._aligner_threads)):
             w.words, w.ctc_log_probs = words, None
 
     def _align_soon(self, works: list[Work], min_cells: int = 0) -> None:
@@ -991,7 +995,7 @@ class GraniteEngine(Engine):
                     and len(w.ctc_log_probs) * len(w.text or w.req.prefix) >= min_cells):
                 ready = w.ctc_ready.synchronize if w.ctc_ready is not None else None
                 w.words_soon = align_words_soon(w.text or w.req.prefix, w.ctc_log_probs, self._ctc_labels.get,
-                                                ENCODER_FRAME_S, self.ctc_blank_id, ready)
+                                                ENCODER_FRAME_S, self.ctc_blank_id, ready, threads=self._aligner_threads)
                 w.ctc_log_probs, w.ctc_ready = None, None
 
     def _prepare(self, index: int, req: InferenceRequest) -> Work:

@@ -1,6 +1,8 @@
 """CTC forced alignment on synthetic posteriors with known answers (stream_server.engines.ctc_align)."""
 
 import itertools
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -190,3 +192,22 @@ def test_a_final_aligned_soon_waits_for_its_posteriors_and_gets_the_same_words()
     got = align_words_soon("hi yo", buffer, vocab.get, 0.02, ready=ready).result(timeout=10)
     assert got == align_words("hi yo", filled, vocab.get, 0.02)
     assert got is not None and [w.word for w in got] == ["hi", "yo"]
+
+
+def test_closing_aligner_threads_waits_for_started_alignments_and_stops_the_threads():
+    """AlignerThreads.close: an alignment already started finishes (its future answered), and the
+    threads are gone afterwards, not left idle for the rest of the process."""
+    vocab = {" ": 1, "h": 2, "i": 3, "y": 4, "o": 5}
+    frames = [0, 2, 2, 3, 0, 1, 0, 4, 4, 5, 0, 0]
+    log_probs = posteriors(frames, 6)
+    ran_on: list[threading.Thread] = []
+
+    def ready() -> None:
+        ran_on.append(threading.current_thread())
+        time.sleep(0.2)  # still aligning when close() is called
+
+    threads = ctc_align.AlignerThreads()
+    future = align_words_soon("hi yo", log_probs, vocab.get, 0.02, ready=ready, threads=threads)
+    threads.close()
+    assert future.done() and future.result() == align_words("hi yo", log_probs, vocab.get, 0.02)
+    assert len(ran_on) == 1 and not ran_on[0].is_alive()

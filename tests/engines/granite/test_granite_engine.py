@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -1056,6 +1057,25 @@ def test_long_decoded_finals_align_as_they_are_detokenised_to_the_same_words(tin
     soon = eng.transcribe_batch(requests)
     assert started == [r.text for r in soon if r.text]
     assert [(r.text, r.words, r.confidence) for r in soon] == [(r.text, r.words, r.confidence) for r in later]
+
+
+def test_closing_the_engine_stops_its_word_aligner_threads(tiny, monkeypatch):
+    """The word aligner's threads belong to the engine: it aligns on threads of its own, and its
+    close() stops them instead of leaving them to the process."""
+    import stream_server.engines.granite.engine as engine_module
+
+    def aligner_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("ctc-align")}
+
+    monkeypatch.setattr(engine_module, "ALIGN_SOON_CELLS", 0)  # every timed final aligns on the threads
+    eng = make_engine(tiny, speculative=False)
+    before = aligner_threads()
+    results = eng.transcribe_batch([req(tone(1.1, 350.0, 20), "final", 0), req(tone(1.6, 900.0, 22), "final", 1)])
+    assert any(r.words for r in results)
+    own = aligner_threads() - before
+    assert own
+    eng.close()
+    assert not any(t.is_alive() for t in own)
 
 
 @pytest.mark.parametrize("backend", ["generate", "loop"])
