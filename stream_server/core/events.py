@@ -220,7 +220,8 @@ def check_int(label: str, value: Any, limits: ProtocolLimits) -> int:
 
 
 def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    # Python ints are exact and always finite; math.isfinite would overflow on a 400-digit one.
+    return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)))
 
 
 def _is_language_code(value: str) -> bool:

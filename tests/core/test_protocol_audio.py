@@ -78,6 +78,10 @@ def test_audio_format_defaults_and_values():
         ({"keywords": [f"k{i}" for i in range(101)]}, "at most"),
         ({"partials": "sometimes"}, "partials"),
         ({"partial_interval": 0.01}, "partial_interval"),
+        # A 400-digit integer is valid JSON; it must be refused by range, not crash a float check.
+        ({"partial_interval": 10**400}, "partial_interval"),
+        ({"vad": {"max_utterance_s": 10**400}}, "max_utterance_s"),
+        ({"vad": {"silence_ms": 10**400}}, "vad"),
         ({"vad": {"silence_ms": 10}}, "vad"),
         ({"vad": {"aggressiveness": 9}}, "vad"),
         ({"vad": {"max_utterance_s": 500}}, "max_utterance_s"),
