@@ -19,10 +19,10 @@ import os
 import ssl
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import prometheus_client
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -102,8 +102,8 @@ class LimitsSettings:
         max_sessions: concurrent sessions (WebSocket or file request); more are refused with HTTP 503.
         max_sessions_per_ip: concurrent sessions from one client address; more get HTTP 429.
         max_frame_bytes, max_utterance_s, max_session_s: per-session bounds. Sessions read them from
-            :attr:`ServerSettings.session` (a :class:`SessionSettings`, whose defaults these are), which
-            ``stream_server.cli.server_settings`` builds from this section.
+            :attr:`ServerSettings.session` (a :class:`SessionSettings`, whose defaults these are);
+            :class:`ServerSettings` makes the two agree (see its ``__post_init__``).
         max_upload_bytes: largest file body ``POST /v1/audio/transcriptions`` accepts (HTTP 413 beyond).
         max_upload_audio_s: longest decoded audio of such a file (HTTP 413 beyond); 0 for no limit
             but ``session.max_session_s``.
@@ -172,6 +172,39 @@ class ServerSettings:
     burst_s: float = 10.0
     reuse_port: bool = False
     handshake_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        # The per-session bounds are written in two places: the ``limits`` section (what a user
+        # sets) and ``session`` (what each session reads). A bound set in only one of them is
+        # copied to the other, so setting it in either takes effect; set differently in both is
+        # refused, since honouring one would silently ignore the other.
+        session, limits = self.session, self.limits
+        pairs = (  # (name, in limits, its default, in session, its default)
+            ("max_frame_bytes", limits.max_frame_bytes, LimitsSettings.max_frame_bytes,
+             session.max_frame_bytes, SessionSettings.max_frame_bytes),
+            ("max_utterance_s", limits.max_utterance_s, LimitsSettings.max_utterance_s,
+             session.limits.max_utterance_s, ProtocolLimits.max_utterance_s),
+            ("max_session_s", limits.max_session_s, LimitsSettings.max_session_s,
+             session.max_session_s, SessionSettings.max_session_s),
+        )
+        agreed: dict[str, Any] = {}
+        for name, in_limits, limits_default, in_session, session_default in pairs:
+            if in_limits == in_session:
+                continue
+            if in_session == session_default:
+                agreed[name] = in_limits
+            elif in_limits == limits_default:
+                agreed[name] = in_session
+            else:
+                raise ValueError(f"limits.{name}={in_limits!r} and session.{name}={in_session!r} disagree; "
+                                 "set the bound in one of them")
+        if not agreed:
+            return
+        self.limits = replace(limits, **agreed)
+        session_fields = {k: v for k, v in agreed.items() if k != "max_utterance_s"}
+        if "max_utterance_s" in agreed:
+            session_fields["limits"] = replace(session.limits, max_utterance_s=agreed["max_utterance_s"])
+        self.session = replace(session, **session_fields)
 
 
 class _Metrics:

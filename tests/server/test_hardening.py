@@ -80,9 +80,13 @@ async def test_idle_session_is_finalized_and_closed():
     assert ws.close_code == 1001
 
 
-async def test_session_length_limit_ends_the_stream_with_its_finals():
+@pytest.mark.parametrize("where", ["limits", "session"])
+async def test_session_length_limit_ends_the_stream_with_its_finals(where):
+    # The bound works set in the limits section (what a user sets) or in the session settings.
     engine = CountingEngine()
-    settings = ServerSettings(network=NetworkSettings(port=0), session=SessionSettings(max_session_s=2.0))
+    bound = {"limits": LimitsSettings(max_session_s=2.0)} if where == "limits" else {
+        "session": SessionSettings(max_session_s=2.0)}
+    settings = ServerSettings(network=NetworkSettings(port=0), **bound)
     async with StreamServer(engine, settings) as server:
         async with connect(server.url) as ws:
             await ws.send(json.dumps({"type": "start", "partials": False}))
@@ -92,6 +96,13 @@ async def test_session_length_limit_ends_the_stream_with_its_finals():
     assert any(e.get("code") == "session_limit" for e in events)
     assert [e["type"] for e in events if e["type"] in ("final", "end")] == ["final", "end"]
     assert ws.close_code == 1008
+
+
+def test_per_session_bounds_set_differently_in_limits_and_session_are_refused():
+    settings = ServerSettings(limits=LimitsSettings(max_frame_bytes=4096, max_utterance_s=12.0))
+    assert (settings.session.max_frame_bytes, settings.session.limits.max_utterance_s) == (4096, 12.0)
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        ServerSettings(limits=LimitsSettings(max_frame_bytes=4096), session=SessionSettings(max_frame_bytes=2048))
 
 
 async def test_faster_than_real_time_audio_is_throttled_not_dropped():
