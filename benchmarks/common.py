@@ -68,7 +68,9 @@ def session_audio(plan) -> "np.ndarray":
 def count_drops(engine, logs: Sequence, offline: dict[str, str]) -> dict:
     """Words of the offline decode (``offline``: clip id -> text) that the streaming finals of the
     stream ``logs`` drop or change, per cause (:func:`benchmarks.scoring.attribute_drops`):
-    :func:`benchmarks.scoring.summarize_drops` plus ``clips_detail`` (per clip, with examples).
+    :func:`benchmarks.scoring.summarize_drops` plus ``clips_detail`` (per clip, with examples), and
+    per cause how many of them the offline decode had right against the clip's reference
+    (``right_by_cause``).
 
     Each final's audio is decoded again alone by ``engine``, nothing forced (what the server decoded
     before joining it to the stable words; a piece after a cut with the text before it, as the
@@ -95,7 +97,7 @@ def count_drops(engine, logs: Sequence, offline: dict[str, str]) -> dict:
             trace.loop_guard = engine.stats().get("repetition_retries", 0) > before
         for k, planned in enumerate(slog.plan.clips):
             drops = scoring.attribute_drops(offline.get(planned.clip.id, ""), traces.get(k, []),
-                                            planned.clip.language)
+                                            planned.clip.language, truth=planned.clip.text)
             per_clip.append({"clip_id": planned.clip.id, **drops})
     summary = scoring.summarize_drops(per_clip)
     summary["clips_detail"] = per_clip

@@ -170,7 +170,9 @@ def format_table(results: dict) -> str:
         d = r["dropped_words"]
         rows.append("| " + " | ".join([
             name, f"{100 * r['wer']:.2f} %", f"{100 * r['offline_wer']:.2f} %", str(r["ratio"]),
-            f"{d['dropped']} ({d['offline_words']})", *(str(d["by_cause"][c]) for c in DROP_CAUSES),
+            # n/r: r of the n dropped words were right in the offline decode (against the reference)
+            f"{d['dropped']}/{sum(d['right_by_cause'].values())} ({d['offline_words']})",
+            *(f"{d['by_cause'][c]}/{d['right_by_cause'][c]}" for c in DROP_CAUSES),
             str(r["stable_at_last_partial"]), str(r["stable_revisions"])]) + " |")
     return "\n".join(rows)
 

@@ -399,24 +399,34 @@ def _locate(lengths: list[int], j: int) -> tuple[int, int]:
     return max(0, len(lengths) - 1), lengths[-1] if lengths else 0
 
 
-def attribute_drops(offline: str, utterances: Sequence[UtteranceTrace], language: str | None = "en") -> dict:
+def attribute_drops(offline: str, utterances: Sequence[UtteranceTrace], language: str | None = "en",
+                    truth: str | None = None) -> dict:
     """Count the words of ``offline`` that the streaming finals of ``utterances`` drop or change,
     per cause in :data:`DROP_CAUSES` (each such word counts once). Needs ``free`` on each trace.
 
+    Args:
+        truth: the clip's reference transcript, when known: each dropped word is then also marked
+            right or wrong in the offline decode (aligned to the reference), because a streaming
+            final that "drops" a word the offline decode misheard ("start" for "star") has lost
+            nothing the speaker said.
+
     Returns:
         ``{"offline_words", "dropped", "by_cause": {cause: n}, "examples": [...]}``; ``dropped`` is
-        the sum of ``by_cause``.
+        the sum of ``by_cause``. With ``truth``, also ``right_by_cause`` (the dropped words the
+        offline decode had right) and ``offline_right`` on each example.
     """
     from granite_stream_testing.textnorm import normalizer_for
 
     norm = normalizer_for(language)
     reference = norm(offline).split()
+    right = _hits(reference, norm(truth).split())[0] if truth is not None else None
     finals = [norm(u.final).split() for u in utterances]
     frees = [norm(u.free if u.free is not None else u.final).split() for u in utterances]
     stables = [min(len(norm(u.stable).split()), len(f)) for u, f in zip(utterances, finals)]
     hit_final, at_final = _hits(reference, [w for f in finals for w in f])
     hit_free, at_free = _hits(reference, [w for f in frees for w in f])
     by_cause = {c: 0 for c in DROP_CAUSES}
+    right_by_cause = {c: 0 for c in DROP_CAUSES}
     examples = []
     for i, word in enumerate(reference):
         if hit_final[i]:
@@ -439,14 +449,25 @@ def attribute_drops(offline: str, utterances: Sequence[UtteranceTrace], language
             else:
                 cause = "decode"
         by_cause[cause] += 1
-        examples.append({"word": word, "cause": cause, "context": " ".join(reference[max(0, i - 3): i + 4])})
-    return {"offline_words": len(reference), "dropped": sum(by_cause.values()), "by_cause": by_cause,
-            "examples": examples}
+        example: dict[str, object] = {"word": word, "cause": cause,
+                                      "context": " ".join(reference[max(0, i - 3): i + 4])}
+        if right is not None:
+            example["offline_right"] = right[i]
+            right_by_cause[cause] += right[i]
+        examples.append(example)
+    out = {"offline_words": len(reference), "dropped": sum(by_cause.values()), "by_cause": by_cause,
+           "examples": examples}
+    if right is not None:
+        out["right_by_cause"] = right_by_cause
+    return out
 
 
 def summarize_drops(per_clip: Iterable[dict]) -> dict:
-    """Totals of :func:`attribute_drops` over clips."""
+    """Totals of :func:`attribute_drops` over clips (``right_by_cause`` when every clip has it)."""
     per_clip = list(per_clip)
     by_cause = {c: sum(d["by_cause"][c] for d in per_clip) for c in DROP_CAUSES}
-    return {"clips": len(per_clip), "offline_words": sum(d["offline_words"] for d in per_clip),
-            "dropped": sum(by_cause.values()), "by_cause": by_cause}
+    out = {"clips": len(per_clip), "offline_words": sum(d["offline_words"] for d in per_clip),
+           "dropped": sum(by_cause.values()), "by_cause": by_cause}
+    if per_clip and all("right_by_cause" in d for d in per_clip):
+        out["right_by_cause"] = {c: sum(d["right_by_cause"][c] for d in per_clip) for c in DROP_CAUSES}
+    return out

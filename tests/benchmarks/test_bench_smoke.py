@@ -58,6 +58,10 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
     assert drops["clips"] == 2 and drops["offline_words"] > 10
     assert drops["dropped"] == sum(drops["by_cause"].values()) == sum(c["dropped"] for c in drops["clips_detail"])
     assert "dropped_words_stable_or_splice" in results["targets"]
+    # ... and of them, those the offline decode had right against the reference (what the target counts).
+    right = drops["right_by_cause"]
+    assert all(0 <= right[c] <= drops["by_cause"][c] for c in drops["by_cause"])
+    assert "dropped_right_words_stable_or_splice" in results["targets"]
 
     system = results["sweep"]["systems"]["granite-stream"]
     level = system["levels"][0]

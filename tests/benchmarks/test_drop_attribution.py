@@ -46,3 +46,16 @@ def test_segmentation_causes_come_from_the_free_decode():
 def test_nothing_dropped_when_the_finals_say_it_all():
     out = attribute_drops("Go forward ten meters.", [trace(0, "go forward 10 meters", stable="go forward")])
     assert out["dropped"] == 0 and out["offline_words"] == 4
+
+
+def test_a_dropped_word_the_offline_decode_misheard_is_marked_not_right():
+    # Stable "star" is what the speaker said; the offline decode's "start" was the mishearing.
+    final = trace(0, "Press star to toggle pause", stable="Press star to toggle", free="Press start to toggle pause")
+    misheard = attribute_drops("press start to toggle pause", [final], truth="press * to toggle pause")
+    assert misheard["by_cause"]["stable"] == 1 and misheard["right_by_cause"]["stable"] == 0
+    assert misheard["examples"] == [{"word": "start", "cause": "stable", "context": "press start to toggle pause",
+                                     "offline_right": False}]
+    # The same streaming final against a reference that says "start": a word the speaker said, lost.
+    lost = attribute_drops("press start to toggle pause", [final], truth="Press start to toggle pause.")
+    assert lost["right_by_cause"]["stable"] == 1
+    assert "right_by_cause" not in attribute_drops("press start to toggle pause", [final])
