@@ -27,11 +27,11 @@ from typing import Sequence
 from granite_stream_testing import datasets
 from granite_stream_testing.datasets import Clip
 
-from .common import count_drops, csv_list, engine_options, offline_engine, pause_range
+from .common import (BUILTIN_SETS, add_clip_options, add_engine_options, add_send_options, count_drops, csv_list,
+                     engine_options, offline_engine)
 
 log = logging.getLogger("granite_stream.bench")
 
-BUILTIN_SETS = ("asterisk-en", "asterisk-es", "asterisk-fr", "librivox", "stress-en")
 SCHEMA = "granite-stream-bench/1"
 
 
@@ -53,13 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                "`granite-stream bench install-peers` installs WhisperLive 0.10.0 for --peers whisperlive.",
     )
     data = p.add_argument_group("data")
-    data.add_argument("--sets", type=csv_list, default=["asterisk-en", "librivox", "stress-en"],
-                      help=f"built-in dev sets, comma-separated ({', '.join(BUILTIN_SETS)}; stress-en: dev "
-                           "phrases joined by short pauses into 12-29 s monologues); '' for none")
+    add_clip_options(data)
     data.add_argument("--manifest", type=Path, action="append", default=[],
                       help="a JSON Lines manifest of your own clips (granite_stream_testing.datasets format); repeatable")
-    data.add_argument("--limit", type=int, default=0, help="use at most this many clips per set (0: all)")
-    data.add_argument("--seed", type=int, default=0, help="seed for pauses and clip order")
 
     server = p.add_argument_group("server under test")
     server.add_argument("--url", default=None,
@@ -67,10 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--server", choices=("inprocess", "subprocess"), default="inprocess",
                         help="inprocess: engine and server on the load generator's event loop (one process); "
                              "subprocess: `granite-stream serve` in a child process (CPU/RSS of the server alone)")
-    server.add_argument("--engine", default="whisper", choices=("auto", "whisper", "granite"))
-    server.add_argument("--model", default=None, help="engine model (whisper: tiny.en [default], base, or a CT2 dir)")
-    server.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    server.add_argument("--cpu-threads", type=int, default=2, help="engine CPU threads")
+    add_engine_options(server)
     server.add_argument("--max-batch", type=int, default=8)
     server.add_argument("--early-final-ms", type=float, default=200.0,
                         help="server's early finals: decode at this much pause (0: only at the VAD's end of speech)")
@@ -82,13 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     load = p.add_argument_group("load generator")
     load.add_argument("--speed", type=float, default=1.0, help="replay at this multiple of real time")
-    load.add_argument("--frame-ms", type=float, default=40.0, help="audio per WebSocket frame (20–100 ms)")
-    load.add_argument("--pause", type=pause_range, default=(1.0, 2.0), help="silence between utterances: MIN,MAX seconds")
-    load.add_argument("--send-rate", default="native",
-                      help="'native' sends each clip at its own rate (8 kHz for asterisk), or a rate in Hz to resample")
+    add_send_options(load)
     load.add_argument("--no-partials", action="store_true", help="ask the server for finals only")
-    load.add_argument("--partial-interval", type=float, default=None,
-                      help="ask for a partial every this many seconds of audio (protocol field; server default 0.5)")
 
     stages = p.add_argument_group("stages")
     stages.add_argument("--accuracy-streams", type=int, default=4,

@@ -12,6 +12,38 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+BUILTIN_SETS = ("asterisk-en", "asterisk-es", "asterisk-fr", "librivox", "stress-en")
+DEFAULT_SETS = ["asterisk-en", "librivox", "stress-en"]
+
+
+def add_clip_options(group) -> None:
+    """Which clips a pass plays: ``--sets``, ``--limit``, ``--seed`` (an argparse parser or group)."""
+    group.add_argument("--sets", type=csv_list, default=DEFAULT_SETS,
+                       help=f"built-in dev sets, comma-separated ({', '.join(BUILTIN_SETS)}; stress-en: dev "
+                            "phrases joined by short pauses into 12-29 s monologues); '' for none")
+    group.add_argument("--limit", type=int, default=0, help="use at most this many clips per set (0: all)")
+    group.add_argument("--seed", type=int, default=0, help="seed for pauses and clip order")
+
+
+def add_engine_options(group) -> None:
+    """The engine under test: ``--engine``, ``--model``, ``--device``, ``--cpu-threads``."""
+    group.add_argument("--engine", default="whisper", choices=("auto", "whisper", "granite"))
+    group.add_argument("--model", default=None, help="engine model (whisper: tiny.en [default], base, or a CT2 dir)")
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    group.add_argument("--cpu-threads", type=int, default=2, help="engine CPU threads")
+
+
+def add_send_options(group) -> None:
+    """How a client sends a stream: ``--frame-ms``, ``--pause``, ``--send-rate``, ``--partial-interval``."""
+    group.add_argument("--frame-ms", type=float, default=40.0, help="audio per WebSocket frame (20–100 ms)")
+    group.add_argument("--pause", type=pause_range, default=(1.0, 2.0),
+                       help="silence between utterances: MIN,MAX seconds")
+    group.add_argument("--send-rate", default="native",
+                       help="'native' sends each clip at its own rate (8 kHz for asterisk), or a rate in Hz to resample")
+    group.add_argument("--partial-interval", type=float, default=None,
+                       help="ask for a partial every this many seconds of audio (protocol field; server default 0.5)")
+
+
 def csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 

@@ -33,7 +33,6 @@ from typing import Sequence
 
 from granite_stream_testing.datasets import Clip
 
-DEFAULT_SETS = ["asterisk-en", "librivox", "stress-en"]
 
 
 def _cached_engine(engine):
@@ -178,7 +177,7 @@ def format_table(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .common import csv_list, pause_range
+    from .common import add_clip_options, add_engine_options, add_send_options
 
     p = argparse.ArgumentParser(
         prog="granite-stream bench replay",
@@ -186,19 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(no sockets, no clock; every request decoded at once): streaming vs offline WER and dropped "
                     "words per cause, deterministic.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sets", type=csv_list, default=DEFAULT_SETS, help="built-in dev sets, comma-separated")
-    p.add_argument("--limit", type=int, default=0, help="use at most this many clips per set (0: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the pauses (as the bench's)")
-    p.add_argument("--pause", type=pause_range, default=(1.0, 2.0), help="silence between clips: MIN,MAX seconds")
-    p.add_argument("--send-rate", default="native", help="'native' or a rate in Hz (as the bench's)")
-    p.add_argument("--frame-ms", type=float, default=40.0, help="audio per frame handed to the session")
+    add_clip_options(p)
+    add_send_options(p)
     p.add_argument("--partials", action=argparse.BooleanOptionalAction, default=True,
                    help="ask for partials (stable words, reconcile) or finals only")
-    p.add_argument("--partial-interval", type=float, default=None, help="partial cadence (protocol field)")
-    p.add_argument("--engine", default="whisper", choices=("auto", "whisper", "granite"))
-    p.add_argument("--model", default=None)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--cpu-threads", type=int, default=2)
+    add_engine_options(p)
     p.add_argument("--out", type=Path, default=None, help="write the results (JSON) here")
     return p
 
