@@ -442,8 +442,14 @@ class WhisperEngine(Engine):
         if ids[: len(prefix_ids)] == prefix_ids:
             # CTranslate2 returns the forced prefix as part of the sequence.
             ids = ids[len(prefix_ids) :]
-        continuation = tokenizer.decode(ids).strip()
-        text = f"{prefix} {continuation}".strip() if prefix else continuation
+        continuation = tokenizer.decode(ids)
+        if prefix and continuation[:1] and not continuation[:1].isspace() and not continuation[:1].isalnum():
+            # The first token joins the prefix's last word (BPE tokens carry their own leading
+            # space): "Go forward 10 meters" + "." is "meters.", not "meters .". Only punctuation
+            # joins, so a forced (stable) word is never changed into another word.
+            text = prefix + continuation.strip()
+        else:
+            text = f"{prefix} {continuation.strip()}".strip() if prefix else continuation.strip()
         return " ".join(text.split())
 
     def _languages(self, requests: Sequence[InferenceRequest], encoded) -> list[str]:

@@ -40,6 +40,18 @@ def test_batch_matches_one_by_one_and_prefix_is_kept(whisper_engine, librivox_cl
 
 
 @pytest.mark.slow
+def test_punctuation_after_a_forced_prefix_joins_its_last_word(whisper_engine, goforward):
+    # A partial forces the stable words as its prefix; the period the model says next belongs to
+    # the last of them ("meters.", not "meters ."), and a stable word is never changed.
+    audio, _ = read_audio(goforward)
+    free = whisper_engine.transcribe_batch([InferenceRequest("s", 0, "final", audio)])[0].text
+    assert free.endswith("meters."), free
+    for kind in ("partial", "final"):
+        forced = InferenceRequest("s", 0, kind, audio, prefix=free[:-1])
+        assert whisper_engine.transcribe_batch([forced])[0].text == free
+
+
+@pytest.mark.slow
 def test_keywords_do_not_make_whisper_loop(whisper_engine, goforward):
     audio, _ = read_audio(goforward)
     audio = np.concatenate([np.zeros(8000, np.float32), audio])
