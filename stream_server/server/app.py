@@ -196,7 +196,8 @@ class ServerSettings:
             elif in_limits == limits_default:
                 agreed[name] = in_session
             else:
-                raise ValueError(f"limits.{name}={in_limits!r} and session.{name}={in_session!r} disagree; "
+                where = "session.limits" if name == "max_utterance_s" else "session"
+                raise ValueError(f"limits.{name}={in_limits!r} and {where}.{name}={in_session!r} disagree; "
                                  "set the bound in one of them")
         if not agreed:
             return
