@@ -44,7 +44,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a finite real number as JSON gives them (an int or float, not a bool).
+
+    The VAD's settings and the protocol's numeric fields check their values with it."""
     # Python ints are exact and always finite; math.isfinite would overflow on a 400-digit one.
     return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)))
 
@@ -105,9 +108,9 @@ class VadConfig:
         int_range("silence_ms", 100, 5000, " ms")
         int_range("pre_roll_ms", 0, 2000, " ms")
         int_range("post_roll_ms", 0, 2000, " ms")
-        if not _is_real(self.max_utterance_s) or not 1.0 <= self.max_utterance_s <= 120.0:
+        if not is_real(self.max_utterance_s) or not 1.0 <= self.max_utterance_s <= 120.0:
             problems.append(f"max_utterance_s must be a number in 1..120 s, got {self.max_utterance_s!r}")
-        if not _is_real(self.min_energy_dbfs) or not -120.0 <= self.min_energy_dbfs <= 0.0:
+        if not is_real(self.min_energy_dbfs) or not -120.0 <= self.min_energy_dbfs <= 0.0:
             problems.append(f"min_energy_dbfs must be a number in -120..0 dBFS, got {self.min_energy_dbfs!r}")
         if problems:
             raise ValueError("invalid VadConfig: " + "; ".join(problems))

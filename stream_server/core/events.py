@@ -14,11 +14,10 @@ resolution (:func:`~stream_server.core.protocol.round_time`). ``channel`` is set
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, Iterator, Literal, Mapping
 
-from vad import VadConfig
+from vad import VadConfig, is_real
 
 from stream_server.speakers.clustering import SpeakerTurn
 
@@ -196,13 +195,13 @@ def check_partials(label: str, value: Any, limits: ProtocolLimits) -> str | Lite
 
 
 def check_partial_interval(label: str, value: Any, limits: ProtocolLimits) -> float:
-    if not _is_number(value) or not 0.2 <= value <= 10.0:
+    if not is_real(value) or not 0.2 <= value <= 10.0:
         raise ValueError(f"{label} must be a number of seconds in [0.2, 10], got {value!r}")
     return float(value)
 
 
 def check_max_utterance_s(label: str, value: Any, limits: ProtocolLimits) -> float:
-    if not _is_number(value) or not 1.0 <= value <= limits.max_utterance_s:
+    if not is_real(value) or not 1.0 <= value <= limits.max_utterance_s:
         raise ValueError(f"{label} must be a number in [1, {limits.max_utterance_s}], got {value!r}")
     return float(value)
 
@@ -217,11 +216,6 @@ def check_int(label: str, value: Any, limits: ProtocolLimits) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{label} must be an integer, got {value!r}")
     return value
-
-
-def _is_number(value: Any) -> bool:
-    # Python ints are exact and always finite; math.isfinite would overflow on a 400-digit one.
-    return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)))
 
 
 def _is_language_code(value: str) -> bool:
