@@ -120,15 +120,15 @@ def server_settings(config: ServeConfig, reuse_port: bool = False) -> "ServerSet
     """
     from stream_server.server.app import ServerSettings
 
-    limits = config.limits
+    # The limits section's per-session bounds reach the sessions through ServerSettings, which
+    # copies them into ``session``.
     session = SessionSettings(
-        limits=ProtocolLimits(max_utterance_s=limits.max_utterance_s), max_frame_bytes=limits.max_frame_bytes,
-        max_session_s=limits.max_session_s, early_final_s=config.session.early_final_ms / 1000.0,
+        early_final_s=config.session.early_final_ms / 1000.0,
         refresh_waiting_partials=config.session.partial_refresh == "on",
         stable_agreement_s=config.session.stable_agreement_s, speakers=config.speakers,
     )
     return ServerSettings(
-        network=config.network, limits=limits, security=config.security, memory=config.memory, session=session,
+        network=config.network, limits=config.limits, security=config.security, memory=config.memory, session=session,
         logging=config.logging, worker=config.worker, access=config.security.access_policy(), reuse_port=reuse_port,
     )
 
