@@ -301,10 +301,6 @@ class AlignerThreads:
             return self._executor
 
 
-#: The threads of callers that own none (scripts, benchmarks): started on first use, released by
-#: its ``close()``. The Granite engine owns its own, released by the engine's ``close()``.
-SHARED_THREADS = AlignerThreads()
-
 
 def align_words_many(
     finals: Sequence[tuple[str, np.ndarray]],
@@ -312,7 +308,7 @@ def align_words_many(
     frame_s: float,
     blank: int = 0,
     *,
-    threads: AlignerThreads = SHARED_THREADS,
+    threads: AlignerThreads,
 ) -> list[tuple[Word, ...] | None]:
     """:func:`align_words` of several finals (``(text, log_probs)`` each), in order.
 
@@ -337,7 +333,7 @@ def align_words_soon(
     blank: int = 0,
     ready: Callable[[], object] | None = None,
     *,
-    threads: AlignerThreads = SHARED_THREADS,
+    threads: AlignerThreads,
 ) -> Future[tuple[Word, ...] | None]:
     """:func:`align_words` started now on ``threads``, for a caller with other work to do meanwhile
     (Granite: a final whose text is known before the batch's LLM decode).

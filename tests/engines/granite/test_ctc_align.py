@@ -175,7 +175,11 @@ def test_a_batch_of_finals_gets_each_final_its_own_words_in_order(threaded, monk
     finals.append(("??", posteriors([0, 1], 6)))  # no word can be placed
     expected = [align_words(text, log_probs, vocab.get, 0.02) for text, log_probs in finals]
     assert expected[-1] is None and len(expected[-2]) == 12
-    assert align_words_many(finals, vocab.get, 0.02) == expected
+    threads = ctc_align.AlignerThreads()
+    try:
+        assert align_words_many(finals, vocab.get, 0.02, threads=threads) == expected
+    finally:
+        threads.close()
 
 
 def test_a_final_aligned_soon_waits_for_its_posteriors_and_gets_the_same_words():
@@ -189,7 +193,11 @@ def test_a_final_aligned_soon_waits_for_its_posteriors_and_gets_the_same_words()
     def ready() -> None:
         buffer[:] = filled
 
-    got = align_words_soon("hi yo", buffer, vocab.get, 0.02, ready=ready).result(timeout=10)
+    threads = ctc_align.AlignerThreads()
+    try:
+        got = align_words_soon("hi yo", buffer, vocab.get, 0.02, ready=ready, threads=threads).result(timeout=10)
+    finally:
+        threads.close()
     assert got == align_words("hi yo", filled, vocab.get, 0.02)
     assert got is not None and [w.word for w in got] == ["hi", "yo"]
 
