@@ -10,6 +10,10 @@ from pathlib import Path
 from .scoring import as_float
 
 SECONDARY_BOUNDS = (1.5, 2.0, 3.0, 5.0, 10.0)
+
+WER_RATIO_TARGET = 1.05
+"""Streaming finals' WER over the engine's offline WER of the same clips, on every set (issue #16;
+the first benchmark's target was 1.03)."""
 """Further p95-final bounds (s) the sweep's levels are read against (``sustained_at_bounds``)."""
 
 
@@ -256,7 +260,8 @@ def add_comparisons(results: dict) -> None:
               if e.get("wer_ratio") and e["wer_ratio"].get("engine") is not None]
     if ratios:
         targets["wer_ratio_vs_engine_offline_max"] = max(ratios)
-        targets["wer_ratio_target_met"] = max(ratios) <= 1.03
+        targets["wer_ratio_target"] = WER_RATIO_TARGET
+        targets["wer_ratio_target_met"] = max(ratios) <= WER_RATIO_TARGET
     drops = [e["dropped_words"] for e in results["sets"].values() if e.get("dropped_words")]
     if drops:
         streaming_path = sum(d["by_cause"]["stable"] + d["by_cause"]["splice"] for d in drops)
