@@ -3,6 +3,6 @@
 See :mod:`vad.segmenter` for the event contract.
 """
 
-from .segmenter import SpeechEnded, SpeechStarted, VadConfig, VadEvent, VadSegmenter, is_real
+from .segmenter import SpeechEnded, SpeechStarted, VadConfig, VadEvent, VadSegmenter, brief, is_real
 
-__all__ = ["SpeechEnded", "SpeechStarted", "VadConfig", "VadEvent", "VadSegmenter", "is_real"]
+__all__ = ["SpeechEnded", "SpeechStarted", "VadConfig", "VadEvent", "VadSegmenter", "brief", "is_real"]

@@ -44,6 +44,13 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def brief(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages that quote what a client
+    sent: a 400-digit number or a 10 kB string is named, not echoed back whole."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[:limit]}… ({len(shown)} characters)"
+
+
 def is_real(value: object) -> bool:
     """Whether ``value`` is a finite real number as JSON gives them (an int or float, not a bool).
 
@@ -97,21 +104,21 @@ class VadConfig:
         def int_range(name: str, lo: int, hi: int, unit: str = "") -> None:
             value = getattr(self, name)
             if not _is_int(value) or not lo <= value <= hi:
-                problems.append(f"{name} must be an integer in {lo}..{hi}{unit}, got {value!r}")
+                problems.append(f"{name} must be an integer in {lo}..{hi}{unit}, got {brief(value)}")
 
         int_range("aggressiveness", 0, 3, " (webrtcvad mode)")
         if not _is_int(self.frame_ms) or self.frame_ms not in (10, 20, 30):
             problems.append(
-                f"frame_ms must be 10, 20 or 30 (the frame sizes webrtcvad accepts), got {self.frame_ms!r}"
+                f"frame_ms must be 10, 20 or 30 (the frame sizes webrtcvad accepts), got {brief(self.frame_ms)}"
             )
         int_range("start_ms", 0, 2000, " ms")
         int_range("silence_ms", 100, 5000, " ms")
         int_range("pre_roll_ms", 0, 2000, " ms")
         int_range("post_roll_ms", 0, 2000, " ms")
         if not is_real(self.max_utterance_s) or not 1.0 <= self.max_utterance_s <= 120.0:
-            problems.append(f"max_utterance_s must be a number in 1..120 s, got {self.max_utterance_s!r}")
+            problems.append(f"max_utterance_s must be a number in 1..120 s, got {brief(self.max_utterance_s)}")
         if not is_real(self.min_energy_dbfs) or not -120.0 <= self.min_energy_dbfs <= 0.0:
-            problems.append(f"min_energy_dbfs must be a number in -120..0 dBFS, got {self.min_energy_dbfs!r}")
+            problems.append(f"min_energy_dbfs must be a number in -120..0 dBFS, got {brief(self.min_energy_dbfs)}")
         if problems:
             raise ValueError("invalid VadConfig: " + "; ".join(problems))
 

@@ -17,7 +17,7 @@ import enum
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, Iterator, Literal, Mapping
 
-from vad import VadConfig, is_real
+from vad import VadConfig, brief, is_real
 
 from stream_server.speakers.clustering import SpeakerTurn
 
@@ -154,13 +154,13 @@ def wire_value(f: Field, value: Any) -> Any:
 
 def check_task(label: str, value: Any, limits: ProtocolLimits) -> str:
     if not isinstance(value, str) or value not in TASKS:
-        raise ValueError(f"{label} must be one of {list(TASKS)}, got {value!r}")
+        raise ValueError(f"{label} must be one of {list(TASKS)}, got {brief(value)}")
     return value
 
 
 def check_language(label: str, value: Any, limits: ProtocolLimits) -> str | None:
     if value is not None and (not isinstance(value, str) or not _is_language_code(value)):
-        raise ValueError(f"{label} must be a language code such as \"en\" or null, got {value!r}")
+        raise ValueError(f"{label} must be a language code such as \"en\" or null, got {brief(value)}")
     return value.lower() if isinstance(value, str) else None
 
 
@@ -190,31 +190,31 @@ def check_partials(label: str, value: Any, limits: ProtocolLimits) -> str | Lite
     """``True`` is the ``"llm"`` mode."""
     mode = "llm" if value is True else value
     if mode is not False and mode not in ("llm", "ctc"):
-        raise ValueError(f"{label} must be true, false, \"llm\" or \"ctc\", got {value!r}")
+        raise ValueError(f"{label} must be true, false, \"llm\" or \"ctc\", got {brief(value)}")
     return mode
 
 
 def check_partial_interval(label: str, value: Any, limits: ProtocolLimits) -> float:
     if not is_real(value) or not 0.2 <= value <= 10.0:
-        raise ValueError(f"{label} must be a number of seconds in [0.2, 10], got {value!r}")
+        raise ValueError(f"{label} must be a number of seconds in [0.2, 10], got {brief(value)}")
     return float(value)
 
 
 def check_max_utterance_s(label: str, value: Any, limits: ProtocolLimits) -> float:
     if not is_real(value) or not 1.0 <= value <= limits.max_utterance_s:
-        raise ValueError(f"{label} must be a number in [1, {limits.max_utterance_s}], got {value!r}")
+        raise ValueError(f"{label} must be a number in [1, {limits.max_utterance_s}], got {brief(value)}")
     return float(value)
 
 
 def check_bool(label: str, value: Any, limits: ProtocolLimits) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{label} must be true or false, got {value!r}")
+        raise ValueError(f"{label} must be true or false, got {brief(value)}")
     return value
 
 
 def check_int(label: str, value: Any, limits: ProtocolLimits) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{label} must be an integer, got {value!r}")
+        raise ValueError(f"{label} must be an integer, got {brief(value)}")
     return value
 
 

@@ -12,6 +12,8 @@ import json
 from dataclasses import fields, replace
 from typing import Any
 
+from vad import brief
+
 # re-exported: the version, the tasks and the limits are part of the protocol
 from stream_server.core.events import PROTOCOL_VERSION as PROTOCOL_VERSION
 from stream_server.core.events import TASKS as TASKS
@@ -126,7 +128,7 @@ def parse_command(text: str | bytes, limits: ProtocolLimits = ProtocolLimits()) 
     if kind == "start":
         multichannel = message.pop("multichannel", None)
         if multichannel is not None and not isinstance(multichannel, bool):
-            raise ProtocolError(BAD_CONFIG, f"multichannel must be true or false, got {multichannel!r}")
+            raise ProtocolError(BAD_CONFIG, f"multichannel must be true or false, got {brief(multichannel)}")
         return parse_start(_audio_fields(message.pop("audio", None)), message, multichannel, limits)
     if kind == "configure":
         try:
@@ -184,7 +186,7 @@ def _audio_fields(obj: Any) -> AudioFormat:
     _reject_unknown(obj, _AUDIO_FIELDS, "audio")
     encoding = obj.get("encoding", "pcm_s16le")
     if not isinstance(encoding, str):
-        raise ProtocolError(BAD_CONFIG, f"audio.encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
+        raise ProtocolError(BAD_CONFIG, f"audio.encoding must be one of {list(ENCODINGS)}, got {brief(encoding)}")
     rate = _int_field(obj, "sample_rate", 16_000, "audio.sample_rate")
     channels = _int_field(obj, "channels", 1, "audio.channels")
     return AudioFormat(encoding, rate, channels)
@@ -198,7 +200,7 @@ def check_audio_format(fmt: AudioFormat) -> AudioFormat:
     """
     encoding, rate, channels = fmt.encoding, fmt.sample_rate, fmt.channels
     if encoding not in ENCODINGS:
-        raise ProtocolError(BAD_CONFIG, f"audio.encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
+        raise ProtocolError(BAD_CONFIG, f"audio.encoding must be one of {list(ENCODINGS)}, got {brief(encoding)}")
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise ProtocolError(
             BAD_CONFIG, f"audio.sample_rate must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz, got {rate}"

@@ -94,6 +94,19 @@ def test_bad_config_fields_name_the_field(fields, fragment):
         _configure(fields, StreamConfig())
     assert info.value.code == "bad_config"
     assert fragment in info.value.message
+    # What the client sent is quoted, but a huge value is not echoed back whole.
+    assert len(info.value.message) < 300
+
+
+@pytest.mark.parametrize("fields", [
+    {"partial_interval": 10**400}, {"vad": {"silence_ms": 10**400}}, {"vad": {"max_utterance_s": -10**400}},
+    {"task": "x" * 10_000}, {"partials": "y" * 10_000},
+])
+def test_a_huge_bad_value_is_named_not_echoed(fields):
+    with pytest.raises(ProtocolError) as info:
+        _configure(fields, StreamConfig())
+    assert info.value.code == "bad_config"
+    assert "characters)" in info.value.message and len(info.value.message) < 300
 
 
 def _configure(fields: dict, base: StreamConfig) -> StreamConfig:
