@@ -14,8 +14,9 @@ Definitions (all wall-clock times are ``time.perf_counter`` in the load generato
 * **partial lag**: arrival of a partial minus the moment the audio up to its ``end`` had been
   sent.
 * **stable-text revisions** (granite protocol): a partial whose ``stable_text`` does not extend
-  the previous ``stable_text`` of the same utterance word for word, or a final whose text does
-  not start with the last ``stable_text``.
+  the previous ``stable_text`` of the same utterance, or a final whose text does not extend the
+  last ``stable_text`` (:func:`stream_server.core.stabilizer.extends`: word for word, except that the
+  last word may gain trailing punctuation).
 * **lag growth**: median final latency of the last third of the run's clips (by end time) minus
   that of the first third; a server that falls behind shows a positive, growing value.
 
@@ -39,6 +40,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .loadgen import StreamLog
+from stream_server.core.stabilizer import extends
 from granite_stream_testing.textnorm import wer_cer
 
 
@@ -85,10 +87,6 @@ def _assigner(slog: StreamLog):
     return assign
 
 
-def _words(text: str) -> list[str]:
-    return text.split()
-
-
 def _new_clip_results(slog: StreamLog) -> list[ClipResult]:
     out = []
     for pc in slog.plan.clips:
@@ -113,7 +111,7 @@ def score_granite(slog: StreamLog) -> StreamResult:
     for _, ev in slog.messages:
         if ev.get("type") in ("final", "error") and "utterance_id" in ev and "start" in ev:
             utterance_clip[ev["utterance_id"]] = assign(ev["start"], ev["end"])
-    stable: dict[int, list[str]] = {}
+    stable: dict[int, str] = {}
     texts: dict[int, list[str]] = {i: [] for i in range(len(clips))}
     stream_text: list[str] = []
     for t, ev in slog.messages:
@@ -123,9 +121,8 @@ def score_granite(slog: StreamLog) -> StreamResult:
             k = utterance_clip.setdefault(uid, assign(ev["start"], ev["end"]))
             result.partials += 1
             result.partial_lags.append(t - slog.sent_at(ev["end"]))
-            new = _words(ev.get("stable_text", ""))
-            old = stable.get(uid, [])
-            if new[: len(old)] != old:
+            new = ev.get("stable_text", "")
+            if not extends(stable.get(uid, ""), new):
                 clips[k].revisions += 1
                 result.revisions += 1
             stable[uid] = new
@@ -134,8 +131,7 @@ def score_granite(slog: StreamLog) -> StreamResult:
         elif kind == "final":
             uid = ev["utterance_id"]
             k = utterance_clip[uid]
-            old = stable.get(uid, [])
-            if _words(ev.get("text", ""))[: len(old)] != old:
+            if not extends(stable.get(uid, ""), ev.get("text", "")):
                 clips[k].revisions += 1
                 result.revisions += 1
             c = clips[k]

@@ -55,6 +55,25 @@ def reconcile(stable: list[str], words: list[str]) -> int:
     return min((j for j, cost in enumerate(row) if cost <= best + 1e-9), key=lambda j: (abs(j - len(a)), j))
 
 
+def _gains_punctuation(word: str, longer: str) -> bool:
+    """Whether ``longer`` is ``word`` followed by punctuation only ("3" and "3.")."""
+    rest = longer[len(word):]
+    return bool(rest) and longer.startswith(word) and all(unicodedata.category(ch)[0] == "P" for ch in rest)
+
+
+def extends(before: str, after: str) -> bool:
+    """Whether ``after`` keeps the published stable text ``before``: the same words in the same
+    order at its start, except that the last may have gained trailing punctuation ("dial 3" is
+    extended by "dial 3. To send", which is what the final says once it hears the sentence end).
+    ``after`` then also starts with ``before`` as a string, which is how the protocol states it."""
+    old, new = before.split(), after.split()
+    if not old:
+        return True
+    if len(new) < len(old) or new[: len(old) - 1] != old[:-1]:
+        return False
+    return new[len(old) - 1] == old[-1] or _gains_punctuation(old[-1], new[len(old) - 1])
+
+
 def drop_repeated_lead(before: str, text: str, most: int = 12) -> str:
     """``text`` without the leading words that repeat the end of ``before`` (case and punctuation
     aside): the longest such run of at most ``most`` words.
@@ -78,8 +97,9 @@ def drop_repeated_lead(before: str, text: str, most: int = 12) -> str:
 class PartialStabilizer:
     """Tracks one utterance's stable prefix.
 
-    Invariant: ``stable_words`` only grows, and every text returned by :meth:`update` or
-    :meth:`finish` starts with ``" ".join(stable_words)``.
+    Invariant: every ``stable_text`` is extended by the next one and by every text returned by
+    :meth:`update` or :meth:`finish` (:func:`extends`: its words, in order, of which only the last may
+    gain trailing punctuation, so each also starts with it as a string).
     """
 
     DEFAULT_MIN_SPAN_S = 3.0
@@ -132,9 +152,17 @@ class PartialStabilizer:
         words = text.split()
         n = len(self.stable_words)
         if self.agrees(text):
-            return self.stable_words + words[n:]
-        self.revisions += 1
-        return self.stable_words + words[reconcile(self.stable_words, words):]
+            covered = n
+        else:
+            self.revisions += 1
+            covered = reconcile(self.stable_words, words)
+        head = self.stable_words
+        if n and covered and _gains_punctuation(head[-1], words[covered - 1]):
+            # The last stable word, as the text says it with the punctuation after it: partials
+            # over a sentence still running on said "dial 3", the final says "dial 3. To send".
+            # A string extension, so the published text stands (see :func:`extends`).
+            head = head[:-1] + [words[covered - 1]]
+        return head + words[covered:]
 
     def update(self, hypothesis: str, audio_s: float | None = None) -> tuple[str, str]:
         """Take a new partial hypothesis.

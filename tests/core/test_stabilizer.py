@@ -6,9 +6,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_server.core.stabilizer import PartialStabilizer, reconcile
+from stream_server.core.stabilizer import PartialStabilizer, extends, reconcile
 
-WORDS = st.lists(st.sampled_from(["go", "Go,", "forward", "ten", "10", "meters.", "the", "a", "to", "do"]), max_size=8)
+WORDS = st.lists(st.sampled_from(["go", "Go,", "forward", "ten", "10", "meters", "meters.", "the", "a", "to", "do"]),
+                 max_size=8)
 
 
 @settings(max_examples=300, deadline=None)
@@ -16,9 +17,15 @@ WORDS = st.lists(st.sampled_from(["go", "Go,", "forward", "ten", "10", "meters."
 def test_a_final_keeps_the_stable_words_and_everything_after_what_they_stand_for(stable, final):
     stab = PartialStabilizer()
     stab.stable_words = list(stable)
-    text = stab.finish(" ".join(final)).split()
+    published = stab.finish(" ".join(final))
+    text = published.split()
     j = reconcile(stable, final)
-    assert text == stable + final[j:]
+    if stable and j and final[j - 1] == stable[-1] + ".":
+        # The last stable word as the final punctuates it ("meters" + "meters." is "meters.").
+        assert text == stable[:-1] + [final[j - 1]] + final[j:]
+    else:
+        assert text == stable + final[j:]
+    assert extends(" ".join(stable), published) and published.startswith(" ".join(stable))
     if stab.agrees(" ".join(final)):  # nothing to reconcile: the final is published as decoded
         assert [w.strip(",.").lower() for w in text] == [w.strip(",.").lower() for w in final]
     # No better choice was passed over: every other split differs from the final by more edits,
@@ -114,3 +121,37 @@ def test_words_become_stable_only_over_seconds_of_agreement():
     stable, final = published()
     assert stable == ""  # no hypothesis pair over 3 s agrees on the lead before the final
     assert final.startswith("And Mr. John Dashwood had then leisure to consider how much")
+
+
+def test_the_final_keeps_the_punctuation_it_puts_after_the_last_stable_word():
+    """Partials of a sentence still running on agreed on "dial 3" (no period yet); the final hears
+    the sentence end and says "dial 3. To send". Published: "dial 3. To send", not "dial 3 To send":
+    adding punctuation to the last stable word extends the stable text as a string."""
+    stab = PartialStabilizer()
+    for audio_s in (2.0, 3.0, 4.0, 5.0):
+        _, stable = stab.update("If you wish to send this caller to voicemail, dial 3 to", audio_s)
+    assert stable == "If you wish to send this caller to voicemail, dial 3"
+    final = stab.finish("If you wish to send this caller to voicemail, dial 3. To send this caller to the torture menus.")
+    assert final == "If you wish to send this caller to voicemail, dial 3. To send this caller to the torture menus."
+    assert final.startswith(stable) and extends(stable, final)
+    # A partial that says it with the period makes it stable so, and none takes it back.
+    stab = PartialStabilizer(min_span_s=0.0, min_audio_s=0.0)
+    for text in ("dial 3 to", "dial 3 to", "dial 3 to"):
+        _, stable = stab.update(text)
+    assert stable == "dial 3"
+    text, stable = stab.update("dial 3. To send")
+    assert (text, stable) == ("dial 3. To send", "dial 3. To")  # "to" had agreed too
+    text, stable = stab.update("dial 3 to send this")
+    assert text.startswith("dial 3.") and stable.startswith("dial 3.")
+    # Only trailing punctuation: a word the final hears differently stays as published.
+    assert stab.finish("dial 30. To send") == "dial 3. To send"
+
+
+def test_extends_is_the_stable_text_guarantee():
+    assert extends("", "anything") and extends("dial 3", "dial 3") and extends("dial 3", "dial 3. To send")
+    assert extends("Please press", "Please press, then")
+    assert not extends("dial 3", "dial 30 To send")  # a string prefix, but the word changed
+    assert not extends("dial 3", "dial")
+    assert not extends("dial, 3", "dial 3")  # only the last word may change, and only by gaining
+    assert not extends("dial 3.", "dial 3")
+    assert not extends("to lock", "Do lock")
