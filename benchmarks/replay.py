@@ -18,7 +18,9 @@ share of the final's words that were already stable at the utterance's last part
 saw early).
 
 Identical requests decode to identical text, so decodes are cached by request for the run (the
-free decodes of the drop count reuse the finals').
+free decodes of the drop count reuse the finals', and every plan reuses the offline decodes).
+``--plans K`` replays K stream plans (seeds ``--seed`` … ``--seed + K - 1``) and pools them
+(:func:`pool_plans`): one plan's figure depends on where its pauses put each clip.
 """
 
 from __future__ import annotations
@@ -132,8 +134,9 @@ def stable_share(slog) -> tuple[int, int]:
     return stable, total
 
 
-def replay_set(engine, name: str, clips: Sequence[Clip], args) -> dict:
-    """One set: offline decode, the replay, its score and its drop count."""
+def replay_set(engine, name: str, clips: Sequence[Clip], args, seed: int | None = None) -> dict:
+    """One set, one stream plan (``seed``, else ``args.seed``): offline decode, the replay, its score
+    and its drop count."""
     from granite_stream_testing.textnorm import wer_cer
 
     from . import loadgen, scoring
@@ -144,7 +147,7 @@ def replay_set(engine, name: str, clips: Sequence[Clip], args) -> dict:
     offline_texts, _ = transcribe_engine(engine, clips)
     offline = wer_cer(zip((c.text for c in clips), offline_texts), language)
     [plan] = loadgen.plan_split(clips, 1, None if args.send_rate == "native" else int(args.send_rate),
-                                args.pause, args.seed)
+                                args.pause, args.seed if seed is None else seed)
     slog = replay_stream(engine, plan, partials=args.partials, partial_interval=args.partial_interval,
                          frame_ms=args.frame_ms)
     result = scoring.score(slog)
@@ -160,19 +163,50 @@ def replay_set(engine, name: str, clips: Sequence[Clip], args) -> dict:
     }
 
 
+def pool_plans(per_plan: dict[int, dict]) -> dict:
+    """Several plans' results of one set as one: the mean WER (every plan has the same clips, so
+    the same reference words), its ratio to the offline WER, and the drops and revisions summed;
+    ``plans`` keeps each plan's own result by seed.
+
+    Why several plans: where a clip falls in the stream (the pauses before it) moves its VAD span
+    by a frame or two, and tiny.en's greedy text with it; one plan's ratio moves by several words
+    from seed to seed, more than the gap it is read against."""
+    first = next(iter(per_plan.values()))
+    runs = list(per_plan.values())
+    wer = sum(r["wer"] for r in runs) / len(runs)
+    drops = {key: sum(r["dropped_words"][key] for r in runs) for key in ("offline_words", "dropped")}
+    for key in ("by_cause", "right_by_cause"):
+        drops[key] = {cause: sum(r["dropped_words"][key][cause] for r in runs) for cause in first["dropped_words"][key]}
+    shares = [r["stable_at_last_partial"] for r in runs if r["stable_at_last_partial"] is not None]
+    return {
+        "clips": first["clips"], "wer": wer, "offline_wer": first["offline_wer"],
+        "ratio": round(wer / first["offline_wer"], 3) if first["offline_wer"] else None,
+        "dropped_words": drops, "stable_revisions": sum(r["stable_revisions"] for r in runs),
+        "partials": sum(r["partials"] for r in runs),
+        "stable_at_last_partial": round(sum(shares) / len(shares), 3) if shares else None,
+        "plans": per_plan,
+    }
+
+
 def format_table(results: dict) -> str:
     from .scoring import DROP_CAUSES
 
     head = ["set", "streaming WER", "offline WER", "ratio", "dropped", *DROP_CAUSES, "stable share", "revisions"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in results.items():
+
+    def row(label: str, r: dict) -> str:
         d = r["dropped_words"]
-        rows.append("| " + " | ".join([
-            name, f"{100 * r['wer']:.2f} %", f"{100 * r['offline_wer']:.2f} %", str(r["ratio"]),
+        return "| " + " | ".join([
+            label, f"{100 * r['wer']:.2f} %", f"{100 * r['offline_wer']:.2f} %", str(r["ratio"]),
             # n/r: r of the n dropped words were right in the offline decode (against the reference)
             f"{d['dropped']}/{sum(d['right_by_cause'].values())} ({d['offline_words']})",
             *(f"{d['by_cause'][c]}/{d['right_by_cause'][c]}" for c in DROP_CAUSES),
-            str(r["stable_at_last_partial"]), str(r["stable_revisions"])]) + " |")
+            str(r["stable_at_last_partial"]), str(r["stable_revisions"])]) + " |"
+
+    for name, r in results.items():
+        plans = r.get("plans") or {}
+        rows += [row(f"{name}, seed {seed}", p) for seed, p in plans.items()]
+        rows.append(row(f"{name}, {len(plans)} plans" if plans else name, r))
     return "\n".join(rows)
 
 
@@ -189,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_send_options(p)
     p.add_argument("--partials", action=argparse.BooleanOptionalAction, default=True,
                    help="ask for partials (stable words, reconcile) or finals only")
+    p.add_argument("--plans", type=int, default=1,
+                   help="replay this many stream plans (seeds --seed, --seed+1, ...) and pool them: one plan's "
+                        "WER moves by several words with where the pauses put each clip")
     add_engine_options(p)
     p.add_argument("--out", type=Path, default=None, help="write the results (JSON) here")
     return p
@@ -199,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .common import offline_engine
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plans < 1:
+        parser.error("--plans must be at least 1")
     args.engine_option, args.max_batch = [], 1
     engine = _cached_engine(offline_engine(args))
     results: dict = {}
@@ -207,11 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.sets:
             clips = datasets.load_set(name, "dev", progress=False)
             clips = clips[: args.limit] if args.limit else clips
-            began = time.perf_counter()
-            results[name] = replay_set(engine, name, clips, args)
-            print(f"replay: {name}: {len(clips)} clips, WER {100 * results[name]['wer']:.2f} % "
-                  f"(offline {100 * results[name]['offline_wer']:.2f} %), {time.perf_counter() - began:.0f} s, "
-                  f"{engine.decodes} decodes so far", file=sys.stderr)
+            per_plan = {}
+            for seed in range(args.seed, args.seed + args.plans):
+                began = time.perf_counter()
+                per_plan[seed] = replay_set(engine, name, clips, args, seed)
+                print(f"replay: {name}, seed {seed}: {len(clips)} clips, WER {100 * per_plan[seed]['wer']:.2f} % "
+                      f"(offline {100 * per_plan[seed]['offline_wer']:.2f} %), {time.perf_counter() - began:.0f} s, "
+                      f"{engine.decodes} decodes so far", file=sys.stderr)
+            results[name] = per_plan[args.seed] if args.plans == 1 else pool_plans(per_plan)
     finally:
         engine.close()
     print(format_table(results))
@@ -221,4 +264,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["replay_stream", "replay_set", "stable_share", "format_table", "main"]
+__all__ = ["replay_stream", "replay_set", "pool_plans", "stable_share", "format_table", "main"]
