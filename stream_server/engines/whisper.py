@@ -38,44 +38,59 @@ MAX_WINDOW_S = 30.0
 """Whisper's encoder has positions for 30 s of audio; longer requests are truncated to their end."""
 
 
+def _key(word: str) -> str:
+    return re.sub(r"\W", "", word.lower())
+
+
+def _first_loop(keys: list[str]) -> tuple[int, int, int] | None:
+    """The first phrase repeated back to back in ``keys`` (words as :func:`_key` gives them, none
+    empty): ``(start, words, copies)``, or ``None``.
+
+    A phrase of 1-2 words counts from 4 copies ("I think, I think" is speech), a longer one from 2,
+    however long: Whisper also says two whole sentences twice at the end of an utterance
+    ("Press 5 to change your password. Press star to return to the main menu." twice, 14 words),
+    and a speaker rarely repeats that much verbatim at once. Shortest phrase first, then earliest.
+    Linear per phrase length: ``keys[j] == keys[j + n]`` holding over a run of ``n * (c - 1)``
+    positions from ``i`` is ``c`` copies of ``keys[i : i + n]``.
+    """
+    for n in range(1, len(keys) // 2 + 1):
+        needed = 4 if n <= 2 else 2
+        run = 0
+        for j in range(len(keys) - n):
+            run = run + 1 if keys[j] == keys[j + n] else 0
+            if run == n * (needed - 1):
+                start = j + 1 - run
+                while start + run + n < len(keys) and keys[start + run] == keys[start + run + n]:
+                    run += 1
+                return start, n, 1 + run // n
+    return None
+
+
 def looks_repetitive(text: str) -> bool:
     """Whether a hypothesis shows Whisper's looping failure.
 
-    True when a phrase of 3+ words repeats back to back, a word or word pair repeats 4+ times in a
-    row, or the text compresses better than faster-whisper's hallucination threshold (2.4).
+    True when a phrase of 3+ words repeats back to back (at any length, see :func:`_first_loop`), a
+    word or word pair repeats 4+ times in a row, or the text compresses better than
+    faster-whisper's hallucination threshold (2.4).
     """
-    words = re.findall(r"\w+", text.lower())
-    for n in range(1, min(8, len(words) // 2) + 1):
-        needed = 4 if n <= 2 else 2
-        for i in range(len(words) - n * needed + 1):
-            gram = words[i : i + n]
-            if all(words[i + k * n : i + (k + 1) * n] == gram for k in range(1, needed)):
-                return True
+    keys = [k for k in map(_key, text.split()) if k]
+    if _first_loop(keys) is not None:
+        return True
     encoded = text.encode("utf-8")
     return len(encoded) > 40 and len(encoded) / len(zlib.compress(encoded)) > 2.4
 
 
 def collapse_repeats(text: str) -> str:
-    """Keep the first occurrence of a back-to-back repeated phrase (3+ words, or 1-2 words 4+ times)."""
+    """Keep the first copy of every phrase repeated back to back (3+ words, or 1-2 words 4+ times)."""
     words = text.split()
-    changed = True
-    while changed:
-        changed = False
-        keys = [re.sub(r"\W", "", w.lower()) for w in words]
-        for n in range(1, min(8, len(words) // 2) + 1):
-            needed = 4 if n <= 2 else 2
-            for i in range(len(words) - n * needed + 1):
-                gram = keys[i : i + n]
-                k = 1
-                while keys[i + k * n : i + (k + 1) * n] == gram:
-                    k += 1
-                if k >= needed:
-                    words = words[: i + n] + words[i + k * n :]
-                    changed = True
-                    break
-            if changed:
-                break
-    return " ".join(words)
+    while True:
+        spoken = [i for i, w in enumerate(words) if _key(w)]  # punctuation-only tokens aside
+        loop = _first_loop([_key(words[i]) for i in spoken])
+        if loop is None:
+            return " ".join(words)
+        start, n, copies = loop
+        end = start + copies * n
+        words = words[: spoken[start + n]] + words[spoken[end] if end < len(spoken) else len(words) :]
 
 
 _TOKENS_PER_SECOND = SAMPLE_RATE / 320  # encoder frames: 10 ms mel hop, stride 2

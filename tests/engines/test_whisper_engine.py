@@ -8,6 +8,10 @@ from stream_server.inference.types import InferenceRequest
 from stream_server.engines.whisper import collapse_repeats, looks_repetitive
 
 
+VM_OPTIONS_TAIL = ("Press 3 to record your name. Press 4 to record your temporary greeting. "
+                   "Press 5 to change your password. Press Start to return to the main menu.")
+
+
 @pytest.mark.parametrize(
     "text, looping",
     [
@@ -15,6 +19,11 @@ from stream_server.engines.whisper import collapse_repeats, looks_repetitive
         ("Go forward. Go forward. Go forward. Go forward. Go", True),
         ("I think, I think we should go.", False),
         ("And Mr. John Dashwood had then leisure to consider how much there might be.", False),
+        # Two whole sentences said twice at the end of an utterance (tiny.en, asterisk-en vm-options
+        # in a stream, ninth session's seed 1): 14 words, once, which a phrase limit of 8 missed.
+        (VM_OPTIONS_TAIL + " Press 5 to change your password. Press Start to return to the main menu.", True),
+        (VM_OPTIONS_TAIL, False),
+        ("Presione 1 para aceptar la llamada para aceptar la llamada o 2 para rechazarla.", True),
     ],
 )
 def test_loop_detection(text, looping):
@@ -25,6 +34,10 @@ def test_collapse_keeps_one_copy_of_a_loop():
     assert collapse_repeats("Go forward 10 meters. Go forward 10 meters. Go forward") == "Go forward 10 meters. Go forward"
     assert collapse_repeats("please hold please hold please hold please hold") == "please hold"
     assert collapse_repeats("please hold please hold") == "please hold please hold"
+    twice = VM_OPTIONS_TAIL + " Press 5 to change your password. Press Start to return to the main menu."
+    assert collapse_repeats(twice) == VM_OPTIONS_TAIL
+    # Punctuation standing alone goes with the copy it belongs to.
+    assert collapse_repeats("to send - to send it now - to send it now - and") == "to send - to send it now - and"
 
 
 @pytest.mark.slow
