@@ -60,15 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     server = p.add_argument_group("server under test")
     server.add_argument("--url", default=None,
                         help="benchmark a running server at this ws:// URL instead of starting one")
-    server.add_argument("--server", choices=("inprocess", "subprocess"), default="inprocess",
-                        help="inprocess: engine and server on the load generator's event loop (one process); "
-                             "subprocess: `granite-stream serve` in a child process (CPU/RSS of the server alone)")
+    server.add_argument("--server", choices=("inprocess", "subprocess"), default="subprocess",
+                        help="subprocess: `granite-stream serve` in a child process, with serve's defaults (CPU/RSS of "
+                             "the server alone); inprocess: engine and server on the load generator's event loop, "
+                             "with the same defaults")
     add_engine_options(server)
-    server.add_argument("--max-batch", type=int, default=8)
-    server.add_argument("--early-final-ms", type=float, default=200.0,
-                        help="server's early finals: decode at this much pause (0: only at the VAD's end of speech)")
-    server.add_argument("--partial-refresh", default="on", choices=("on", "off"),
-                        help="server's refresh of partials still waiting in its queue (serve --partial-refresh)")
+    server.add_argument("--max-batch", type=int, default=None, help="serve --max-batch (default: serve's)")
+    server.add_argument("--early-final-ms", type=float, default=None,
+                        help="serve --early-final-ms: decode at this much pause (0: only at the VAD's end of speech; "
+                             "default: serve's)")
+    server.add_argument("--partial-refresh", default=None, choices=("on", "off"),
+                        help="serve --partial-refresh: refresh partials still waiting in its queue (default: serve's)")
     server.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                         help="what-if runs: WhisperEngine constructor override, e.g. final_window_s=10 "
                              "(implies --server inprocess); repeatable")
@@ -151,6 +153,8 @@ def run_offline_stage(args, sets: dict[str, list[Clip]], languages: Sequence[str
     from .offline import run_offline
     from granite_stream_testing.textnorm import wer_cer
 
+    from stream_server.engines.whisper import available_cpus
+
     engine = offline_engine(args)
     model_path = str(engine.model_path or "")
     modes = list(args.offline)
@@ -162,7 +166,8 @@ def run_offline_stage(args, sets: dict[str, list[Clip]], languages: Sequence[str
             if clips[0].language not in languages:
                 continue
             _progress(f"offline: {name} ({len(clips)} clips) with {', '.join(modes)}")
-            results = run_offline(engine, model_path, clips, modes, args.cpu_threads)
+            # faster-whisper's references: the engine's threads (serve's 0 is one per core).
+            results = run_offline(engine, model_path, clips, modes, args.cpu_threads or available_cpus())
             out[name] = {}
             for mode, r in results.items():
                 scored = wer_cer(zip((c.text for c in clips), r["texts"]), clips[0].language)
@@ -376,14 +381,16 @@ async def _with_server(args, body):
 
     if args.url:
         return await body(args.url, None, {"mode": "external", "url": args.url})
+    # Faster than real time on purpose: the server's real-time throttle would measure itself.
+    realtime_factor = 0 if args.speed > 1 else None
     if args.server == "inprocess" or args.engine_option:
         async with servers.granite_inprocess(args.engine, args.model, args.cpu_threads, args.max_batch,
                                              args.device, engine_options(args), args.early_final_ms,
-                                             args.partial_refresh) as handle:
+                                             args.partial_refresh, realtime_factor) as handle:
             return await body(handle.url, handle.pid, handle.info)
     with servers.granite_subprocess(args.engine, args.model, args.cpu_threads, args.max_batch, args.device,
                                     log_path=args.out / "server.log", early_final_ms=args.early_final_ms,
-                                    partial_refresh=args.partial_refresh) as handle:
+                                    partial_refresh=args.partial_refresh, realtime_factor=realtime_factor) as handle:
         return await body(handle.url, handle.pid, handle.info)
 
 

@@ -30,7 +30,8 @@ def add_engine_options(group) -> None:
     group.add_argument("--engine", default="whisper", choices=("auto", "whisper", "granite"))
     group.add_argument("--model", default=None, help="engine model (whisper: tiny.en [default], base, or a CT2 dir)")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    group.add_argument("--cpu-threads", type=int, default=2, help="engine CPU threads")
+    group.add_argument("--cpu-threads", type=int, default=None,
+                       help="engine CPU threads (default: serve's, 0: Whisper one per core)")
 
 
 def add_send_options(group) -> None:
@@ -73,14 +74,19 @@ def engine_options(args) -> dict:
 def offline_engine(args):
     """The engine under test, loaded in this process (the offline references and the drop count use it)."""
     from stream_server.engines import load_engine
+    from stream_server.inference.types import WorkerSettings
+    from stream_server.settings import EngineSettings
+
+    threads = EngineSettings.cpu_threads if args.cpu_threads is None else args.cpu_threads
 
     if args.engine_option:
         from stream_server.engines.whisper import WhisperEngine
 
         dev = "cuda" if args.device == "cuda" else "cpu"
         return WhisperEngine(args.model, device=dev, compute_type="int8" if dev == "cpu" else "float16",
-                             cpu_threads=args.cpu_threads, max_batch=args.max_batch, **engine_options(args))
-    engine, _reason = load_engine(args.engine, args.model, args.device, args.cpu_threads, args.max_batch)
+                             cpu_threads=threads, max_batch=args.max_batch or WorkerSettings.max_batch,
+                             **engine_options(args))
+    engine, _reason = load_engine(args.engine, args.model, args.device, threads, args.max_batch)
     return engine
 
 

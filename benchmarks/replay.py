@@ -84,10 +84,11 @@ def _cached_engine(engine):
 
 
 def replay_stream(engine, plan, partials: bool = True, partial_interval: float | None = None,
-                  frame_ms: float = 40.0, early_final_ms: float = 200.0):
+                  frame_ms: float = 40.0, early_final_ms: float | None = None):
     """Play ``plan`` (a :class:`benchmarks.loadgen.StreamPlan`) through a fresh session and
     ``engine`` joined by the loopback, as the load generator's client would send it (``start``,
-    ``pcm_s16le`` frames of ``frame_ms``, ``stop``).
+    ``pcm_s16le`` frames of ``frame_ms``, ``stop``). The session has ``serve``'s settings
+    (``early_final_ms``: its early finals, default the server's).
 
     Returns:
         A :class:`benchmarks.loadgen.StreamLog` whose clock is the audio clock: each event is
@@ -102,8 +103,8 @@ def replay_stream(engine, plan, partials: bool = True, partial_interval: float |
 
     from .loadgen import StreamLog, _frames
 
-    session = Session(f"replay-{plan.index}", engine.capabilities,
-                      SessionSettings(early_final_s=early_final_ms / 1000.0))  # as the bench's server
+    settings = SessionSettings() if early_final_ms is None else SessionSettings(early_final_s=early_final_ms / 1000.0)
+    session = Session(f"replay-{plan.index}", engine.capabilities, settings)  # serve's defaults, as the bench's server
     loop = Loopback(session, engine)
     options = ConfigChange(language=plan.language, partials=partials, partial_interval=partial_interval)
     slog = StreamLog(plan, "granite")

@@ -1,10 +1,11 @@
 """Servers under test: granite-stream in this process or in a child process, and resource probes.
 
-``inprocess``: the engine and :class:`~stream_server.server.app.StreamServer` live on the benchmark's
-own event loop, next to the load generator (one process, one GIL). ``subprocess``: the real
-``granite-stream serve`` command in a child process; the load generator keeps its own process,
-so server CPU and memory are measured alone and the clients' Python work does not hold the
-server's GIL. Both are supported; ``docs/benchmarks.md`` says which one the figures used.
+``subprocess`` (the bench's default): the real ``granite-stream serve`` command in a child process,
+with serve's own defaults; the load generator keeps its own process, so server CPU and memory are
+measured alone and the clients' Python work does not hold the server's GIL. ``inprocess``: the
+engine and :class:`~stream_server.server.app.StreamServer` live on the benchmark's own event loop,
+next to the load generator (one process, one GIL), with the same defaults. ``docs/benchmarks.md``
+says which one the figures used.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -46,18 +47,29 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f} s")
 
 
+LOAD_TEST_FLAGS = ("--max-sessions-per-ip", "4096")
+"""What a benchmark's server needs that ``serve``'s defaults refuse: every client comes from
+127.0.0.1. Everything else is ``serve``'s own default unless the bench was told otherwise."""
+
+
 @contextlib.asynccontextmanager
-async def granite_inprocess(engine_name: str = "whisper", model: str | None = None, cpu_threads: int = 2,
-                            max_batch: int = 8, device: str = "auto",
-                            engine_options: dict | None = None,
-                            early_final_ms: float = 200.0, partial_refresh: str = "on") -> AsyncIterator[ServerHandle]:
+async def granite_inprocess(engine_name: str = "whisper", model: str | None = None, cpu_threads: int | None = None,
+                            max_batch: int | None = None, device: str | None = None,
+                            engine_options: dict | None = None, early_final_ms: float | None = None,
+                            partial_refresh: str | None = None,
+                            realtime_factor: float | None = None) -> AsyncIterator[ServerHandle]:
+    """The server on this event loop, with the product's defaults for every setting left ``None``
+    (:class:`~stream_server.settings` sections), and :data:`LOAD_TEST_FLAGS`' limit."""
     from stream_server.engines import load_engine
     from stream_server.engines.base import Engine
     from stream_server.server.app import LimitsSettings, NetworkSettings, ServerSettings, StreamServer
     from stream_server.core.session import SessionSettings
     from stream_server.inference.types import WorkerSettings
+    from stream_server.settings import EngineSettings
 
     loop = asyncio.get_running_loop()
+    threads = EngineSettings.cpu_threads if cpu_threads is None else cpu_threads
+    device = device or EngineSettings.device
     if engine_options:
         # What-if runs: build the Whisper engine directly with constructor overrides.
         from stream_server.engines.whisper import WhisperEngine
@@ -66,40 +78,57 @@ async def granite_inprocess(engine_name: str = "whisper", model: str | None = No
             raise ValueError("--engine-option is only supported with --engine whisper")
         dev = "cuda" if device == "cuda" else "cpu"
         engine: Engine = await loop.run_in_executor(None, lambda: WhisperEngine(
-            model, device=dev, compute_type="int8" if dev == "cpu" else "float16", cpu_threads=cpu_threads,
-            max_batch=max_batch, **engine_options))
+            model, device=dev, compute_type="int8" if dev == "cpu" else "float16", cpu_threads=threads,
+            max_batch=max_batch or WorkerSettings.max_batch, **engine_options))
         reason = f"bench --engine-option {engine_options}"
     else:
-        engine, reason = await loop.run_in_executor(None, lambda: load_engine(engine_name, model, device, cpu_threads,
+        engine, reason = await loop.run_in_executor(None, lambda: load_engine(engine_name, model, device, threads,
                                                                               max_batch))
     await loop.run_in_executor(None, engine.warmup)
-    # realtime_factor=0: load tests replay audio ×K faster than real time on purpose.
-    # max_sessions_per_ip: every benchmark client comes from 127.0.0.1.
-    settings = ServerSettings(network=NetworkSettings(port=0),
-                              limits=LimitsSettings(realtime_factor=0, max_sessions_per_ip=4096),
-                              worker=WorkerSettings(max_batch=max_batch),
-                              session=SessionSettings(early_final_s=early_final_ms / 1000.0,
-                                                      refresh_waiting_partials=partial_refresh == "on"))
+    session = SessionSettings()
+    if early_final_ms is not None:
+        session = replace(session, early_final_s=early_final_ms / 1000.0)
+    if partial_refresh is not None:
+        session = replace(session, refresh_waiting_partials=partial_refresh == "on")
+    limits = LimitsSettings(max_sessions_per_ip=int(LOAD_TEST_FLAGS[1]))
+    if realtime_factor is not None:
+        limits = replace(limits, realtime_factor=realtime_factor)
+    settings = ServerSettings(network=NetworkSettings(port=0), limits=limits,
+                              worker=WorkerSettings() if max_batch is None else WorkerSettings(max_batch=max_batch),
+                              session=session)
     async with StreamServer(engine, settings, reason) as server:
         yield ServerHandle(server.url, os.getpid(), "granite-stream (in-process)",
                            {"engine": engine.capabilities.to_wire(), "reason": reason, "mode": "inprocess",
                             "model_path": str(getattr(engine, "model_path", "")),
-                            "engine_options": engine_options or {}, "early_final_ms": early_final_ms,
-                            "partial_refresh": partial_refresh})
+                            "engine_options": engine_options or {},
+                            "early_final_ms": round(session.early_final_s * 1000.0, 3),
+                            "partial_refresh": "on" if session.refresh_waiting_partials else "off",
+                            "max_batch": settings.worker.max_batch, "realtime_factor": limits.realtime_factor})
+
+
+def serve_command(port: int, **options: object) -> list[str]:
+    """The ``granite-stream serve`` command line a benchmark starts: serve's defaults, the port,
+    :data:`LOAD_TEST_FLAGS`, and ``--flag value`` for each option given (``cpu_threads=2`` is
+    ``--cpu-threads 2``; ``None`` leaves serve's default)."""
+    cmd = [sys.executable, "-m", "stream_server.cli", "serve", "--log-level", "WARNING", "--port", str(port),
+           *LOAD_TEST_FLAGS]
+    for name, value in options.items():
+        if value is not None:
+            cmd += ["--" + name.replace("_", "-"), str(value)]
+    return cmd
 
 
 @contextlib.contextmanager
-def granite_subprocess(engine_name: str = "whisper", model: str | None = None, cpu_threads: int = 2,
-                       max_batch: int = 8, device: str = "auto", log_path: Path | None = None,
-                       early_final_ms: float = 200.0, partial_refresh: str = "on"):
+def granite_subprocess(engine_name: str | None = "whisper", model: str | None = None, cpu_threads: int | None = None,
+                       max_batch: int | None = None, device: str | None = None, log_path: Path | None = None,
+                       early_final_ms: float | None = None, partial_refresh: str | None = None,
+                       realtime_factor: float | None = None):
+    """``granite-stream serve`` in a child process: its own defaults, :data:`LOAD_TEST_FLAGS`, and
+    a flag for each argument given (not ``None``)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "stream_server.cli", "serve", "--log-level", "WARNING", "--realtime-factor", "0",
-           "--port", str(port),
-           "--engine", engine_name, "--cpu-threads", str(cpu_threads), "--max-batch", str(max_batch),
-           "--device", device, "--max-sessions-per-ip", "4096", "--early-final-ms", str(early_final_ms),
-           "--partial-refresh", partial_refresh]
-    if model:
-        cmd += ["--model", model]
+    cmd = serve_command(port, engine=engine_name, model=model, cpu_threads=cpu_threads, max_batch=max_batch,
+                        device=device, early_final_ms=early_final_ms, partial_refresh=partial_refresh,
+                        realtime_factor=realtime_factor)
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
     try:

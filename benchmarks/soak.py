@@ -50,7 +50,7 @@ async def soak(minutes: float, streams: int, seed: int = 0, log_path: Path | Non
     rng = random.Random(seed)
     deadline = time.monotonic() + minutes * 60
     totals = {"rounds": 0, "streams": 0, "utterances": 0, "finals": 0, "errors": 0, "lost": 0, "audio_seconds": 0.0}
-    with granite_subprocess("whisper", cpu_threads=2, log_path=log_path) as handle:
+    with granite_subprocess("whisper", log_path=log_path) as handle:
         with ResourceMonitor(handle.pid, interval=2.0) as monitor:
             while time.monotonic() < deadline:
                 # Rounds of ~1 minute each: every stream replays a shuffled set of clips in real time.
