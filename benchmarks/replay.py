@@ -172,8 +172,8 @@ def pool_plans(per_plan: dict[int, dict]) -> dict:
     Why several plans: where a clip falls in the stream (the pauses before it) moves its VAD span
     by a frame or two, and tiny.en's greedy text with it; one plan's ratio moves by several words
     from seed to seed, more than the gap it is read against."""
-    first = next(iter(per_plan.values()))
     runs = list(per_plan.values())
+    first = runs[0]
     wer = sum(r["wer"] for r in runs) / len(runs)
     drops = {key: sum(r["dropped_words"][key] for r in runs) for key in ("offline_words", "dropped")}
     for key in ("by_cause", "right_by_cause"):

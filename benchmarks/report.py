@@ -10,11 +10,11 @@ from pathlib import Path
 from .scoring import as_float
 
 SECONDARY_BOUNDS = (1.5, 2.0, 3.0, 5.0, 10.0)
+"""Further p95-final bounds (s) the sweep's levels are read against (``sustained_at_bounds``)."""
 
 WER_RATIO_TARGET = 1.05
 """Streaming finals' WER over the engine's offline WER of the same clips, on every set (issue #16;
 the first benchmark's target was 1.03)."""
-"""Further p95-final bounds (s) the sweep's levels are read against (``sustained_at_bounds``)."""
 
 
 def _pct(x) -> str:
