@@ -84,8 +84,9 @@ def collapse_repeats(text: str) -> str:
     """Keep the first copy of every phrase repeated back to back (3+ words, or 1-2 words 4+ times)."""
     words = text.split()
     while True:
-        spoken = [i for i, w in enumerate(words) if _key(w)]  # punctuation-only tokens aside
-        loop = _first_loop([_key(words[i]) for i in spoken])
+        keys = [_key(w) for w in words]
+        spoken = [i for i, k in enumerate(keys) if k]  # punctuation-only tokens aside
+        loop = _first_loop([keys[i] for i in spoken])
         if loop is None:
             return " ".join(words)
         start, n, copies = loop
