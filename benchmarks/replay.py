@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_send_options(p)
     p.add_argument("--partials", action=argparse.BooleanOptionalAction, default=True,
                    help="ask for partials (stable words, reconcile) or finals only")
+    p.add_argument("--split", choices=("dev", "eval"), default="dev",
+                   help="the clips' split: eval is the held-out half (Asterisk sets only), for checking a change "
+                        "that was tuned on dev")
     p.add_argument("--plans", type=int, default=1,
                    help="replay this many stream plans (seeds --seed, --seed+1, ...) and pool them: one plan's "
                         "WER moves by several words with where the pauses put each clip")
@@ -242,12 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.plans < 1:
         parser.error("--plans must be at least 1")
     args.engine_option, args.max_batch = [], 1
+    sets: dict[str, list[Clip]] = {}
+    for name in args.sets:
+        try:
+            sets[name] = datasets.load_set(name, args.split, progress=False)[: args.limit or None]
+        except ValueError as e:  # an unknown set, or a split the set does not have
+            parser.error(str(e))
     engine = _cached_engine(offline_engine(args))
     results: dict = {}
     try:
-        for name in args.sets:
-            clips = datasets.load_set(name, "dev", progress=False)
-            clips = clips[: args.limit] if args.limit else clips
+        for name, clips in sets.items():
             per_plan = {}
             for seed in range(args.seed, args.seed + args.plans):
                 began = time.perf_counter()

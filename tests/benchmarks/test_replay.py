@@ -88,3 +88,15 @@ def test_plans_pool_into_one_figure_per_set_and_each_is_printed():
     assert "| 1.199 |" in table[-1]
     # One plan prints as before: one row named by the set.
     assert format_table({"asterisk-en": _plan_result(0.0348, 13, 0.39)}).splitlines()[2].startswith("| asterisk-en |")
+
+
+def test_a_split_the_set_lacks_is_a_usage_error_before_any_model_loads(capsys, monkeypatch):
+    import pytest
+
+    from benchmarks import common, replay
+
+    monkeypatch.setattr(common, "offline_engine", lambda args: pytest.fail("the engine loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        replay.main(["--sets", "librivox", "--split", "eval"])
+    assert exit_.value.code == 2
+    assert "only a 'dev' split" in capsys.readouterr().err
