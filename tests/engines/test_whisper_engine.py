@@ -5,7 +5,7 @@ import pytest
 
 from granite_stream_testing.datasets import read_audio
 from stream_server.inference.types import InferenceRequest
-from stream_server.engines.whisper import collapse_repeats, looks_repetitive
+from stream_server.engines.whisper import collapse_repeats, looks_repetitive, stopped_early
 
 
 VM_OPTIONS_TAIL = ("Press 3 to record your name. Press 4 to record your temporary greeting. "
@@ -28,6 +28,64 @@ VM_OPTIONS_TAIL = ("Press 3 to record your name. Press 4 to record your temporar
 )
 def test_loop_detection(text, looping):
     assert looks_repetitive(text) is looping
+
+
+@pytest.mark.parametrize(
+    "text, seconds, short",
+    [
+        # tiny.en on 16.7 s of a phone menu (asterisk-en eval basic-pbx-ivr-main, cut at 20 s, finals
+        # only): 2.6 characters per second; the whole menu is 43 words.
+        ("Thank you for calling Super Awesome Company.", 16.7, True),
+        ("Thank you for calling Super Awesome Company.", 4.0, False),  # too little audio to judge
+        ("", 16.7, False),  # no speech heard: nothing to recover, a retry could only hallucinate
+        ("Please press one to mute or unmute yourself.", 6.1, False),  # the slowest dev final: 7.3/s
+    ],
+)
+def test_a_text_far_shorter_than_its_audio_counts_as_stopped_early(text, seconds, short):
+    assert stopped_early(text, seconds) is short
+
+
+class EndsEarly:
+    """The engine's CTranslate2 model, but the first ``ends_early`` ``generate`` calls end their text
+    after four tokens, as Whisper's early end of text does (the real one depends on float noise
+    in the audio, so a test cannot provoke it)."""
+
+    def __init__(self, model, ends_early: int):
+        self.model, self.ends_early = model, ends_early
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, *args, **kwargs):
+        from types import SimpleNamespace
+
+        results = self.model.generate(*args, **kwargs)
+        if self.ends_early <= 0:
+            return results
+        self.ends_early -= 1
+        return [SimpleNamespace(sequences_ids=[r.sequences_ids[0][:4]]) for r in results]
+
+
+def test_a_final_that_stopped_early_is_decoded_again_in_the_full_window(whisper_engine, librivox_clips,
+                                                                         monkeypatch):
+    audio, _ = read_audio(librivox_clips[0])  # 7.1 s: "And Mr. John Dashwood had then leisure to ..."
+    final = InferenceRequest("s", 0, "final", audio)
+    whole = whisper_engine.transcribe_batch([final])[0].text
+    assert len(whole.split()) > 15
+    before = whisper_engine.stats()["short_text_retries"]
+    monkeypatch.setattr(whisper_engine, "model", EndsEarly(whisper_engine.model, ends_early=1))
+    result = whisper_engine.transcribe_batch([final])[0]
+    assert result.text == whole and result.words and result.words[-1].end > 6.0
+    assert whisper_engine.stats()["short_text_retries"] == before + 1
+    # A retry that says no more keeps the first text; partials are not retried (the next one
+    # has the rest).
+    monkeypatch.setattr(whisper_engine, "model", EndsEarly(whisper_engine.model.model, ends_early=2))
+    short = whisper_engine.transcribe_batch([final])[0].text
+    assert 0 < len(short.split()) < 5 and whole.startswith(short.rstrip(".,"))
+    monkeypatch.setattr(whisper_engine, "model", EndsEarly(whisper_engine.model.model, ends_early=1))
+    partial = whisper_engine.transcribe_batch([InferenceRequest("s", 0, "partial", audio)])[0].text
+    assert len(partial.split()) < 5
+    assert whisper_engine.stats()["short_text_retries"] == before + 2
 
 
 def test_collapse_keeps_one_copy_of_a_loop():
