@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     stages = p.add_argument_group("stages")
     stages.add_argument("--accuracy-streams", type=int, default=4,
                         help="the accuracy pass deals every clip of a set over this many concurrent streams")
+    stages.add_argument("--accuracy-plans", type=int, default=3,
+                        help="repeat the accuracy pass with this many stream plans (seeds --seed, --seed+1, ...) and "
+                             "pool them: where one plan's pauses put a clip moves tiny.en's greedy text, so one "
+                             "plan's WER ratio moves by about 0.05 from seed to seed")
     stages.add_argument("--no-accuracy", action="store_true", help="skip the accuracy pass")
     stages.add_argument("--no-offline", action="store_true", help="skip the offline references")
     stages.add_argument("--offline", type=csv_list, default=["engine", "faster_whisper", "faster_whisper_greedy"],
@@ -202,24 +206,35 @@ def _protocol_kwargs(protocol: str, args) -> dict:
 
 async def accuracy_stage(url: str, args, sets: dict[str, list[Clip]], languages: Sequence[str],
                          logs: dict[str, list] | None = None) -> dict:
-    """Every clip of each set once, over ``--accuracy-streams`` real-time streams; ``logs`` (if given)
-    receives each set's stream logs."""
-    from . import loadgen
+    """Every clip of each set once per plan, over ``--accuracy-streams`` real-time streams, for
+    ``--accuracy-plans`` plans (seeds ``--seed`` onwards) pooled into one summary: the WER over
+    every plan's clips (each plan has the same reference words, so it is the plans' mean WER),
+    latencies over every final, revisions summed; ``plans`` keeps each plan's WER by seed. ``logs``
+    (if given) receives each set's stream logs of every plan."""
+    from . import loadgen, scoring
 
     out = {}
     for name, clips in sets.items():
         if clips[0].language not in languages:
             continue
-        plans = loadgen.plan_split(clips, args.accuracy_streams, _send_rate(args), args.pause, args.seed)
-        longest = max(p.duration for p in plans) / args.speed
-        _progress(f"accuracy: {name}: {len(clips)} clips over {len(plans)} streams, ~{longest:.0f} s")
-        results, summary = await run_pass(url, plans, "granite", args, log_name=f"logs-accuracy-{name}",
-                                          keep_logs=None if logs is None else logs.setdefault(name, []),
-                                          **_protocol_kwargs("granite", args))
-        summary["clips_detail"] = [c.to_json() for r in results for c in r.clips]
+        pooled: list = []
+        per_plan: dict[int, float] = {}
+        for seed in range(args.seed, args.seed + args.accuracy_plans):
+            plans = loadgen.plan_split(clips, args.accuracy_streams, _send_rate(args), args.pause, seed)
+            longest = max(p.duration for p in plans) / args.speed
+            _progress(f"accuracy: {name}, plan {seed}: {len(clips)} clips over {len(plans)} streams, ~{longest:.0f} s")
+            suffix = "" if args.accuracy_plans == 1 else f"-seed{seed}"
+            results, summary = await run_pass(url, plans, "granite", args, log_name=f"logs-accuracy-{name}{suffix}",
+                                              keep_logs=None if logs is None else logs.setdefault(name, []),
+                                              **_protocol_kwargs("granite", args))
+            pooled += results
+            per_plan[seed] = summary["wer"]
+            _progress(f"accuracy: {name}, plan {seed}: WER {_pct(summary['wer'])}, p95 final latency "
+                      f"{summary['final_latency']['p95']} s, revisions {summary['stable_revisions']}")
+        summary = scoring.summarize(pooled, clips[0].language)
+        summary["plans"] = per_plan
+        summary["clips_detail"] = [c.to_json() for r in pooled for c in r.clips]
         out[name] = summary
-        _progress(f"accuracy: {name}: WER {_pct(summary['wer'])}, p95 final latency "
-                  f"{summary['final_latency']['p95']} s, revisions {summary['stable_revisions']}")
     return out
 
 
@@ -510,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     if not 20 <= args.frame_ms <= 100:
         print("granite-stream bench: --frame-ms must be within 20–100", file=sys.stderr)
+        return 2
+    if args.accuracy_plans < 1:
+        print("granite-stream bench: --accuracy-plans must be at least 1", file=sys.stderr)
         return 2
     if args.speed <= 0:
         print("granite-stream bench: --speed must be positive", file=sys.stderr)

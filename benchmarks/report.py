@@ -73,10 +73,23 @@ def tables(results: dict) -> str:
             str(st.get("stable_revisions", "—")),
         ])
     out.append("")
-    out.append("accuracy (streaming: every clip once, over concurrent real-time streams; offline: whole clips)")
+    config = results.get("config", {})
+    out.append(f"accuracy (streaming: every clip once per stream plan, over {config.get('accuracy_streams', '?')} "
+               f"concurrent real-time streams, {config.get('accuracy_plans', 1)} plan(s) pooled; offline: whole clips)")
     out.append(_table(["set", "clips", "stream WER", "offline WER (engine)", "offline WER (faster-whisper)",
                        "ratio eng/fw", "final p50/p95 s", "1st partial p50 s", "partial lag p95 s", "revisions"],
                       rows))
+    per_plan = []
+    for name, entry in results.get("sets", {}).items():
+        plans = (entry.get("streaming") or {}).get("plans") or {}
+        offline_wer = ((entry.get("offline") or {}).get("engine") or {}).get("wer")
+        if len(plans) > 1:
+            per_plan.append(f"  {name}: " + ", ".join(
+                f"{seed}: {_pct(wer)}" + (f" ({wer / offline_wer:.3f})" if offline_wer else "")
+                for seed, wer in plans.items()))
+    if per_plan:
+        out.append("stream WER per plan (seed: WER (ratio to the engine's offline WER)); the table pools them")
+        out.extend(per_plan)
     drops = {name: e["dropped_words"] for name, e in results.get("sets", {}).items() if e.get("dropped_words")}
     if drops:
         from .scoring import DROP_CAUSES

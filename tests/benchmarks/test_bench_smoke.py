@@ -27,7 +27,7 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
     out = tmp_path / "bench"
     began = time.monotonic()
     status = main([
-        "--sets", "librivox", "--limit", "2", "--server", "inprocess", "--accuracy-streams", "1",
+        "--sets", "librivox", "--limit", "2", "--server", "inprocess", "--accuracy-streams", "1", "--accuracy-plans", "2",
         "--speed", "2", "--pause", "0.8,1.0", "--levels", "1", "--level-seconds", "4",
         "--offline", "engine,faster_whisper", "--out", str(out),
     ])
@@ -41,7 +41,12 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
     assert {"nproc", "cpu_model", "ram_gb"} <= set(results["machine"])
     entry = results["sets"]["librivox"]
     streaming = entry["streaming"]
-    assert streaming["clips"] == 2 and streaming["clips_finalized"] == 2
+    # Two stream plans (seeds 0 and 1) of the two clips, pooled: the WER is the plans' mean (the
+    # same reference words in each), and each plan's own WER is kept.
+    assert streaming["clips"] == 4 and streaming["clips_finalized"] == 4
+    assert list(streaming["plans"]) == ["0", "1"]
+    assert streaming["wer"] == pytest.approx(sum(streaming["plans"].values()) / 2)
+    assert (out / "logs-accuracy-librivox-seed1.json.gz").stat().st_size > 0
     assert REQUIRED_LEVEL_FIELDS - {"sustained", "verdict", "server_resources"} <= set(streaming)
     for key in ("p50", "p95"):
         assert math.isfinite(float(streaming["final_latency"][key]))
@@ -55,7 +60,7 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
     assert all(c["hypothesis"] for c in detail)
     # Words of the offline decode the finals dropped, per cause; they add up, clip by clip.
     drops = entry["dropped_words"]
-    assert drops["clips"] == 2 and drops["offline_words"] > 10
+    assert drops["clips"] == 4 and drops["offline_words"] > 20
     assert drops["dropped"] == sum(drops["by_cause"].values()) == sum(c["dropped"] for c in drops["clips_detail"])
     assert "dropped_words_stable_or_splice" in results["targets"]
     # ... and of them, those the offline decode had right against the reference (what the target counts).
@@ -72,6 +77,7 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "stream WER" in printed and "capacity sweep" in printed
+    assert "2 plan(s) pooled" in printed and "stream WER per plan" in printed and "  librivox: 0: " in printed
     pytest.importorskip("matplotlib")  # the bench extra; under CI a skip fails the run (tests/conftest.py)
     assert (out / "latency_vs_streams.png").stat().st_size > 0
     assert (out / "wer_streaming_vs_offline.png").stat().st_size > 0
