@@ -94,6 +94,10 @@ def collapse_repeats(text: str) -> str:
         words = words[: spoken[start + n]] + words[spoken[end] if end < len(spoken) else len(words) :]
 
 
+SHORT_TEXT_MIN_S = 5.0
+SHORT_TEXT_CHARS_PER_S = 4.0
+
+
 def stopped_early(text: str, seconds: float) -> bool:
     """Whether a transcript looks cut short by an early end of text: not empty, for at least
     :data:`SHORT_TEXT_MIN_S` of audio, under :data:`SHORT_TEXT_CHARS_PER_S` characters per second.
@@ -107,10 +111,6 @@ def stopped_early(text: str, seconds: float) -> bool:
     alone: Whisper heard no speech, and a retry could only add a hallucination.
     """
     return seconds >= SHORT_TEXT_MIN_S and 0 < len(text.strip()) < SHORT_TEXT_CHARS_PER_S * seconds
-
-
-SHORT_TEXT_MIN_S = 5.0
-SHORT_TEXT_CHARS_PER_S = 4.0
 
 
 _TOKENS_PER_SECOND = SAMPLE_RATE / 320  # encoder frames: 10 ms mel hop, stride 2
