@@ -17,18 +17,14 @@ from typing import Sequence
 import numpy as np
 
 from granite_stream_testing.datasets import Clip
+from stream_server.engines.whisper import LONGEST_AUDIO_S
+
 from .loadgen import clip_audio
 
 OFFLINE_MODES = ("engine", "faster_whisper", "faster_whisper_greedy")
 
 
-LONGEST_REQUEST_S = 29.8
-"""The longest audio the ``engine`` reference hands the engine in one request. Whisper keeps only
-the last 29.8 s of a longer request (its 30 s window), which would charge the offline decode with
-words it never heard: asterisk-en dev's ``priv-callee-options`` (31.1 s) lost its "Dial 1"."""
-
-
-def quiet_pieces(audio: np.ndarray, rate: int, longest_s: float = LONGEST_REQUEST_S) -> list[np.ndarray]:
+def quiet_pieces(audio: np.ndarray, rate: int, longest_s: float = LONGEST_AUDIO_S) -> list[np.ndarray]:
     """``audio`` cut into consecutive pieces of at most ``longest_s``, each cut at the quietest
     100 ms (lowest mean square, 10 ms steps) of the last third of the longest piece that fits
     there: an offline decoder's cut between words, as the VAD's at ``max_utterance_s``."""
@@ -46,9 +42,11 @@ def quiet_pieces(audio: np.ndarray, rate: int, longest_s: float = LONGEST_REQUES
 
 
 def transcribe_engine(engine, clips: Sequence[Clip]) -> tuple[list[str], float]:
-    """Each whole clip through the engine; a clip longer than :data:`LONGEST_REQUEST_S` in
-    :func:`quiet_pieces`, each piece with the text before it as its context (as the session
-    decodes speech it cut), the texts joined."""
+    """Each whole clip through the engine; a clip longer than Whisper keeps in one decode
+    (:data:`~stream_server.engines.whisper.LONGEST_AUDIO_S`) in :func:`quiet_pieces`, each piece
+    with the text before it as its context (as the session decodes speech it cut), the texts
+    joined. Whole, such a clip would be charged with words the engine never heard: asterisk-en
+    dev's ``priv-callee-options`` (31.1 s) lost its "Dial 1"."""
     from stream_server.inference.types import SAMPLE_RATE, InferenceRequest
 
     texts = []

@@ -37,6 +37,15 @@ WHISPER_LANGUAGES = (
 MAX_WINDOW_S = 30.0
 """Whisper's encoder has positions for 30 s of audio; longer requests are truncated to their end."""
 
+LONGEST_AUDIO_S = MAX_WINDOW_S - 0.2
+"""The most audio one decode keeps: a longer request keeps its last this many seconds."""
+
+
+def _token_budget(seconds: float) -> int:
+    """New tokens a greedy decode of ``seconds`` of speech may take: ~4 per second is typical, so
+    generous headroom, at most 224."""
+    return int(min(224, 16 + 8 * seconds))
+
 
 def _key(word: str) -> str:
     return re.sub(r"\W", "", word.lower())
@@ -359,12 +368,14 @@ class WhisperEngine(Engine):
     def _transcribe_group(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
         """Decode requests that share one encoder window (all finals, or all partials)."""
         max_samples = int(MAX_WINDOW_S * SAMPLE_RATE)
+        kept = int(LONGEST_AUDIO_S * SAMPLE_RATE)
         audios = []
         for request in requests:
             audio = request.audio
-            if len(audio) > max_samples - int(0.2 * SAMPLE_RATE):
-                log.warning("utterance of %.1f s exceeds Whisper's window; keeping its last 29.8 s", request.duration)
-                audio = audio[-(max_samples - int(0.2 * SAMPLE_RATE)):]
+            if len(audio) > kept:
+                log.warning("utterance of %.1f s exceeds Whisper's window; keeping its last %.1f s",
+                            request.duration, LONGEST_AUDIO_S)
+                audio = audio[-kept:]
             audios.append(audio)
         longest = max(len(a) for a in audios)
         window = self.final_window_s if any(r.kind == "final" for r in requests) else self.partial_window_s
@@ -375,8 +386,7 @@ class WhisperEngine(Engine):
         encoded = self.model.encode(features, to_cpu=False)
         languages = self._languages(requests, encoded)
         prompts = [self._prompt(r, lang) for r, lang in zip(requests, languages)]
-        # Greedy decode budget: ~ 4 tokens per second of speech is typical; allow generous headroom.
-        max_new = int(min(224, 16 + 8 * longest / SAMPLE_RATE))
+        max_new = _token_budget(longest / SAMPLE_RATE)
         # CTranslate2 wants <|startoftranscript|> at the same position in every prompt of a
         # generate call: prompts whose previous text (keywords, context) differs in length are
         # decoded in separate calls, on their rows of the one encoder pass.
@@ -461,19 +471,18 @@ class WhisperEngine(Engine):
         kept): the longer text of the two wins (Whisper's text for 16.7 s of speech went from 7
         words in the 15 s window to all 43 in 30 s), the first when the retry says no more."""
         self.short_text_retries += 1
-        again = self._decode_alone(request, language)
-        again = collapse_repeats(again) if looks_repetitive(again) else again
+        again = collapse_repeats(self._decode_alone(request, language))  # a text without loops stays as it is
         return again if len(again.split()) > len(text.split()) else text
 
     def _decode_alone(self, request: InferenceRequest, language: str) -> str:
-        """One request decoded by itself in Whisper's full 30 s window (its last 29.8 s)."""
-        audio = request.audio[-int((MAX_WINDOW_S - 0.2) * SAMPLE_RATE) :]
+        """One request decoded by itself in Whisper's full 30 s window (its last :data:`LONGEST_AUDIO_S`)."""
+        audio = request.audio[-int(LONGEST_AUDIO_S * SAMPLE_RATE) :]
         features = self._features(audio, int(MAX_WINDOW_S * SAMPLE_RATE))[None]
         encoded = self.model.encode(self._ct2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=False)
         prompt = self._prompt(request, language)
         [result] = self.model.generate(
             encoded, [prompt], beam_size=self.beam_size,
-            max_length=len(prompt) + int(min(224, 16 + 8 * request.duration)),
+            max_length=len(prompt) + _token_budget(request.duration),
             suppress_blank=True, suppress_tokens=self._suppress,
         )
         return self._text(request, language, result)

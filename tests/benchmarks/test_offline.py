@@ -2,8 +2,9 @@
 
 import numpy as np
 
-from benchmarks.offline import LONGEST_REQUEST_S, quiet_pieces, transcribe_engine
+from benchmarks.offline import quiet_pieces, transcribe_engine
 from granite_stream_testing.datasets import Clip
+from stream_server.engines.whisper import LONGEST_AUDIO_S
 from tests.fakes import CountingEngine
 
 RATE = 16_000
@@ -19,7 +20,7 @@ def speech_with_a_pause(seconds: float, pause_at: float) -> np.ndarray:
 def test_a_long_clip_is_cut_where_it_is_quiet_into_pieces_that_fit_the_window():
     audio = speech_with_a_pause(45.0, pause_at=24.0)
     pieces = quiet_pieces(audio, RATE)
-    assert len(pieces) == 2 and all(len(p) <= LONGEST_REQUEST_S * RATE for p in pieces)
+    assert len(pieces) == 2 and all(len(p) <= LONGEST_AUDIO_S * RATE for p in pieces)
     assert np.array_equal(np.concatenate(pieces), audio)  # nothing lost, nothing repeated
     assert 24.0 <= len(pieces[0]) / RATE <= 24.3  # inside the pause
     assert len(quiet_pieces(audio[: 20 * RATE], RATE)) == 1  # a clip that fits stays whole
