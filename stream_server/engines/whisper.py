@@ -122,6 +122,12 @@ def stopped_early(text: str, seconds: float) -> bool:
     return seconds >= SHORT_TEXT_MIN_S and 0 < len(text.strip()) < SHORT_TEXT_CHARS_PER_S * seconds
 
 
+UNSURE_LOGPROB = -0.6
+"""Below this mean token log-probability a greedy final is decoded again with beam search. Whisper's
+own fallback threshold is −1.0 (it then samples at higher temperatures); tiny.en's wrong greedy
+finals sit at −0.7 to −0.8 where its right ones are −0.57 or higher (docs/benchmarks.md, twelfth
+session)."""
+
 _TOKENS_PER_SECOND = SAMPLE_RATE / 320  # encoder frames: 10 ms mel hop, stride 2
 
 
@@ -262,6 +268,13 @@ class WhisperEngine(Engine):
             worker keeps one lane for finals, so on a multi-core CPU a final never waits behind a
             batch of partials. 0: two on a CPU with two or more threads, else one.
         beam_size: 1 is greedy decoding.
+        unsure_logprob: a greedy transcribed final whose tokens average a log-probability below
+            this is decoded again with ``unsure_beam`` beams on the same encoder output, and the
+            beam's text kept when it scores higher (Whisper's own fallback on low ``avg_logprob``,
+            with beam search as its first step). ``None``: never. Translations are not retried:
+            their tokens score lower as a rule (−0.7 for a good one), and a higher-scoring beam
+            was not a better translation there.
+        unsure_beam: beams of that retry.
         onednn_cache: bound on oneDNN's per-shape kernel cache (process-wide; the environment's
             ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` wins); the default of 1,024 let RSS creep for hours.
         word_timestamps: time and score the words of every transcribed final (one aligning decoder
@@ -281,6 +294,8 @@ class WhisperEngine(Engine):
         max_batch: int = WorkerSettings.max_batch,
         lanes: int = 0,
         beam_size: int = 1,
+        unsure_logprob: float | None = UNSURE_LOGPROB,
+        unsure_beam: int = 5,
         onednn_cache: int = 16,
         word_timestamps: bool = True,
     ):
@@ -313,10 +328,13 @@ class WhisperEngine(Engine):
         self.final_window_s = final_window_s
         self.partial_window_s = partial_window_s
         self.beam_size = beam_size
+        self.unsure_logprob = unsure_logprob
+        self.unsure_beam = unsure_beam
         self.word_timestamps = word_timestamps
         self._placement = f"cuda:{device_index}" if device == "cuda" else "cpu"
         self.repetition_retries = 0
         self.short_text_retries = 0
+        self.unsure_retries = 0
         name = model or "tiny.en"
         if self.multilingual:
             languages = tuple(WHISPER_LANGUAGES)
@@ -403,7 +421,7 @@ class WhisperEngine(Engine):
                 max_length=max(len(prompts[i]) for i in members) + max_new,
                 suppress_blank=True,
                 suppress_tokens=self._suppress,
-                return_scores=False,
+                return_scores=True,
             )
             for i, result in zip(members, decoded):
                 results[i] = result
@@ -413,6 +431,9 @@ class WhisperEngine(Engine):
                 texts[i] = self._retry_repetitive(request, language)
             elif request.kind == "final" and stopped_early(texts[i], request.duration):
                 texts[i] = self._retry_short(request, language, texts[i])
+            elif request.kind == "final" and request.task == "transcribe" and self._unsure(results[i]):
+                rows = encoded if len(requests) == 1 else self._rows(encoded, [i])
+                texts[i] = self._retry_unsure(request, language, rows, prompts[i], results[i], texts[i])
         timed: list[tuple[Word, ...] | None] = [None] * len(requests)
         if self.word_timestamps and requests[0].kind == "final":
             timed = self._word_timings(requests, languages, texts, encoded)
@@ -474,6 +495,34 @@ class WhisperEngine(Engine):
         again = collapse_repeats(self._decode_alone(request, language))  # a text without loops stays as it is
         return again if len(again.split()) > len(text.split()) else text
 
+    def _unsure(self, result) -> bool:
+        """Whether a greedy decode's tokens average a log-probability under ``unsure_logprob``."""
+        scores = getattr(result, "scores", None) or []  # a test's stand-in result may carry none
+        if self.unsure_logprob is None or self.beam_size >= self.unsure_beam or not scores:
+            return False
+        return scores[0] < self.unsure_logprob
+
+    def _retry_unsure(self, request: InferenceRequest, language: str, encoded, prompt: list[int], result,
+                      text: str) -> str:
+        """A final the greedy decode was unsure of, decoded again with beam search on the same
+        encoder output (one request's rows): the text whose tokens score higher wins.
+
+        Greedy search commits to the likeliest token one at a time; where the audio is ambiguous it
+        can take a path no better than its first step ("The Speed Dialantry Uvaxest is empty.",
+        −0.74 per token, for "The speed dial entry you've accessed is empty.", which five beams find
+        at −0.30). On the dev and held-out prompts one final in ~90 is that unsure.
+        """
+        self.unsure_retries += 1
+        [again] = self.model.generate(
+            encoded, [prompt], beam_size=self.unsure_beam,
+            max_length=len(prompt) + _token_budget(request.duration),
+            suppress_blank=True, suppress_tokens=self._suppress, return_scores=True,
+        )
+        if not again.scores or again.scores[0] <= result.scores[0]:
+            return text
+        retried = self._text(request, language, again)
+        return text if looks_repetitive(retried) else retried
+
     def _decode_alone(self, request: InferenceRequest, language: str) -> str:
         """One request decoded by itself in Whisper's full 30 s window (its last :data:`LONGEST_AUDIO_S`)."""
         audio = request.audio[-int(LONGEST_AUDIO_S * SAMPLE_RATE) :]
@@ -488,7 +537,8 @@ class WhisperEngine(Engine):
         return self._text(request, language, result)
 
     def stats(self) -> dict:
-        return {"repetition_retries": self.repetition_retries, "short_text_retries": self.short_text_retries}
+        return {"repetition_retries": self.repetition_retries, "short_text_retries": self.short_text_retries,
+                "unsure_retries": self.unsure_retries}
 
     def placement(self) -> str:
         return self._placement

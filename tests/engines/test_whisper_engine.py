@@ -90,6 +90,34 @@ def test_a_final_that_stopped_early_is_decoded_again_in_the_full_window(whisper_
     assert whisper_engine.stats()["short_text_retries"] == before + 2
 
 
+def test_a_final_greedy_search_is_unsure_of_is_decoded_again_with_beams(whisper_engine, asterisk_en_dev,
+                                                                       monkeypatch):
+    """tiny.en's greedy text for this prompt depends on how much silence leads it, and the stream's
+    VAD span puts 120-240 ms there: "The Speed Dialantry Uvaxest is empty." at about -0.74 per
+    token. Five beams on the same encoder output find the words."""
+    import soxr
+
+    clip = next(c for c in asterisk_en_dev if c.id.endswith("/speed-dial-empty"))
+    speech = soxr.resample(read_audio(clip)[0], clip.sample_rate, 16000).astype(np.float32)
+    leads = [np.concatenate([np.zeros(ms * 16, np.float32), speech]) for ms in (120, 160, 200, 240)]
+
+    def finals():
+        return [whisper_engine.transcribe_batch([InferenceRequest("s", 0, "final", a)])[0].text for a in leads]
+
+    before = whisper_engine.stats()["unsure_retries"]
+    for text in finals():
+        assert "speed dial entry you've accessed is empty" in text.lower()
+    assert whisper_engine.stats()["unsure_retries"] > before
+    # Greedy alone gets at least one of them wrong: the retry is what fixed it.
+    monkeypatch.setattr(whisper_engine, "unsure_logprob", None)
+    assert any("entry you've accessed" not in text.lower() for text in finals())
+    # Partials are not retried (they are many, and the final will be).
+    monkeypatch.undo()
+    counted = whisper_engine.stats()["unsure_retries"]
+    whisper_engine.transcribe_batch([InferenceRequest("s", 0, "partial", a) for a in leads])
+    assert whisper_engine.stats()["unsure_retries"] == counted
+
+
 def test_collapse_keeps_one_copy_of_a_loop():
     assert collapse_repeats("Go forward 10 meters. Go forward 10 meters. Go forward") == "Go forward 10 meters. Go forward"
     assert collapse_repeats("please hold please hold please hold please hold") == "please hold"
