@@ -124,9 +124,10 @@ def stopped_early(text: str, seconds: float) -> bool:
 
 UNSURE_LOGPROB = -0.6
 """Below this mean token log-probability a greedy final is decoded again with beam search. Whisper's
-own fallback threshold is −1.0 (it then samples at higher temperatures); tiny.en's wrong greedy
-finals sit at −0.7 to −0.8 where its right ones are −0.57 or higher (docs/benchmarks.md, twelfth
-session)."""
+own fallback threshold is −1.0 (it then samples at higher temperatures), which misses the case
+measured: a dev prompt whose tiny.en greedy text flips with its lead-in scores −0.72 to −0.77 when
+wrong and −0.51 to −0.57 when right; over the dev and held-out prompts at most one greedy text in
+~90 scores under −0.6 (docs/benchmarks.md, twelfth session)."""
 
 _TOKENS_PER_SECOND = SAMPLE_RATE / 320  # encoder frames: 10 ms mel hop, stride 2
 
@@ -510,7 +511,7 @@ class WhisperEngine(Engine):
         Greedy search commits to the likeliest token one at a time; where the audio is ambiguous it
         can take a path no better than its first step ("The Speed Dialantry Uvaxest is empty.",
         −0.74 per token, for "The speed dial entry you've accessed is empty.", which five beams find
-        at −0.30). On the dev and held-out prompts one final in ~90 is that unsure.
+        at −0.30).
         """
         self.unsure_retries += 1
         [again] = self.model.generate(
