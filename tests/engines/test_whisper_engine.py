@@ -98,7 +98,8 @@ def test_a_final_greedy_search_is_unsure_of_is_decoded_again_with_beams(whisper_
     import soxr
 
     clip = next(c for c in asterisk_en_dev if c.id.endswith("/speed-dial-empty"))
-    speech = soxr.resample(read_audio(clip)[0], clip.sample_rate, 16000).astype(np.float32)
+    audio, rate = read_audio(clip)
+    speech = soxr.resample(audio, rate, 16000).astype(np.float32)
     leads = [np.concatenate([np.zeros(ms * 16, np.float32), speech]) for ms in (120, 160, 200, 240)]
 
     def finals():
