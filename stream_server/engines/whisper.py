@@ -416,7 +416,7 @@ class WhisperEngine(Engine):
         results: list = [None] * len(requests)
         for members in by_start.values():
             decoded = self.model.generate(
-                encoded if len(members) == len(requests) else self._rows(encoded, members),
+                self._rows(encoded, members),
                 [prompts[i] for i in members],
                 beam_size=self.beam_size,
                 max_length=max(len(prompts[i]) for i in members) + max_new,
@@ -433,8 +433,8 @@ class WhisperEngine(Engine):
             elif request.kind == "final" and stopped_early(texts[i], request.duration):
                 texts[i] = self._retry_short(request, language, texts[i])
             elif request.kind == "final" and request.task == "transcribe" and self._unsure(results[i]):
-                rows = encoded if len(requests) == 1 else self._rows(encoded, [i])
-                texts[i] = self._retry_unsure(request, language, rows, prompts[i], results[i], texts[i])
+                texts[i] = self._retry_unsure(request, language, self._rows(encoded, [i]), prompts[i], results[i],
+                                              texts[i])
         timed: list[tuple[Word, ...] | None] = [None] * len(requests)
         if self.word_timestamps and requests[0].kind == "final":
             timed = self._word_timings(requests, languages, texts, encoded)
@@ -445,7 +445,10 @@ class WhisperEngine(Engine):
         ]
 
     def _rows(self, encoded, rows: list[int]):
-        """Some rows of an encoder output (a CTranslate2 StorageView), on its device."""
+        """Some rows of an encoder output (a CTranslate2 StorageView), on its device; all of them
+        in order is the output itself (no copy)."""
+        if rows == list(range(encoded.shape[0])):
+            return encoded
         host = np.asarray(encoded.to_device(self._ct2.Device.cpu))[rows]
         part = self._ct2.StorageView.from_array(np.ascontiguousarray(host))
         return part if encoded.device == "cpu" else part.to_device(self._ct2.Device.cuda)
@@ -470,7 +473,7 @@ class WhisperEngine(Engine):
             groups.setdefault(tuple(tokenizer.sot_sequence), []).append(i)
         hop = self.features.hop_length
         for start_sequence, members in groups.items():
-            features = encoded if len(members) == len(requests) else self._rows(encoded, members)
+            features = self._rows(encoded, members)
             frames = [min(len(requests[i].audio) // hop, int(MAX_WINDOW_S * SAMPLE_RATE) // hop) for i in members]
             aligned = self.model.align(features, list(start_sequence), [tokens[i] for i in members], frames)
             for i, alignment in zip(members, aligned):
@@ -498,10 +501,9 @@ class WhisperEngine(Engine):
 
     def _unsure(self, result) -> bool:
         """Whether a greedy decode's tokens average a log-probability under ``unsure_logprob``."""
-        scores = getattr(result, "scores", None) or []  # a test's stand-in result may carry none
-        if self.unsure_logprob is None or self.beam_size >= self.unsure_beam or not scores:
+        if self.unsure_logprob is None or self.beam_size >= self.unsure_beam or not result.scores:
             return False
-        return scores[0] < self.unsure_logprob
+        return result.scores[0] < self.unsure_logprob
 
     def _retry_unsure(self, request: InferenceRequest, language: str, encoded, prompt: list[int], result,
                       text: str) -> str:
@@ -514,11 +516,7 @@ class WhisperEngine(Engine):
         at −0.30).
         """
         self.unsure_retries += 1
-        [again] = self.model.generate(
-            encoded, [prompt], beam_size=self.unsure_beam,
-            max_length=len(prompt) + _token_budget(request.duration),
-            suppress_blank=True, suppress_tokens=self._suppress, return_scores=True,
-        )
+        again = self._generate_one(encoded, prompt, request.duration, self.unsure_beam)
         if not again.scores or again.scores[0] <= result.scores[0]:
             return text
         retried = self._text(request, language, again)
@@ -530,12 +528,16 @@ class WhisperEngine(Engine):
         features = self._features(audio, int(MAX_WINDOW_S * SAMPLE_RATE))[None]
         encoded = self.model.encode(self._ct2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=False)
         prompt = self._prompt(request, language)
+        return self._text(request, language, self._generate_one(encoded, prompt, request.duration, self.beam_size))
+
+    def _generate_one(self, encoded, prompt: list[int], seconds: float, beams: int):
+        """One prompt decoded on a one-row encoder output, with the batch decode's token rules and
+        a budget for ``seconds`` of speech; the CTranslate2 result, with its score."""
         [result] = self.model.generate(
-            encoded, [prompt], beam_size=self.beam_size,
-            max_length=len(prompt) + _token_budget(request.duration),
-            suppress_blank=True, suppress_tokens=self._suppress,
+            encoded, [prompt], beam_size=beams, max_length=len(prompt) + _token_budget(seconds),
+            suppress_blank=True, suppress_tokens=self._suppress, return_scores=True,
         )
-        return self._text(request, language, result)
+        return result
 
     def stats(self) -> dict:
         return {"repetition_retries": self.repetition_retries, "short_text_retries": self.short_text_retries,

@@ -63,7 +63,7 @@ class EndsEarly:
         if self.ends_early <= 0:
             return results
         self.ends_early -= 1
-        return [SimpleNamespace(sequences_ids=[r.sequences_ids[0][:4]]) for r in results]
+        return [SimpleNamespace(sequences_ids=[r.sequences_ids[0][:4]], scores=r.scores) for r in results]
 
 
 def test_a_final_that_stopped_early_is_decoded_again_in_the_full_window(whisper_engine, librivox_clips,
