@@ -176,7 +176,7 @@ def pool_plans(per_plan: dict[int, dict]) -> dict:
     first = runs[0]
     wer = sum(r["wer"] for r in runs) / len(runs)
     drops = {key: sum(r["dropped_words"][key] for r in runs) for key in ("offline_words", "dropped")}
-    for key in ("by_cause", "right_by_cause"):
+    for key in ("by_cause", "right_by_cause", "stable_ledger"):
         drops[key] = {cause: sum(r["dropped_words"][key][cause] for r in runs) for cause in first["dropped_words"][key]}
     shares = [r["stable_at_last_partial"] for r in runs if r["stable_at_last_partial"] is not None]
     return {
@@ -192,7 +192,8 @@ def pool_plans(per_plan: dict[int, dict]) -> dict:
 def format_table(results: dict) -> str:
     from .scoring import DROP_CAUSES
 
-    head = ["set", "streaming WER", "offline WER", "ratio", "dropped", *DROP_CAUSES, "stable share", "revisions"]
+    head = ["set", "streaming WER", "offline WER", "ratio", "dropped", *DROP_CAUSES, "stable saved/lost",
+            "stable share", "revisions"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(label: str, r: dict) -> str:
@@ -202,6 +203,7 @@ def format_table(results: dict) -> str:
             # n/r: r of the n dropped words were right in the offline decode (against the reference)
             f"{d['dropped']}/{sum(d['right_by_cause'].values())} ({d['offline_words']})",
             *(f"{d['by_cause'][c]}/{d['right_by_cause'][c]}" for c in DROP_CAUSES),
+            f"{d['stable_ledger']['saved']}/{d['stable_ledger']['lost']}",
             str(r["stable_at_last_partial"]), str(r["stable_revisions"])]) + " |"
 
     for name, r in results.items():

@@ -28,6 +28,11 @@ def _s(x) -> str:
     return "inf" if v == float("inf") else f"{v:.2f}"
 
 
+def _ledger_cell(drops: dict) -> str:
+    ledger = drops.get("stable_ledger")
+    return "—" if ledger is None else f"{ledger['saved']}/{ledger['lost']}"
+
+
 def _dropped_cell(drops: dict, cause: str | None) -> str:
     """A dropped-word count (all causes when ``cause`` is None), as ``n/r`` where ``r`` of the ``n``
     were right in the offline decode (when the count knows)."""
@@ -97,10 +102,13 @@ def tables(results: dict) -> str:
         out.append("")
         out.append("words of the offline decode dropped or changed by the streaming finals, per cause "
                    "(docs/benchmarks.md)")
-        out.append("(a cell 'n/r': n dropped, r of them right in the offline decode, against the reference)")
-        out.append(_table(["set", "offline words", "dropped"] + list(DROP_CAUSES),
+        out.append("(a cell 'n/r': n dropped, r of them right in the offline decode, against the reference; "
+                   "stable saved/lost: reference words the stable words kept that the final's own decode "
+                   "missed / missed that it had)")
+        out.append(_table(["set", "offline words", "dropped"] + list(DROP_CAUSES) + ["stable saved/lost"],
                           [[name, str(d["offline_words"]), _dropped_cell(d, None)]
-                           + [_dropped_cell(d, c) for c in DROP_CAUSES] for name, d in drops.items()]))
+                           + [_dropped_cell(d, c) for c in DROP_CAUSES] + [_ledger_cell(d)]
+                           for name, d in drops.items()]))
     sweep = results.get("sweep")
     if sweep:
         out.append("")

@@ -409,7 +409,8 @@ def attribute_drops(offline: str, utterances: Sequence[UtteranceTrace], language
     Returns:
         ``{"offline_words", "dropped", "by_cause": {cause: n}, "examples": [...]}``; ``dropped`` is
         the sum of ``by_cause``. With ``truth``, also ``right_by_cause`` (the dropped words the
-        offline decode had right) and ``offline_right`` on each example.
+        offline decode had right), ``offline_right`` on each example, and ``stable_ledger``
+        (:func:`stable_ledger`: what the stable words won and lost against the reference).
     """
     from granite_stream_testing.textnorm import normalizer_for
 
@@ -455,7 +456,44 @@ def attribute_drops(offline: str, utterances: Sequence[UtteranceTrace], language
            "examples": examples}
     if right is not None:
         out["right_by_cause"] = right_by_cause
+        out["stable_ledger"] = stable_ledger(truth or "", utterances, language)
     return out
+
+
+def stable_ledger(truth: str, utterances: Sequence[UtteranceTrace], language: str | None = "en") -> dict:
+    """What the stable words did to the words the speaker said, both ways. Needs ``free`` on each trace.
+
+    A final keeps its published stable words where its free decode (the same audio, nothing forced)
+    hears them differently. Against the clip's reference ``truth``, a word inside the stable prefix
+    of a final is
+
+    * ``saved`` when the final has it right and the free decode, joined, does not (the stable
+      words agreed over several partials heard it better than the one decode of the whole
+      utterance: "to switch to record mode" kept where the decode says "does which to record mode");
+    * ``lost`` when the free decode has it right and the final does not (tiny.en's partials say
+      "read" for a word that the whole utterance shows is "reach").
+
+    ``lost`` are the stabilizer's dropped words that the speaker said (``right_by_cause["stable"]``
+    counts them against the offline decode instead); ``saved`` is the other side of the same
+    promise, which a dropped-word count cannot see. Returns ``{"saved": n, "lost": m}``.
+    """
+    from granite_stream_testing.textnorm import normalizer_for
+
+    norm = normalizer_for(language)
+    reference = norm(truth).split()
+    finals = [norm(u.final).split() for u in utterances]
+    frees = [norm(u.free if u.free is not None else u.final).split() for u in utterances]
+    stables = [min(len(norm(u.stable).split()), len(f)) for u, f in zip(utterances, finals)]
+    hit_final, at_final = _hits(reference, [w for f in finals for w in f])
+    hit_free, _ = _hits(reference, [w for f in frees for w in f])
+    ledger = {"saved": 0, "lost": 0}
+    for i in range(len(reference)):
+        if hit_final[i] == hit_free[i]:
+            continue
+        u, k = _locate([len(f) for f in finals], at_final[i])
+        if k < stables[u]:
+            ledger["saved" if hit_final[i] else "lost"] += 1
+    return ledger
 
 
 def summarize_drops(per_clip: Iterable[dict]) -> dict:
@@ -466,4 +504,5 @@ def summarize_drops(per_clip: Iterable[dict]) -> dict:
            "dropped": sum(by_cause.values()), "by_cause": by_cause}
     if per_clip and all("right_by_cause" in d for d in per_clip):
         out["right_by_cause"] = {c: sum(d["right_by_cause"][c] for d in per_clip) for c in DROP_CAUSES}
+        out["stable_ledger"] = {side: sum(d["stable_ledger"][side] for d in per_clip) for side in ("saved", "lost")}
     return out

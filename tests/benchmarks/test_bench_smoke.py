@@ -67,6 +67,9 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
     right = drops["right_by_cause"]
     assert all(0 <= right[c] <= drops["by_cause"][c] for c in drops["by_cause"])
     assert "dropped_right_words_stable_or_splice" in results["targets"]
+    # The other side: reference words the stable words saved and lost, summed over the clips.
+    assert drops["stable_ledger"] == {side: sum(c["stable_ledger"][side] for c in drops["clips_detail"])
+                                      for side in ("saved", "lost")}
 
     system = results["sweep"]["systems"]["granite-stream"]
     level = system["levels"][0]
@@ -76,7 +79,7 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
     assert "targets" in results
 
     printed = capsys.readouterr().out
-    assert "stream WER" in printed and "capacity sweep" in printed
+    assert "stream WER" in printed and "capacity sweep" in printed and "stable saved/lost" in printed
     assert "2 plan(s) pooled" in printed and "stream WER per plan" in printed and "  librivox: 0: " in printed
     pytest.importorskip("matplotlib")  # the bench extra; under CI a skip fails the run (tests/conftest.py)
     assert (out / "latency_vs_streams.png").stat().st_size > 0

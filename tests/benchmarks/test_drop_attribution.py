@@ -1,7 +1,7 @@
 """Dropped-word attribution (benchmarks.scoring.attribute_drops): each word of the offline decode that
 the streaming finals lack is charged to one cause, from what the client saw and the free decode."""
 
-from benchmarks.scoring import DROP_CAUSES, UtteranceTrace, attribute_drops
+from benchmarks.scoring import DROP_CAUSES, UtteranceTrace, attribute_drops, stable_ledger
 
 
 def trace(uid, final, stable="", free=None, start=0.0, end=1.0, **flags):
@@ -59,3 +59,22 @@ def test_a_dropped_word_the_offline_decode_misheard_is_marked_not_right():
     lost = attribute_drops("press start to toggle pause", [final], truth="Press start to toggle pause.")
     assert lost["right_by_cause"]["stable"] == 1
     assert "right_by_cause" not in attribute_drops("press start to toggle pause", [final])
+
+
+def test_the_stable_ledger_counts_words_the_stable_words_saved_and_lost():
+    # Both sides of the promise, from the asterisk-en dev replays (tiny.en): the stable words kept
+    # "to switch" where the final's own decode said "does which" ...
+    saved = trace(0, "Press 1 to switch to record mode.", stable="Press 1 to switch to",
+                  free="Press 1 does which to record mode.")
+    assert stable_ledger("press 1 to switch to record mode", [saved]) == {"saved": 2, "lost": 0}
+    # ... and kept "read" where the whole utterance says "reach".
+    lost = trace(0, "If you wish this caller to read you directly now", stable="If you wish this caller to read",
+                 free="If you wish this caller to reach you directly now")
+    assert stable_ledger("if you wish this caller to reach you directly now", [lost]) == {"saved": 0, "lost": 1}
+    # Words after the stable prefix, and words both decodes share, are not the stable words' doing.
+    after = trace(0, "Press 1 to switch to record mode.", stable="Press 1", free="Press 1 does which to record mode.")
+    assert stable_ledger("press 1 to switch to record mode", [after]) == {"saved": 0, "lost": 0}
+    # attribute_drops carries it when it knows the reference; the lost word is also its stable drop.
+    drops = attribute_drops("if you wish this caller to reach you directly now", [lost],
+                            truth="If you wish this caller to reach you directly now.")
+    assert drops["stable_ledger"] == {"saved": 0, "lost": 1} and drops["right_by_cause"]["stable"] == 1

@@ -69,7 +69,8 @@ def _plan_result(wer: float, dropped: int, stable_share: float) -> dict:
     causes = {"cut": 0, "boundary": 0, "loop_guard": 0, "decode": dropped, "stable": 0, "splice": 0}
     return {"clips": 88, "wer": wer, "offline_wer": 0.0324, "ratio": round(wer / 0.0324, 3),
             "dropped_words": {"offline_words": 1239, "dropped": dropped, "by_cause": causes,
-                              "right_by_cause": dict(causes, decode=dropped // 2)},
+                              "right_by_cause": dict(causes, decode=dropped // 2),
+                              "stable_ledger": {"saved": dropped // 5, "lost": 1}},
             "stable_revisions": 0, "partials": 400, "stable_at_last_partial": stable_share}
 
 
@@ -82,10 +83,11 @@ def test_plans_pool_into_one_figure_per_set_and_each_is_printed():
     assert pooled["dropped_words"]["dropped"] == 28 and pooled["dropped_words"]["offline_words"] == 2478
     assert pooled["dropped_words"]["by_cause"]["decode"] == 28 and pooled["dropped_words"]["right_by_cause"]["decode"] == 13
     assert pooled["partials"] == 800 and pooled["stable_at_last_partial"] == 0.38
+    assert pooled["dropped_words"]["stable_ledger"] == {"saved": 5, "lost": 2}
     table = format_table({"asterisk-en": pooled}).splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == ["| asterisk-en, seed 0", "| asterisk-en, seed 1",
                                                            "| asterisk-en, 2 plans"]
-    assert "| 1.199 |" in table[-1]
+    assert "| 1.199 |" in table[-1] and "| 5/2 |" in table[-1]
     # One plan prints as before: one row named by the set.
     assert format_table({"asterisk-en": _plan_result(0.0348, 13, 0.39)}).splitlines()[2].startswith("| asterisk-en |")
 
