@@ -38,7 +38,9 @@ from granite_stream_testing.datasets import Clip
 
 
 def _cached_engine(engine):
-    """``engine`` with its decodes cached by request content (audio, kind, prefix, context, ...)."""
+    """``engine`` with its decodes cached by request content (audio, kind, prefix, context, ...).
+    Its ``stats()`` counts each answer as the decode that made it did (a cached answer's retries
+    count again), so the drop count's repetition-guard reading and the printed retries hold."""
     from stream_server.engines.base import Engine
 
     class Cached(Engine):
@@ -47,7 +49,7 @@ def _cached_engine(engine):
             self.model_path = engine.model_path
             self.cache: dict = {}
             self.decodes = 0
-            self.retries = 0
+            self.counts: dict[str, int] = {}
             self.seconds = 0.0
 
         @staticmethod
@@ -61,18 +63,20 @@ def _cached_engine(engine):
                 key = self._key(r)
                 if key not in self.cache:
                     began = time.perf_counter()
-                    before = engine.stats().get("repetition_retries", 0)
+                    before = engine.stats()
                     result = engine.transcribe_batch([r])[0]
-                    self.cache[key] = (result, engine.stats().get("repetition_retries", 0) > before)
+                    after = engine.stats()
+                    self.cache[key] = (result, {k: v - before.get(k, 0) for k, v in after.items()})
                     self.seconds += time.perf_counter() - began
                     self.decodes += 1
-                result, looped = self.cache[key]
-                self.retries += looped  # the drop count reads the repetition guard per decode
+                result, counted = self.cache[key]
+                for name, n in counted.items():
+                    self.counts[name] = self.counts.get(name, 0) + n
                 out.append(result)
             return out
 
         def stats(self) -> dict:
-            return {"repetition_retries": self.retries}
+            return dict(self.counts)
 
         def bind_thread(self) -> None:
             engine.bind_thread()
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 per_plan[seed] = replay_set(engine, name, clips, args, seed)
                 print(f"replay: {name}, seed {seed}: {len(clips)} clips, WER {100 * per_plan[seed]['wer']:.2f} % "
                       f"(offline {100 * per_plan[seed]['offline_wer']:.2f} %), {time.perf_counter() - began:.0f} s, "
-                      f"{engine.decodes} decodes so far", file=sys.stderr)
+                      f"{engine.decodes} decodes so far, engine counts {engine.stats()}", file=sys.stderr)
             results[name] = per_plan[args.seed] if args.plans == 1 else pool_plans(per_plan)
     finally:
         engine.close()
