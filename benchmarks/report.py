@@ -293,6 +293,10 @@ def add_comparisons(results: dict) -> None:
             # wrong (its "start" where the streaming final says "star") is no loss.
             lost = sum(d["right_by_cause"]["stable"] + d["right_by_cause"]["splice"] for d in drops)
             targets["dropped_right_words_stable_or_splice"] = lost
+            # Beside it, what the stable words saved as well as lost against the reference (not a target).
+            if all("stable_ledger" in d for d in drops):
+                targets["stable_words_saved_lost"] = [sum(d["stable_ledger"][side] for d in drops)
+                                                      for side in ("saved", "lost")]
             targets["dropped_words_stable_or_splice_target_met"] = lost == 0
         else:
             targets["dropped_words_stable_or_splice_target_met"] = streaming_path == 0

@@ -70,6 +70,7 @@ def test_bench_smoke(librivox_clips, tmp_path, capsys):
     # The other side: reference words the stable words saved and lost, summed over the clips.
     assert drops["stable_ledger"] == {side: sum(c["stable_ledger"][side] for c in drops["clips_detail"])
                                       for side in ("saved", "lost")}
+    assert results["targets"]["stable_words_saved_lost"] == [drops["stable_ledger"]["saved"], drops["stable_ledger"]["lost"]]
 
     system = results["sweep"]["systems"]["granite-stream"]
     level = system["levels"][0]
