@@ -395,6 +395,15 @@ def _locate(lengths: list[int], j: int) -> tuple[int, int]:
     return max(0, len(lengths) - 1), lengths[-1] if lengths else 0
 
 
+def _streamed_words(utterances: Sequence[UtteranceTrace], norm) -> tuple[list[list[str]], list[list[str]], list[int]]:
+    """Each utterance's final and free decode as normalised words, and how many of the final's
+    words its stable prefix covers."""
+    finals = [norm(u.final).split() for u in utterances]
+    frees = [norm(u.free if u.free is not None else u.final).split() for u in utterances]
+    stables = [min(len(norm(u.stable).split()), len(f)) for u, f in zip(utterances, finals)]
+    return finals, frees, stables
+
+
 def attribute_drops(offline: str, utterances: Sequence[UtteranceTrace], language: str | None = "en",
                     truth: str | None = None) -> dict:
     """Count the words of ``offline`` that the streaming finals of ``utterances`` drop or change,
@@ -417,9 +426,7 @@ def attribute_drops(offline: str, utterances: Sequence[UtteranceTrace], language
     norm = normalizer_for(language)
     reference = norm(offline).split()
     right = _hits(reference, norm(truth).split())[0] if truth is not None else None
-    finals = [norm(u.final).split() for u in utterances]
-    frees = [norm(u.free if u.free is not None else u.final).split() for u in utterances]
-    stables = [min(len(norm(u.stable).split()), len(f)) for u, f in zip(utterances, finals)]
+    finals, frees, stables = _streamed_words(utterances, norm)
     hit_final, at_final = _hits(reference, [w for f in finals for w in f])
     hit_free, at_free = _hits(reference, [w for f in frees for w in f])
     by_cause = {c: 0 for c in DROP_CAUSES}
@@ -481,16 +488,15 @@ def stable_ledger(truth: str, utterances: Sequence[UtteranceTrace], language: st
 
     norm = normalizer_for(language)
     reference = norm(truth).split()
-    finals = [norm(u.final).split() for u in utterances]
-    frees = [norm(u.free if u.free is not None else u.final).split() for u in utterances]
-    stables = [min(len(norm(u.stable).split()), len(f)) for u, f in zip(utterances, finals)]
+    finals, frees, stables = _streamed_words(utterances, norm)
     hit_final, at_final = _hits(reference, [w for f in finals for w in f])
     hit_free, _ = _hits(reference, [w for f in frees for w in f])
     ledger = {"saved": 0, "lost": 0}
+    final_lengths = [len(f) for f in finals]
     for i in range(len(reference)):
         if hit_final[i] == hit_free[i]:
             continue
-        u, k = _locate([len(f) for f in finals], at_final[i])
+        u, k = _locate(final_lengths, at_final[i])
         if k < stables[u]:
             ledger["saved" if hit_final[i] else "lost"] += 1
     return ledger
